@@ -1,0 +1,50 @@
+"""The parquet tables the stages exchange: one pyarrow schema each, shared by writers and readers.
+
+Timestamps are UTC microseconds. Within one user, event timestamps are made unique at ingest (ties keep
+file order and are moved apart by 1 us each), so "the sequence just before event t" is the snapshot at
+t - 1 us, fetched by Feast's point-in-time join.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+EVENTS = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("item_id", pa.int64()),
+        ("event_timestamp", TS),
+        ("event_type", pa.string()),
+    ]
+)
+
+ITEMS = pa.schema(
+    [
+        ("item_id", pa.int64()),
+        ("title", pa.string()),
+        ("text", pa.string()),
+        ("category", pa.string()),
+        ("image_uri", pa.string()),  # absolute path or URI; null when there is no usable image
+        ("created_at", TS),
+        ("event_timestamp", TS),  # = created_at: when the item's metadata became valid (Feast's timestamp)
+    ]
+)
+
+CLICK_SEQUENCES = pa.schema(
+    [
+        ("user_id", pa.int64()),
+        ("event_timestamp", TS),
+        ("item_ids", pa.list_(pa.int64())),  # the last N item ids up to and including this event, oldest first
+    ]
+)
+
+ITEM_EMBEDDINGS = pa.schema(
+    [
+        ("item_id", pa.int64()),
+        ("event_timestamp", TS),
+        ("vector", pa.list_(pa.float32())),  # L2-normalised teacher vector
+        ("teacher_id", pa.string()),  # which teacher made it; stages refuse to mix ids
+    ]
+)

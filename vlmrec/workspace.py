@@ -1,0 +1,83 @@
+"""Where every stage reads and writes: one folder per dataset (a "workspace").
+
+    <workdir>/
+      data/events.parquet            user_id, item_id, event_timestamp, event_type      (ingest)
+      data/items.parquet             item_id, title, text, category, image_uri, created_at, event_timestamp
+      data/click_sequences.parquet   user_id, event_timestamp, item_ids                 (ingest)
+      data/item_embeddings.parquet   item_id, event_timestamp, vector, teacher_id       (embed)
+      feature_store.yaml, registry.db, online.db                                        (features)
+      runs/<name>/                   checkpoints and the exported model                 (train)
+      index/                         index versions and the current pointer             (index)
+
+The Feast definitions in feature_repo/ name their sources relative to this folder, which is the repo_path
+of the FeatureStore that `vlmrec features` builds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKDIR = Path(".vlmrec/sample")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).absolute())
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def events(self) -> Path:
+        return self.data / "events.parquet"
+
+    @property
+    def items(self) -> Path:
+        return self.data / "items.parquet"
+
+    @property
+    def sequences(self) -> Path:
+        return self.data / "click_sequences.parquet"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.data / "item_embeddings.parquet"
+
+    @property
+    def feature_store_yaml(self) -> Path:
+        return self.root / "feature_store.yaml"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    def ensure(self) -> Workspace:
+        self.data.mkdir(parents=True, exist_ok=True)
+        return self
+
+
+def atomic_write_parquet(table, path: Path) -> None:
+    """Write a pyarrow Table next to `path`, then rename it into place: never a half-written file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
