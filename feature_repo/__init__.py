@@ -1,0 +1,1 @@
+"""The Feast feature repository of vlmrec: definitions in features.py, store configs in *.yaml."""

@@ -1,0 +1,104 @@
+"""Feast definitions of vlmrec: entities, sources, feature views, the click push source, feature services.
+
+Source paths are relative to the workspace (the FeatureStore's repo_path; see vlmrec/workspace.py), so one
+set of definitions serves every dataset. Apply and materialize with `vlmrec features --workdir W`.
+
+Feature services are named for what reads them. `student_v1` is THE feature list of the student: training
+reads it with get_historical_features (point-in-time) and the Producer with get_online_features, so the two
+cannot drift.
+"""
+
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource
+from feast.types import Array, Float32, Int64, String
+from feast.value_type import ValueType
+
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A shopper.")
+item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="A product.")
+
+click_sequence_source = FileSource(
+    name="click_sequences",
+    path="data/click_sequences.parquet",
+    timestamp_field="event_timestamp",
+    description="One row per click: the user's last N item ids up to and including it (vlmrec ingest).",
+)
+# A click seen by the Producer (POST /v1/events) is pushed here: it updates the online sequence at once.
+click_push = PushSource(name="click_push", batch_source=click_sequence_source)
+
+item_embedding_source = FileSource(
+    name="item_embeddings",
+    path="data/item_embeddings.parquet",
+    timestamp_field="event_timestamp",
+    description="Teacher vector per item (vlmrec embed).",
+)
+item_metadata_source = FileSource(
+    name="items",
+    path="data/items.parquet",
+    timestamp_field="event_timestamp",
+    description="Catalogue metadata (vlmrec ingest).",
+)
+
+# ttl 0 = no limit: a user's last sequence stays valid however long ago they clicked.
+user_click_sequence = FeatureView(
+    name="user_click_sequence",
+    entities=[user],
+    ttl=timedelta(0),
+    schema=[Field(name="item_ids", dtype=Array(Int64), description="last N item ids, oldest first")],
+    source=click_push,
+    online=True,
+)
+item_embedding = FeatureView(
+    name="item_embedding",
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="vector", dtype=Array(Float32), description="L2-normalised teacher vector"),
+        Field(name="teacher_id", dtype=String, description="the teacher model id that made the vector"),
+    ],
+    source=item_embedding_source,
+    online=True,
+)
+item_metadata = FeatureView(
+    name="item_metadata",
+    entities=[item],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="title", dtype=String),
+        Field(name="category", dtype=String),
+        Field(name="image_uri", dtype=String),
+    ],
+    source=item_metadata_source,
+    online=True,
+)
+
+student_v1 = FeatureService(
+    name="student_v1",
+    features=[user_click_sequence],
+    description="The student's input: training (historical) and the Producer (online).",
+)
+item_vectors_v1 = FeatureService(
+    name="item_vectors_v1",
+    features=[item_embedding],
+    description="Teacher vectors: training reads them, the index builder and upserts embed with them.",
+)
+item_catalog_v1 = FeatureService(
+    name="item_catalog_v1",
+    features=[item_metadata],
+    description="What a page shows about an item.",
+)
+
+OBJECTS = [
+    user,
+    item,
+    click_sequence_source,
+    click_push,
+    item_embedding_source,
+    item_metadata_source,
+    user_click_sequence,
+    item_embedding,
+    item_metadata,
+    student_v1,
+    item_vectors_v1,
+    item_catalog_v1,
+]

@@ -1,0 +1,119 @@
+"""The Feast repo: apply + materialize on sqlite and on a real Redis; offline and online paths agree."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from vlmrec import schema
+from vlmrec.features import (
+    FeaturesConfig,
+    apply_and_materialize,
+    historical_sequences,
+    online_sequences,
+    open_store,
+)
+from vlmrec.workspace import Workspace, atomic_write_parquet
+
+T0 = pd.Timestamp("2024-03-01", tz="UTC")
+
+
+def write_tables(ws: Workspace, n_users: int = 6, n_events: int = 7, max_len: int = 4) -> pd.DataFrame:
+    """Tiny events with their click-sequence snapshots (as ingest writes them), items and embeddings."""
+    rows, seqs = [], []
+    for u in range(1, n_users + 1):
+        history: list[int] = []
+        for k in range(n_events):
+            item = 100 + (u * 7 + k * 3) % 11
+            ts = T0 + pd.Timedelta(minutes=10 * k + u)
+            history.append(item)
+            rows.append((u, item, ts))
+            seqs.append((u, ts, history[-max_len:]))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
+    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids"])
+    atomic_write_parquet(
+        pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
+    )
+    ids = list(range(100, 111))
+    items = pd.DataFrame(
+        {
+            "item_id": ids,
+            "title": [f"item {i}" for i in ids],
+            "text": [""] * len(ids),
+            "category": ["a", "b"] * 5 + ["a"],
+            "image_uri": [None] * len(ids),
+            "created_at": [T0 - pd.Timedelta(days=1)] * len(ids),
+            "event_timestamp": [T0 - pd.Timedelta(days=1)] * len(ids),
+        }
+    )
+    atomic_write_parquet(pa.Table.from_pandas(items, schema=schema.ITEMS, preserve_index=False), ws.items)
+    emb = pd.DataFrame(
+        {
+            "item_id": ids,
+            "event_timestamp": items["event_timestamp"],
+            "vector": [[float(i % 3), 1.0] for i in ids],
+            "teacher_id": ["test:teacher"] * len(ids),
+        }
+    )
+    atomic_write_parquet(
+        pa.Table.from_pandas(emb, schema=schema.ITEM_EMBEDDINGS, preserve_index=False), ws.embeddings
+    )
+    return events
+
+
+def check_store(ws: Workspace, events: pd.DataFrame, max_len: int = 4) -> None:
+    store = open_store(ws)
+    users = sorted(events["user_id"].unique())
+    online = online_sequences(store, [*users, 999])
+    assert online[999] == [], "an unknown user has an empty sequence"
+    # The skew test: for the same user and time ("now", after their last click) offline == online.
+    last = events.groupby("user_id")["event_timestamp"].max().reset_index()
+    last["event_timestamp"] += pd.Timedelta(seconds=1)
+    offline = historical_sequences(store, last)
+    for u, seq in zip(offline["user_id"], offline["item_ids"], strict=True):
+        assert seq == online[u]
+        expected = events[events.user_id == u].sort_values("event_timestamp")["item_id"].tolist()[-max_len:]
+        assert seq == expected
+    # No leakage: the sequence fetched for an event holds only strictly earlier clicks, never the event itself.
+    got = historical_sequences(store, events)
+    for row in got.itertuples():
+        earlier = events[(events.user_id == row.user_id) & (events.event_timestamp < row.event_timestamp)]
+        assert row.item_ids == earlier.sort_values("event_timestamp")["item_id"].tolist()[-max_len:]
+
+
+def test_sqlite_apply_materialize_and_offline_online_agree(tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    events = write_tables(ws)
+    report = apply_and_materialize(ws)
+    assert set(report["views"]) == {"user_click_sequence", "item_metadata", "item_embedding"}
+    check_store(ws, events)
+    store = open_store(ws)
+    meta = store.get_online_features(
+        features=store.get_feature_service("item_catalog_v1"), entity_rows=[{"item_id": 101}]
+    ).to_dict()
+    assert meta["title"] == ["item 101"]
+    vec = store.get_online_features(
+        features=store.get_feature_service("item_vectors_v1"), entity_rows=[{"item_id": 101}]
+    ).to_dict()
+    assert vec["teacher_id"] == ["test:teacher"] and vec["vector"][0] == pytest.approx([2.0, 1.0])
+
+
+def test_redis_online_store_agrees(tmp_path, redis_url, monkeypatch):
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", redis_url)
+    ws = Workspace(tmp_path / "ws").ensure()
+    events = write_tables(ws)
+    report = apply_and_materialize(ws, FeaturesConfig(online_store="redis"))
+    assert report["online_store"] == "redis"
+    assert "redis" in ws.feature_store_yaml.read_text()
+    check_store(ws, events)
+
+
+def test_unknown_online_store_is_refused():
+    with pytest.raises(ValueError, match="online_store"):
+        FeaturesConfig(online_store="cassandra")
+
+
+def test_missing_sources_give_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vlmrec ingest"):
+        apply_and_materialize(Workspace(tmp_path / "empty").ensure())

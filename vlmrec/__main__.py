@@ -1,0 +1,5 @@
+import sys
+
+from vlmrec.cli import main
+
+sys.exit(main())

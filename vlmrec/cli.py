@@ -1,0 +1,49 @@
+"""The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
+
+vlmrec ingest | embed | features | train | evaluate | index | serve | demo   --help for each
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> (module with add_arguments(parser) and run(args), one-line help)
+STAGES: dict[str, tuple[str, str]] = {
+    "ingest": ("vlmrec.ingest", "read events + catalogue, write the Feast sources and click sequences"),
+    "embed": ("vlmrec.embed", "embed the catalogue with the teacher (Ray Data)"),
+    "features": ("vlmrec.features", "feast apply + materialize into the online store"),
+    "train": ("training.train", "train the student (Ray Train + DeepSpeed) and export it"),
+    "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
+    "demo": ("vlmrec.demo", "run every stage end to end on the sample (or your) data"),
+}
+
+
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the named stage's module is imported (so `vlmrec --help` stays fast)."""
+    parser = argparse.ArgumentParser(prog="vlmrec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (module, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == stage:
+            importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = argv[0] if argv and argv[0] in STAGES else None
+    args = build_parser(stage).parse_args(argv)
+    try:
+        importlib.import_module(args._module).run(args)
+    except (ValueError, FileNotFoundError) as err:  # bad input: a clear message, never a traceback
+        print(f"vlmrec {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
