@@ -36,7 +36,10 @@ CLICK_SEQUENCES = pa.schema(
     [
         ("user_id", pa.int64()),
         ("event_timestamp", TS),
-        ("item_ids", pa.list_(pa.int64())),  # the last N item ids up to and including this event, oldest first
+        (
+            "item_ids",
+            pa.list_(pa.int64()),
+        ),  # the last N item ids up to and including this event, oldest first
     ]
 )
 
