@@ -82,13 +82,14 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
         raise ValueError(f"{ws.items}: no items to embed")
     init_ray()
     t0 = time.perf_counter()
-    ds = ray.data.from_pandas(items[["item_id", "title", "text", "image_uri"]])
+    n_blocks = max(1, min(len(items) // config.batch_size, 4 * config.num_actors))
+    ds = ray.data.from_pandas(items[["item_id", "title", "text", "image_uri"]]).repartition(n_blocks)
     out = ds.map_batches(
         ItemEmbedder,
         fn_constructor_kwargs={"teacher": config.teacher},
         batch_size=config.batch_size,
         batch_format="pandas",
-        concurrency=config.num_actors,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
     ).to_pandas()
     seconds = time.perf_counter() - t0
     out = out.set_index("item_id").loc[items["item_id"].to_numpy()].reset_index()
