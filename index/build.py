@@ -1,0 +1,612 @@
+"""Build a new index version from an item vector table, verify it, then switch to it in one atomic step.
+
+    from index.build import build_index, upsert_items
+    v = build_index("runs/x/export/item_vectors.parquet", ws.items, ws, IndexConfig())   # Edge
+    v = build_index(vecs, ws.items, None, IndexConfig(backend="server", url="http://qdrant:6333"))
+    upsert_items(new_vecs, new_items, ws, IndexConfig())    # cold-start items into the current version
+
+or `vlmrec index build|upsert --workdir W` (index/cli.py). Steps: validate the table (one teacher id, one
+dim, finite non-zero vectors, unique ids, every id in the catalogue) -> create version `v<UTC>-<digest>`
+-> upsert in batches -> payload indexes (category, available, created_at, item_id) -> optimise (HNSW) ->
+verify (count, probes) -> switch (Edge: os.replace of CURRENT; server: one update_collection_aliases
+call) -> drop versions beyond keep_versions. Any failure before the switch removes the new version, and
+the current one never changes; a crash leaves at most an unpointed folder/collection that later builds
+remove.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from index.config import IndexConfig
+from index.store import (
+    PAYLOAD_FIELDS,
+    PAYLOAD_INDEXES,
+    POINTS,
+    VECTOR,
+    Layout,
+    VersionInfo,
+    clean_stale,
+    collection_info,
+    current_collection,
+    edge_search_params,
+    edge_upsert,
+    locked,
+    make_client,
+    owner_tag,
+    read_current,
+    server_search_params,
+    upsert_logs,
+    vectors_of,
+    write_json_atomic,
+)
+from vlmrec.workspace import Workspace, atomic_write_parquet
+
+# the IndexConfig fields that shape what is built (the rest are where / how to search)
+BUILD_FIELDS = (
+    "hnsw_m",
+    "hnsw_ef_construct",
+    "full_scan_threshold_kb",
+    "indexing_threshold_kb",
+    "quantization",
+    "quantization_quantile",
+)
+SERVER_OPTIMIZE_TIMEOUT_S = 3600.0  # a server builds HNSW in the background; wait this long for green
+
+
+@dataclass(frozen=True)
+class IndexVersion:
+    """What build_index made."""
+
+    name: str
+    backend: str
+    location: str  # Edge: the version folder; server: the collection
+    teacher_id: str
+    dim: int
+    count: int
+    created: str
+    seconds: float
+    verify: str  # what the verification checked
+    indexed: int  # vectors in the HNSW graph (0: small enough to be scanned exactly)
+    dropped: tuple[str, ...]  # versions removed by keep_versions
+
+
+# -- input tables --------------------------------------------------------------------------------------
+
+
+def load_vector_table(src) -> pa.Table:
+    """Read and validate an item vector table (path, DataFrame or Table) -> item_id, vector, teacher_id,
+    available. Raises ValueError naming the column and how many rows are wrong."""
+    if isinstance(src, (str, Path)):
+        table = pq.read_table(src)
+    elif isinstance(src, pd.DataFrame):
+        table = pa.Table.from_pandas(src, preserve_index=False)
+    else:
+        table = src
+    missing = [c for c in ("item_id", "vector", "teacher_id") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"vector table: missing columns {missing} (needs item_id, vector, teacher_id)")
+    n = table.num_rows
+    if n == 0:
+        raise ValueError("vector table: no rows")
+
+    ids = table.column("item_id")
+    if ids.null_count:
+        raise ValueError(f"column item_id: {ids.null_count} null ids")
+    ids = ids.cast(pa.int64()).to_numpy()
+    if (ids < 0).any():
+        raise ValueError(f"column item_id: {(ids < 0).sum()} negative ids (Qdrant point ids are unsigned)")
+    dup = pd.Series(ids).duplicated()
+    if dup.any():
+        raise ValueError(
+            f"column item_id: {dup.sum()} duplicated ids, e.g. {ids[dup.to_numpy()][:5].tolist()}"
+        )
+
+    teachers = table.column("teacher_id").cast(pa.string())
+    if teachers.null_count:
+        raise ValueError(f"column teacher_id: {teachers.null_count} null values")
+    counts = pd.Series(teachers.to_numpy(zero_copy_only=False)).value_counts()
+    if len(counts) > 1:
+        raise ValueError(
+            f"column teacher_id: {len(counts)} distinct values {counts.to_dict()}; "
+            "an index holds one teacher's vectors"
+        )
+
+    vec = table.column("vector")
+    if vec.null_count:
+        raise ValueError(f"column vector: {vec.null_count} null vectors")
+    vec = vec.cast(pa.list_(pa.float32()))
+    lengths = pd.Series(pc.list_value_length(vec).to_numpy(zero_copy_only=False)).value_counts()
+    if len(lengths) > 1 or lengths.index[0] == 0:
+        raise ValueError(
+            f"column vector: rows of different or zero length {lengths.to_dict()} (length: rows)"
+        )
+
+    available = (
+        table.column("available").cast(pa.bool_()).fill_null(True)
+        if "available" in table.column_names
+        else pa.array(np.ones(n, bool))
+    )
+    out = pa.table(
+        {"item_id": pa.array(ids), "vector": vec, "teacher_id": teachers, "available": available}
+    ).combine_chunks()
+    x = vectors_of(out)  # (N, D)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"column vector: {bad.sum()} rows hold NaN or inf, e.g. item_id {ids[bad][:5].tolist()}"
+        )
+    zero = np.linalg.norm(x, axis=1) == 0
+    if zero.any():
+        raise ValueError(
+            f"column vector: {zero.sum()} rows are all zeros, e.g. item_id {ids[zero][:5].tolist()}"
+        )
+    return out
+
+
+def read_items(items) -> pd.DataFrame:
+    """The catalogue (path or DataFrame, schema ITEMS) -> item_id, title, category, created_at (epoch s)."""
+    df = pd.read_parquet(items) if isinstance(items, (str, Path)) else items
+    missing = [c for c in ("item_id", "title", "category", "created_at") if c not in df.columns]
+    if missing:
+        raise ValueError(f"items table: missing columns {missing}")
+    created = pd.to_datetime(df["created_at"], utc=True)
+    seconds = (created - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+    return pd.DataFrame(
+        {
+            "item_id": df["item_id"].astype("int64"),
+            "title": df["title"].astype("string"),
+            "category": df["category"].astype("string"),
+            "created_at": seconds.astype("Int64"),
+        }
+    ).drop_duplicates("item_id", keep="last")
+
+
+def points_table(vectors: pa.Table, items: pd.DataFrame) -> pa.Table:
+    """Validated vectors + catalogue rows -> POINTS (the payload joined on item_id, vector order kept)."""
+    ids = vectors.column("item_id").to_numpy()
+    pos = pd.Index(items["item_id"]).get_indexer(ids)
+    if (pos < 0).any():
+        raise ValueError(
+            f"column item_id: {(pos < 0).sum()} vector rows have no catalogue row, "
+            f"e.g. {ids[pos < 0][:5].tolist()}"
+        )
+    rows = items.iloc[pos]
+    return pa.table(
+        {
+            "item_id": vectors.column("item_id"),
+            "vector": vectors.column("vector"),
+            "title": pa.array(rows["title"], pa.string(), from_pandas=True),
+            "category": pa.array(rows["category"], pa.string(), from_pandas=True),
+            "created_at": pa.array(rows["created_at"], pa.int64(), from_pandas=True),
+            "available": vectors.column("available"),
+            "teacher_id": vectors.column("teacher_id"),
+        },
+        schema=POINTS,
+    )
+
+
+def version_name(points: pa.Table, config: IndexConfig) -> str:
+    """v<UTC time to the ms>-<8 hex of the data and build settings>: sorts by age, shows same-data rebuilds."""
+    h = hashlib.sha256()
+    h.update(points.column("item_id").to_numpy().tobytes())
+    h.update(vectors_of(points).tobytes())
+    h.update(points.column("teacher_id")[0].as_py().encode())
+    settings = {k: getattr(config, k) for k in BUILD_FIELDS}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")[:-3]
+    return f"v{stamp}Z-{h.hexdigest()[:8]}"
+
+
+# -- backends: one writer each, the same steps ---------------------------------------------------------
+
+
+def _edge_config(dim: int, config: IndexConfig):
+    from qdrant_edge import (
+        Distance,
+        EdgeConfig,
+        EdgeOptimizersConfig,
+        EdgeVectorParams,
+        HnswIndexConfig,
+        Memory,
+        ScalarQuantizationConfig,
+        ScalarType,
+    )
+
+    quant = (
+        ScalarQuantizationConfig(ScalarType.Int8, quantile=config.quantization_quantile, memory=Memory.Pinned)
+        if config.quantization
+        else None
+    )
+    hnsw = HnswIndexConfig(config.hnsw_m, config.hnsw_ef_construct, config.full_scan_threshold_kb)
+    return EdgeConfig(
+        vectors={VECTOR: EdgeVectorParams(dim, Distance.Cosine, quantization_config=quant, hnsw_config=hnsw)},
+        optimizers=EdgeOptimizersConfig(indexing_threshold=config.indexing_threshold_kb),
+    )
+
+
+class _EdgeWriter:
+    """A version folder built under versions/.building-*, renamed into place once verified."""
+
+    def __init__(self, root: Path, config: IndexConfig):
+        self.layout, self.config = Layout(root), config
+        self.shard = None
+
+    def begin(self, info: VersionInfo) -> None:
+        from qdrant_edge import EdgeShard
+
+        self.info = info
+        self.layout.versions.mkdir(parents=True, exist_ok=True)
+        clean_stale(self.layout)
+        self.folder = self.layout.versions / f".building-{owner_tag()}-{info.version}"
+        self.shard = EdgeShard.create(str(self.folder / "shard"), _edge_config(info.dim, self.config))
+
+    def upsert(self, batch: pa.Table) -> None:
+        edge_upsert(self.shard, batch, batch.num_rows)
+
+    def index_payload(self) -> None:
+        from qdrant_edge import PayloadSchemaType, UpdateOperation
+
+        for field, kind in PAYLOAD_INDEXES.items():
+            self.shard.update(UpdateOperation.create_field_index(field, getattr(PayloadSchemaType, kind)))
+
+    def optimize(self) -> None:
+        self.shard.optimize()  # blocks until segments are merged and HNSW / quantisation are built
+
+    def count(self) -> int:
+        from qdrant_edge import CountRequest
+
+        return self.shard.count(CountRequest(exact=True))
+
+    def top(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        from qdrant_edge import Query, QueryRequest
+
+        params = edge_search_params(self.config)
+        request = QueryRequest(limit=k, query=Query.Nearest(vector.tolist(), using=VECTOR), params=params)
+        return [(int(p.id), float(p.score)) for p in self.shard.query(request)]
+
+    def indexed(self) -> int:
+        return self.shard.info().indexed_vectors_count
+
+    def commit(self) -> None:
+        self.shard.flush()
+        self.shard.close()
+        self.shard = None
+        meta = {**self.info.to_dict(), "backend": "edge", "config": self.config.to_dict()}
+        write_json_atomic(self.folder / "meta.json", meta)
+        (self.folder / "LOCK").touch()
+        self.folder.rename(self.layout.version(self.info.version))
+
+    def abort(self) -> None:
+        if self.shard is not None:
+            try:
+                self.shard.close()
+            finally:
+                self.shard = None
+        if hasattr(self, "folder"):
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def switch(self) -> str:
+        write_json_atomic(self.layout.current, self.info.to_dict())  # the one atomic step
+        return str(self.layout.version(self.info.version))
+
+    def prune(self, keep: int) -> tuple[str, ...]:
+        """Drop versions older than the current one beyond keep - 1 (newer ones may be other builds)."""
+        current = read_current(self.layout.root).version
+        older = [v for v in self.layout.version_names() if v < current]
+        doomed = older[: max(0, len(older) - (keep - 1))]
+        for v in doomed:
+            with locked(self.layout.lock(v), exclusive=True):  # waits for a replica copying it
+                shutil.rmtree(self.layout.version(v))
+        return tuple(doomed)
+
+    def close(self) -> None:
+        pass
+
+
+def _server_points(batch: pa.Table) -> list:
+    from qdrant_client import models
+
+    vectors = vectors_of(batch)  # (B, D)
+    cols = {name: batch.column(name).to_pylist() for name in PAYLOAD_FIELDS}
+    return [
+        models.PointStruct(
+            id=int(cols["item_id"][i]),
+            vector={VECTOR: vectors[i].tolist()},
+            payload={k: cols[k][i] for k in PAYLOAD_FIELDS},
+        )
+        for i in range(batch.num_rows)
+    ]
+
+
+class _ServerWriter:
+    """A collection <alias>_<version>, made the alias's target once verified."""
+
+    def __init__(self, client, config: IndexConfig):
+        self.config = config
+        self.client, self.owns_client = (client, False) if client is not None else (make_client(config), True)
+        self.created = False
+
+    def begin(self, info: VersionInfo) -> None:
+        from qdrant_client import models
+
+        c = self.config
+        self.info = info
+        self.collection = f"{c.alias}_{info.version}"
+        quant = (
+            models.ScalarQuantization(
+                scalar=models.ScalarQuantizationConfig(
+                    type=models.ScalarType.INT8, quantile=c.quantization_quantile, always_ram=True
+                )
+            )
+            if c.quantization
+            else None
+        )
+        self.client.create_collection(
+            self.collection,
+            vectors_config={VECTOR: models.VectorParams(size=info.dim, distance=models.Distance.COSINE)},
+            hnsw_config=models.HnswConfigDiff(
+                m=c.hnsw_m, ef_construct=c.hnsw_ef_construct, full_scan_threshold=c.full_scan_threshold_kb
+            ),
+            quantization_config=quant,
+            optimizers_config=models.OptimizersConfigDiff(indexing_threshold=c.indexing_threshold_kb),
+            metadata={**info.to_dict(), "config": c.to_dict()},
+        )
+        self.created = True
+
+    def upsert(self, batch: pa.Table) -> None:
+        self.client.upsert(self.collection, points=_server_points(batch), wait=True)
+
+    def index_payload(self) -> None:
+        from qdrant_client import models
+
+        for field, kind in PAYLOAD_INDEXES.items():
+            self.client.create_payload_index(
+                self.collection,
+                field,
+                field_schema=getattr(models.PayloadSchemaType, kind.upper()),
+                wait=True,
+            )
+
+    def optimize(self) -> None:
+        from qdrant_client import models
+
+        deadline = time.monotonic() + SERVER_OPTIMIZE_TIMEOUT_S
+        while (status := self.client.get_collection(self.collection).status) != models.CollectionStatus.GREEN:
+            if status == models.CollectionStatus.GREY:  # optimisations pending but not started: nudge
+                self.client.update_collection(
+                    self.collection, optimizers_config=models.OptimizersConfigDiff()
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{self.collection} still {status} after {SERVER_OPTIMIZE_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(1.0)
+
+    def count(self) -> int:
+        return self.client.count(self.collection, exact=True).count
+
+    def top(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        res = self.client.query_points(
+            self.collection,
+            query=vector.tolist(),
+            using=VECTOR,
+            limit=k,
+            search_params=server_search_params(self.config),
+        )
+        return [(int(p.id), float(p.score)) for p in res.points]
+
+    def indexed(self) -> int:
+        return self.client.get_collection(self.collection).indexed_vectors_count or 0
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        if self.created:
+            self.client.delete_collection(self.collection)
+            self.created = False
+
+    def switch(self) -> str:
+        from qdrant_client import models
+
+        alias = self.config.alias
+        ops = []
+        if current_collection(self.client, alias) is not None:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=alias)))
+        ops.append(
+            models.CreateAliasOperation(
+                create_alias=models.CreateAlias(collection_name=self.collection, alias_name=alias)
+            )
+        )
+        self.client.update_collection_aliases(change_aliases_operations=ops)  # one atomic call
+        return self.collection
+
+    def prune(self, keep: int) -> tuple[str, ...]:
+        prefix = f"{self.config.alias}_v"
+        current = current_collection(self.client, self.config.alias)
+        names = sorted(c.name for c in self.client.get_collections().collections if c.name.startswith(prefix))
+        older = [n for n in names if n < current]
+        doomed = older[: max(0, len(older) - (keep - 1))]
+        for name in doomed:
+            self.client.delete_collection(name)
+        return tuple(n.removeprefix(f"{self.config.alias}_") for n in doomed)
+
+    def close(self) -> None:
+        if self.owns_client:
+            self.client.close()
+
+
+def _root(index_dir) -> Path:
+    if index_dir is None:
+        raise ValueError("the Edge backend needs an index folder or a Workspace")
+    return index_dir.index if isinstance(index_dir, Workspace) else Path(index_dir)
+
+
+def _writer(index_dir, config: IndexConfig, client):
+    return (
+        _ServerWriter(client, config) if config.backend == "server" else _EdgeWriter(_root(index_dir), config)
+    )
+
+
+# -- build and verify ----------------------------------------------------------------------------------
+
+
+def verify(writer, points: pa.Table, probes: int = 3) -> str:
+    """Point count == rows, and a few stored vectors each find their own item first (or an exact twin)."""
+    n = writer.count()
+    if n != points.num_rows:
+        raise RuntimeError(f"verify: the new version holds {n} points, the table {points.num_rows} rows")
+    vectors, ids = vectors_of(points), points.column("item_id").to_numpy()
+    rows = sorted({0, len(ids) // 2, len(ids) - 1})[:probes]
+    for r in rows:
+        hits = writer.top(vectors[r], 10)
+        mine = [s for i, s in hits if i == ids[r]]
+        if not hits or not mine or mine[0] < hits[0][1] - 1e-4:
+            raise RuntimeError(f"verify: a probe with item {ids[r]}'s vector returned {hits[:3]}")
+    return f"count {n} == rows; {len(rows)}/{len(rows)} probes found their own item first"
+
+
+def build_index(
+    vectors, items, index_dir=None, config: IndexConfig = IndexConfig(), *, client=None
+) -> IndexVersion:
+    """Build, verify and switch to a new version. vectors: the item vector table (path/DataFrame/Table);
+    items: the catalogue (path or DataFrame); index_dir: Edge folder or Workspace (unused for server);
+    client: a QdrantClient for the server backend (else one is made from config.url / config.path)."""
+    t0 = time.perf_counter()
+    points = points_table(load_vector_table(vectors), read_items(items))
+    dim = len(points.column("vector")[0])
+    info = VersionInfo(
+        version=version_name(points, config),
+        teacher_id=points.column("teacher_id")[0].as_py(),
+        dim=dim,
+        count=points.num_rows,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    writer = _writer(index_dir, config, client)
+    try:
+        try:
+            writer.begin(info)
+            with tqdm(total=points.num_rows, desc=f"index {info.version}", unit="pt", mininterval=1.0) as bar:
+                for start in range(0, points.num_rows, config.batch_size):
+                    batch = points.slice(start, config.batch_size)
+                    writer.upsert(batch)
+                    bar.update(batch.num_rows)
+            writer.index_payload()
+            writer.optimize()
+            checked = verify(writer, points)
+            indexed = writer.indexed()
+            writer.commit()
+        except BaseException:
+            writer.abort()  # the new version goes; CURRENT / the alias were never touched
+            raise
+        location = writer.switch()
+        dropped = writer.prune(config.keep_versions)
+    finally:
+        writer.close()
+    return IndexVersion(
+        name=info.version,
+        backend=config.backend,
+        location=location,
+        teacher_id=info.teacher_id,
+        dim=dim,
+        count=info.count,
+        created=info.created,
+        seconds=time.perf_counter() - t0,
+        verify=checked,
+        indexed=indexed,
+        dropped=dropped,
+    )
+
+
+# -- incremental upserts -------------------------------------------------------------------------------
+
+
+def _check_compatible(points: pa.Table, current: VersionInfo) -> None:
+    teacher = points.column("teacher_id")[0].as_py()
+    dim = len(points.column("vector")[0])
+    if teacher != current.teacher_id:
+        raise ValueError(
+            f"column teacher_id: {points.num_rows} rows are from teacher {teacher!r} but the current version "
+            f"{current.version} holds {current.teacher_id!r}; build a new version instead"
+        )
+    if dim != current.dim:
+        raise ValueError(
+            f"column vector: {points.num_rows} rows have dim {dim} but the current version "
+            f"{current.version} has dim {current.dim}"
+        )
+
+
+def upsert_items(vectors, items, index_dir=None, config: IndexConfig = IndexConfig(), *, client=None) -> int:
+    """Add (or replace) items in the CURRENT version, no rebuild; returns how many points were written.
+
+    Edge: under the version's exclusive lock, append the points to versions/<v>/upserts/ (what running
+    replicas replay on refresh()) and then apply them to the version's shard (what new replicas copy).
+    Upserts are idempotent, so a replica replaying a log entry its copy already holds is harmless.
+    If a build switches CURRENT meanwhile, the points are applied to the new version too."""
+    points = points_table(load_vector_table(vectors), read_items(items))
+    if config.backend == "server":
+        return _server_upsert(points, config, client)
+    layout = Layout(_root(index_dir))
+    for _ in range(10):
+        current = read_current(layout.root)
+        if current is None:
+            raise FileNotFoundError(f"no index at {layout.root} (no CURRENT): run `vlmrec index build` first")
+        _check_compatible(points, current)
+        if _edge_upsert_version(layout, current.version, points, config):
+            after = read_current(layout.root)
+            if after is not None and after.version == current.version:
+                return points.num_rows
+    raise RuntimeError(f"upsert: CURRENT in {layout.root} kept moving; try again")
+
+
+def _edge_upsert_version(layout: Layout, version: str, points: pa.Table, config: IndexConfig) -> bool:
+    """Log + apply `points` to one version; False when the version was removed meanwhile."""
+    from qdrant_edge import EdgeShard
+
+    try:
+        with locked(layout.lock(version), exclusive=True):
+            if not layout.shard(version).is_dir():
+                return False
+            logs = upsert_logs(layout, version)
+            seq = int(logs[-1].stem) + 1 if logs else 1
+            atomic_write_parquet(points, layout.upserts(version) / f"{seq:08d}.parquet")
+            shard = EdgeShard.load(str(layout.shard(version)))
+            try:
+                edge_upsert(shard, points, config.batch_size)
+                shard.flush()
+            finally:
+                shard.close()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _server_upsert(points: pa.Table, config: IndexConfig, client) -> int:
+    writer = _ServerWriter(client, config)
+    try:
+        name = current_collection(writer.client, config.alias)
+        if name is None:
+            raise FileNotFoundError(
+                f"no alias {config.alias!r} on the server: run `vlmrec index build` first"
+            )
+        _check_compatible(points, collection_info(writer.client, name))
+        writer.collection = name
+        for start in range(0, points.num_rows, config.batch_size):
+            writer.upsert(points.slice(start, config.batch_size))
+    finally:
+        writer.close()
+    return points.num_rows

@@ -1,0 +1,406 @@
+"""Search the current index version: one small interface for Qdrant Edge and a Qdrant server.
+
+    from index.search import open_index
+    with open_index(ws, IndexConfig()) as idx:                        # Edge: a private copy of CURRENT
+        idx.search(user_vec, 100, exclude_ids=seen, filters={"category": "Drama", "available": True})
+        idx.search_batch(user_vecs, 100, exclude_ids=[seen_a, seen_b])   # (B, D) -> B lists
+        idx.refresh()                                                 # pick up a new version / upserts
+    open_index(None, IndexConfig(backend="server", url="http://qdrant:6333"))
+
+Results are [(item_id, cosine score)], best first. Exclusion and filters run inside Qdrant (must_not
+HasId; must category / available), so k results come back whenever k items qualify.
+
+Edge: Qdrant Edge lets one process open a shard folder, so each Index (each Producer replica) copies the
+current version into `<index_dir>/replicas/<host>-<pid>-<uuid>/` and loads the copy; it replays the
+version's upsert log on open and on refresh(). refresh() swaps to a fresh copy when CURRENT moved: it
+builds the new copy, swaps the reference, then closes the old one once in-flight searches finish.
+Server: searches go to the collection the alias named when opened (or last refreshed), so version,
+teacher_id and dim always describe the vectors searched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from index.config import IndexConfig
+from index.store import (
+    VECTOR,
+    Layout,
+    VersionInfo,
+    clean_stale,
+    collection_info,
+    copy_shard,
+    current_collection,
+    edge_search_params,
+    edge_upsert,
+    locked,
+    make_client,
+    owner_tag,
+    read_current,
+    read_log,
+    server_search_params,
+    upsert_logs,
+)
+from vlmrec.workspace import Workspace
+
+Hit = tuple[int, float]  # (item_id, cosine score)
+
+
+@dataclass(frozen=True)
+class _Query:
+    """One query's constraints, validated: categories (any of), available, excluded item ids."""
+
+    categories: tuple[str, ...] | None = None
+    available: bool | None = None
+    exclude: tuple[int, ...] = ()
+
+
+def _parse(filters: dict | None, exclude: Sequence[int]) -> _Query:
+    filters = dict(filters or {})
+    unknown = sorted(set(filters) - {"category", "available"})
+    if unknown:
+        raise ValueError(
+            f"unknown filter keys {unknown}: use 'category' (str or list) and 'available' (bool)"
+        )
+    cat = filters.get("category")
+    cats = None if cat is None else ((cat,) if isinstance(cat, str) else tuple(str(c) for c in cat))
+    avail = filters.get("available")
+    if avail is not None and not isinstance(avail, (bool, np.bool_)):
+        raise ValueError(f"filter 'available' must be a bool, got {avail!r}")
+    return _Query(cats, None if avail is None else bool(avail), tuple(int(i) for i in exclude))
+
+
+class Index(ABC):
+    """The interface both backends share. Thread-safe for searches; call close() (or use `with`)."""
+
+    config: IndexConfig
+    info: VersionInfo
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    @property
+    def teacher_id(self) -> str:
+        return self.info.teacher_id
+
+    @property
+    def dim(self) -> int:
+        return self.info.dim
+
+    def search(
+        self, vector: np.ndarray, k: int, exclude_ids: Sequence[int] = (), filters: dict | None = None
+    ) -> list[Hit]:
+        """vector (D,) -> the k nearest items."""
+        return self.search_batch(np.asarray(vector)[None], k, [exclude_ids], filters)[0]
+
+    def search_batch(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        exclude_ids: Sequence[Sequence[int]] | None = None,
+        filters: dict | Sequence[dict | None] | None = None,
+    ) -> list[list[Hit]]:
+        """vectors (B, D) -> B lists of hits, planned as one batch. exclude_ids: one sequence per query;
+        filters: one dict for all queries or one per query."""
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"vectors: expected shape (B, {self.dim}), got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError("vectors: NaN or inf in the query")
+        b = len(x)
+        exclude_ids = [()] * b if exclude_ids is None else list(exclude_ids)
+        per_query = filters if isinstance(filters, (list, tuple)) else [filters] * b
+        if len(exclude_ids) != b or len(per_query) != b:
+            raise ValueError(f"exclude_ids / filters: need one per query ({b})")
+        if b == 0:
+            return []
+        return self._search(x, int(k), [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)])
+
+    @abstractmethod
+    def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]: ...
+
+    @abstractmethod
+    def count(self) -> int:
+        """Points in the version searched (upserts included)."""
+
+    @abstractmethod
+    def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """item_id -> its stored (D,) vector (unit norm); unknown ids are left out."""
+
+    @abstractmethod
+    def refresh(self) -> bool:
+        """Follow CURRENT / the alias (and, on Edge, new upserts); True when anything changed."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_index(where=None, config: IndexConfig = IndexConfig(), *, client=None) -> Index:
+    """Edge: `where` is the index folder or a Workspace. Server: `where` is a url string (anything else
+    falls back to config.url / config.path), or pass a QdrantClient as `client` (e.g. local mode; the
+    caller keeps owning it: close() leaves it open)."""
+    if config.backend == "server":
+        if client is not None:
+            return ServerIndex(client, config, owns_client=False)
+        url = where if isinstance(where, str) else config.url  # a Workspace / folder means nothing here
+        return ServerIndex(make_client(replace(config, url=url)), config, owns_client=True)
+    if where is None:
+        raise ValueError("the Edge backend needs the index folder (or a Workspace)")
+    return EdgeIndex(where.index if isinstance(where, Workspace) else Path(where), config)
+
+
+# -- Edge ----------------------------------------------------------------------------------------------
+
+
+def _edge_filter(q: _Query):
+    from qdrant_edge import FieldCondition, Filter, HasIdCondition, MatchAny, MatchValue
+
+    must = []
+    if q.categories is not None:
+        cats = list(q.categories)
+        must.append(
+            FieldCondition("category", match=MatchValue(cats[0]) if len(cats) == 1 else MatchAny(cats))
+        )
+    if q.available is not None:
+        # qdrant-edge-py 0.9.0 turns a Python bool into the integer 1/0 (bool subclasses int), which never
+        # matches a bool payload; numpy's bool_ reaches the Bool variant.
+        must.append(FieldCondition("available", match=MatchValue(np.bool_(q.available))))
+    must_not = [HasIdCondition(set(q.exclude))] if q.exclude else []
+    if not must and not must_not:
+        return None
+    return Filter(must=must or None, must_not=must_not or None)
+
+
+class _Replica:
+    """A private copy of one version: its shard, folder, and the upsert log files already applied."""
+
+    def __init__(self, shard, folder: Path, info: VersionInfo, applied: tuple[str, ...]):
+        self.shard, self.folder, self.info, self.applied = shard, folder, info, applied
+        self.users = 0  # searches in flight
+        self.retired = False
+
+    def close(self) -> None:
+        try:
+            self.shard.close()
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class EdgeIndex(Index):
+    def __init__(self, root: Path, config: IndexConfig):
+        self.layout, self.config = Layout(root), config
+        self._params = edge_search_params(config)
+        self._lock = threading.Lock()  # guards the replica reference and its user counts
+        self._refresh_lock = threading.Lock()  # one refresh at a time
+        clean_stale(self.layout)
+        self._replica: _Replica | None = self._open_replica()
+
+    @property
+    def info(self) -> VersionInfo:
+        return self._current().info
+
+    def _current(self) -> _Replica:
+        r = self._replica
+        if r is None:
+            raise RuntimeError("index is closed")
+        return r
+
+    def _open_replica(self) -> _Replica:
+        from qdrant_edge import EdgeShard
+
+        for _ in range(10):
+            info = read_current(self.layout.root)
+            if info is None:
+                raise FileNotFoundError(
+                    f"no index at {self.layout.root} (no CURRENT): run `vlmrec index build`"
+                )
+            folder = self.layout.replicas / f"{owner_tag()}-{uuid.uuid4().hex[:12]}"
+            try:
+                with locked(self.layout.lock(info.version), exclusive=False):  # no upsert / prune meanwhile
+                    copy_shard(self.layout.shard(info.version), folder / "shard")
+                    logs = upsert_logs(self.layout, info.version)
+                    tables = [read_log(p) for p in logs]
+            except FileNotFoundError:  # the version was pruned after we read CURRENT: read it again
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
+            shard = EdgeShard.load(str(folder / "shard"))
+            try:
+                for t in tables:
+                    edge_upsert(shard, t, self.config.batch_size)
+            except BaseException:
+                shard.close()
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return _Replica(shard, folder, info, tuple(p.name for p in logs))
+        raise RuntimeError(f"could not copy the current version of {self.layout.root}: it kept moving")
+
+    @contextmanager
+    def _use(self):
+        with self._lock:
+            r = self._current()
+            r.users += 1
+        try:
+            yield r
+        finally:
+            with self._lock:
+                r.users -= 1
+                done = r.retired and r.users == 0
+            if done:
+                r.close()
+
+    def _retire(self, r: _Replica) -> None:
+        with self._lock:
+            r.retired = True
+            done = r.users == 0
+        if done:
+            r.close()
+
+    def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
+        from qdrant_edge import Query, QueryBatchRequest, QueryRequest
+
+        requests = [
+            QueryRequest(
+                limit=k,
+                query=Query.Nearest(v.tolist(), using=VECTOR),
+                filter=_edge_filter(q),
+                params=self._params,
+                with_payload=False,
+            )
+            for v, q in zip(x, queries, strict=True)
+        ]
+        with self._use() as r:
+            if len(requests) == 1:
+                results = [r.shard.query(requests[0])]
+            else:
+                results = r.shard.query_batch(QueryBatchRequest(requests))
+        return [[(int(p.id), float(p.score)) for p in res] for res in results]
+
+    def count(self) -> int:
+        from qdrant_edge import CountRequest
+
+        with self._use() as r:
+            return r.shard.count(CountRequest(exact=True))
+
+    def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        with self._use() as r:
+            records = r.shard.retrieve([int(i) for i in item_ids], False, [VECTOR])
+        return {int(rec.id): np.asarray(rec.vector[VECTOR], dtype=np.float32) for rec in records}
+
+    def refresh(self) -> bool:
+        with self._refresh_lock:
+            r = self._current()
+            current = read_current(self.layout.root)
+            if current is not None and current.version != r.info.version:
+                fresh = self._open_replica()  # build the new copy first
+                with self._lock:
+                    self._replica = fresh  # swap the reference
+                self._retire(r)  # close the old one once its searches are done
+                return True
+            new = [p for p in upsert_logs(self.layout, r.info.version) if p.name not in set(r.applied)]
+            for p in new:  # the replica owns its copy: replay onto it in place
+                edge_upsert(r.shard, read_log(p), self.config.batch_size)
+                r.applied = (*r.applied, p.name)
+            return bool(new)
+
+    def close(self) -> None:
+        with self._refresh_lock:
+            with self._lock:
+                r, self._replica = self._replica, None
+            if r is not None:
+                self._retire(r)
+
+
+# -- server --------------------------------------------------------------------------------------------
+
+
+def _server_filter(q: _Query):
+    from qdrant_client import models
+
+    must = []
+    if q.categories is not None:
+        must.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(q.categories))))
+    if q.available is not None:
+        must.append(models.FieldCondition(key="available", match=models.MatchValue(value=q.available)))
+    must_not = [models.HasIdCondition(has_id=list(q.exclude))] if q.exclude else []
+    if not must and not must_not:
+        return None
+    return models.Filter(must=must or None, must_not=must_not or None)
+
+
+class ServerIndex(Index):
+    def __init__(self, client, config: IndexConfig, owns_client: bool):
+        self.client, self.config, self._owns = client, config, owns_client
+        self._params = server_search_params(config)
+        self._target: tuple[str, VersionInfo] = self._resolve()  # swapped as one reference
+
+    @property
+    def collection(self) -> str:
+        return self._target[0]
+
+    @property
+    def info(self) -> VersionInfo:
+        return self._target[1]
+
+    def _resolve(self) -> tuple[str, VersionInfo]:
+        name = current_collection(self.client, self.config.alias)
+        if name is None:
+            raise FileNotFoundError(f"no alias {self.config.alias!r} on the server: run `vlmrec index build`")
+        return name, collection_info(self.client, name)
+
+    def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
+        from qdrant_client import models
+
+        collection = self._target[0]
+        if len(x) == 1:
+            res = self.client.query_points(
+                collection,
+                query=x[0].tolist(),
+                using=VECTOR,
+                limit=k,
+                query_filter=_server_filter(queries[0]),
+                search_params=self._params,
+            )
+            responses = [res]
+        else:
+            requests = [
+                models.QueryRequest(
+                    query=v.tolist(), using=VECTOR, limit=k, filter=_server_filter(q), params=self._params
+                )
+                for v, q in zip(x, queries, strict=True)
+            ]
+            responses = self.client.query_batch_points(collection, requests=requests)
+        return [[(int(p.id), float(p.score)) for p in r.points] for r in responses]
+
+    def count(self) -> int:
+        return self.client.count(self.collection, exact=True).count
+
+    def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
+        records = self.client.retrieve(self.collection, [int(i) for i in item_ids], with_vectors=[VECTOR])
+        return {int(r.id): np.asarray(r.vector[VECTOR], dtype=np.float32) for r in records}
+
+    def refresh(self) -> bool:
+        name = current_collection(self.client, self.config.alias)
+        if name is None or name == self.collection:
+            return False
+        self._target = (name, collection_info(self.client, name))
+        return True
+
+    def close(self) -> None:
+        if self._owns:
+            self.client.close()
