@@ -68,6 +68,6 @@ def ray_local():
 
     from vlmrec.raycluster import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray(num_cpus=3)  # 2 training workers + a CPU for Ray Data
     yield ray
     ray.shutdown()

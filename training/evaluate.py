@@ -1,0 +1,253 @@
+"""`vlmrec evaluate` (also `python -m training.evaluate`): every model on the same queries, two protocols.
+
+    vlmrec evaluate --workdir .vlmrec/sample --runs sasrec student --split temporal
+
+Models: `popular` (training counts), `knn` (teacher item-kNN from the last clicked item: the "similar item"
+producer), and every named training run's export (behavioural SASRec and students alike: the export
+rebuilds itself from its own config). Splits: `temporal` (global time cut; every later event is a query
+whose history is all the user's earlier events) and `loo` (each user's last event). Protocols, always
+labelled: `full` (rank among the whole catalogue, the history excluded: what a Producer does) and `sampled`
+(the SASRec paper's: the target among 100 items the user never touched). Slices: all targets and cold
+targets (items with no training event). Writes <workdir>/eval/<name>/ metrics.json, metrics.md, ndcg.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from training.data import ItemTable, build_inputs
+from training.metrics import KS, Queries, leave_one_out, metrics_from_ranks, rank_of_target, temporal_split
+from training.model import SeqRec
+from training.train import load_items
+from vlmrec.workspace import Workspace
+
+Scorer = Callable[[list[np.ndarray]], torch.Tensor]  # histories (model indices) -> scores (Q, n + 1)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    items: ItemTable
+    teacher_id: str
+    train: pd.DataFrame
+    queries: Queries
+    histories: list[np.ndarray]  # model indices of each query's history (unknown items dropped)
+    targets: np.ndarray  # (Q,) model indices
+    touched: list[np.ndarray]  # every item index the user ever touched (sampled protocol)
+    n_skipped: int
+
+
+def load_eval_data(ws: Workspace, split: str, train_fraction: float) -> EvalData:
+    items, teacher_id = load_items(ws)
+    events = pq.read_table(ws.events).to_pandas()
+    s = temporal_split(events, train_fraction) if split == "temporal" else leave_one_out(events)
+    q = s.test
+    targets = items.index_of(q.targets)
+    histories = [h[h > 0] for h in (items.index_of(x) for x in q.histories)]
+    by_user = events.groupby("user_id")["item_id"].apply(lambda x: items.index_of(x.to_numpy()))
+    touched = [by_user[u] for u in q.user_ids]
+    train = (
+        s.train if split == "temporal" else events.merge(s.train[["user_id", "item_id"]].drop_duplicates())
+    )
+    return EvalData(items, teacher_id, train, q, histories, targets, touched, s.n_skipped_empty_history)
+
+
+def popular_scorer(data: EvalData) -> Scorer:
+    counts = np.bincount(
+        data.items.index_of(data.train["item_id"].to_numpy()), minlength=data.items.n_items + 1
+    )
+    scores = torch.as_tensor(counts, dtype=torch.float32)
+    scores[0] = 0
+    return lambda hist: scores.expand(len(hist), -1)
+
+
+def knn_scorer(data: EvalData) -> Scorer:
+    teacher = torch.as_tensor(data.items.teacher_matrix())  # (n + 1, D), row 0 zero
+    last = lambda hist: torch.as_tensor(np.array([h[-1] if len(h) else 0 for h in hist]))  # noqa: E731
+    return lambda hist: teacher[last(hist)] @ teacher.T
+
+
+def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
+    """A trained export: its own config rebuilds it; inputs go through the shared build_inputs."""
+    run = json.loads((export_dir / "run.json").read_text())
+    if run["teacher_id"] != data.teacher_id and run["configs"]["model"]["item_space"] != "id":
+        raise ValueError(
+            f"{export_dir}: trained on teacher {run['teacher_id']}, but the workspace holds {data.teacher_id}"
+        )
+    model = SeqRec.from_pretrained(export_dir / "model")
+    vocab = ItemTable(model.item_ids[1:].numpy())
+    if not np.array_equal(vocab.item_ids, data.items.item_ids):
+        raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")
+    with torch.no_grad():
+        items = model.item_vectors()  # (n + 1, d)
+
+    def score(hist: list[np.ndarray]) -> torch.Tensor:
+        raw = [data.items.raw_of(h) for h in hist]
+        x = torch.as_tensor(build_inputs(raw, vocab, model.cfg.max_len).ids)
+        with torch.no_grad():
+            return model.user_vector(x) @ items.T
+
+    return score, run
+
+
+def evaluate_scorer(score: Scorer, data: EvalData, protocol: str, seed: int = 0, chunk: int = 512) -> dict:
+    """Ranks of every query under one protocol, then metrics on all and on cold targets."""
+    n = data.items.n_items
+    ranks = np.zeros(len(data.targets), np.int64)
+    rng = np.random.default_rng(seed)
+    from training.metrics import sample_negatives
+
+    for a in range(0, len(ranks), chunk):
+        hist = data.histories[a : a + chunk]
+        s = score(hist)  # (q, n + 1)
+        t = data.targets[a : a + chunk]
+        if protocol == "full":
+            mask = torch.zeros(s.shape, dtype=torch.bool)
+            rows = np.repeat(np.arange(len(hist)), [len(h) for h in hist])
+            if len(rows):
+                mask[torch.as_tensor(rows), torch.as_tensor(np.concatenate(hist))] = True
+            mask[:, 0] = True
+            ranks[a : a + chunk] = rank_of_target(s, t, mask)
+        else:
+            negs = sample_negatives(data.touched[a : a + chunk], n, 100, rng)  # (q, 100)
+            cand = np.concatenate([t[:, None], negs], axis=1)  # target in column 0
+            sub = torch.gather(s, 1, torch.as_tensor(cand))
+            ranks[a : a + chunk] = rank_of_target(sub, np.zeros(len(t), np.int64))
+    users = data.queries.user_ids
+    cold = data.queries.cold
+    return {
+        "all": metrics_from_ranks(ranks, KS, users=users),
+        "cold": metrics_from_ranks(ranks[cold], KS, users=users[cold]) if cold.any() else None,
+    }
+
+
+def evaluate(
+    workdir: str,
+    runs: Sequence[str],
+    split: str = "temporal",
+    train_fraction: float = 0.8,
+    protocols: Sequence[str] = ("full", "sampled"),
+    name: str | None = None,
+) -> tuple[Path, dict]:
+    ws = Workspace(workdir)
+    data = load_eval_data(ws, split, train_fraction)
+    known = data.targets > 0
+    if not known.all():  # a target outside the catalogue cannot be ranked: say so instead of guessing
+        raise ValueError(f"{ws.events}: {int((~known).sum())} test targets are not in the item table")
+    scorers: dict[str, Scorer] = {"popular": popular_scorer(data), "knn": knn_scorer(data)}
+    meta: dict[str, dict] = {"popular": {}, "knn": {"teacher_id": data.teacher_id}}
+    for run in runs:
+        scorers[run], info = model_scorer(ws.runs / run / "export", data)
+        meta[run] = {"item_space": info["configs"]["model"]["item_space"], "best": info["best"]}
+    results: dict = {}
+    for model, score in scorers.items():
+        t0 = time.perf_counter()
+        results[model] = {p: evaluate_scorer(score, data, p) for p in protocols}
+        results[model]["seconds"] = round(time.perf_counter() - t0, 2)
+    report = {
+        "split": split,
+        "train_fraction": train_fraction if split == "temporal" else None,
+        "n_queries": len(data.targets),
+        "n_cold_queries": int(data.queries.cold.sum()),
+        "n_skipped_empty_history": data.n_skipped,
+        "n_items": data.items.n_items,
+        "teacher_id": data.teacher_id,
+        "ties": "pessimistic: every other candidate scoring >= the target ranks ahead of it",
+        "models": meta,
+        "results": results,
+    }
+    out = ws.root / "eval" / (name or f"{split}-{'-'.join(runs) or 'baselines'}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    (out / "metrics.md").write_text(markdown_table(report))
+    plot(report, out / "ndcg.png")
+    return out, report
+
+
+def markdown_table(report: dict) -> str:
+    lines = [
+        f"Split: {report['split']}; queries {report['n_queries']} (cold {report['n_cold_queries']}, "
+        f"skipped empty history {report['n_skipped_empty_history']}); items {report['n_items']}; "
+        f"teacher {report['teacher_id']}. Per-event (micro) averages; [95% bootstrap over users].",
+        "",
+    ]
+    for protocol in ("full", "sampled"):
+        rows = [(m, r[protocol]) for m, r in report["results"].items() if protocol in r]
+        if not rows:
+            continue
+        label = "full-catalogue ranking" if protocol == "full" else "100 sampled negatives (SASRec paper)"
+        lines += [f"### Protocol: {label}", ""]
+        lines.append(
+            "| model | HR@10 | NDCG@10 [95% CI] | HR@50 | MRR | macro NDCG@10 | cold HR@10 | cold NDCG@10 |"
+        )
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for model, r in rows:
+            a, c = r["all"], r["cold"]
+            ci = a.get("micro_ci95", {}).get("NDCG@10", [float("nan")] * 2)
+            cold = (f"{c['micro']['HR@10']:.4f} | {c['micro']['NDCG@10']:.4f}") if c else "- | -"
+            lines.append(
+                f"| {model} | {a['micro']['HR@10']:.4f} | {a['micro']['NDCG@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
+                f"| {a['micro']['HR@50']:.4f} | {a['micro']['MRR']:.4f} | {a['macro']['NDCG@10']:.4f} | {cold} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(report["results"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, slice_ in zip(axes, ("all", "cold"), strict=True):
+        vals = [
+            (report["results"][m]["full"][slice_] or {"micro": {"NDCG@10": 0.0}})["micro"]["NDCG@10"]
+            for m in models
+        ]
+        ax.bar(models, vals, color="#4c72b0")
+        ax.set_title(f"NDCG@10, full ranking, {slice_} targets ({report['split']})")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=".vlmrec/sample")
+    parser.add_argument(
+        "--runs", nargs="*", default=[], help="training run names (their exports) to evaluate"
+    )
+    parser.add_argument("--split", choices=["temporal", "loo"], default="temporal")
+    parser.add_argument("--train-fraction", type=float, default=0.8)
+    parser.add_argument("--protocols", nargs="+", choices=["full", "sampled"], default=["full", "sampled"])
+    parser.add_argument("--name", default=None, help="output folder name under <workdir>/eval/")
+
+
+def run(args: argparse.Namespace) -> tuple[Path, dict]:
+    out, report = evaluate(
+        args.workdir, args.runs, args.split, args.train_fraction, args.protocols, args.name
+    )
+    print(markdown_table(report))
+    print(f"evaluate: wrote {out}")
+    return out, report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

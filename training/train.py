@@ -1,0 +1,458 @@
+"""`vlmrec train` (also `python -m training.train`): the student's training job, Ray Train + DeepSpeed.
+
+    vlmrec train --workdir .vlmrec/sample --name student --item-space adapter       # local Ray, 2 CPU workers
+    ray start --head && ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m training.train --workdir $PWD/.vlmrec/sample --name student        # unchanged on a cluster
+
+Data flows one way: the split's training events -> (user, target time) queries -> the student's Feast
+feature service by point-in-time join (the sequence just before each target) -> next-item examples ->
+Ray Data shards them to the workers. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in
+training/zero.json; gloo on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint
+reported to Ray Train, early stopping. A re-run with the same name (or a restarted worker, FailureConfig)
+resumes from the latest checkpoint. The driver then exports one folder, `<workdir>/runs/<name>/export/`:
+
+    model/               model.safetensors + config.json (SeqRec.from_pretrained rebuilds it)
+    item_vectors.parquet item_id, vector (the chosen item space), teacher_id: what the index loads
+    popular.json         recency-weighted popular items: the fallback for unknown users
+    run.json             every config, the teacher id, data counts, the per-epoch history
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from training.config import LossConfig, ModelConfig, TrainConfig, _Config
+from training.data import ItemTable, build_inputs
+from training.metrics import full_ranks, metrics_from_ranks, temporal_split
+from training.model import SeqRec
+from vlmrec.workspace import Workspace, atomic_write_parquet
+
+ZERO_CONFIG = Path(__file__).with_name("zero.json")
+Split = Literal["temporal", "loo"]
+
+
+@dataclass(frozen=True)
+class JobConfig(_Config):
+    """Where and how the job runs (not what it learns)."""
+
+    workdir: str = ".vlmrec/sample"
+    name: str = "student"  # the run folder <workdir>/runs/<name>; the same name resumes
+    split: Split = "temporal"  # temporal: global time cut; loo: last event test, second-last validation
+    train_fraction: float = 0.8  # temporal split: the share of events (by time) that is train
+    num_workers: int = 2  # Ray Train workers (data parallel)
+    use_gpu: bool = False  # NCCL + one GPU per worker when True
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_config: str = str(
+        ZERO_CONFIG
+    )  # the DeepSpeed JSON; batch size, lr and precision are set from configs
+    max_failures: int = 2  # worker failures Ray Train recovers from (resuming from the latest checkpoint)
+    popular_k: int = 1000  # length of the popular-items fallback list
+    popular_half_life_days: float = 7.0  # recency weighting of popularity
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    items: ItemTable  # the vocabulary: every catalogue item with a teacher vector
+    teacher_id: str
+    train_events: pd.DataFrame  # the split's training events (real timestamps)
+    inputs: np.ndarray  # (N, T) model indices
+    targets: np.ndarray  # (N, T) next items, 0 = none
+    valid_inputs: np.ndarray  # (V, T) the sequence before each validation target
+    valid_targets: np.ndarray  # (V,) model indices
+    valid_users: np.ndarray  # (V,)
+
+
+def load_items(ws: Workspace) -> tuple[ItemTable, str]:
+    """The teacher vectors of every catalogue item (the item_embedding source) and the teacher id."""
+    if not ws.embeddings.exists():
+        raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
+    table = pq.read_table(ws.embeddings).to_pandas()
+    teacher_ids = table["teacher_id"].unique()
+    if len(teacher_ids) != 1:
+        raise ValueError(
+            f"{ws.embeddings}: column teacher_id holds {len(teacher_ids)} teachers; re-run embed"
+        )
+    return ItemTable.from_frame(table), str(teacher_ids[0])
+
+
+def split_train_events(events: pd.DataFrame, split: Split, train_fraction: float) -> pd.DataFrame:
+    """The events a model may learn from: before the global cut (temporal) or all but each user's last two."""
+    if split == "temporal":
+        return temporal_split(events, train_fraction).train
+    ordered = events.sort_values(["user_id", "event_timestamp"], kind="stable")
+    from_end = ordered.groupby("user_id").cumcount(ascending=False)
+    return ordered[from_end >= 2].sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+
+
+def example_queries(train: pd.DataFrame, max_len: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training queries, validation queries): each a frame of (user_id, event_timestamp, item_id) target events.
+
+    Validation: each user's last training event (users with >= 2). Training: windows of max_len targets
+    from the end of the rest, so every other event is a target exactly once (all-position training).
+    """
+    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
+    pos = ordered.groupby("user_id").cumcount().to_numpy()
+    n = ordered.groupby("user_id")["item_id"].transform("size").to_numpy()
+    valid = (pos == n - 1) & (n >= 2)
+    last_train = np.where(n >= 2, n - 2, n - 1)  # index of each user's last training target
+    is_end = (pos >= 1) & (pos <= last_train) & ((last_train - pos) % max_len == 0)
+    cols = ["user_id", "event_timestamp", "item_id"]
+    return ordered.loc[is_end, cols].reset_index(drop=True), ordered.loc[valid, cols].reset_index(drop=True)
+
+
+def prepare_data(ws: Workspace, job: JobConfig, max_len: int) -> TrainingData:
+    """Everything the workers need, with sequences read from Feast by point-in-time join."""
+    from vlmrec.features import historical_sequences, open_store
+
+    items, teacher_id = load_items(ws)
+    events = pq.read_table(ws.events).to_pandas()
+    train = split_train_events(events, job.split, job.train_fraction)
+    queries, valid = example_queries(train, max_len)
+    store = open_store(ws)
+    hist = historical_sequences(store, pd.concat([queries, valid], ignore_index=True))["item_ids"].tolist()
+    hist_train, hist_valid = hist[: len(queries)], hist[len(queries) :]
+    kept = max((len(h) for h in hist), default=0)
+    if kept < max_len and events.groupby("user_id").size().max() > kept + 1:
+        raise ValueError(
+            f"{ws.sequences}: column item_ids keeps {kept} ids per snapshot but max_len is {max_len}: "
+            f"re-run `vlmrec ingest --max-len {max_len}` or train with --max-len {kept}"
+        )
+    # inputs = the sequence before the target; targets = the same shifted by one, ending with the target.
+    full = [[*h, t] for h, t in zip(hist_train, queries["item_id"], strict=True)]
+    inputs = build_inputs([f[:-1] for f in full], items, max_len).ids
+    targets = build_inputs([f[1:] for f in full], items, max_len).ids
+    keep = targets[:, -1] > 0
+    inputs, targets = inputs[keep], targets[keep]
+    targets = np.where(inputs > 0, targets, 0)  # a target only where there is an input before it
+    v_inputs = build_inputs(hist_valid, items, max_len).ids
+    v_targets = items.index_of(valid["item_id"].to_numpy())
+    v_keep = (v_targets > 0) & (v_inputs[:, -1] > 0)
+    return TrainingData(
+        items=items,
+        teacher_id=teacher_id,
+        train_events=train,
+        inputs=inputs,
+        targets=targets,
+        valid_inputs=v_inputs[v_keep],
+        valid_targets=v_targets[v_keep],
+        valid_users=valid["user_id"].to_numpy()[v_keep],
+    )
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def ds_config(job: JobConfig, train: TrainConfig, world_size: int) -> dict:
+    """The ZeRO JSON with batch size, lr and precision set from the configs (DeepSpeed fills no "auto")."""
+    cfg = json.loads(Path(job.zero_config).read_text())
+    micro = max(1, train.batch_size // world_size)
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["train_batch_size"] = micro * world_size * cfg.get("gradient_accumulation_steps", 1)
+    cfg["optimizer"]["params"].update(lr=train.lr, weight_decay=train.weight_decay)
+    cfg["bf16"] = {"enabled": job.precision == "bf16"}
+    return cfg
+
+
+def validation_ndcg(model: SeqRec, inputs: np.ndarray, targets: np.ndarray, users: np.ndarray) -> float:
+    """Full-ranking NDCG@10 of the validation targets, the history excluded."""
+    model.eval()
+    with torch.no_grad():
+        items = model.item_vectors().float()  # (n + 1, d)
+        user_vecs = torch.cat(
+            [
+                model.user_vector(torch.as_tensor(inputs[a : a + 512])).float()
+                for a in range(0, len(inputs), 512)
+            ]
+        )
+    ranks = full_ranks(user_vecs, items, targets, exclude=[row[row > 0] for row in inputs])
+    model.train()
+    return metrics_from_ranks(ranks, ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker: DeepSpeed engine, epochs over its Ray Data shard, validation, checkpoints."""
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from training.losses import SeqRecLoss
+
+    model_cfg = ModelConfig.from_dict(config["model"])
+    loss_cfg = LossConfig.from_dict(config["loss"])
+    train_cfg = TrainConfig.from_dict(config["train"])
+    job = JobConfig.from_dict(config["job"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(train_cfg.seed + rank)
+    deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
+
+    model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
+    criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"])
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config["ds"]
+    )
+    device = engine.device
+    criterion = criterion.to(device)
+    state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume (a re-run of the same name, or Ray restarting a failed worker group)
+        with checkpoint.as_directory() as d:
+            _, client_state = engine.load_checkpoint(d, tag="ds")
+        state.update(client_state or {})
+
+    shard = ray.train.get_dataset_shard("train")
+    micro = config["ds"]["train_micro_batch_size_per_gpu"]
+    while state["epoch"] < train_cfg.epochs and state["bad_epochs"] < train_cfg.patience:
+        t0, n_seq, losses = time.perf_counter(), 0, []
+        engine.train()
+        for batch in shard.iter_torch_batches(
+            batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro
+        ):
+            x, y = batch["inputs"].to(device), batch["targets"].to(device)  # (B, T)
+            width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
+            x, y = x[:, -width:], y[:, -width:]
+            candidates = criterion.sample_candidates(y)
+            loss, _ = criterion(engine(x, y, candidates), y, candidates)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+            n_seq += len(x)
+        seconds = time.perf_counter() - t0
+        ndcg = validation_ndcg(
+            engine.module, config["valid_inputs"], config["valid_targets"], config["valid_users"]
+        )
+        state["epoch"] += 1
+        improved = ndcg > state["best"]
+        state["best"], state["bad_epochs"] = (
+            (ndcg, 0) if improved else (state["best"], state["bad_epochs"] + 1)
+        )
+        metrics = {
+            "epoch": state["epoch"],
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "val_ndcg10": ndcg,
+            "best_val_ndcg10": state["best"],
+            "seq_per_s_worker": n_seq / seconds if seconds else 0.0,
+            "epoch_s": seconds,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        state["history"].append(metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag="ds", client_state=state)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+def train(
+    job: JobConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig
+) -> tuple[Path, dict]:
+    """Prepare data from Feast, fit with Ray Train + DeepSpeed, export the best epoch. -> (export dir, run info)"""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vlmrec.raycluster import init_ray
+
+    ws = Workspace(job.workdir)
+    t0 = time.perf_counter()
+    data = prepare_data(ws, job, model_cfg.max_len)
+    if len(data.inputs) == 0 or len(data.valid_inputs) == 0:
+        raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
+    model_cfg = _fit_vocabulary(model_cfg, data)
+    prepare_s = time.perf_counter() - t0
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.use_gpu else "cpu")
+    # Ray Data needs a CPU beside the training workers' (else its tasks wait forever on 2 cores).
+    init_ray(num_cpus=max(os.cpu_count() or 1, job.num_workers + 1))
+    dataset = ray.data.from_items(
+        [{"inputs": x, "targets": y} for x, y in zip(data.inputs, data.targets, strict=True)]
+    ).random_shuffle(seed=train_cfg.seed)
+    target_counts = np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1)
+    loop_config = {
+        "model": model_cfg.to_dict(),
+        "loss": loss_cfg.to_dict(),
+        "train": train_cfg.to_dict(),
+        "job": job.to_dict(),
+        "ds": ds_config(job, train_cfg, job.num_workers),
+        "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
+        "item_ids": np.concatenate([[-1], data.items.item_ids]),
+        "target_counts": target_counts,
+        "valid_inputs": data.valid_inputs,
+        "valid_targets": data.valid_targets,
+        "valid_users": data.valid_users,
+    }
+    run_dir = ws.runs / job.name
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": 1}
+        ),
+        datasets={"train": dataset},
+        run_config=RunConfig(
+            name="ray",
+            storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_ndcg10", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
+        ),
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    fit_s = time.perf_counter() - t0
+    best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_ndcg10"])
+    model = load_checkpoint_model(best_ckpt, model_cfg, data)
+    history = [m for _, m in result.best_checkpoints]
+    info = {
+        "name": job.name,
+        "teacher_id": data.teacher_id,
+        "feature_service": "student_v1",
+        "configs": {
+            "model": model_cfg.to_dict(),
+            "loss": loss_cfg.to_dict(),
+            "train": train_cfg.to_dict(),
+            "job": job.to_dict(),
+        },
+        "data": {
+            "train_events": len(data.train_events),
+            "train_examples": len(data.inputs),
+            "valid_queries": len(data.valid_inputs),
+            "items": data.items.n_items,
+        },
+        "best": best_metrics,
+        "last": result.metrics,
+        "kept_checkpoints": history,
+        "timing_s": {"prepare": round(prepare_s, 2), "fit": round(fit_s, 2)},
+    }
+    export_dir = export(ws, job, model, data, info)
+    return export_dir, info
+
+
+def _fit_vocabulary(model_cfg: ModelConfig, data: TrainingData) -> ModelConfig:
+    """The vocabulary and teacher size come from the data, not from flags."""
+    import dataclasses
+
+    dim = data.items.teacher.shape[1] if model_cfg.is_content else 0
+    return dataclasses.replace(model_cfg, n_items=data.items.n_items, teacher_dim=dim)
+
+
+def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData) -> SeqRec:
+    """A DeepSpeed checkpoint (any ZeRO stage) -> the fp32 SeqRec."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model = SeqRec(
+        model_cfg,
+        teacher=data.items.teacher_matrix() if model_cfg.is_content else None,
+        item_ids=np.concatenate([[-1], data.items.item_ids]),
+    )
+    with checkpoint.as_directory() as d:
+        state = get_fp32_state_dict_from_zero_checkpoint(d, tag="ds")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    buffers = {name for name, _ in model.named_buffers()}
+    if unexpected or set(missing) - buffers:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def popular_items(train: pd.DataFrame, k: int, half_life_days: float) -> list[dict]:
+    """Recency-weighted popularity over the training events: weight 0.5 ** (age / half life)."""
+    ts = pd.to_datetime(train["event_timestamp"], utc=True)
+    age_days = (ts.max() - ts).dt.total_seconds().to_numpy() / 86400.0
+    weights = np.power(0.5, age_days / half_life_days)
+    scores = (
+        pd.Series(weights)
+        .groupby(train["item_id"].to_numpy())
+        .sum()
+        .sort_values(ascending=False, kind="stable")
+    )
+    return [{"item_id": int(i), "score": float(s)} for i, s in scores.head(k).items()]
+
+
+def item_vector_table(model: SeqRec, items: ItemTable, teacher_id: str) -> pa.Table:
+    """item_id -> vector in the model's item space, for every vocabulary item (what the index loads)."""
+    with torch.no_grad():
+        vectors = model.item_vectors()[1:].float().numpy()  # (n, d), row k = items.item_ids[k]
+    return pa.table(
+        {
+            "item_id": pa.array(items.item_ids, pa.int64()),
+            "vector": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32())),
+            "teacher_id": pa.array([teacher_id] * len(items.item_ids), pa.string()),
+        }
+    )
+
+
+def export(ws: Workspace, job: JobConfig, model: SeqRec, data: TrainingData, info: dict) -> Path:
+    """Write the export folder next to its final place, then swap it in: never half-written."""
+    final = ws.runs / job.name / "export"
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+    model.save_pretrained(tmp / "model")
+    atomic_write_parquet(item_vector_table(model, data.items, data.teacher_id), tmp / "item_vectors.parquet")
+    popular = popular_items(data.train_events, job.popular_k, job.popular_half_life_days)
+    (tmp / "popular.json").write_text(json.dumps(popular))
+    (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    old = final.with_name(".export-old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    JobConfig.add_arguments(parser)
+    ModelConfig.add_arguments(parser, n_items=0)
+    LossConfig.add_arguments(parser)
+    TrainConfig.add_arguments(parser, epochs=30)
+
+
+def run(args: argparse.Namespace) -> tuple[Path, dict]:
+    job = JobConfig.from_args(args)
+    model_cfg = ModelConfig.from_args(args, n_items=1, teacher_dim=0 if args.item_space == "id" else 1)
+    export_dir, info = train(job, model_cfg, LossConfig.from_args(args), TrainConfig.from_args(args))
+    best = info["best"]
+    print(
+        f"train: {job.name}: best epoch {best['epoch']} val NDCG@10 {best['val_ndcg10']:.4f}; "
+        f"{info['data']['train_examples']} examples; exported to {export_dir}"
+    )
+    return export_dir, info
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
