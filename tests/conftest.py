@@ -71,3 +71,21 @@ def ray_local():
     init_ray(num_cpus=3)  # 2 training workers + a CPU for Ray Data
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_workspace(tmp_path_factory, ray_local):
+    """A small sample dataset ingested, embedded with minilm and materialized: the stages' real outputs."""
+    from vlmrec.embed import EmbedConfig, embed_catalogue
+    from vlmrec.features import apply_and_materialize
+    from vlmrec.ingest import IngestConfig, ingest
+    from vlmrec.sample import SampleConfig, generate_sample
+    from vlmrec.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("sample")
+    paths = generate_sample(root / "raw", SampleConfig(seed=3, n_users=40, n_items=60, mean_events=12))
+    ws = Workspace(root / "ws")
+    ingest(paths.events, paths.catalogue, ws, IngestConfig(max_len=8))
+    embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1))
+    apply_and_materialize(ws)
+    return ws

@@ -99,7 +99,9 @@ def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
     return score, run
 
 
-def evaluate_scorer(score: Scorer, data: EvalData, protocol: str, seed: int = 0, chunk: int = 512) -> dict:
+def evaluate_scorer(
+    score: Scorer, data: EvalData, protocol: str, n_negatives: int = 100, seed: int = 0, chunk: int = 512
+) -> dict:
     """Ranks of every query under one protocol, then metrics on all and on cold targets."""
     n = data.items.n_items
     ranks = np.zeros(len(data.targets), np.int64)
@@ -118,7 +120,7 @@ def evaluate_scorer(score: Scorer, data: EvalData, protocol: str, seed: int = 0,
             mask[:, 0] = True
             ranks[a : a + chunk] = rank_of_target(s, t, mask)
         else:
-            negs = sample_negatives(data.touched[a : a + chunk], n, 100, rng)  # (q, 100)
+            negs = sample_negatives(data.touched[a : a + chunk], n, n_negatives, rng)  # (q, n_negatives)
             cand = np.concatenate([t[:, None], negs], axis=1)  # target in column 0
             sub = torch.gather(s, 1, torch.as_tensor(cand))
             ranks[a : a + chunk] = rank_of_target(sub, np.zeros(len(t), np.int64))
@@ -137,6 +139,7 @@ def evaluate(
     train_fraction: float = 0.8,
     protocols: Sequence[str] = ("full", "sampled"),
     name: str | None = None,
+    n_negatives: int = 100,
 ) -> tuple[Path, dict]:
     ws = Workspace(workdir)
     data = load_eval_data(ws, split, train_fraction)
@@ -151,7 +154,7 @@ def evaluate(
     results: dict = {}
     for model, score in scorers.items():
         t0 = time.perf_counter()
-        results[model] = {p: evaluate_scorer(score, data, p) for p in protocols}
+        results[model] = {p: evaluate_scorer(score, data, p, n_negatives) for p in protocols}
         results[model]["seconds"] = round(time.perf_counter() - t0, 2)
     report = {
         "split": split,
@@ -160,6 +163,7 @@ def evaluate(
         "n_cold_queries": int(data.queries.cold.sum()),
         "n_skipped_empty_history": data.n_skipped,
         "n_items": data.items.n_items,
+        "sampled_negatives": n_negatives,
         "teacher_id": data.teacher_id,
         "ties": "pessimistic: every other candidate scoring >= the target ranks ahead of it",
         "models": meta,
@@ -184,7 +188,11 @@ def markdown_table(report: dict) -> str:
         rows = [(m, r[protocol]) for m, r in report["results"].items() if protocol in r]
         if not rows:
             continue
-        label = "full-catalogue ranking" if protocol == "full" else "100 sampled negatives (SASRec paper)"
+        label = (
+            "full-catalogue ranking"
+            if protocol == "full"
+            else f"{report['sampled_negatives']} sampled negatives (the SASRec paper's protocol with 100)"
+        )
         lines += [f"### Protocol: {label}", ""]
         lines.append(
             "| model | HR@10 | NDCG@10 [95% CI] | HR@50 | MRR | macro NDCG@10 | cold HR@10 | cold NDCG@10 |"
@@ -232,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-fraction", type=float, default=0.8)
     parser.add_argument("--protocols", nargs="+", choices=["full", "sampled"], default=["full", "sampled"])
     parser.add_argument("--name", default=None, help="output folder name under <workdir>/eval/")
+    parser.add_argument("--sampled-negatives", type=int, default=100, help="negatives per query (sampled)")
 
 
 def run(args: argparse.Namespace) -> tuple[Path, dict]:

@@ -216,7 +216,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:  # resume (a re-run of the same name, or Ray restarting a failed worker group)
         with checkpoint.as_directory() as d:
             _, client_state = engine.load_checkpoint(d, tag="ds")
-        state.update(client_state or {})
+        state.update({k: v for k, v in (client_state or {}).items() if k in state})  # ours, not DeepSpeed's
+    resumed_from = state["epoch"]  # 0 for a fresh run
 
     shard = ray.train.get_dataset_shard("train")
     micro = config["ds"]["train_micro_batch_size_per_gpu"]
@@ -233,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
             loss, _ = criterion(engine(x, y, candidates), y, candidates)
             engine.backward(loss)
             engine.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             n_seq += len(x)
         seconds = time.perf_counter() - t0
         ndcg = validation_ndcg(
@@ -246,6 +247,7 @@ def train_loop_per_worker(config: dict) -> None:
         )
         metrics = {
             "epoch": state["epoch"],
+            "resumed_from": resumed_from,
             "loss": float(np.mean(losses)) if losses else float("nan"),
             "val_ndcg10": ndcg,
             "best_val_ndcg10": state["best"],
