@@ -17,6 +17,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "features": ("vlmrec.features", "feast apply + materialize into the online store"),
     "train": ("training.train", "train the student (Ray Train + DeepSpeed) and export it"),
     "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
+    "index": ("index.cli", "build a Qdrant index version from item vectors, or upsert new items"),
+    "serve": ("serving.cli", "serve the Producer (Ray Serve): POST /v1/candidates"),
     "demo": ("vlmrec.demo", "run every stage end to end on the sample (or your) data"),
 }
 

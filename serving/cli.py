@@ -1,0 +1,106 @@
+"""`vlmrec serve`: run the Producer on Ray Serve until Ctrl-C.
+
+    vlmrec serve                                    # what `make demo` built: .vlmrec/sample, 127.0.0.1:8000
+    vlmrec serve --workdir .vlmrec/movielens --run student --port 8080 --replicas 2
+    QDRANT_URL=http://qdrant:6333 vlmrec serve --index-backend server
+
+    from serving.cli import start, stop             # non-blocking, for the demo and tests
+    url = start(ProducerConfig(workdir="W"), port=8123); ...; stop()
+
+The environment is read here, once: QDRANT_URL (when --index-backend server and no --index-url) and
+RAY_ADDRESS (vlmrec.raycluster: a running cluster, else a local one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from index.config import BACKENDS
+from serving.config import ProducerConfig
+from vlmrec.workspace import DEFAULT_WORKDIR
+
+APP_NAME = "vlmrec-producer"
+
+
+def start(
+    config: ProducerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    num_cpus: int | None = None,
+) -> str:
+    """Start Ray (if needed) and Serve's HTTP proxy on host:port, deploy the Producer, wait until it is
+    running. Returns the base url. Relative paths in `config` are made absolute here (replicas may run
+    elsewhere)."""
+    from ray import serve
+
+    from serving.producer import producer_app
+    from vlmrec.raycluster import init_ray
+
+    absolute = {
+        name: str(Path(getattr(config, name)).absolute())
+        for name in ("workdir", "model_path", "index_dir")
+        if getattr(config, name)
+    }
+    init_ray(num_cpus=num_cpus)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(producer_app(replace(config, **absolute), replicas), name=APP_NAME, route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Remove every Serve application and the HTTP proxy (Ray itself stays up)."""
+    from ray import serve
+
+    serve.shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ProducerConfig()
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="the workspace folder")
+    parser.add_argument("--run", default=d.run, help="serve <workdir>/runs/<run>/export")
+    parser.add_argument("--model-path", default=None, help="an export folder (default: from --run)")
+    parser.add_argument("--index-dir", default=None, help="Edge index folder (default: <workdir>/index)")
+    parser.add_argument("--index-backend", choices=BACKENDS, default=d.index_backend)
+    parser.add_argument("--index-url", default=None, help="server backend (default: env QDRANT_URL)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--replicas", type=int, default=1, help="Producer replicas (each holds a model + index copy)"
+    )
+    parser.add_argument("--default-k", type=int, default=d.default_k)
+
+
+def config_from_args(args: argparse.Namespace) -> ProducerConfig:
+    url = args.index_url or (os.environ.get("QDRANT_URL") if args.index_backend == "server" else None)
+    return ProducerConfig(
+        workdir=str(args.workdir),
+        run=args.run,
+        model_path=args.model_path,
+        index_dir=args.index_dir,
+        index_backend=args.index_backend,
+        index_url=url,
+        default_k=args.default_k,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    url = start(config, args.host, args.port, args.replicas)
+    print(
+        f"serve: Producer {config.producer!r} at {url} (POST /v1/candidates, /docs); Ctrl-C stops", flush=True
+    )
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        done.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+        print("serve: stopped", flush=True)
