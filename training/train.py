@@ -289,11 +289,11 @@ def train(
     model_cfg = _fit_vocabulary(model_cfg, data)
     prepare_s = time.perf_counter() - t0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.use_gpu else "cpu")
-    # Ray Data needs a CPU beside the training workers' (else its tasks wait forever on 2 cores).
-    init_ray(num_cpus=max(os.cpu_count() or 1, job.num_workers + 1))
-    dataset = ray.data.from_items(
-        [{"inputs": x, "targets": y} for x, y in zip(data.inputs, data.targets, strict=True)]
-    ).random_shuffle(seed=train_cfg.seed)
+    init_ray()
+    # Shuffled here once, then per epoch by each worker's local shuffle buffer: a global random_shuffle
+    # would need Ray Data tasks, which wait forever for a CPU when the training workers hold them all.
+    order = np.random.default_rng(train_cfg.seed).permutation(len(data.inputs))
+    dataset = ray.data.from_items([{"inputs": data.inputs[i], "targets": data.targets[i]} for i in order])
     target_counts = np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1)
     loop_config = {
         "model": model_cfg.to_dict(),

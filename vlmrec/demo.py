@@ -3,7 +3,10 @@
     vlmrec demo                                                  # the built-in sample data
     vlmrec demo --format movielens --data ../shared/data/movielens-small --workdir .vlmrec/movielens
 
-Each stage is the same module function its own subcommand runs; the demo only chains them.
+ingest -> embed -> features -> train (Ray Train + DeepSpeed) -> evaluate -> index (Qdrant Edge) -> start the
+Producer (Ray Serve on 127.0.0.1) -> push one click -> query three users over HTTP -> print their recent
+clicks and candidates with titles, scores and latency -> shut down. Each stage is the same module function
+its own subcommand runs; the demo only chains them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from vlmrec import embed, features, ingest
+from vlmrec.workspace import Workspace
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default="minilm", help="minilm | siglip | jina-clip-v2")
     parser.add_argument("--teacher-path", default=None)
     parser.add_argument("--online-store", choices=["sqlite", "redis"], default="sqlite")
+    parser.add_argument(
+        "--epochs", type=int, default=15, help="student training epochs (early stopping may end sooner)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="the Producer's port on 127.0.0.1")
+    parser.add_argument("--users", type=int, default=3, help="how many users to query at the end")
 
 
 def _stage(name: str, fn: Callable[[], object]) -> object:
@@ -30,6 +41,81 @@ def _stage(name: str, fn: Callable[[], object]) -> object:
     out = fn()
     print(f"--- {name}: {time.perf_counter() - t0:.1f}s", flush=True)
     return out
+
+
+def _train(workdir: Path, epochs: int, max_len: int):
+    from training import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--workdir", str(workdir), "--name", "student", "--epochs", str(epochs)])
+    args.max_len = min(args.max_len, max_len)
+    return train.run(args)
+
+
+def _evaluate(workdir: Path):
+    from training import evaluate
+
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return evaluate.run(parser.parse_args(["--workdir", str(workdir), "--runs", "student", "--name", "demo"]))
+
+
+def _index(workdir: Path):
+    from index import cli as index_cli
+
+    parser = argparse.ArgumentParser()
+    index_cli.add_arguments(parser)
+    vectors = Workspace(workdir).runs / "student" / "export" / "item_vectors.parquet"
+    return index_cli.run(parser.parse_args(["build", "--workdir", str(workdir), "--vectors", str(vectors)]))
+
+
+def _serve_and_query(workdir: Path, port: int, n_users: int) -> dict:
+    import httpx
+
+    from serving import cli as serving_cli
+    from serving.config import ProducerConfig
+
+    ws = Workspace(workdir)
+    titles = pq.read_table(ws.items, columns=["item_id", "title"]).to_pandas().set_index("item_id")["title"]
+    events = pq.read_table(ws.events, columns=["user_id", "item_id"]).to_pandas()
+    users = events["user_id"].value_counts().index[:n_users].tolist()
+    base = serving_cli.start(ProducerConfig(workdir=str(workdir)), port=port)
+    report: dict = {"url": base, "users": {}}
+    try:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            ready = http.get("/readyz")
+            print(f"Producer at {base}: /readyz {ready.status_code}")
+            clicked = int(events[events.user_id == users[0]]["item_id"].iloc[0])
+            t0 = time.perf_counter()
+            pushed = http.post("/v1/events", json={"user_id": int(users[0]), "item_id": clicked})
+            print(
+                f"pushed a click: user {users[0]} -> item {clicked} ({titles.get(clicked, '?')}): "
+                f"HTTP {pushed.status_code} in {1000 * (time.perf_counter() - t0):.0f} ms"
+            )
+            for user in users:
+                t0 = time.perf_counter()
+                resp = http.post("/v1/candidates", json={"user_id": int(user), "k": 10})
+                ms = 1000 * (time.perf_counter() - t0)
+                body = resp.json()
+                store = features.open_store(ws)
+                recent = features.online_sequences(store, [int(user)])[int(user)][-5:]
+                print(
+                    f"\nuser {user}: HTTP {resp.status_code} in {ms:.0f} ms (server stages {body.get('timings_ms')})"
+                )
+                print("  recent clicks: " + "; ".join(str(titles.get(i, i)) for i in recent))
+                for c in body.get("candidates", [])[:10]:
+                    print(f"  {c['rank']:>3}. {c['score']:.3f}  {titles.get(c['item_id'], c['item_id'])}")
+                if body.get("fallback") or body.get("warnings"):
+                    print(f"  fallback: {body.get('fallback')}  warnings: {body.get('warnings')}")
+                report["users"][int(user)] = {
+                    "status": resp.status_code,
+                    "ms": ms,
+                    "n": len(body.get("candidates", [])),
+                }
+    finally:
+        serving_cli.stop()
+    return report
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -45,12 +131,18 @@ def run(args: argparse.Namespace) -> dict:
         num_actors=embed.EmbedConfig.num_actors,
     )
     feature_args = argparse.Namespace(workdir=workdir, online_store=args.online_store)
+    t0 = time.perf_counter()
     report = {
         "ingest": _stage("ingest", lambda: ingest.run(args)).to_dict(),
         "embed": _stage("embed", lambda: embed.run(embed_args)),
         "features": _stage("features", lambda: features.run(feature_args)),
     }
-    print(f"\ndemo: workspace {workdir.absolute()}")
+    _stage("train", lambda: _train(workdir, args.epochs, args.max_len))
+    _stage("evaluate", lambda: _evaluate(workdir))
+    _stage("index", lambda: _index(workdir))
+    report["serve"] = _stage("serve + query", lambda: _serve_and_query(workdir, args.port, args.users))
+    print(f"\ndemo: done in {time.perf_counter() - t0:.0f}s; workspace {workdir.absolute()}")
+    print(f"serve it again with: vlmrec serve --workdir {workdir}")
     return report
 
 

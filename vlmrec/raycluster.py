@@ -7,6 +7,8 @@ import os
 
 
 def init_ray(num_cpus: int | None = None) -> None:
+    """num_cpus (local only): logical CPUs; default max(cores, 3) so 2 training workers leave one for
+    Ray Data and the driver's actors on a 2-core machine."""
     import ray
 
     if ray.is_initialized():
@@ -15,4 +17,5 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        cpus = num_cpus or max(os.cpu_count() or 1, 3)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
