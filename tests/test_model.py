@@ -1,0 +1,223 @@
+"""SeqRec, its input building and its losses on tiny synthetic data (seconds, no shared data)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import NTXentLoss
+
+from training.config import LossConfig, ModelConfig, TrainConfig
+from training.data import ItemTable, build_input, build_inputs, iterate_batches, make_examples, target_counts
+from training.losses import SeqRecLoss, distillation_loss, full_softmax_ce, sampled_softmax_loss
+from training.model import SeqRec, fit_whitening
+
+N, D = 24, 12  # items, teacher dim
+SPACES = [("frozen", False), ("whitened", False), ("adapter", False), ("adapter", True), ("id", False)]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+def teacher_matrix(seed: int = 0) -> np.ndarray:
+    t = np.random.default_rng(seed).normal(size=(N, D)).astype(np.float32)
+    return ItemTable(np.arange(100, 100 + N), t / np.linalg.norm(t, axis=1, keepdims=True)).teacher_matrix()
+
+
+def make_model(space: str, hybrid: bool = False, **kw) -> SeqRec:
+    cfg = ModelConfig(
+        n_items=N, teacher_dim=0 if space == "id" else D, item_space=space, use_id_embedding=hybrid,
+        d_model=16, n_heads=2, max_len=8, **kw,
+    )  # fmt: skip
+    return SeqRec(cfg, None if space == "id" else teacher_matrix())
+
+
+@pytest.mark.parametrize("space,hybrid", SPACES)
+def test_causal_and_padding_invariant(space, hybrid):
+    model = make_model(space, hybrid).eval()
+    seq = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2]])
+    changed = seq.clone()
+    changed[0, -1] = 11
+    a, b = model.encode(seq), model.encode(changed)
+    torch.testing.assert_close(a[:, :-1], b[:, :-1])  # a later click does not change earlier outputs
+    assert not torch.allclose(a[:, -1], b[:, -1])
+    assert torch.all(a[0, :2] == 0)  # padding outputs are zero
+    trimmed = model.encode(seq[:, 2:])  # less left padding, same clicks
+    torch.testing.assert_close(trimmed, a[:, 2:], rtol=1e-5, atol=1e-5)
+    batch = torch.tensor(
+        [[0, 0, 0, 0, 0, 0, 9, 4], [0, 0, 3, 7, 1, 9, 4, 2]]
+    )  # different padding in one batch
+    torch.testing.assert_close(model.user_vector(batch)[1], a[0, -1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        model.user_vector(batch)[0], model.user_vector(torch.tensor([[9, 4]]))[0], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("space,hybrid", SPACES)
+def test_save_load_identical(space, hybrid, tmp_path):
+    model = make_model(space, hybrid)
+    with torch.no_grad():  # move every parameter off its initial value, zero-initialised ones included
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = SeqRec.from_pretrained(tmp_path)
+    assert loaded.cfg == model.cfg
+    assert json.loads((tmp_path / "config.json").read_text())["model"]["item_space"] == space
+    seq = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2], [0, 0, 0, 0, 0, 0, 0, 5]])
+    torch.testing.assert_close(loaded.encode(seq), model.encode(seq), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.item_vectors(), model.item_vectors(), rtol=0, atol=0)
+    assert torch.equal(loaded.item_ids, model.item_ids)
+
+
+def test_configs_round_trip_json():
+    for cfg in (ModelConfig(n_items=5, teacher_dim=3, item_space="whitened"), LossConfig(), TrainConfig()):
+        assert type(cfg).from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert ModelConfig(n_items=5, teacher_dim=3).out_dim == 3
+    assert ModelConfig(n_items=5, item_space="id", d_model=8).out_dim == 8
+    with pytest.raises(ValueError):
+        ModelConfig(n_items=5, item_space="adapter")  # a content space needs teacher_dim
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({"n_items": 5, "item_space": "id", "colour": 1})
+
+
+def successor_examples():
+    """A learnable task: the next item is always the current one + 1 (mod N)."""
+    seqs = [np.array([(s + k) % N + 1 for k in range(10)]) for s in range(N)]
+    return make_examples(seqs, max_len=8)
+
+
+@pytest.mark.parametrize(
+    "space,hybrid,loss_cfg",
+    [(s, h, LossConfig(n_sampled_negatives=8)) for s, h in SPACES]
+    + [
+        ("id", False, LossConfig(id_loss="bce")),
+        ("id", False, LossConfig(id_loss="sampled", n_sampled_negatives=8)),
+    ]
+    + [("whitened", False, LossConfig(distill_weight=0.0, logq_correction=False, n_sampled_negatives=-1))],
+)
+def test_every_space_learns(space, hybrid, loss_cfg):
+    examples = successor_examples()
+    model = make_model(space, hybrid, dropout=0.0)
+    criterion = SeqRecLoss(loss_cfg, model.cfg, target_counts(examples, N))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(15):
+        for x, y in iterate_batches(examples, 8, rng):
+            x, y = torch.as_tensor(x), torch.as_tensor(y)
+            cand = criterion.sample_candidates(y)
+            loss, parts = criterion(model(x, y, cand), y, cand)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3])
+
+
+def test_new_items_get_vectors_from_teacher_alone():
+    model = make_model("adapter", hybrid=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    new = F.normalize(torch.randn(5, D), dim=-1)  # items that are not in the vocabulary
+    v = model.item_vectors_for(new)
+    assert v.shape == (5, D)
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(v, F.normalize(new + model.adapter(new), dim=-1))  # no id part for new items
+    known = model.item_vectors()[3]
+    torch.testing.assert_close(model.item_vectors_for(model.teacher[3:4], torch.tensor([3]))[0], known)
+    assert not torch.allclose(model.item_vectors_for(model.teacher[3:4])[0], known)  # the id part matters
+    with pytest.raises(ValueError):
+        make_model("id").item_vectors_for(new)
+
+
+def test_whitening_gives_identity_covariance():
+    x = torch.randn(500, 6) @ torch.randn(6, 6) + 3.0
+    mean, w = fit_whitening(x, eps=0.0)
+    z = (F.normalize(x, dim=-1) - mean) @ w
+    torch.testing.assert_close(torch.cov(z.T), torch.eye(6), atol=1e-3, rtol=0)
+
+
+def test_build_input_maps_truncates_pads():
+    table = ItemTable(np.array([10, 20, 30, 40]))  # indices 1..4
+    out = build_input([20, 99, 30], table, max_len=4)
+    assert out.ids.tolist() == [0, 0, 2, 3] and out.unknown.tolist() == [99]
+    out = build_input([10, 20, 30, 77, 40, 10], table, max_len=3)  # unknowns dropped first, then the last 3
+    assert out.ids.tolist() == [3, 4, 1] and out.unknown.tolist() == [77]
+    assert build_input([], table, 3).ids.tolist() == [0, 0, 0]
+    seqs = [[20, 99, 30], [10, 20, 30, 77, 40, 10], [], [55]]
+    batch = build_inputs(seqs, table, 3)
+    assert batch.ids.tolist() == [[0, 2, 3], [3, 4, 1], [0, 0, 0], [0, 0, 0]]
+    assert batch.n_unknown.tolist() == [1, 1, 0, 1]
+    as_dict = {10: 1, 20: 2, 30: 3, 40: 4}
+    dense = np.zeros(50, np.int64)
+    dense[[10, 20, 30, 40]] = [1, 2, 3, 4]
+    for id_map in (as_dict, dense):
+        assert np.array_equal(build_inputs(seqs, id_map, 3).ids, batch.ids)
+    for s, row in zip(seqs, batch.ids, strict=True):  # one function: the single and batch paths agree
+        assert np.array_equal(build_input(s, table, 3).ids, row)
+
+
+def test_make_examples_windows():
+    s = np.arange(1, 8)  # 7 clicks -> 6 targets
+    last = make_examples([s], max_len=4)
+    assert last.inputs.tolist() == [[3, 4, 5, 6]] and last.targets.tolist() == [[4, 5, 6, 7]]
+    every = make_examples([s, np.array([5])], max_len=4, windows="all")
+    assert every.inputs.tolist() == [[3, 4, 5, 6], [0, 0, 1, 2]]
+    assert every.targets.tolist() == [[4, 5, 6, 7], [0, 0, 2, 3]]
+    assert target_counts(every, 7).tolist() == [0, 0, 1, 1, 1, 1, 1, 1]
+
+
+def test_distillation_zero_at_target():
+    x = torch.randn(4, 6)
+    assert distillation_loss(x, x).abs() < 1e-6
+    assert distillation_loss(x, -x).item() == pytest.approx(2.0)
+
+
+def test_full_softmax_ce_matches_cross_entropy():
+    users = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    table = torch.tensor([[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # row 0 = padding, never a class
+    targets = torch.tensor([1, 3])
+    expected = F.cross_entropy(torch.tensor([[1.0, 0.0, 1.0], [0.0, 2.0, 2.0]]), targets - 1)
+    torch.testing.assert_close(full_softmax_ce(users, table, targets), expected)
+    by_hand = -(np.log(np.e / (2 * np.e + 1)) + np.log(np.e**2 / (2 * np.e**2 + 1))) / 2
+    assert full_softmax_ce(users, table, targets).item() == pytest.approx(by_hand, rel=1e-6)
+
+
+def test_sampled_softmax_is_pml_ntxent_without_logq():
+    users, items = torch.randn(6, 5), torch.randn(4, 5)
+    labels = torch.tensor([0, 1, 2, 3, 1, 0])
+    ours = sampled_softmax_loss(users, items[labels], labels, items, torch.arange(4), temperature=0.1)
+    pml = NTXentLoss(temperature=0.1)(users, labels, ref_emb=items, ref_labels=torch.arange(4))
+    torch.testing.assert_close(ours, pml)
+
+
+def test_logq_correction_direction():
+    users = F.normalize(torch.randn(3, 4), dim=-1)
+    pos, neg = users.clone(), F.normalize(torch.randn(5, 4), dim=-1)
+    pos_items, neg_items = torch.tensor([1, 2, 3]), torch.tensor([10, 11, 12, 13, 14])
+
+    def loss(pos_q, neg_q):
+        return sampled_softmax_loss(
+            users, pos, pos_items, neg, neg_items, 0.5, torch.full((3,), pos_q), torch.full((5,), neg_q)
+        )
+
+    plain = sampled_softmax_loss(users, pos, pos_items, neg, neg_items, 0.5)
+    assert loss(-1.0, -1.0).item() == pytest.approx(plain.item(), rel=1e-6)  # a shared offset changes nothing
+    # popular negatives are over-sampled: correcting for them makes them count less, the loss falls ...
+    assert loss(np.log(0.001), np.log(0.5)) < plain
+    # ... and a popular positive gets less credit, the loss rises
+    assert loss(np.log(0.5), np.log(0.001)) > plain
+    counts = np.array([0, 100, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
+    cfg = ModelConfig(n_items=14, teacher_dim=4)
+    criterion = SeqRecLoss(LossConfig(n_sampled_negatives=4), cfg, counts)
+    q = criterion.log_q(torch.tensor([1, 2]), n_positions=10)
+    assert q[0] > q[1]  # the popular item is expected more often among the negatives

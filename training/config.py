@@ -1,0 +1,145 @@
+"""Configs for the student: one small frozen dataclass per component, defaults in code with their reason.
+
+Every config round-trips through JSON (`to_dict` / `from_dict`), so a checkpoint carries the config that
+rebuilds it. `add_arguments` / `from_args` build CLI flags from the fields (benchmarks, drivers).
+
+    cfg = ModelConfig(n_items=9742, teacher_dim=384, item_space="adapter")
+    ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Literal, Self, get_args
+
+ItemSpace = Literal["frozen", "whitened", "adapter", "id"]
+IdLoss = Literal["ce", "sampled", "bce"]
+
+
+class _Config:
+    """JSON round-trip and CLI flags, shared by the config dataclasses below."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "", **defaults: Any) -> None:
+        """Add one `--{prefix}{field}` flag per field; `defaults` override the dataclass defaults."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            flag = "--" + (prefix + f.name).replace("_", "-")
+            default = defaults.get(f.name, f.default)
+            required = default is dataclasses.MISSING
+            kwargs: dict[str, Any] = {"dest": prefix + f.name, "required": required}
+            if not required:
+                kwargs["default"] = default
+            hint = hints[f.name]
+            if typing.get_origin(hint) is Literal:
+                parser.add_argument(flag, choices=get_args(hint), **kwargs)
+            elif hint is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                parser.add_argument(flag, type=hint, **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, prefix: str = "", **override: Any) -> Self:
+        values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)}
+        return cls(**{**values, **override})
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Config):
+    """The student's shape. Indices 1..n_items are the training vocabulary; 0 is padding.
+
+    item_space is the space user vectors are compared in (and the index holds):
+      frozen    the teacher vectors themselves (L2-normalised)
+      whitened  teacher vectors centred and ZCA-whitened with statistics of the training items, L2-normalised
+      adapter   teacher + a small residual MLP of it, L2-normalised (works for any teacher vector)
+      id        the behavioural SASRec baseline: one id embedding table, input and output, dot product
+    """
+
+    n_items: int  # number of items in the training vocabulary (tables have n_items + 1 rows, row 0 = padding)
+    teacher_dim: int = 0  # teacher vector size; 0 only for item_space="id"
+    item_space: ItemSpace = "adapter"  # learned over frozen content beats raw frozen spaces (RESEARCH.md)
+    use_id_embedding: bool = False  # hybrid: add learned id vectors for training items (new items get none)
+    d_model: int = 64  # SASRec's 50-64 is enough at these catalogue sizes
+    n_blocks: int = 2  # SASRec paper: 2 blocks
+    n_heads: int = 1  # SASRec paper: one head is enough
+    max_len: int = 50  # SASRec on Amazon: 50; ML-1M uses 200
+    dropout: float = 0.2  # 0.2 dense data (ML), 0.5 sparse (Amazon) in the paper
+    norm_first: bool = True  # pre-LN blocks, pmixer/SASRec.pytorch's default; False = post-LN
+    adapter_hidden: int = 256  # hidden width of the adapter MLP
+    whiten_eps: float = 1e-3  # added to covariance eigenvalues, relative to their mean: bounds noise gain
+
+    def __post_init__(self) -> None:
+        if self.item_space not in get_args(ItemSpace):
+            raise ValueError(f"item_space must be one of {get_args(ItemSpace)}, got {self.item_space!r}")
+        if self.item_space != "id" and self.teacher_dim <= 0:
+            raise ValueError(f"item_space={self.item_space!r} needs teacher_dim > 0")
+        if self.item_space == "id" and self.use_id_embedding:
+            raise ValueError(
+                "use_id_embedding is the hybrid of a content space; item_space='id' is ids already"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.n_items < 1 or self.max_len < 1:
+            raise ValueError("n_items and max_len must be positive")
+
+    @property
+    def is_content(self) -> bool:
+        return self.item_space != "id"
+
+    @property
+    def out_dim(self) -> int:
+        """Dimension of user and item vectors (what the index holds)."""
+        return self.d_model if self.item_space == "id" else self.teacher_dim
+
+
+@dataclass(frozen=True)
+class LossConfig(_Config):
+    """Loss weights and negatives. Content spaces: distillation + corrected sampled softmax; id: id_loss.
+
+    Ablations are configs: distill only (contrastive_weight=0), contrastive only (distill_weight=0),
+    no logQ (logq_correction=False), sampled only (in_batch_negatives=False), full softmax over the
+    training vocabulary (n_sampled_negatives=-1).
+    """
+
+    distill_weight: float = 1.0  # 1 - cos to the next item's content vector
+    contrastive_weight: float = 1.0  # retrieval needs ranking against other items, not only closeness
+    temperature: float = 0.05  # cosine logits / t; 0.05-0.1 is the usual range for normalised vectors
+    in_batch_negatives: bool = True  # the batch's other targets: popular, hard, free
+    n_sampled_negatives: int = 1024  # uniform from the vocabulary, shared by the batch; -1 = all items
+    logq_correction: bool = True  # PinnerFormer: Recall@10 0.229 -> 0.138 without it
+    id_loss: IdLoss = "ce"  # item_space="id": full softmax beats BCE with one negative (gSASRec, RecSys'23);
+    # "sampled" = the same softmax over the negatives above (cheap for big catalogues)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+        if self.id_loss not in get_args(IdLoss):
+            raise ValueError(f"id_loss must be one of {get_args(IdLoss)}")
+        if self.n_sampled_negatives < -1:
+            raise ValueError("n_sampled_negatives is -1 (all items), 0 or a count")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """The loop's settings (the Ray Train / DeepSpeed driver reads the same)."""
+
+    epochs: int = 200  # an upper bound: early stopping ends runs
+    batch_size: int = 128  # SASRec paper
+    lr: float = 1e-3  # SASRec paper (Adam, betas 0.9/0.98)
+    weight_decay: float = 0.0  # SASRec paper: no l2 on embeddings
+    patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
+    seed: int = 0

@@ -1,0 +1,282 @@
+"""SeqRec: the one student model. A SASRec encoder over a user's clicks whose output lives in an item space.
+
+    model = SeqRec(ModelConfig(n_items=n, teacher_dim=D, item_space="adapter"), teacher=table.teacher_matrix())
+    users = model.user_vector(torch.as_tensor(build_inputs(seqs, table, 50).ids))   # (B, D), L2-normalised
+    items = model.item_vectors()                    # (n + 1, D), row 0 = padding (zero): what the index holds
+    new = model.item_vectors_for(teacher_of_new)    # (m, D) for items outside the training vocabulary
+    model.save_pretrained("runs/x/model"); SeqRec.from_pretrained("runs/x/model")
+
+Encoder (as SASRec / pmixer's SASRec.pytorch): item input embedding x sqrt(d) + learned position, dropout,
+n causal self-attention blocks (pre-LN by default), final LayerNorm, a head to out_dim. Positions count from
+the END of the sequence (last click = 1), and padding is masked as keys and zeroed as outputs, so the
+output for a sequence does not depend on how much left padding it has (batches may be trimmed).
+
+Item spaces (ModelConfig.item_space): content spaces compare L2-normalised user and item vectors (cosine);
+"id" is the behavioural SASRec with a shared input/output id embedding and dot-product scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from training.config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class SeqRecOutput(NamedTuple):
+    """What one forward pass returns; the losses are pure functions of it (DeepSpeed-friendly)."""
+
+    states: Tensor  # (B, T, out_dim) every position; L2-normalised in content spaces; 0 at padding
+    target_vectors: Tensor | None  # (P, out_dim) item vectors of targets[targets > 0] (row-major order)
+    distill_targets: Tensor | None  # (P, out_dim) fixed content vectors of the same targets (content spaces)
+    candidate_vectors: Tensor | None  # (C, out_dim) item vectors of `candidates`
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        B, T, D = x.shape  # (B, T, D); allowed (B, 1, T, T) True = may attend
+        q, k, v = (
+            self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        )  # (B, H, T, Dh)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+
+
+class Block(nn.Module):
+    """One SASRec block: self-attention and a point-wise feed-forward, each with residual and LayerNorm.
+    Dropout as in the paper: on attention weights and inside the feed-forward, none on the attention output."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.norm_first = cfg.norm_first
+        self.attn_norm = nn.LayerNorm(d, eps=1e-8)
+        self.attn = CausalSelfAttention(d, cfg.n_heads, cfg.dropout)
+        self.ffn_norm = nn.LayerNorm(d, eps=1e-8)
+        self.ffn = nn.Sequential(
+            nn.Linear(d, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.Dropout(cfg.dropout)
+        )
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        if self.norm_first:
+            x = x + self.attn(self.attn_norm(x), allowed)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x, allowed))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class SeqRec(nn.Module):
+    """SASRec student. `teacher` (n_items + 1, D) aligned with indices (row 0 padding) is required for content
+    spaces; `item_ids` (n_items + 1,) raw ids of the indices travel with the checkpoint (row 0 = -1)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        teacher: Tensor | np.ndarray | None = None,
+        item_ids: Tensor | np.ndarray | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.n_items + 1, cfg.d_model
+        ids = (
+            torch.cat([torch.tensor([-1]), torch.arange(1, n)])
+            if item_ids is None
+            else torch.as_tensor(item_ids)
+        )
+        if ids.shape != (n,):
+            raise ValueError(f"item_ids must have shape ({n},), got {tuple(ids.shape)}")
+        self.register_buffer("item_ids", ids.to(torch.int64))  # (n + 1,)
+
+        self.pos_emb = nn.Embedding(cfg.max_len + 1, d, padding_idx=0)  # position 1 = the last click
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.final_norm = nn.LayerNorm(d, eps=1e-8)
+
+        if cfg.item_space == "id":
+            if teacher is not None:
+                raise ValueError("item_space='id' takes no teacher vectors")
+            self.id_emb = nn.Embedding(n, d, padding_idx=0)  # input and output (SASRec shares them)
+            self.head = nn.Identity()
+        else:
+            if teacher is None:
+                raise ValueError(f"item_space={cfg.item_space!r} needs the teacher matrix")
+            teacher = torch.as_tensor(teacher, dtype=torch.float32)
+            if teacher.shape != (n, cfg.teacher_dim):
+                raise ValueError(
+                    f"teacher must be ({n}, {cfg.teacher_dim}) with row 0 = padding, got {tuple(teacher.shape)}"
+                )
+            teacher = teacher.clone()
+            teacher[0] = 0.0
+            self.register_buffer("teacher", teacher)  # (n + 1, D)
+            if cfg.item_space == "whitened":
+                mean, matrix = fit_whitening(teacher[1:], cfg.whiten_eps)
+                self.register_buffer("white_mean", mean)  # (D,)
+                self.register_buffer("white_matrix", matrix)  # (D, D)
+            if cfg.item_space == "adapter":
+                self.adapter = nn.Sequential(
+                    nn.Linear(cfg.teacher_dim, cfg.adapter_hidden),
+                    nn.GELU(),
+                    nn.Linear(cfg.adapter_hidden, cfg.teacher_dim),
+                )
+            self.in_proj = nn.Linear(cfg.teacher_dim, d)
+            self.head = nn.Linear(d, cfg.out_dim)
+            if cfg.use_id_embedding:
+                self.id_in = nn.Embedding(n, d, padding_idx=0)  # hybrid: learned id part of the input
+                self.id_out = nn.Embedding(n, cfg.out_dim, padding_idx=0)  # and of the item vector
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # pmixer/SASRec.pytorch: xavier-normal for every matrix; it matters for the id baseline.
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_normal_(p)
+        with torch.no_grad():
+            self.pos_emb.weight[0] = 0.0
+            if self.cfg.item_space == "id":
+                self.id_emb.weight[0] = 0.0
+            if self.cfg.item_space == "adapter":  # starts as the identity: the frozen teacher space
+                nn.init.zeros_(self.adapter[-1].weight)
+                nn.init.zeros_(self.adapter[-1].bias)
+            if self.cfg.use_id_embedding:  # the hybrid starts as the pure content model
+                nn.init.zeros_(self.id_in.weight)
+                nn.init.zeros_(self.id_out.weight)
+
+    # ---- item space ----------------------------------------------------------------------------------
+
+    def content_vectors(self, teacher_vectors: Tensor) -> Tensor:
+        """Fixed (unlearned) content vectors: the input to the encoder and the distillation target.
+        frozen/adapter: the normalised teacher vector; whitened: the normalised whitened one. (..., D)"""
+        v = F.normalize(teacher_vectors, dim=-1)
+        if self.cfg.item_space == "whitened":
+            v = F.normalize((v - self.white_mean) @ self.white_matrix, dim=-1)
+        return v
+
+    def item_vectors_for(self, teacher_vectors: Tensor, index: Tensor | None = None) -> Tensor:
+        """Item vectors from teacher vectors alone (any item, also new ones). (..., D) -> (..., out_dim).
+        `index` (...,) adds the hybrid's id part for training items (0 = none)."""
+        if self.cfg.item_space == "id":
+            raise ValueError("item_space='id' has no content: items outside the vocabulary get no vector")
+        v = self.content_vectors(teacher_vectors)
+        if self.cfg.item_space == "adapter":
+            v = v + self.adapter(v)
+        if self.cfg.use_id_embedding and index is not None:
+            v = v + self.id_out(index)
+        return F.normalize(v, dim=-1)
+
+    def item_vectors_at(self, index: Tensor) -> Tensor:
+        """Item vectors of training-vocabulary indices. (...,) -> (..., out_dim)"""
+        if self.cfg.item_space == "id":
+            return self.id_emb(index)
+        return self.item_vectors_for(self.teacher[index], index)
+
+    def item_vectors(self, teacher: Tensor | None = None) -> Tensor:
+        """None: the training vocabulary's vectors, (n_items + 1, out_dim), row 0 (padding) zero.
+        A teacher matrix (m, D): `item_vectors_for` it (no id part)."""
+        if teacher is not None:
+            return self.item_vectors_for(teacher)
+        index = torch.arange(self.cfg.n_items + 1, device=self.item_ids.device)
+        v = self.item_vectors_at(index)
+        return torch.cat([torch.zeros_like(v[:1]), v[1:]])
+
+    # ---- encoder -------------------------------------------------------------------------------------
+
+    def _embed(self, seq: Tensor) -> Tensor:
+        if self.cfg.item_space == "id":
+            x = self.id_emb(seq)  # (B, T, d)
+        else:
+            x = self.in_proj(self.content_vectors(self.teacher[seq]))  # (B, T, d)
+            if self.cfg.use_id_embedding:
+                x = x + self.id_in(seq)
+        return x * math.sqrt(self.cfg.d_model)
+
+    def encode(self, seq: Tensor) -> Tensor:
+        """(B, T) left-padded indices, T <= max_len -> (B, T, out_dim) the prediction at every position."""
+        B, T = seq.shape
+        if T > self.cfg.max_len:
+            raise ValueError(
+                f"sequence length {T} > max_len {self.cfg.max_len}: build inputs with build_inputs"
+            )
+        real = seq > 0  # (B, T)
+        pos = real.flip(1).cumsum(1).flip(1) * real  # (B, T) last click = 1, padding = 0
+        x = self.emb_dropout(self._embed(seq) + self.pos_emb(pos)) * real.unsqueeze(-1)  # (B, T, d)
+        causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()  # (T, T)
+        eye = torch.eye(T, dtype=torch.bool, device=seq.device)
+        allowed = (causal & (real.unsqueeze(1) | eye)).unsqueeze(1)  # (B, 1, T, T) padding attends to itself
+        for block in self.blocks:
+            x = block(x, allowed) * real.unsqueeze(-1)  # (B, T, d)
+        h = self.head(self.final_norm(x))  # (B, T, out_dim)
+        if self.cfg.is_content:
+            h = F.normalize(h, dim=-1)
+        return h * real.unsqueeze(-1)
+
+    def user_vector(self, seq: Tensor) -> Tensor:
+        """(B, T) -> (B, out_dim) the prediction after the last click. An all-padding row gives 0."""
+        return self.encode(seq)[:, -1]
+
+    def forward(
+        self, seq: Tensor, targets: Tensor | None = None, candidates: Tensor | None = None
+    ) -> SeqRecOutput:
+        """seq (B, T); targets (B, T) next items (0 = none); candidates (C,) indices to score against."""
+        states = self.encode(seq)  # (B, T, out_dim)
+        target_vectors = distill = cand = None
+        if targets is not None:
+            t = targets[targets > 0]  # (P,)
+            target_vectors = self.item_vectors_at(t)  # (P, out_dim)
+            if self.cfg.is_content:
+                distill = self.content_vectors(self.teacher[t])  # (P, D)
+        if candidates is not None:
+            cand = self.item_vectors_at(candidates)  # (C, out_dim)
+        return SeqRecOutput(states, target_vectors, distill, cand)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write model.safetensors (weights and buffers: teacher, whitening, raw item ids) + config.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path / WEIGHTS_FILE))
+        (path / CONFIG_FILE).write_text(json.dumps({"model": self.cfg.to_dict()}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> SeqRec:
+        """Rebuild a saved model from its own config and tensors, in eval mode."""
+        path = Path(path)
+        cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
+        state = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        model = cls(cfg, teacher=state.get("teacher"), item_ids=state["item_ids"])
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+
+def fit_whitening(x: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """ZCA whitening of rows x (n, D): mean (D,) and W (D, D) with (x - mean) @ W of identity covariance.
+    eps is added to the eigenvalues relative to their mean, so near-null directions (n < D) stay bounded."""
+    x = F.normalize(x.double(), dim=-1)
+    mean = x.mean(0)
+    cov = (x - mean).T @ (x - mean) / max(len(x) - 1, 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp(min=0)
+    evals = evals + eps * evals.mean() + 1e-12
+    matrix = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
+    return mean.float(), matrix.float()
