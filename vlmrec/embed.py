@@ -82,8 +82,13 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
         raise ValueError(f"{ws.items}: no items to embed")
     init_ray()
     t0 = time.perf_counter()
+    # Blocks cut here in the driver: a Ray Data repartition task would wait forever for a CPU that the
+    # actor pool holds on a small machine.
     n_blocks = max(1, min(len(items) // config.batch_size, 4 * config.num_actors))
-    ds = ray.data.from_pandas(items[["item_id", "title", "text", "image_uri"]]).repartition(n_blocks)
+    columns = items[["item_id", "title", "text", "image_uri"]]
+    ds = ray.data.from_pandas(
+        [columns.iloc[idx] for idx in np.array_split(np.arange(len(columns)), n_blocks)]
+    )
     out = ds.map_batches(
         ItemEmbedder,
         fn_constructor_kwargs={"teacher": config.teacher},
