@@ -24,7 +24,7 @@ def head_node():
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
-    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this cluster's own token, shared with the submitting client
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this cluster's token, shared with the client
     dashboard = free_port()
     cmd = [
         f"{bin_dir}/ray", "start", "--head", "--block", "--num-cpus", "3", "--disable-usage-stats",
