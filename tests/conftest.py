@@ -1,4 +1,4 @@
-"""Shared fixtures: small data made here (never ../shared), a real redis-server on 127.0.0.1, one Ray."""
+"""Shared fixtures: small data made here (never the benchmark data), a real redis-server on 127.0.0.1, one Ray."""
 
 from __future__ import annotations
 
