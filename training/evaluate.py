@@ -26,7 +26,15 @@ import pyarrow.parquet as pq
 import torch
 
 from training.data import ItemTable, build_inputs
-from training.metrics import KS, Queries, leave_one_out, metrics_from_ranks, rank_of_target, temporal_split
+from training.metrics import (
+    KS,
+    Queries,
+    leave_one_out,
+    metrics_from_ranks,
+    rank_of_target,
+    sample_negatives,
+    temporal_split,
+)
 from training.model import SeqRec
 from training.train import load_items
 from vlmrec.workspace import Workspace
@@ -106,8 +114,6 @@ def evaluate_scorer(
     n = data.items.n_items
     ranks = np.zeros(len(data.targets), np.int64)
     rng = np.random.default_rng(seed)
-    from training.metrics import sample_negatives
-
     for a in range(0, len(ranks), chunk):
         hist = data.histories[a : a + chunk]
         s = score(hist)  # (q, n + 1)

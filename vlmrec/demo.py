@@ -80,6 +80,7 @@ def _serve_and_query(workdir: Path, port: int, n_users: int) -> dict:
     titles = pq.read_table(ws.items, columns=["item_id", "title"]).to_pandas().set_index("item_id")["title"]
     events = pq.read_table(ws.events, columns=["user_id", "item_id"]).to_pandas()
     users = events["user_id"].value_counts().index[:n_users].tolist()
+    store = features.open_store(ws)  # for printing each user's recent clicks
     base = serving_cli.start(ProducerConfig(workdir=str(workdir)), port=port)
     report: dict = {"url": base, "users": {}}
     try:
@@ -98,7 +99,6 @@ def _serve_and_query(workdir: Path, port: int, n_users: int) -> dict:
                 resp = http.post("/v1/candidates", json={"user_id": int(user), "k": 10})
                 ms = 1000 * (time.perf_counter() - t0)
                 body = resp.json()
-                store = features.open_store(ws)
                 recent = features.online_sequences(store, [int(user)])[int(user)][-5:]
                 print(
                     f"\nuser {user}: HTTP {resp.status_code} in {ms:.0f} ms (server stages {body.get('timings_ms')})"
