@@ -221,11 +221,13 @@ def train_loop_per_worker(config: dict) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     micro = config["ds"]["train_micro_batch_size_per_gpu"]
+    # The buffer holds the whole shard (examples are a few KB): each epoch is a fresh permutation of it.
+    buffer = max(4 * micro, config["shard_size"])
     while state["epoch"] < train_cfg.epochs and state["bad_epochs"] < train_cfg.patience:
         t0, n_seq, losses = time.perf_counter(), 0, []
         engine.train()
         for batch in shard.iter_torch_batches(
-            batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro
+            batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer
         ):
             x, y = batch["inputs"].to(device), batch["targets"].to(device)  # (B, T)
             width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
@@ -290,8 +292,9 @@ def train(
     prepare_s = time.perf_counter() - t0
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.use_gpu else "cpu")
     init_ray()
-    # Shuffled here once, then per epoch by each worker's local shuffle buffer: a global random_shuffle
-    # would need Ray Data tasks, which wait forever for a CPU when the training workers hold them all.
+    # Shuffled here once, then per epoch by each worker's local shuffle buffer (as large as its shard): a
+    # global random_shuffle would need Ray Data tasks, which wait forever for a CPU when the training
+    # workers hold them all.
     order = np.random.default_rng(train_cfg.seed).permutation(len(data.inputs))
     dataset = ray.data.from_items([{"inputs": data.inputs[i], "targets": data.targets[i]} for i in order])
     target_counts = np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1)
@@ -304,6 +307,7 @@ def train(
         "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
         "item_ids": np.concatenate([[-1], data.items.item_ids]),
         "target_counts": target_counts,
+        "shard_size": -(-len(order) // job.num_workers),
         "valid_inputs": data.valid_inputs,
         "valid_targets": data.valid_targets,
         "valid_users": data.valid_users,

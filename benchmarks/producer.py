@@ -1,0 +1,217 @@
+"""Producer latency, throughput and freshness over HTTP on 127.0.0.1, against a no-op Serve endpoint.
+
+    python benchmarks/producer.py --workdir .vlmrec/ml --run student-adapter --out benchmarks/results/producer.json
+
+The workspace must hold the run's export (benchmarks/movielens.py trains it). The script builds an Edge
+index of the run's item vectors under <workdir>/bench-index/<run> (unless present), starts Ray Serve with
+two applications behind one HTTP proxy: the real Producer (serving.cli.start) and `noop`, a FastAPI
+deployment that validates the same request body and returns a fixed response of k candidates: the
+framework floor (proxy, routing, JSON). Then, for concurrency 1, 8 and 32 (closed loop: each client sends
+its next request when the last one returns), both endpoints get the same requests for random known users,
+k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come from its `timings_ms`.
+Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
+item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
+The load generator runs on the same machine (2 cores here): figures include its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vlmrec.workspace import Workspace
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": len(a)}
+
+
+def noop_app(k: int):
+    """The floor: same route and body validation as the Producer, a constant answer, no work."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    from serving.producer import CandidatesRequest
+
+    api = FastAPI()
+    body = {
+        "producer": "noop",
+        "model_version": "noop",
+        "index_version": "noop",
+        "candidates": [{"item_id": i, "score": 1.0 / (i + 1), "rank": i + 1} for i in range(k)],
+        "fallback": None,
+        "warnings": [],
+    }
+
+    @serve.deployment(max_ongoing_requests=32)
+    @serve.ingress(api)
+    class Noop:
+        @api.post("/v1/candidates")
+        async def candidates(self, request: CandidatesRequest) -> dict:
+            return body
+
+    return Noop.bind()
+
+
+async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, seed: int) -> dict:
+    """Closed-loop load: `concurrency` clients, n requests in all. -> latency percentiles, rps, stage times."""
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    picks = iter(rng.choice(users, size=n).tolist())
+    lat, stages, errors = [], {"feature": [], "model": [], "search": [], "total": []}, 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for user in picks:
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url, json={"user_id": int(user), "k": k})
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            lat.append((time.perf_counter() - t0) * 1000)
+            if not ok:
+                errors += 1
+                continue
+            for stage, ms in (r.json().get("timings_ms") or {}).items():
+                stages[stage].append(ms)
+
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {
+        "latency_ms": percentiles(lat),
+        "requests_per_s": len(lat) / wall,
+        "errors": errors,
+        "stages_ms": {s: percentiles(v) for s, v in stages.items() if v},
+    }
+
+
+async def freshness(base: str, users: np.ndarray, trials: int, k: int) -> dict:
+    """Time from sending a click to the first /v1/candidates answer that no longer offers the clicked item."""
+    import httpx
+
+    out, event_ms, polls = [], [], []
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        for user in users[:trials]:
+            first = (await http.post(f"{base}/v1/candidates", json={"user_id": int(user), "k": k})).json()
+            if first.get("fallback") or not first["candidates"]:
+                continue
+            item = first["candidates"][0]["item_id"]
+            t0 = time.perf_counter()
+            r = await http.post(f"{base}/v1/events", json={"user_id": int(user), "item_id": item})
+            event_ms.append((time.perf_counter() - t0) * 1000)
+            r.raise_for_status()
+            n = 0
+            while True:
+                n += 1
+                got = (await http.post(f"{base}/v1/candidates", json={"user_id": int(user), "k": k})).json()
+                if item not in {c["item_id"] for c in got["candidates"]}:
+                    break
+                if n == 1000:
+                    raise RuntimeError(f"user {user}: the click on {item} never reached the candidates")
+            out.append((time.perf_counter() - t0) * 1000)
+            polls.append(n)
+    return {
+        "event_to_candidates_ms": percentiles(out),
+        "event_post_ms": percentiles(event_ms),
+        "polls": polls,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default=".vlmrec/ml")
+    p.add_argument("--run", default="student-adapter")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--requests", type=int, default=600, help="requests per endpoint and concurrency")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--freshness-trials", type=int, default=30)
+    p.add_argument("--out", default="benchmarks/results/producer.json")
+    args = p.parse_args()
+
+    from ray import serve
+
+    from serving.cli import start, stop
+    from serving.config import ProducerConfig
+
+    ws = Workspace(args.workdir)
+    export = ws.runs / args.run / "export"
+    index_dir = ws.root / "bench-index" / args.run
+    if not (export / "run.json").exists():
+        sys.exit(f"{export} is missing: train the run first (benchmarks/movielens.py)")
+    if not index_dir.exists():
+        vlmrec = str(Path(sys.executable).with_name("vlmrec"))
+        subprocess.run(
+            [
+                vlmrec,
+                "index",
+                "build",
+                "--workdir",
+                args.workdir,
+                "--index-dir",
+                str(index_dir),
+                "--vectors",
+                str(export / "item_vectors.parquet"),
+            ],  # fmt: skip
+            check=True,
+        )
+    users = np.unique(pq.read_table(ws.events, columns=["user_id"]).column(0).to_numpy())
+    base = start(ProducerConfig(workdir=args.workdir, run=args.run, index_dir=str(index_dir)), port=args.port)
+    try:
+        serve.run(noop_app(args.k), name="noop", route_prefix="/noop")
+        targets = {"producer": f"{base}/v1/candidates", "noop": f"{base}/noop/v1/candidates"}
+        for url in targets.values():  # warm-up: connections, lazy imports, first forward
+            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
+        results: dict[str, dict] = {}
+        for c in args.concurrency:
+            for name, url in targets.items():
+                r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c))
+                results.setdefault(f"c{c}", {})[name] = r
+                lat = r["latency_ms"]
+                print(
+                    f"concurrency {c:>2} {name:>8}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
+                    f"{r['requests_per_s']:.0f} req/s, {r['errors']} errors",
+                    flush=True,
+                )
+            prod, noop = results[f"c{c}"]["producer"], results[f"c{c}"]["noop"]
+            results[f"c{c}"]["ratio_p50"] = prod["latency_ms"]["p50"] / noop["latency_ms"]["p50"]
+            results[f"c{c}"]["ratio_rps"] = prod["requests_per_s"] / noop["requests_per_s"]
+        rng = np.random.default_rng(7)
+        fresh = asyncio.run(freshness(base, rng.permutation(users), args.freshness_trials, args.k))
+        print(
+            f"freshness: event -> candidates p50 {fresh['event_to_candidates_ms']['p50']:.1f} ms", flush=True
+        )
+    finally:
+        stop()
+    result = {
+        "command": " ".join(["python", "benchmarks/producer.py", *sys.argv[1:]]),
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "run": args.run,
+        "k": args.k,
+        "requests_per_point": args.requests,
+        "load": results,
+        "freshness": fresh,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
