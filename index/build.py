@@ -556,7 +556,12 @@ def upsert_items(vectors, items, index_dir=None, config: IndexConfig = IndexConf
     Edge: under the version's exclusive lock, append the points to versions/<v>/upserts/ (what running
     replicas replay on refresh()) and then apply them to the version's shard (what new replicas copy).
     Upserts are idempotent, so a replica replaying a log entry its copy already holds is harmless.
-    If a build switches CURRENT meanwhile, the points are applied to the new version too."""
+    If a build switches CURRENT meanwhile, the points are applied to the new version too.
+    A table with no rows is a no-op (0): a scheduled upsert often finds nothing new."""
+    if isinstance(vectors, (str, Path)) and pq.read_metadata(vectors).num_rows == 0:
+        return 0
+    if isinstance(vectors, (pd.DataFrame, pa.Table)) and len(vectors) == 0:
+        return 0
     points = points_table(load_vector_table(vectors), read_items(items))
     if config.backend == "server":
         return _server_upsert(points, config, client)

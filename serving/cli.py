@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index-dir", default=None, help="Edge index folder (default: <workdir>/index)")
     parser.add_argument("--index-backend", choices=BACKENDS, default=d.index_backend)
     parser.add_argument("--index-url", default=None, help="server backend (default: env QDRANT_URL)")
+    parser.add_argument(
+        "--index-alias", default=d.index_alias, help="server backend: the Qdrant alias searched"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
@@ -85,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> ProducerConfig:
         index_dir=args.index_dir,
         index_backend=args.index_backend,
         index_url=url,
+        index_alias=args.index_alias,
         default_k=args.default_k,
     )
 

@@ -27,6 +27,9 @@ class ProducerConfig:
     index_dir: str | None = None  # Edge index folder; None = <workdir>/index
     index_backend: str = "edge"  # "edge" (in-process copy per replica) or "server" (Qdrant at index_url)
     index_url: str | None = None  # server backend: http://qdrant:6333
+    # server backend: the Qdrant alias searched. One alias per served model (`vlmrec index build --alias`), so a
+    # reconfigure swaps model and index together (docs/DEPLOY.md, rolling out a new model).
+    index_alias: str = "items"
     producer: str = "student"  # the name the Mixer sees in responses and metrics
     default_k: int = 100  # candidates when a request gives no k
     max_k: int = API_MAX_K  # the largest k this deployment accepts (<= API_MAX_K)
@@ -48,6 +51,8 @@ class ProducerConfig:
             raise ValueError(f"index_backend must be one of {BACKENDS}, got {self.index_backend!r}")
         if self.index_backend == "server" and not self.index_url:
             raise ValueError("index_backend='server' needs index_url (or QDRANT_URL for `vlmrec serve`)")
+        if not self.index_alias:
+            raise ValueError("index_alias must be a non-empty Qdrant alias name")
         if not 1 <= self.max_k <= API_MAX_K:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:

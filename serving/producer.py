@@ -264,7 +264,12 @@ def index_config(cfg: ProducerConfig) -> IndexConfig:
     """Search settings: IndexConfig's defaults; the server backend's api key comes from this replica's
     environment (QDRANT_API_KEY), never from user_config."""
     if cfg.index_backend == "server":
-        return IndexConfig(backend="server", url=cfg.index_url, api_key=os.environ.get("QDRANT_API_KEY"))
+        return IndexConfig(
+            backend="server",
+            url=cfg.index_url,
+            api_key=os.environ.get("QDRANT_API_KEY"),
+            alias=cfg.index_alias,
+        )
     return IndexConfig()
 
 
