@@ -277,9 +277,11 @@ def test_serve_config_imports_the_producer_and_builds_its_config(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_producer_probes_ports_and_service_agree_with_the_app(overlay):
+    from fastapi.openapi.utils import get_openapi
+
     from serving.producer import api
 
-    routes = set(api.openapi()["paths"])  # the routes the ingress serves
+    routes = set(get_openapi(title="producer", version="0", routes=api.routes)["paths"])  # (app not touched)
     docs = render(overlay)
     service = one(docs, "RayService")
     port = serve_config(service)["http_options"]["port"]

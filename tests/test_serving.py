@@ -436,6 +436,21 @@ def test_cli_defaults_and_the_edge_environment(monkeypatch):
     assert isinstance(build_app({"workdir": "w", "default_k": "7", "search_timeout_s": "0.3"}), Application)
 
 
+def test_server_backend_searches_the_configured_alias(monkeypatch):
+    """One alias per served model (k8s: user_config index_alias), the api key from the environment only."""
+    from index.config import IndexConfig
+    from serving.producer import index_config
+
+    monkeypatch.setenv("QDRANT_API_KEY", "k")
+    cfg = ProducerConfig(index_backend="server", index_url="http://q:6333", index_alias="items-student-2")
+    assert index_config(cfg) == IndexConfig(
+        backend="server", url="http://q:6333", api_key="k", alias="items-student-2"
+    )
+    assert "k" not in cfg.to_dict().values()
+    with pytest.raises(ValueError, match="index_alias"):
+        ProducerConfig(index_alias="")
+
+
 # ---------------------------------------------------------- local testing mode (after every bind: see the top)
 
 
