@@ -31,6 +31,7 @@ MODELS: dict[str, list[str]] = {
     "student-frozen": ["--item-space", "frozen"],
     "student-whitened": ["--item-space", "whitened"],
     "student-hybrid": ["--item-space", "adapter", "--use-id-embedding"],
+    "ablation-trained-negatives": ["--item-space", "adapter", "--negative-pool", "trained"],
     "ablation-distill-only": ["--item-space", "adapter", "--contrastive-weight", "0"],
     "ablation-no-logq": ["--item-space", "adapter", "--no-logq-correction"],
     "ablation-no-distill": ["--item-space", "adapter", "--distill-weight", "0"],

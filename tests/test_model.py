@@ -221,3 +221,22 @@ def test_logq_correction_direction():
     criterion = SeqRecLoss(LossConfig(n_sampled_negatives=4), cfg, counts)
     q = criterion.log_q(torch.tensor([1, 2]), n_positions=10)
     assert q[0] > q[1]  # the popular item is expected more often among the negatives
+
+
+def test_trained_negative_pool_never_samples_unclicked_items():
+    counts = np.array([0, 5, 0, 3, 0, 0, 2, 0, 0, 0, 0])  # items 1, 3, 6 are training targets
+    cfg = ModelConfig(n_items=10, teacher_dim=4)
+    targets = torch.tensor([[0, 1, 3], [0, 0, 6]])
+    trained = SeqRecLoss(LossConfig(n_sampled_negatives=200, negative_pool="trained"), cfg, counts)
+    drawn = trained.sample_candidates(targets, torch.Generator().manual_seed(0))
+    assert set(drawn.tolist()) == {1, 3, 6}
+    catalogue = SeqRecLoss(LossConfig(n_sampled_negatives=200), cfg, counts)
+    assert set(catalogue.sample_candidates(targets, torch.Generator().manual_seed(0)).tolist()) == set(
+        range(1, 11)
+    )
+    # the uniform share of the expected count is spread over the pool: 3 items, not 10
+    no_batch = LossConfig(n_sampled_negatives=30, in_batch_negatives=False, negative_pool="trained")
+    q = SeqRecLoss(no_batch, cfg, counts).log_q(torch.tensor([1, 6]), n_positions=4)
+    torch.testing.assert_close(q, torch.full((2,), float(np.log(10.0))))
+    with pytest.raises(ValueError, match="negative_pool"):
+        LossConfig(negative_pool="popular")

@@ -17,6 +17,7 @@ from typing import Any, Literal, Self, get_args
 
 ItemSpace = Literal["frozen", "whitened", "adapter", "id"]
 IdLoss = Literal["ce", "sampled", "bce"]
+NegativePool = Literal["catalogue", "trained"]
 
 
 class _Config:
@@ -121,6 +122,10 @@ class LossConfig(_Config):
     in_batch_negatives: bool = True  # the batch's other targets: popular, hard, free
     n_sampled_negatives: int = 1024  # uniform from the vocabulary, shared by the batch; -1 = all items
     logq_correction: bool = True  # PinnerFormer: Recall@10 0.229 -> 0.138 without it
+    # Where uniform negatives come from: every vocabulary item, or only items that are training targets
+    # ("trained"): items the window never saw clicked are then never pushed away, so a content space does
+    # not learn to bury new items for looking like the catalogue's unclicked tail.
+    negative_pool: NegativePool = "catalogue"
     id_loss: IdLoss = "ce"  # item_space="id": full softmax beats BCE with one negative (gSASRec, RecSys'23);
     # "sampled" = the same softmax over the negatives above (cheap for big catalogues)
 
@@ -129,6 +134,8 @@ class LossConfig(_Config):
             raise ValueError("temperature must be > 0")
         if self.id_loss not in get_args(IdLoss):
             raise ValueError(f"id_loss must be one of {get_args(IdLoss)}")
+        if self.negative_pool not in get_args(NegativePool):
+            raise ValueError(f"negative_pool must be one of {get_args(NegativePool)}")
         if self.n_sampled_negatives < -1:
             raise ValueError("n_sampled_negatives is -1 (all items), 0 or a count")
 

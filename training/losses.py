@@ -100,12 +100,16 @@ class SeqRecLoss(nn.Module):
             raise ValueError(f"target_counts must have shape ({self.n_items + 1},)")
         counts[0] = 0
         self.register_buffer("popularity", (counts / counts.sum()).float())  # (n + 1,) q of in-batch targets
+        # The uniform negatives' pool (1-based indices): all items, or the training targets only.
+        trained = counts > 1 if target_counts is not None else counts > 0
+        pool = torch.arange(self.n_items + 1)[trained if cfg.negative_pool == "trained" else counts > 0]
+        self.register_buffer("pool", pool if len(pool) else torch.arange(1, self.n_items + 1))
 
     def sample_candidates(self, targets: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The indices whose vectors the loss needs besides the targets: (C,) int64.
         id/ce: all indices; id/bce: one uniform negative per non-pad target (not equal to it);
         content and id/sampled: unique in-batch targets (if enabled), then n_sampled_negatives drawn
-        uniformly (or all indices if -1)."""
+        uniformly from the negative pool (or all indices if -1)."""
         dev = targets.device
         all_items = torch.arange(self.n_items + 1, device=dev)
         if self.item_space == "id" and self.cfg.id_loss != "sampled":
@@ -122,21 +126,21 @@ class SeqRecLoss(nn.Module):
         if self.cfg.in_batch_negatives:
             parts.append(torch.unique(targets[targets > 0]))
         if self.cfg.n_sampled_negatives > 0:
-            parts.append(
-                torch.randint(
-                    1, self.n_items + 1, (self.cfg.n_sampled_negatives,), device=dev, generator=generator
-                )
+            draw = torch.randint(
+                0, len(self.pool), (self.cfg.n_sampled_negatives,), device=dev, generator=generator
             )
+            parts.append(self.pool[draw])
         return torch.cat(parts) if parts else all_items[:0]
 
     def log_q(self, items: Tensor, n_positions: int) -> Tensor:
         """log of the expected number of times `items` appear among a batch's negatives:
-        n_positions * q(item) from in-batch targets + n_sampled / n_items from uniform sampling."""
+        n_positions * q(item) from in-batch targets + n_sampled / |pool| from uniform sampling (items in
+        the pool: every candidate and target is)."""
         expected = torch.zeros(items.shape, device=items.device)
         if self.cfg.in_batch_negatives:
             expected = expected + n_positions * self.popularity[items]
         if self.cfg.n_sampled_negatives > 0:
-            expected = expected + self.cfg.n_sampled_negatives / self.n_items
+            expected = expected + self.cfg.n_sampled_negatives / len(self.pool)
         return expected.log()
 
     def forward(
