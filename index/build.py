@@ -480,14 +480,44 @@ def verify(writer, points: pa.Table, probes: int = 3) -> str:
     return f"count {n} == rows; {len(rows)}/{len(rows)} probes found their own item first"
 
 
+def workspace_teacher_id(ws: Workspace) -> str | None:
+    """The teacher id of the workspace's item embeddings (what new items are embedded with), None if none."""
+    if not ws.embeddings.exists():
+        return None
+    ids = pq.read_table(ws.embeddings, columns=["teacher_id"]).column(0).unique().to_pylist()
+    if len(ids) != 1:
+        raise ValueError(f"{ws.embeddings}: column teacher_id holds {len(ids)} teachers; re-run embed")
+    return str(ids[0])
+
+
+def check_teacher(points: pa.Table, teacher_id: str | None, source: str) -> None:
+    """Refuse vectors of another teacher than the one the caller's other inputs were made with."""
+    got = points.column("teacher_id")[0].as_py()
+    if teacher_id is not None and got != teacher_id:
+        raise ValueError(
+            f"teacher mismatch: column teacher_id: the vectors are from teacher {got!r} but {source} holds "
+            f"{teacher_id!r}; new items would be embedded in another space: retrain on the current "
+            "embeddings (or re-embed with the vectors' teacher) before indexing"
+        )
+
+
 def build_index(
-    vectors, items, index_dir=None, config: IndexConfig = IndexConfig(), *, client=None
+    vectors,
+    items,
+    index_dir=None,
+    config: IndexConfig = IndexConfig(),
+    *,
+    client=None,
+    teacher_id: str | None = None,
+    teacher_source: str = "the workspace's item embeddings",
 ) -> IndexVersion:
     """Build, verify and switch to a new version. vectors: the item vector table (path/DataFrame/Table);
     items: the catalogue (path or DataFrame); index_dir: Edge folder or Workspace (unused for server);
-    client: a QdrantClient for the server backend (else one is made from config.url / config.path)."""
+    client: a QdrantClient for the server backend (else one is made from config.url / config.path);
+    teacher_id: refuse vectors of any other teacher (the CLI passes the workspace's embedding teacher)."""
     t0 = time.perf_counter()
     points = points_table(load_vector_table(vectors), read_items(items))
+    check_teacher(points, teacher_id, teacher_source)
     dim = len(points.column("vector")[0])
     info = VersionInfo(
         version=version_name(points, config),

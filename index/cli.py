@@ -84,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> IndexConfig:
 
 
 def run(args: argparse.Namespace) -> None:
-    from index.build import build_index, upsert_items
+    from index.build import build_index, upsert_items, workspace_teacher_id
 
     config = config_from_args(args)
     ws = Workspace(args.workdir)
@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> None:
     items = args.items or ws.items
     if args.index_command == "build":
         vectors = args.vectors or latest_export(ws)
-        v = build_index(vectors, items, index_dir, config)
+        source = f"{ws.embeddings} (what new items are embedded with)"
+        v = build_index(vectors, items, index_dir, config, teacher_id=workspace_teacher_id(ws), teacher_source=source)
         print(
             f"index build: {v.name} ({v.backend}) {v.count} items, dim {v.dim}, teacher {v.teacher_id}, "
             f"{v.seconds:.1f} s -> {v.location}\n  verify: {v.verify}\n  dropped: {list(v.dropped) or 'none'}"

@@ -373,6 +373,19 @@ class State:
             self.index.close()
 
 
+def check_export_teacher(export: Path, run_info: dict) -> None:
+    """The export's item table must hold the vectors of the teacher its run.json names."""
+    vectors = export / "item_vectors.parquet"
+    if not vectors.exists():
+        return
+    ids = pq.read_table(vectors, columns=["teacher_id"]).column(0).unique().to_pylist()
+    if ids != [run_info.get("teacher_id")]:
+        raise ValueError(
+            f"teacher mismatch: {export / 'run.json'} names teacher {run_info.get('teacher_id')!r} but "
+            f"{vectors} holds vectors of {ids}; re-export the run (vlmrec train) instead of mixing files"
+        )
+
+
 def load_state(config: ProducerConfig) -> State:
     """Load the export (model, run.json, popular.json), open the index and the feature store. Refuses an
     index built from another teacher's vectors, or of another dimension, than the model's."""
@@ -383,6 +396,7 @@ def load_state(config: ProducerConfig) -> State:
             f"--name {config.run}`"
         )
     run_info = json.loads((export / "run.json").read_text())
+    check_export_teacher(export, run_info)
     model = SeqRec.from_pretrained(export / "model")
     where = config.index_url if config.index_backend == "server" else config.index_path
     index = open_index(where, index_config(config))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Self, get_args
@@ -46,6 +47,8 @@ class _Config:
             if not required:
                 kwargs["default"] = default
             hint = hints[f.name]
+            if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: a flag of type X
+                hint = next(a for a in get_args(hint) if a is not type(None))
             if typing.get_origin(hint) is Literal:
                 parser.add_argument(flag, choices=get_args(hint), **kwargs)
             elif hint is bool:

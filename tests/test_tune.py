@@ -1,0 +1,320 @@
+"""Teacher tuning (training/tune_teacher.py) through its real entry point on tiny worlds built here: a tiny
+random BERT (the minilm code path), a tiny random SigLIP, a tiny remote-code CLIP (the jina-clip-v2 code path)
+and a LiT image tower. Plus the loss against a direct computation, pair mining at the cut, QLoRA refused
+without CUDA, and teacher-id mismatches refused by training, indexing and serving."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from training import tune_teacher
+from training.losses import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_T, infonce_pair_loss, sigmoid_pair_loss
+from training.pairs import CO, IMAGE_TITLE, PairConfig, co_engagement_pairs, mine_pairs, pair_labels
+from vlmrec.teacher import TeacherConfig, _weights_digest, load_teacher
+from vlmrec.workspace import Workspace
+
+GROUPS = ["apple", "river", "rocket", "violin"]  # what users click together; each has its own colour
+FILLERS = ["red", "blue", "big", "small", "old", "new"]
+COLOURS = [(220, 40, 40), (40, 60, 220), (40, 200, 60), (230, 200, 40)]
+WORDS = GROUPS + FILLERS + ["genres", "tags"]
+T0 = pd.Timestamp("2024-01-01", tz="UTC")
+
+
+# ---------------------------------------------------------------------------------------------- losses
+
+
+def test_sigmoid_loss_equals_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(4, 5, generator=g), dim=-1)
+    labels = torch.eye(4, dtype=torch.bool)
+    labels[0, 2] = True  # an extra in-batch positive
+    log_t, bias = torch.tensor(0.7, requires_grad=True), torch.tensor(-1.5, requires_grad=True)
+    loss = sigmoid_pair_loss(x, y, log_t, bias, labels)
+    direct = 0.0
+    for i in range(4):
+        for j in range(4):
+            z = 1.0 if labels[i, j] else -1.0
+            logit = math.exp(0.7) * float(x[i] @ y[j]) - 1.5
+            direct += -math.log(1.0 / (1.0 + math.exp(-z * logit)))
+    assert loss.item() == pytest.approx(direct / 4, rel=1e-5)
+    loss.backward()
+    assert log_t.grad is not None and bias.grad is not None  # temperature and bias are learned
+    assert (SIGLIP_INIT_LOG_T, SIGLIP_INIT_BIAS) == (pytest.approx(math.log(10)), -10.0)  # the paper's init
+
+
+def test_infonce_is_the_symmetric_cross_entropy():
+    g = torch.Generator().manual_seed(1)
+    x = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    y = torch.nn.functional.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    logits = x @ y.T / 0.1
+    ce = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, torch.arange(6))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))
+    )
+    assert infonce_pair_loss(x, y, 0.1).item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+
+
+def test_pairs_come_only_from_events_before_the_cut():
+    # 10 events; the cut (0.8) keeps the first 8 by time. Items 90, 91 are clicked only after it.
+    rows = [(1, 10, 0), (1, 11, 60), (1, 12, 120), (2, 20, 30), (2, 21, 90), (2, 22, 50_000), (1, 13, 180)]
+    rows += [(3, 30, 200), (3, 90, 10**6), (3, 91, 10**6 + 60)]
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "ts"])
+    events["event_timestamp"] = T0 + pd.to_timedelta(events.pop("ts"), unit="s")
+    items = pd.DataFrame(
+        {
+            "item_id": [10, 11, 30, 90],
+            "image_uri": ["a.png", None, "c.png", "d.png"],
+            "created_at": [T0, T0, T0, T0 + pd.Timedelta(seconds=10**6)],  # 90 appears after the cut
+        }
+    )
+    cfg = PairConfig(pairs="both", window_s=3600, max_gap=2, valid_fraction=0.1)
+    train, valid, counts = mine_pairs(events, items, cfg)
+    pairs = pd.concat([train, valid])
+    co = pairs[pairs["kind"] == CO]
+    got = sorted(map(tuple, co[["a", "b"]].to_numpy().tolist()))
+    # user 1: 10-11, 10-12, 11-12, 11-13, 12-13 (gap <= 2); user 2: 20-21 (21-22 is 14 h apart, > window)
+    assert got == [(10, 11), (10, 12), (11, 12), (11, 13), (12, 13), (20, 21)]
+    it = pairs[pairs["kind"] == IMAGE_TITLE]
+    assert sorted(it["a"]) == [10, 30] and (it["a"] == it["b"]).all()  # no image: 11; after the cut: 90
+    assert not set(pairs["a"]) & {90, 91} and not set(pairs["b"]) & {90, 91}
+    assert counts["train_events"] == 8 and counts["co_engagement_mined"] == 6
+
+
+def test_co_engagement_window_gap_and_self_pairs():
+    events = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 1],
+            "item_id": [5, 5, 6, 7],
+            "event_timestamp": T0 + pd.to_timedelta([0, 10, 20, 7200], unit="s"),
+        }
+    )
+    pairs = co_engagement_pairs(events, window_s=3600, max_gap=3)
+    assert sorted(map(tuple, pairs[["a", "b"]].to_numpy().tolist())) == [(5, 6), (5, 6)]  # no 5-5, 7 too late
+
+
+def test_pair_labels_mark_in_batch_positives():
+    a, b = np.array([1, 1, 3, 4]), np.array([2, 5, 2, 1])
+    expected = np.array(
+        [
+            [1, 1, 1, 1],  # a0 == a1 (partner 5 of item 1), b0 == b2 (same partner 2), a0 == b3 (item 1)
+            [1, 1, 0, 1],
+            [1, 0, 1, 0],
+            [0, 0, 0, 1],
+        ],
+        bool,
+    )
+    np.testing.assert_array_equal(pair_labels(a, b), expected)
+
+
+# ---------------------------------------------------------------------------------------------- tiny world
+
+
+def _word_tokenizer(folder: Path, **special) -> None:
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    names = list(special.values())
+    vocab = {tok: i for i, tok in enumerate([*names, *WORDS, "."])}
+    tok = Tokenizer(WordLevel(vocab, unk_token=special["unk_token"]))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=16, **special).save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT + word tokenizer: loaded by the minilm code path (TeacherConfig(path=...))."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    special = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    n = _word_tokenizer(folder, **special)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=n,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def _image(group: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.array(COLOURS[group], np.float32)
+    return Image.fromarray(np.clip(base + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """24 items in 4 groups (title words and image colour per group); 60 users who each click the items of
+    one group a minute apart: co-engagement and image-title pairs are both learnable."""
+    from vlmrec.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("tune_world")
+    (root / "images").mkdir()
+    ids, titles, uris, groups = [], [], [], []
+    for g, word in enumerate(GROUPS):
+        for k, filler in enumerate(FILLERS):
+            item = 100 + 10 * g + k
+            path = root / "images" / f"{item}.png"
+            _image(g, item).save(path)
+            ids.append(item), titles.append(f"{word} {filler}"), uris.append(str(path)), groups.append(g)
+    catalogue = pd.DataFrame(
+        {"item_id": ids, "title": titles, "category": [GROUPS[g] for g in groups], "image_uri": uris}
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(60):
+        g = u % 4
+        for k, item in enumerate(rng.permutation([i for i, gg in zip(ids, groups, strict=True) if gg == g])):
+            rows.append((u, int(item), T0 + pd.Timedelta(hours=u) + pd.Timedelta(minutes=k)))
+    events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
+    ws = Workspace(root / "ws")
+    ingest(events, catalogue, ws, IngestConfig(max_len=8))
+    return ws, dict(zip(ids, groups, strict=True)), dict(zip(ids, titles, strict=True))
+
+
+def _tune(ws: Workspace, name: str, *extra: str):
+    args = ["--workdir", str(ws.root), "--name", name, "--batch-size", "16", "--max-pairs", "0"]
+    args += ["--max-failures", "0"]
+    return tune_teacher.run(_parse([*args, *extra]))
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    tune_teacher.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _separation(vectors: np.ndarray, groups: np.ndarray) -> float:
+    """Mean cosine within groups minus between groups."""
+    sim = vectors @ vectors.T
+    same = groups[:, None] == groups[None, :]
+    off = ~np.eye(len(groups), dtype=bool)
+    return float(sim[same & off].mean() - sim[~same].mean())
+
+
+# ---------------------------------------------------------------------------------------------- LoRA, text
+
+
+@pytest.fixture(scope="module")
+def tuned_text(world, bert_dir, ray_local):
+    ws, _, _ = world
+    digest_before = _weights_digest(bert_dir)
+    base_cfg = TeacherConfig(name="minilm", path=str(bert_dir))
+    probe = [f"{g} {f}" for g in GROUPS for f in FILLERS]
+    base_vectors = load_teacher(base_cfg).embed_texts(probe)
+    flags = ["--teacher", "minilm", "--teacher-path", str(bert_dir), "--pairs", "co-engagement"]
+    flags += ["--epochs", "3", "--lr", "0.01", "--num-workers", "2"]
+    export_dir, info = _tune(ws, "text", *flags)
+    return export_dir, info, base_cfg, base_vectors, probe, digest_before, flags
+
+
+def test_lora_tuning_lowers_the_loss_and_separates_co_clicked_items(tuned_text, world):
+    export_dir, info, base_cfg, base_vectors, probe, _, _ = tuned_text
+    _, groups, _ = world
+    best = info["best"]
+    assert best["val_loss"] < best["val_loss_start"]
+    assert info["pairs"]["co_engagement_mined"] > 0 and info["cost"]["pairs_per_s"] > 0
+    assert 0 < info["cost"]["trainable_params"] < info["cost"]["total_params"]
+    tuned = load_teacher(TeacherConfig(name="minilm", path=str(export_dir / "model")))
+    g = np.array([GROUPS.index(p.split()[0]) for p in probe])
+    assert _separation(tuned.embed_texts(probe), g) > _separation(base_vectors, g) + 0.05
+
+
+def test_adapter_save_load_merge_gives_the_same_embeddings(tuned_text):
+    from peft import PeftModel
+
+    export_dir, info, base_cfg, _, probe, _, _ = tuned_text
+    tuned = json.loads((export_dir / "model" / "teacher.json").read_text())
+    assert tuned["teacher_id"] == f"{tuned['base_id']}+lora@{tuned['adapter_digest']}" == info["teacher_id"]
+    assert (export_dir / "adapter" / "adapter_model.safetensors").exists()
+    assert list((export_dir / "model").glob("*.safetensors"))
+    # a fresh base + the saved adapter (unmerged) == the merged export, loaded as a teacher
+    base = load_teacher(base_cfg)
+    base.model = PeftModel.from_pretrained(base.model, export_dir / "adapter").eval()
+    merged = load_teacher(TeacherConfig(name="minilm", path=str(export_dir / "model")))
+    np.testing.assert_allclose(merged.embed_texts(probe), base.embed_texts(probe), atol=1e-5)
+    assert merged.model_id == info["teacher_id"] and info["merge_max_abs_diff"] < 1e-5
+
+
+def test_base_weights_are_unchanged(tuned_text, bert_dir):
+    _, info, base_cfg, base_vectors, probe, digest_before, _ = tuned_text
+    assert _weights_digest(bert_dir) == digest_before
+    again = load_teacher(base_cfg)
+    assert again.model_id == info["base_teacher_id"]
+    np.testing.assert_allclose(again.embed_texts(probe), base_vectors, atol=1e-6)
+
+
+def test_tuning_resumes_from_its_latest_checkpoint(tuned_text, world):
+    ws, _, _ = world
+    *_, flags = tuned_text
+    epochs = flags.index("--epochs") + 1
+    _, info = _tune(ws, "text", *flags[:epochs], "4", *flags[epochs + 1 :])  # one more epoch
+    assert info["last"]["resumed_from"] == 3 and info["last"]["epoch"] == 4
+
+
+def test_tampered_tuned_weights_are_refused(tuned_text, tmp_path):
+    import shutil
+
+    export_dir, *_ = tuned_text
+    copy = tmp_path / "model"
+    shutil.copytree(export_dir / "model", copy)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="not the ones teacher.json names"):
+        load_teacher(TeacherConfig(name="minilm", path=str(copy)))
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+def test_qlora_without_cuda_fails_with_a_clear_message(world, bert_dir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from vlmrec.cli import main
+
+    ws, _, _ = world
+    argv = ["tune", "--workdir", str(ws.root), "--teacher-path", str(bert_dir), "--qlora", "--use-gpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "QLoRA" in err and "CUDA" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="needs --use-gpu"):
+        _tune(ws, "q", "--teacher-path", str(bert_dir), "--qlora")
+    with pytest.raises(ValueError, match="CUDA device"):  # the loader refuses too, before reading weights
+        load_teacher(TeacherConfig(name="minilm", path=str(bert_dir), load_in_4bit=True))
+
+
+def test_bad_pairs_for_the_method_are_refused(world, bert_dir):
+    ws, _, _ = world
+    with pytest.raises(ValueError, match="text-only"):
+        _tune(ws, "x", "--teacher-path", str(bert_dir), "--pairs", "image-title")
+    with pytest.raises(ValueError, match="image-title pairs"):
+        _tune(ws, "x", "--teacher-path", str(bert_dir), "--method", "lit", "--pairs", "co-engagement")
+    with pytest.raises(ValueError, match="neither a teacher"):
+        _tune(ws, "x", "--teacher", "no-such-teacher")

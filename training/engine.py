@@ -1,0 +1,158 @@
+"""The Ray Train + DeepSpeed engine shared by vlmrec's training jobs: the student (training/train.py) and the
+teacher tuning (training/tune_teacher.py). One DeepSpeed JSON (training/zero.json), a TorchTrainer of CPU
+(gloo) or GPU (NCCL) workers, a DeepSpeed checkpoint reported to Ray Train every epoch, resume from the
+latest one (a re-run of the same run folder, or Ray restarting failed workers), fp32 weights out of it.
+
+    # driver
+    result = fit(train_loop, loop_config, {"train": dataset}, run_dir, EngineConfig(), score="val_loss")
+    # worker (inside train_loop)
+    engine = initialize(model, ds, use_gpu)
+    state = resume(engine, {"epoch": 0, ...})
+    ... report(engine, metrics, state)
+    # driver again
+    weights = fp32_state_dict(result.best_checkpoints[0][0])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from training.config import _Config
+
+ZERO_CONFIG = Path(__file__).with_name("zero.json")
+CHECKPOINT_TAG = "ds"
+
+
+@dataclass(frozen=True)
+class EngineConfig(_Config):
+    """Where and how a job runs: workers, device, precision, the DeepSpeed JSON, fault tolerance."""
+
+    num_workers: int = 2  # Ray Train workers (data parallel); 2 fit a 2-core machine with 1 CPU each
+    use_gpu: bool = False  # NCCL + one GPU per worker when True
+    precision: Literal["fp32", "bf16"] = "fp32"
+    zero_config: str = str(ZERO_CONFIG)  # the DeepSpeed JSON; batch size, lr and precision come from configs
+    max_failures: int = 2  # worker failures Ray Train recovers from (resuming from the latest checkpoint)
+
+
+def ds_config(
+    engine: EngineConfig, batch_size: int, lr: float, weight_decay: float, world_size: int | None = None
+) -> dict:
+    """The ZeRO JSON with batch size, lr and precision set from the configs (DeepSpeed fills no "auto")."""
+    cfg = json.loads(Path(engine.zero_config).read_text())
+    world = world_size or engine.num_workers
+    micro = max(1, batch_size // world)
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["train_batch_size"] = micro * world * cfg.get("gradient_accumulation_steps", 1)
+    cfg["optimizer"]["params"].update(lr=lr, weight_decay=weight_decay)
+    cfg["bf16"] = {"enabled": engine.precision == "bf16"}
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------- workers
+
+
+def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool):
+    """Join Ray Train's process group (gloo on CPU, NCCL on GPU) and wrap `model` in a DeepSpeed engine that
+    optimises its trainable parameters only (frozen ones, e.g. a LoRA base, get no optimizer state)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
+    )
+    return engine
+
+
+def resume(engine, state: dict, frozen_excluded: bool = False) -> dict:
+    """`state` updated from the latest checkpoint's client state when Ray Train hands one over (a re-run of
+    the same run folder, or a restarted worker group); the engine's weights and optimizer restored."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return state
+    with checkpoint.as_directory() as d:
+        _, client_state = engine.load_checkpoint(
+            d, tag=CHECKPOINT_TAG, load_module_strict=not frozen_excluded
+        )
+    return {**state, **{k: v for k, v in (client_state or {}).items() if k in state}}  # ours, not DeepSpeed's
+
+
+def report(engine, metrics: dict, state: dict, exclude_frozen: bool = False) -> None:
+    """Save a DeepSpeed checkpoint (every rank its shard) carrying `state`, and report it with `metrics`.
+    exclude_frozen: leave frozen weights out (a LoRA base is never modified: no need to store it per epoch)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(
+            tmp, tag=CHECKPOINT_TAG, client_state=state, exclude_frozen_parameters=exclude_frozen
+        )
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -------------------------------------------------------------------------------------------- driver
+
+
+def fit(
+    train_loop: Callable[[dict], None],
+    loop_config: dict[str, Any],
+    datasets: dict[str, Any],
+    run_dir: Path,
+    engine: EngineConfig,
+    score: str,
+    order: Literal["max", "min"] = "max",
+    keep: int = 2,
+):
+    """Run `train_loop` on engine.num_workers Ray Train workers; checkpoints under run_dir/ray, the `keep`
+    best by metric `score` kept. The same run_dir resumes from its latest checkpoint. -> ray.train.Result"""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vlmrec.raycluster import init_ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if engine.use_gpu else "cpu")
+    init_ray()
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=engine.num_workers, use_gpu=engine.use_gpu, resources_per_worker={"CPU": 1}
+        ),
+        datasets=datasets,
+        run_config=RunConfig(
+            name="ray",
+            storage_path=str(run_dir),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=keep, checkpoint_score_attribute=score, checkpoint_score_order=order
+            ),
+            failure_config=FailureConfig(max_failures=engine.max_failures),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]}},
+        ),
+    )
+    return trainer.fit()
+
+
+def fp32_state_dict(checkpoint, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
+    """A DeepSpeed checkpoint reported through Ray Train (any ZeRO stage) -> fp32 state dict."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with checkpoint.as_directory() as d:
+        return get_fp32_state_dict_from_zero_checkpoint(
+            d, tag=CHECKPOINT_TAG, exclude_frozen_parameters=exclude_frozen
+        )
