@@ -318,3 +318,244 @@ def test_bad_pairs_for_the_method_are_refused(world, bert_dir):
         _tune(ws, "x", "--teacher-path", str(bert_dir), "--method", "lit", "--pairs", "co-engagement")
     with pytest.raises(ValueError, match="neither a teacher"):
         _tune(ws, "x", "--teacher", "no-such-teacher")
+
+
+# ---------------------------------------------------------------------------------------------- image teachers
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> Path:
+    """A tiny random SigLIP (text and vision towers) with a word tokenizer."""
+    from transformers import SiglipConfig, SiglipModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = tmp_path_factory.mktemp("tiny_siglip")
+    n = _word_tokenizer(folder, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    text = dict(vocab_size=n, max_position_embeddings=16, pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    config = SiglipConfig(
+        text_config={**text, **small}, vision_config=dict(image_size=32, patch_size=8, **small)
+    )
+    SiglipModel(config).save_pretrained(folder)
+    return folder
+
+
+CLIP_CONFIGURATION_PY = """
+from transformers import CLIPConfig
+
+
+class TinyJinaClipConfig(CLIPConfig):
+    model_type = "tiny_jina_clip"
+"""
+
+# jina-clip-v2's interface on a tiny random CLIP: encode_* (numpy, normalised, then truncated) for embedding,
+# get_text_features / get_image_features (CLIPModel's) for tuning.
+CLIP_MODELING_PY = """
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, CLIPModel
+
+from .configuration_tiny_jina_clip import TinyJinaClipConfig
+
+
+def _features(out):
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class TinyJinaClipModel(CLIPModel):
+    config_class = TinyJinaClipConfig
+
+    def _finish(self, x, truncate_dim):
+        x = F.normalize(_features(x), dim=-1)
+        return (x[:, :truncate_dim] if truncate_dim else x).numpy()
+
+    @torch.inference_mode()
+    def encode_text(self, sentences, truncate_dim=None, **kwargs):
+        tok = AutoTokenizer.from_pretrained(self.name_or_path)
+        ids = tok(list(sentences), padding=True, truncation=True, return_tensors="pt")["input_ids"]
+        return self._finish(self.get_text_features(input_ids=ids), truncate_dim)
+
+    @torch.inference_mode()
+    def encode_image(self, images, truncate_dim=None, **kwargs):
+        size = (self.config.vision_config.image_size,) * 2
+        px = np.stack([np.asarray(im.convert("RGB").resize(size), np.float32) / 255.0 for im in images])
+        pixels = torch.from_numpy(px.transpose(0, 3, 1, 2).copy())
+        return self._finish(self.get_image_features(pixel_values=pixels), truncate_dim)
+"""
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP behind jina-clip-v2's remote-code interface (loaded with trust_remote_code)."""
+    import sys
+
+    folder = tmp_path_factory.mktemp(f"tiny_jina_clip_{uuid.uuid4().hex[:8]}", numbered=False)
+    (folder / "configuration_tiny_jina_clip.py").write_text(textwrap.dedent(CLIP_CONFIGURATION_PY))
+    (folder / "modeling_tiny_jina_clip.py").write_text(textwrap.dedent(CLIP_MODELING_PY))
+    n = _word_tokenizer(folder, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = {
+        "model_type": "tiny_jina_clip",
+        "auto_map": {
+            "AutoConfig": "configuration_tiny_jina_clip.TinyJinaClipConfig",
+            "AutoModel": "modeling_tiny_jina_clip.TinyJinaClipModel",
+        },
+        "projection_dim": 24,
+        "text_config": {**small, "vocab_size": n, "max_position_embeddings": 16, "eos_token_id": 2},
+        "vision_config": {**small, "image_size": 32, "patch_size": 8},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    from transformers import AutoConfig, AutoModel
+
+    torch.manual_seed(0)
+    AutoModel.from_config(
+        AutoConfig.from_pretrained(folder, trust_remote_code=True), trust_remote_code=True
+    ).save_pretrained(folder)
+    assert "torchvision" not in sys.modules
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("teacher", "pairs"), [("siglip", "both"), ("jina-clip-v2", "image-title")], ids=["siglip", "clip"]
+)
+def test_image_teacher_lora_lowers_the_loss_and_merges(world, request, teacher, pairs, ray_local):
+    from peft import PeftModel
+
+    ws, _, titles = world
+    folder = request.getfixturevalue("siglip_dir" if teacher == "siglip" else "clip_dir")
+    digest = _weights_digest(folder)
+    flags = ["--teacher", teacher, "--teacher-path", str(folder), "--pairs", pairs, "--epochs", "3"]
+    flags += ["--lr", "0.01", "--num-workers", "1", "--valid-fraction", "0.2"]
+    export_dir, info = _tune(ws, f"img-{teacher}", *flags)
+    best = info["best"]
+    assert best["val_loss"] < best["val_loss_start"]
+    if pairs == "both":
+        assert info["pairs"]["co_engagement_mined"] > 0 and info["pairs"]["image_title_mined"] == 24
+    assert _weights_digest(folder) == digest  # the base on disk is untouched
+    # the merged export loads as the same kind of teacher and embeds texts AND images like base + adapter
+    merged = load_teacher(TeacherConfig(name=teacher, path=str(export_dir / "model")))
+    base = load_teacher(TeacherConfig(name=teacher, path=str(folder)))
+    base.model = PeftModel.from_pretrained(base.model, export_dir / "adapter").eval()
+    images = [Image.open(ws.data.parent.parent / "images" / f"{i}.png") for i in (100, 110, 120)]
+    with torch.inference_mode():
+        for fn in ("text_features", "image_features"):
+            args = [list(titles.values())[:5]] if fn == "text_features" else [merged.pixel_values(images)]
+            np.testing.assert_allclose(getattr(merged, fn)(*args), getattr(base, fn)(*args), atol=1e-5)
+    assert merged.model_id == info["teacher_id"] and "+lora@" in merged.model_id
+    assert merged.embed_images(images).shape == (3, merged.dim)  # the model's own encode_* path too
+
+
+# ---------------------------------------------------------------------------------------------- LiT
+
+
+@pytest.fixture(scope="module")
+def lit(world, bert_dir, ray_local):
+    ws, _, _ = world
+    flags = [
+        "--teacher",
+        "minilm",
+        "--teacher-path",
+        str(bert_dir),
+        "--method",
+        "lit",
+        "--pairs",
+        "image-title",
+    ]
+    flags += [
+        "--lit-hidden-size",
+        "32",
+        "--lit-num-layers",
+        "1",
+        "--lit-num-heads",
+        "2",
+        "--lit-patch-size",
+        "8",
+    ]
+    flags += ["--lit-image-height", "16", "--lit-image-width", "16", "--epochs", "6", "--lr", "0.003"]
+    flags += ["--valid-fraction", "0.3", "--batch-size", "8", "--num-workers", "1"]
+    return _tune(ws, "lit", *flags)
+
+
+def test_lit_image_tower_lowers_the_loss_and_embeds_images(lit, world, bert_dir):
+    export_dir, info = lit
+    ws, groups, _ = world
+    best = info["best"]
+    assert best["val_loss"] < best["val_loss_start"]
+    assert info["cost"]["trainable_params"] < info["cost"]["total_params"]  # the text tower is locked
+    teacher = load_teacher(TeacherConfig(name="lit", path=str(export_dir / "model")))
+    text = load_teacher(TeacherConfig(name="minilm", path=str(bert_dir)))
+    assert teacher.supports_images and teacher.dim == text.dim
+    assert teacher.model_id == info["teacher_id"] and teacher.model_id.startswith(f"lit:{text.model_id}+vit@")
+    np.testing.assert_allclose(teacher.embed_texts(["apple red"]), text.embed_texts(["apple red"]), atol=1e-6)
+    images = [Image.open(ws.data.parent.parent / "images" / f"{i}.png") for i in sorted(groups)]
+    v = teacher.embed_images(images)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+
+
+def test_embed_with_a_tuned_teacher_carries_its_id(lit, tuned_text, world, capsys):
+    from vlmrec.cli import main
+
+    ws, _, _ = world
+    for export_dir, info in (lit, tuned_text[:2]):
+        assert (
+            main(["embed", "--workdir", str(ws.root), "--teacher", str(export_dir), "--batch-size", "8"]) == 0
+        )
+        table = pq.read_table(ws.embeddings).to_pandas()
+        assert set(table["teacher_id"]) == {info["teacher_id"]} and len(table) == 24
+    assert "text fallback 0" in capsys.readouterr().out  # lit: every item got its image fused in
+
+
+# ---------------------------------------------------------------------------------------------- teacher ids
+
+
+def test_training_refuses_a_run_started_on_another_teacher(sample_workspace, capsys):
+    from vlmrec.cli import main
+
+    ws = sample_workspace
+    run = ws.runs / "other-teacher"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "teacher.json").write_text(json.dumps({"teacher_id": "minilm:something-else@000000000000"}))
+    argv = ["train", "--workdir", str(ws.root), "--name", "other-teacher", "--epochs", "1", "--max-len", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "teacher mismatch" in err and "something-else" in err and "--name" in err
+
+
+def test_index_build_refuses_vectors_of_another_teacher(tmp_path, capsys):
+    from index.cli import main
+    from vlmrec import schema
+    from vlmrec.workspace import atomic_write_parquet
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    ids = np.arange(1, 6)
+    items = pd.DataFrame({"item_id": ids, "title": [f"t{i}" for i in ids], "category": "c", "created_at": T0})
+    items.to_parquet(ws.items)
+    vec = np.eye(5, 4, dtype=np.float32) + 0.1
+    frame = pd.DataFrame({"item_id": ids, "event_timestamp": T0, "vector": list(vec), "teacher_id": "tuned"})
+    import pyarrow as pa
+
+    atomic_write_parquet(
+        pa.Table.from_pandas(frame, preserve_index=False).cast(schema.ITEM_EMBEDDINGS), ws.embeddings
+    )
+    export = tmp_path / "item_vectors.parquet"
+    frame.assign(teacher_id="frozen").drop(columns="event_timestamp").to_parquet(export)
+    assert main(["build", "--workdir", str(ws.root), "--vectors", str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher mismatch" in err and "'frozen'" in err and "'tuned'" in err
+    frame.drop(columns="event_timestamp").to_parquet(export)  # the same teacher: builds
+    assert main(["build", "--workdir", str(ws.root), "--vectors", str(export)]) == 0
+
+
+def test_producer_refuses_an_export_whose_files_disagree(tmp_path):
+    from serving.producer import check_export_teacher
+
+    (tmp_path / "run.json").write_text(json.dumps({"teacher_id": "minilm:a@1"}))
+    vectors = pd.DataFrame({"item_id": [1, 2], "vector": [[1.0, 0.0]] * 2, "teacher_id": "minilm:a@1"})
+    vectors.to_parquet(tmp_path / "item_vectors.parquet")
+    check_export_teacher(tmp_path, {"teacher_id": "minilm:a@1"})
+    vectors.assign(teacher_id="minilm:a@1+lora@2").to_parquet(tmp_path / "item_vectors.parquet")
+    with pytest.raises(ValueError, match="teacher mismatch"):
+        check_export_teacher(tmp_path, {"teacher_id": "minilm:a@1"})

@@ -65,9 +65,18 @@ def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    # DeepSpeed's initial broadcast views every parameter as bytes, which fails on 0-d tensors (CLIP's and
+    # jina-clip's logit_scale): frozen ones are broadcast as (1,) and given their shape back.
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    if any(p.requires_grad for p in scalars):
+        raise ValueError("trainable 0-d parameters cannot go through DeepSpeed: give them shape (1,)")
+    for p in scalars:
+        p.data = p.data.reshape(1)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
     )
+    for p in scalars:
+        p.data = p.data.reshape(())
     return engine
 
 

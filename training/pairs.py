@@ -98,7 +98,7 @@ def mine_pairs(
     if cfg.max_pairs:
         order = order[: cfg.max_pairs]
     pairs = pairs.iloc[order].reset_index(drop=True)
-    n_valid = max(1, int(round(cfg.valid_fraction * len(pairs))))
+    n_valid = max(2, int(round(cfg.valid_fraction * len(pairs))))  # one in-batch negative at least
     if len(pairs) - n_valid < 2:
         raise ValueError(f"--pairs {cfg.pairs}: {len(pairs)} pairs mined: too few to train and validate on")
     valid, train = pairs.iloc[:n_valid].reset_index(drop=True), pairs.iloc[n_valid:].reset_index(drop=True)

@@ -250,8 +250,11 @@ class ItemLookup:
 
 
 def _batches(pairs: dict, size: int):
-    for s in range(0, len(pairs["a"]) - size + 1, size):
-        yield {k: v[s : s + size] for k, v in pairs.items()}
+    """Fixed batches in order (the same every epoch: comparable losses); a last short one if it has >= 2."""
+    n = len(pairs["a"])
+    for s in range(0, n, size):
+        if n - s >= 2:
+            yield {k: v[s : s + size] for k, v in pairs.items()}
 
 
 def evaluate_pairs(
