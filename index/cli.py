@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> None:
     if args.index_command == "build":
         vectors = args.vectors or latest_export(ws)
         source = f"{ws.embeddings} (what new items are embedded with)"
-        v = build_index(vectors, items, index_dir, config, teacher_id=workspace_teacher_id(ws), teacher_source=source)
+        v = build_index(
+            vectors, items, index_dir, config, teacher_id=workspace_teacher_id(ws), teacher_source=source
+        )
         print(
             f"index build: {v.name} ({v.backend}) {v.count} items, dim {v.dim}, teacher {v.teacher_id}, "
             f"{v.seconds:.1f} s -> {v.location}\n  verify: {v.verify}\n  dropped: {list(v.dropped) or 'none'}"

