@@ -98,6 +98,34 @@ def summarise(result: dict, data) -> dict:
     }
 
 
+def lit_fused(frozen: Path, weights: tuple[float, ...]) -> dict[float, np.ndarray]:
+    """Item vectors normalise(w * LiT image + (1 - w) * minilm text) for each w, in the workspace's item
+    order (items without a poster keep their text vector), with vlmrec.teacher.fuse as `vlmrec embed` does."""
+    import torch
+    from PIL import Image
+
+    from vlmrec.teacher import TeacherConfig, fuse, load_teacher
+
+    lit = load_teacher(TeacherConfig(name="lit", path=str(frozen / "runs" / "lit" / "export" / "model")))
+    items = pq.read_table(frozen / "data" / "items.parquet").to_pandas()
+    table = pq.read_table(frozen / "data" / "item_embeddings.parquet").to_pandas()
+    if not np.array_equal(table["item_id"].to_numpy(), items["item_id"].to_numpy()):
+        raise ValueError("item_embeddings and items are in different orders")
+    text = np.stack(table["vector"].to_numpy()).astype(np.float32)
+    has = items["image_uri"].notna().to_numpy()
+    images = []
+    for uri in items.loc[has, "image_uri"]:
+        with Image.open(uri) as im:
+            images.append(im.convert("RGB"))
+    image = torch.from_numpy(lit.embed_images(images))
+    out = {}
+    for w in weights:
+        fused = text.copy()
+        fused[has] = fuse(torch.from_numpy(text[has]), image, w).numpy()
+        out[w] = fused
+    return out
+
+
 def lit_retrieval(frozen: Path, export: Path, seed: int = 0) -> dict:
     """Poster -> text of the same movie among N movies: held-out (created after the cut) vs training ones."""
     from PIL import Image
@@ -219,27 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     report["mercari"]["frozen minilm"] = mercari(frozen)
     for name in runs:
         report["mercari"][name] = mercari(wd / name)
-    # fused LiT vectors at another image weight, from the same towers (the 0.5 row is `vlmrec embed`'s)
-    from vlmrec.teacher import TeacherConfig, fuse, load_teacher
-
-    import torch
-    from PIL import Image
-
-    lit = load_teacher(TeacherConfig(name="lit", path=str(frozen / "runs" / "lit" / "export" / "model")))
-    items = pq.read_table(frozen / "data" / "items.parquet").to_pandas()
-    text = np.stack(
-        pq.read_table(frozen / "data" / "item_embeddings.parquet").to_pandas()["vector"].to_numpy()
-    )
-    has = items["image_uri"].notna().to_numpy()
-    images = []
-    for uri in items.loc[has, "image_uri"]:
-        with Image.open(uri) as im:
-            images.append(im.convert("RGB"))
-    image_vectors = lit.embed_images(images)
-    for w in (0.2, 0.5):
-        fused = text.copy()
-        fused[has] = fuse(torch.from_numpy(text[has]), torch.from_numpy(image_vectors), w).numpy()
-        report["mercari"][f"lit fused w={w} (in process)"] = mercari_vectors(frozen, fused)
+    for w, vectors in lit_fused(frozen, (0.2, 0.5)).items():
+        report["mercari"][f"lit fused w={w} (in process)"] = mercari_vectors(frozen, vectors)
     report["lit_retrieval"] = lit_retrieval(frozen, frozen / "runs" / "lit" / "export")
 
     student = ["--item-space", "adapter", "--epochs", str(args.student_epochs), "--patience", "3"]
