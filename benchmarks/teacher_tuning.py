@@ -179,9 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", type=Path, default=Path(".vlmrec/bench-tune"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/teacher_tuning.json"))
     p.add_argument("--skip-existing", action="store_true", help="reuse stages whose output exists")
-    p.add_argument("--max-pairs", type=int, default=20000, help="co-engagement pairs (subsample)")
-    p.add_argument("--epochs", type=int, default=2, help="LoRA epochs")
-    p.add_argument("--lit-epochs", type=int, default=10)
+    p.add_argument("--max-pairs", type=int, default=6000, help="co-engagement pairs (subsample)")
+    p.add_argument("--epochs", type=int, default=1, help="LoRA epochs")
+    p.add_argument("--lr", type=float, default=5e-4, help="LoRA learning rate")
+    p.add_argument("--lit-epochs", type=int, default=8)
     p.add_argument("--student-epochs", type=int, default=30)
     args = p.parse_args(argv)
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     stage("features frozen", frozen / "registry.db", ["features", "--workdir", str(frozen)])
 
     common = ["--workdir", str(frozen), "--pairs", "co-engagement", "--max-pairs", str(args.max_pairs)]
-    common += ["--epochs", str(args.epochs), "--batch-size", "64", "--max-length", "32", "--lr", "2e-4"]
+    common += ["--epochs", str(args.epochs), "--batch-size", "64", "--max-length", "32", "--lr", str(args.lr)]
     runs = {
         "lora-sigmoid": [*common, "--loss", "sigmoid"],
         "lora-infonce": [*common, "--loss", "infonce"],

@@ -1,4 +1,5 @@
-"""`ray job submit` against a real local head node runs the unchanged training entry point."""
+"""`ray job submit` against a real local head node runs the unchanged entry points: the student's training job and
+the teacher tuning (one head node for both)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from tests.conftest import free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_node():
     """`ray start --head --block` in its own process group (so teardown stops only this cluster)."""
     bin_dir = str(Path(sys.executable).parent)
@@ -70,3 +71,17 @@ def test_training_runs_unchanged_under_ray_job_submit(head_node, sample_workspac
     assert "succeeded" in done.stdout + done.stderr
     run = json.loads((ws.runs / "submitted" / "export" / "run.json").read_text())
     assert run["last"]["epoch"] == 1 and run["teacher_id"].startswith("minilm:")
+
+
+def test_teacher_tuning_runs_unchanged_under_ray_job_submit(head_node, sample_workspace):
+    address, env = head_node
+    ws = sample_workspace
+    cmd = [
+        "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+        "python", "-m", "training.tune_teacher", "--workdir", str(ws.root), "--name", "submitted-tune",
+        "--epochs", "1", "--max-pairs", "120", "--batch-size", "16", "--num-workers", "1",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    tuned = json.loads((ws.runs / "submitted-tune" / "export" / "model" / "teacher.json").read_text())
+    assert tuned["teacher_id"].startswith("minilm:") and "+lora@" in tuned["teacher_id"]

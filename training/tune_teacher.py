@@ -158,13 +158,14 @@ class LoraPairs(PairScorer):
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """-> x, y (B, D): co-engagement rows item(a), item(b); image-title rows image(a), text(a)."""
-        kind, n = batch["kind"], len(batch["kind"])
+        kind = batch["kind"]
         xs, ys, rows = [], [], []
         co = np.flatnonzero(kind == CO)
         if len(co):
-            pick = lambda key: [batch[key][i] for i in co]  # noqa: E731
-            xs.append(item_features(self.teacher, pick("a_text"), pick("a_image")))
-            ys.append(item_features(self.teacher, pick("b_text"), pick("b_image")))
+            a_text, a_image = [batch["a_text"][i] for i in co], [batch["a_image"][i] for i in co]
+            b_text, b_image = [batch["b_text"][i] for i in co], [batch["b_image"][i] for i in co]
+            xs.append(item_features(self.teacher, a_text, a_image))
+            ys.append(item_features(self.teacher, b_text, b_image))
             rows.append(co)
         it = np.flatnonzero(kind == IMAGE_TITLE)
         if len(it):
@@ -175,9 +176,7 @@ class LoraPairs(PairScorer):
             ys.append(self.teacher.text_features([batch["a_pair_text"][i] for i in it]))
             rows.append(it)
         inverse = torch.as_tensor(np.argsort(np.concatenate(rows)))  # back to the batch's row order
-        x, y = torch.cat(xs)[inverse], torch.cat(ys)[inverse]
-        assert len(x) == n
-        return x, y
+        return torch.cat(xs)[inverse], torch.cat(ys)[inverse]
 
 
 class LitPairs(PairScorer):
@@ -230,10 +229,14 @@ class ItemLookup:
         self.uris, self.text_vectors = config["image_uris"], config["text_vectors"]
         self.with_images = config["with_images"]
 
-    def batch(self, a: np.ndarray, b: np.ndarray, kind: np.ndarray) -> dict:
+    def image(self, row: int):
+        """The item's RGB image, or None (no image, unreadable, or a text-only teacher)."""
         from vlmrec.embed import _load_image
 
-        image = lambda r: _load_image(self.uris[r]) if self.with_images else None  # noqa: E731
+        return _load_image(self.uris[row]) if self.with_images else None
+
+    def batch(self, a: np.ndarray, b: np.ndarray, kind: np.ndarray) -> dict:
+        image = self.image
         out = {
             "kind": kind,
             "a": a,
