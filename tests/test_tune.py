@@ -64,6 +64,16 @@ def test_infonce_is_the_symmetric_cross_entropy():
         + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))
     )
     assert infonce_pair_loss(x, y, 0.1).item() == pytest.approx(ce.item(), rel=1e-5)
+    # K extra rows in y (random negatives) join the x -> y direction only
+    extra = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=-1)
+    wide = torch.cat([x @ y.T, x @ extra.T], dim=1) / 0.1
+    ce = 0.5 * (
+        torch.nn.functional.cross_entropy(wide, torch.arange(6))
+        + torch.nn.functional.cross_entropy(logits.T, torch.arange(6))
+    )
+    labels = torch.cat([torch.eye(6, dtype=torch.bool), torch.zeros(6, 3, dtype=torch.bool)], dim=1)
+    got = infonce_pair_loss(x, torch.cat([y, extra]), 0.1, labels)
+    assert got.item() == pytest.approx(ce.item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- pairs
@@ -119,6 +129,9 @@ def test_pair_labels_mark_in_batch_positives():
         bool,
     )
     np.testing.assert_array_equal(pair_labels(a, b), expected)
+    extra = np.array([9, 5, 4])  # random negatives: a positive only where it is the row's own a or b
+    hit = np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0], [0, 0, 1]], bool)
+    np.testing.assert_array_equal(pair_labels(a, b, extra), np.concatenate([expected, hit], axis=1))
 
 
 # ---------------------------------------------------------------------------------------------- tiny world
@@ -228,7 +241,7 @@ def tuned_text(world, bert_dir, ray_local):
     probe = [f"{g} {f}" for g in GROUPS for f in FILLERS]
     base_vectors = load_teacher(base_cfg).embed_texts(probe)
     flags = ["--teacher", "minilm", "--teacher-path", str(bert_dir), "--pairs", "co-engagement"]
-    flags += ["--epochs", "3", "--lr", "0.01", "--num-workers", "2"]
+    flags += ["--epochs", "3", "--lr", "0.01", "--num-workers", "2", "--random-negatives", "4"]
     export_dir, info = _tune(ws, "text", *flags)
     return export_dir, info, base_cfg, base_vectors, probe, digest_before, flags
 
@@ -428,7 +441,7 @@ def test_image_teacher_lora_lowers_the_loss_and_merges(world, request, teacher, 
     folder = request.getfixturevalue("siglip_dir" if teacher == "siglip" else "clip_dir")
     digest = _weights_digest(folder)
     flags = ["--teacher", teacher, "--teacher-path", str(folder), "--pairs", pairs, "--epochs", "3"]
-    flags += ["--lr", "0.01", "--num-workers", "1", "--valid-fraction", "0.2"]
+    flags += ["--lr", "0.01", "--num-workers", "1", "--valid-fraction", "0.2", "--random-negatives", "4"]
     export_dir, info = _tune(ws, f"img-{teacher}", *flags)
     best = info["best"]
     assert best["val_loss"] < best["val_loss_start"]
@@ -475,7 +488,7 @@ def lit(world, bert_dir, ray_local):
         "8",
     ]
     flags += ["--lit-image-height", "16", "--lit-image-width", "16", "--epochs", "6", "--lr", "0.003"]
-    flags += ["--valid-fraction", "0.3", "--batch-size", "8", "--num-workers", "1"]
+    flags += ["--valid-fraction", "0.3", "--batch-size", "8", "--num-workers", "1", "--random-negatives", "4"]
     return _tune(ws, "lit", *flags)
 
 

@@ -59,9 +59,10 @@ def ds_config(
 # ------------------------------------------------------------------------------------------- workers
 
 
-def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool):
+def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool, param_groups: list[dict] | None = None):
     """Join Ray Train's process group (gloo on CPU, NCCL on GPU) and wrap `model` in a DeepSpeed engine that
-    optimises its trainable parameters only (frozen ones, e.g. a LoRA base, get no optimizer state)."""
+    optimises its trainable parameters only (frozen ones, e.g. a LoRA base, get no optimizer state);
+    param_groups: torch optimizer groups (e.g. their own lr) instead of one group of all trainable ones."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
@@ -72,9 +73,8 @@ def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool):
         raise ValueError("trainable 0-d parameters cannot go through DeepSpeed: give them shape (1,)")
     for p in scalars:
         p.data = p.data.reshape(1)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds
-    )
+    params = param_groups or [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
     for p in scalars:
         p.data = p.data.reshape(())
     return engine

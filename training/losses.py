@@ -216,16 +216,18 @@ def sigmoid_pair_loss(
 
 def infonce_pair_loss(x: Tensor, y: Tensor, temperature: float, labels: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE (pytorch-metric-learning's NTXentLoss) over the same in-batch pairs: x -> y and
-    y -> x, each positive against the row's negatives; labels (B, B) bool as for `sigmoid_pair_loss`."""
+    y -> x, each positive against the row's negatives; labels (B, B) bool as for `sigmoid_pair_loss`.
+    y may carry K extra rows (random negatives, labels (B, B + K)): they join the x -> y direction only."""
     from pytorch_metric_learning.losses import NTXentLoss
 
     if labels is None:
         labels = torch.eye(len(x), dtype=torch.bool, device=x.device)
     ntxent = NTXentLoss(temperature=temperature)
+    n = len(x)
 
     def one_way(anchors: Tensor, refs: Tensor, pos: Tensor) -> Tensor:
         a1, p = torch.nonzero(pos, as_tuple=True)
-        a2, n = torch.nonzero(~pos, as_tuple=True)
-        return ntxent(anchors, indices_tuple=(a1, p, a2, n), ref_emb=refs)
+        a2, neg = torch.nonzero(~pos, as_tuple=True)
+        return ntxent(anchors, indices_tuple=(a1, p, a2, neg), ref_emb=refs)
 
-    return 0.5 * (one_way(x, y, labels) + one_way(y, x, labels.T))
+    return 0.5 * (one_way(x, y, labels) + one_way(y[:n], x, labels[:, :n].T))

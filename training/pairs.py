@@ -106,9 +106,14 @@ def mine_pairs(
     return train, valid, counts
 
 
-def pair_labels(a, b):
-    """(B, B) bool: which in-batch pairs (x_i from row i's a side, y_j from row j's b side) are positives.
-    The diagonal, plus rows that share an item: a_i == a_j (y_j is a partner of a_i's item too), b_i == b_j
-    (the same partner), a_i == b_j (the same item on both sides). Everything else is a negative.
-    Works on numpy arrays and torch tensors of item ids (B,)."""
-    return (a[:, None] == a[None, :]) | (b[:, None] == b[None, :]) | (a[:, None] == b[None, :])
+def pair_labels(a, b, extra=None):
+    """(B, B [+ K]) bool: which (x_i, y_j) are positives; x_i is row i's a side, y_j row j's b side, then
+    the K `extra` items (random negatives). The diagonal, plus rows that share an item: a_i == a_j (y_j is
+    a partner of a_i's item too), b_i == b_j (the same partner), a_i == b_j (the same item on both sides);
+    an extra item is a positive only where it is a_i or b_i. Everything else is a negative.
+    a, b (B,), extra (K,): numpy arrays of item ids (or rows)."""
+    labels = (a[:, None] == a[None, :]) | (b[:, None] == b[None, :]) | (a[:, None] == b[None, :])
+    if extra is None or len(extra) == 0:
+        return labels
+    hit = (extra[None, :] == a[:, None]) | (extra[None, :] == b[:, None])  # (B, K)
+    return np.concatenate([labels, hit], axis=1)

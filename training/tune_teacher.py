@@ -90,6 +90,14 @@ class TuneConfig(_Config):
     epochs: int = 2  # LoRA moves a pretrained space: a few passes; early epochs are where it helps most
     batch_size: int = 64  # pairs per step across workers; each rank sees batch_size / workers in-batch pairs
     lr: float = 2e-4  # LoRA's usual 1e-4..5e-4; a LiT tower from scratch wants more (1e-3)
+    # The sigmoid loss's temperature and bias start at the paper's from-scratch values (t = 10, b = -10),
+    # far from what a pretrained space needs; at the model's lr a short fine-tune never moves them (they
+    # stayed at 10.08 / -9.99 on MovieLens) and the positives' pull alone contracts the space. Their own lr:
+    logit_lr: float = 0.05  # 0 = the model's lr
+    # In-batch negatives are drawn as often as items are clicked: popular items are pushed away from
+    # everything and the long tail drifts in (PinnerFormer: in-batch negatives alone lost 27% Recall@10).
+    # Mixed negative sampling adds uniformly drawn catalogue items as negatives, per rank and step:
+    random_negatives: int = 32  # MovieLens: nDCG@10 0.0158 -> 0.0171 (docs/BENCHMARKS.md); +50% text encodes
     weight_decay: float = 0.0
     max_length: int = 32  # text tokens while tuning: MovieLens title + genres fit; CPU cost grows with it
     image_weight: float = (
@@ -100,8 +108,8 @@ class TuneConfig(_Config):
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.max_length < 1:
             raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives), lr > 0, max_length >= 1")
-        if self.infonce_temperature <= 0:
-            raise ValueError("infonce_temperature must be > 0")
+        if self.infonce_temperature <= 0 or self.logit_lr < 0 or self.random_negatives < 0:
+            raise ValueError("infonce_temperature must be > 0, logit_lr and random_negatives >= 0")
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,14 @@ class PairScorer(nn.Module):
         # shape (1,), not (): DeepSpeed's initial broadcast views every parameter as bytes
         self.log_t = nn.Parameter(torch.tensor([SIGLIP_INIT_LOG_T]))
         self.bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS]))
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: the encoder's trainable weights at the run's lr, temperature and bias at logit_lr."""
+        scalars = [self.log_t, self.bias]
+        rest = [p for p in self.parameters() if p.requires_grad and all(p is not s for s in scalars)]
+        if not self.cfg.logit_lr:
+            return [{"params": rest + scalars}]
+        return [{"params": rest}, {"params": scalars, "lr": self.cfg.logit_lr}]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.cfg.loss == "sigmoid":
@@ -176,7 +192,14 @@ class LoraPairs(PairScorer):
             ys.append(self.teacher.text_features([batch["a_pair_text"][i] for i in it]))
             rows.append(it)
         inverse = torch.as_tensor(np.argsort(np.concatenate(rows)))  # back to the batch's row order
-        return torch.cat(xs)[inverse], torch.cat(ys)[inverse]
+        x, y = torch.cat(xs)[inverse], torch.cat(ys)[inverse]
+        if len(batch.get("extra", ())):  # random negatives, encoded like the batch's y side
+            if len(co):
+                e = item_features(self.teacher, batch["extra_text"], batch["extra_image"])
+            else:
+                e = self.teacher.text_features(batch["extra_pair_text"])
+            y = torch.cat([y, e])
+        return x, y
 
 
 class LitPairs(PairScorer):
@@ -190,7 +213,10 @@ class LitPairs(PairScorer):
         images = batch["a_image"]
         if any(im is None for im in images):
             raise ValueError("an image-title pair lost its image (unreadable file): re-run ingest")
-        return self.tower(self.tower.pixel_values(images)), torch.as_tensor(batch["a_text_vector"])
+        y = torch.as_tensor(batch["a_text_vector"])
+        if len(batch.get("extra", ())):  # random negatives: their locked text vectors
+            y = torch.cat([y, torch.as_tensor(batch["extra_text_vector"])])
+        return self.tower(self.tower.pixel_values(images)), y
 
 
 def teacher_config(cfg: TuneConfig, qlora: bool = False, device: str = "cpu") -> TeacherConfig:
@@ -228,6 +254,12 @@ class ItemLookup:
         self.texts, self.pair_texts = config["item_texts"], config["pair_texts"]
         self.uris, self.text_vectors = config["image_uris"], config["text_vectors"]
         self.with_images = config["with_images"]
+        self.negative_rows = config["negative_rows"]  # rows random negatives are drawn from
+
+    def random_rows(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        return (
+            self.negative_rows[rng.integers(0, len(self.negative_rows), k)] if k else self.negative_rows[:0]
+        )
 
     def image(self, row: int):
         """The item's RGB image, or None (no image, unreadable, or a text-only teacher)."""
@@ -235,8 +267,10 @@ class ItemLookup:
 
         return _load_image(self.uris[row]) if self.with_images else None
 
-    def batch(self, a: np.ndarray, b: np.ndarray, kind: np.ndarray) -> dict:
+    def batch(self, a: np.ndarray, b: np.ndarray, kind: np.ndarray, extra: np.ndarray | None = None) -> dict:
+        """The inputs of pairs (a, b, kind) and of `extra` item rows (random negatives)."""
         image = self.image
+        extra = np.zeros(0, np.int64) if extra is None else extra
         out = {
             "kind": kind,
             "a": a,
@@ -249,6 +283,13 @@ class ItemLookup:
         }
         if self.text_vectors is not None:
             out["a_text_vector"] = self.text_vectors[a]
+        if len(extra):
+            out["extra"] = extra
+            out["extra_text"] = [self.texts[r] for r in extra]
+            out["extra_pair_text"] = [self.pair_texts[r] for r in extra]
+            out["extra_image"] = [image(r) for r in extra] if (kind == CO).any() else [None] * len(extra)
+            if self.text_vectors is not None:
+                out["extra_text_vector"] = self.text_vectors[extra]
         return out
 
 
@@ -303,11 +344,12 @@ def tune_loop_per_worker(config: dict) -> None:
     device = f"cuda:{ctx.get_local_rank()}" if eng.use_gpu else "cpu"
     model = build_model(config, device)
     torch.manual_seed(cfg.seed + 1 + rank)  # dropout differs per rank
-    ds_engine = engine.initialize(model, config["ds"], eng.use_gpu)
+    ds_engine = engine.initialize(model, config["ds"], eng.use_gpu, model.param_groups())
     fresh = {"epoch": 0, "best": float("inf"), "start": None, "history": []}
     state = engine.resume(ds_engine, fresh, frozen_excluded=True)
     resumed_from = state["epoch"]
     lookup = ItemLookup(config)
+    rng = np.random.default_rng(cfg.seed + 1000 * rank + state["epoch"])  # random negatives
     shard = ray.train.get_dataset_shard("train")
     micro = config["ds"]["train_micro_batch_size_per_gpu"]
     if state["start"] is None:  # the untuned teacher's validation figures: what tuning is measured against
@@ -319,8 +361,9 @@ def tune_loop_per_worker(config: dict) -> None:
             batch_size=micro, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=4 * micro
         ):
             a, b, kind = batch["a"], batch["b"], batch["kind"]
-            x, y = ds_engine(lookup.batch(a, b, kind))
-            loss = ds_engine.module.loss(x, y, torch.as_tensor(pair_labels(a, b), device=x.device))
+            extra = lookup.random_rows(cfg.random_negatives, rng)
+            x, y = ds_engine(lookup.batch(a, b, kind, extra))
+            loss = ds_engine.module.loss(x, y, torch.as_tensor(pair_labels(a, b, extra), device=x.device))
             ds_engine.backward(loss)
             ds_engine.step()
             losses.append(loss.item())
@@ -412,6 +455,9 @@ def tune(
         }
 
     train_rows = rows(train_pairs)
+    # random negatives: items the catalogue held at the cut (lit: those with a locked text vector)
+    held = pd.to_datetime(items["created_at"], utc=True) <= pd.Timestamp(counts["cut"])
+    negative_rows = used if cfg.method == "lit" else np.flatnonzero(held.to_numpy())
     loop_config = {
         "tune": cfg.to_dict(),
         "adapter": adapter.to_dict(),
@@ -423,6 +469,7 @@ def tune(
         "image_uris": items["image_uri"].tolist(),
         "with_images": cfg.method == "lit" or base.supports_images,
         "text_vectors": text_vectors,
+        "negative_rows": np.asarray(negative_rows, np.int64),
         "valid": rows(valid_pairs),
     }
     from vlmrec.raycluster import init_ray
