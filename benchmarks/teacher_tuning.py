@@ -8,8 +8,10 @@ parser); its wall time is the command's. `--skip-existing` reuses a stage whose 
 
 1. <workdir>/frozen: vlmrec ingest --format movielens, vlmrec embed (minilm), vlmrec features
 2. vlmrec tune in the frozen workspace (pairs from events before the temporal 0.8 cut only: the cut the
-   student is evaluated at), one run per row: lora-sigmoid (co-engagement, SigLIP's sigmoid loss),
-   lora-infonce (the same pairs, InfoNCE), lit (a ViT image tower on the posters, minilm locked)
+   student is evaluated at), one run per row: lora-sigmoid (co-engagement, SigLIP's sigmoid loss, the
+   default recipe), lora-infonce (the same pairs and negatives, InfoNCE), two recipe ablations of the
+   sigmoid run (in-batch negatives only; and also the paper's init at the model's lr), lit (a ViT image
+   tower on the posters, minilm locked)
 3. <workdir>/<run>: data/ copied from frozen, vlmrec embed --teacher <the run's export>, vlmrec features
 4. the Mercari-style item-to-item protocol, per workspace: every test event of the temporal split is a query,
    the user's previous click its query item, the clicked item the target; the full catalogue ranked by
@@ -211,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     common = ["--workdir", str(frozen), "--pairs", "co-engagement", "--max-pairs", str(args.max_pairs)]
     common += ["--epochs", str(args.epochs), "--batch-size", "64", "--max-length", "32", "--lr", str(args.lr)]
     runs = {
-        "lora-sigmoid": [*common, "--loss", "sigmoid"],
-        "lora-infonce": [*common, "--loss", "infonce"],
+        "lora-sigmoid": [*common, "--loss", "sigmoid"],  # the recipe: defaults logit_lr 0.05, random negatives 32
+        "lora-infonce": [*common, "--loss", "infonce"],  # the same pairs and negatives, InfoNCE
+        "lora-sigmoid-logit-lr": [*common, "--loss", "sigmoid", "--random-negatives", "0"],  # in-batch only
+        "lora-sigmoid-paper": [*common, "--loss", "sigmoid", "--random-negatives", "0", "--logit-lr", "0"],
         "lit": [
             "--workdir", str(frozen), "--method", "lit", "--pairs", "image-title", "--epochs", str(args.lit_epochs),
             "--batch-size", "128", "--lr", "1e-3", "--max-pairs", "0", "--weight-decay", "0.05",

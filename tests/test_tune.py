@@ -241,7 +241,7 @@ def tuned_text(world, bert_dir, ray_local):
     probe = [f"{g} {f}" for g in GROUPS for f in FILLERS]
     base_vectors = load_teacher(base_cfg).embed_texts(probe)
     flags = ["--teacher", "minilm", "--teacher-path", str(bert_dir), "--pairs", "co-engagement"]
-    flags += ["--epochs", "3", "--lr", "0.01", "--num-workers", "2", "--random-negatives", "4"]
+    flags += ["--epochs", "2", "--lr", "0.01", "--num-workers", "2", "--random-negatives", "4"]
     export_dir, info = _tune(ws, "text", *flags)
     return export_dir, info, base_cfg, base_vectors, probe, digest_before, flags
 
@@ -286,8 +286,8 @@ def test_tuning_resumes_from_its_latest_checkpoint(tuned_text, world):
     ws, _, _ = world
     *_, flags = tuned_text
     epochs = flags.index("--epochs") + 1
-    _, info = _tune(ws, "text", *flags[:epochs], "4", *flags[epochs + 1 :])  # one more epoch
-    assert info["last"]["resumed_from"] == 3 and info["last"]["epoch"] == 4
+    _, info = _tune(ws, "text", *flags[:epochs], "3", *flags[epochs + 1 :])  # one more epoch
+    assert info["last"]["resumed_from"] == 2 and info["last"]["epoch"] == 3
 
 
 def test_tampered_tuned_weights_are_refused(tuned_text, tmp_path):
@@ -440,7 +440,7 @@ def test_image_teacher_lora_lowers_the_loss_and_merges(world, request, teacher, 
     ws, _, titles = world
     folder = request.getfixturevalue("siglip_dir" if teacher == "siglip" else "clip_dir")
     digest = _weights_digest(folder)
-    flags = ["--teacher", teacher, "--teacher-path", str(folder), "--pairs", pairs, "--epochs", "3"]
+    flags = ["--teacher", teacher, "--teacher-path", str(folder), "--pairs", pairs, "--epochs", "2"]
     flags += ["--lr", "0.01", "--num-workers", "1", "--valid-fraction", "0.2", "--random-negatives", "4"]
     export_dir, info = _tune(ws, f"img-{teacher}", *flags)
     best = info["best"]
