@@ -39,7 +39,7 @@ from training.data import ItemTable, build_inputs
 from training.model import SeqRec
 from vlmrec import schema
 from vlmrec.features import apply_and_materialize, historical_sequences, online_sequences, open_store
-from vlmrec.workspace import Workspace, atomic_write_parquet
+from vlmrec.workspace import TEACHER_INDEX, Workspace, atomic_write_parquet
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -76,6 +76,32 @@ class World:
     events: pd.DataFrame
     popular: list[int]  # item ids, most popular first
     config: ProducerConfig
+    sasrec: SeqRec  # the id-space sibling (runs/sasrec/export, indexes/sasrec: dot product)
+    sasrec_vectors: np.ndarray  # (N_ITEMS, 16) its id embeddings, row k = vocab.item_ids[k]
+    teacher: np.ndarray  # (N_ITEMS, D) unit teacher vectors (indexes/teacher), row k = vocab.item_ids[k]
+
+    def sasrec_top(self, seq, k, exclude=()) -> list[int]:
+        """numpy's exact top-k by the dot product of the id model's user vector and id embeddings."""
+        ids = torch.as_tensor(build_inputs([seq], self.vocab, MAX_LEN).ids)
+        with torch.no_grad():
+            user = self.sasrec.user_vector(ids)[0].numpy()
+        scores = np.where(np.isin(self.vocab.item_ids, list(exclude)), -np.inf, self.sasrec_vectors @ user)
+        return self.vocab.item_ids[np.argsort(-scores, kind="stable")[:k]].tolist()
+
+    def similar_top(self, seq, k, last_n, exclude=()) -> list[int]:
+        """Each item's best cosine to any of the last `last_n` distinct clicks, best first."""
+        last = list(dict.fromkeys(reversed(seq)))[:last_n]
+        rows = self.vocab.index_of(last) - 1
+        best = (self.teacher[rows] @ self.teacher.T).max(0)  # (N_ITEMS,)
+        best = np.where(np.isin(self.vocab.item_ids, list(exclude)), -np.inf, best)
+        return self.vocab.item_ids[np.argsort(-best, kind="stable")[:k]].tolist()
+
+    def popular_top(self, k, exclude=(), half_life_days=7.0) -> list[int]:
+        """Recency-weighted counts of the events table (weight halves every half_life_days)."""
+        age = (self.events.event_timestamp.max() - self.events.event_timestamp).dt.total_seconds() / 86400
+        score = (0.5 ** (age / half_life_days)).groupby(self.events.item_id).sum()
+        ranked = sorted(score.index, key=lambda i: (-score[i], i))
+        return [int(i) for i in ranked if i not in set(exclude)][:k]
 
     def history(self, user: int) -> list[int]:
         e = self.events[self.events.user_id == user].sort_values("event_timestamp")
@@ -108,6 +134,8 @@ def write_world(root: Path) -> World:
             rows.append((u, item, ts))
             seqs.append((u, ts, history[-SNAP_LEN:]))
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
+    events["event_type"] = "click"
+    atomic_write_parquet(pa.Table.from_pandas(events, schema=schema.EVENTS, preserve_index=False), ws.events)
     seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids"])
     atomic_write_parquet(
         pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
@@ -175,10 +203,35 @@ def write_world(root: Path) -> World:
     )
     (export / "run.json").write_text(json.dumps({"name": "student", "teacher_id": TEACHER, "configs": {}}))
     build_index(export / "item_vectors.parquet", ws.items, ws, IndexConfig(quantization=False))
+
+    # the behavioural sibling: an id-space SeqRec (dot product) with its own index, as `index build --run`
+    torch.manual_seed(1)
+    sasrec_cfg = ModelConfig(n_items=N_ITEMS, item_space="id", d_model=16, n_blocks=1, max_len=MAX_LEN)
+    sasrec = SeqRec(sasrec_cfg, item_ids=np.concatenate([[-1], vocab_ids]))
+    sasrec_export = ws.runs / "sasrec" / "export"
+    sasrec.save_pretrained(sasrec_export / "model")
+    sasrec = SeqRec.from_pretrained(sasrec_export / "model")
+    with torch.no_grad():
+        sasrec_vectors = sasrec.item_vectors()[1:].numpy()  # (N_ITEMS, 16) unnormalised id embeddings
+    pd.DataFrame({"item_id": vocab_ids, "vector": list(sasrec_vectors), "teacher_id": TEACHER}).to_parquet(
+        sasrec_export / "item_vectors.parquet"
+    )
+    (sasrec_export / "popular.json").write_text((export / "popular.json").read_text())
+    (sasrec_export / "run.json").write_text(
+        json.dumps({"name": "sasrec", "teacher_id": TEACHER, "configs": {"model": sasrec_cfg.to_dict()}})
+    )
+    build_index(
+        sasrec_export / "item_vectors.parquet",
+        ws.items,
+        ws.named_index("sasrec"),
+        IndexConfig(quantization=False, distance="dot"),
+    )
+    # the raw teacher vectors for `similar`, as `index build --teacher`
+    build_index(ws.embeddings, ws.items, ws.named_index(TEACHER_INDEX), IndexConfig(quantization=False))
     config = ProducerConfig(
         workdir=str(ws.root), feature_timeout_s=5.0, search_timeout_s=5.0, refresh_interval_s=0.5
     )  # generous: this box is busy; the failure tests below use their own short timeouts
-    return World(ws, export, model, vocab, vectors, events, popular, config)
+    return World(ws, export, model, vocab, vectors, events, popular, config, sasrec, sasrec_vectors, teacher)
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +363,14 @@ BAD = [
     ("/v1/events", {"user_id": 1, "item_id": "x"}, "item_id"),
     ("/v1/events", {"user_id": 1, "item_id": 99999}, "item_id"),  # well-typed but unknown
     ("/v1/events", {"item_id": FIRST_ID}, "user_id"),
+    ("/v1/candidates", {"user_id": 1, "producer": "nope"}, "producer"),
+    ("/v1/mix", {"user_id": 1, "quotas": {"nope": 1}}, "quotas.nope.[key]"),
+    ("/v1/mix", {"user_id": 1, "quotas": {"student": 1}, "weights": {"student": 1}}, "quotas"),
+    ("/v1/mix", {"user_id": 1, "k": 3, "quotas": {"student": 2}}, "k"),
+    ("/v1/mix", {"user_id": 1, "quotas": {"student": -1}}, "quotas.student"),
+    ("/v1/mix", {"user_id": 1, "weights": {"student": 0}}, "weights"),
+    ("/v1/mix", {"user_id": 1, "budget_ms": 0}, "budget_ms"),
+    ("/v1/mix", {"user_id": 1, "k": 1001}, "k"),
 ]
 
 
@@ -353,6 +414,110 @@ def test_unknown_user_gets_popular_items(world, http):
     assert r["fallback"] is None and ids_of(r) == world.exact_top(recent, 4, exclude=recent)[0]
 
 
+# ------------------------------------------------------------------------------- sibling producers
+
+
+def test_http_every_producer_answers_the_same_contract_exactly(world, http):
+    """student (default), sasrec (dot product of id embeddings), similar (teacher neighbours of the last 3
+    clicks) and popular (recency-weighted counts), each against numpy on the same user."""
+    u, k = 2, 6
+    seen = world.history(u)
+    want = {
+        "student": world.exact_top(seen, k, exclude=seen)[0],
+        "sasrec": world.sasrec_top(seen, k, exclude=seen),
+        "similar": world.similar_top(seen, k, last_n=3, exclude=seen),
+        "popular": world.popular_top(k, exclude=seen),
+    }
+    for name, ids in want.items():
+        r = http.post("/v1/candidates", json={"user_id": u, "k": k, "producer": name})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["producer"] == name and body["fallback"] is None and ids_of(body) == ids, name
+        assert [c["rank"] for c in body["candidates"]] == list(range(1, k + 1))
+        assert (body["index_version"] is None) == (name == "popular")
+        assert set(body["timings_ms"]) == {"feature", "model", "search", "total"}
+    assert http.post("/v1/candidates", json={"user_id": u, "k": k}).json()["producer"] == "student"
+    r = http.post("/v1/candidates", json={"user_id": u, "k": 3, "producer": "sasrec"}).json()
+    user = world.sasrec.user_vector(torch.as_tensor(build_inputs([seen], world.vocab, MAX_LEN).ids))[0]
+    dots = world.sasrec_vectors[world.vocab.index_of(ids_of(r)) - 1] @ user.detach().numpy()
+    np.testing.assert_allclose(scores_of(r), dots, rtol=1e-4)  # dot products, not cosines
+    assert r["model_version"].startswith("sasrec@")
+    r = http.post(
+        "/v1/candidates", json={"user_id": u, "k": 4, "producer": "popular", "filters": {"category": "b"}}
+    ).json()
+    assert ids_of(r) == [i for i in world.popular_top(N_ITEMS, exclude=seen) if category(i) == "b"][:4]
+
+
+def test_http_fallbacks_are_the_same_for_every_producer(world, http):
+    for name, popular in (("sasrec", world.popular), ("similar", world.popular_top(N_ITEMS))):
+        r = http.post("/v1/candidates", json={"user_id": UNKNOWN_USER, "k": 4, "producer": name}).json()
+        assert r["fallback"] == "unknown_user" and ids_of(r) == popular[:4], name
+        recent = [FIRST_ID + 7, FIRST_ID + 9]  # known clicks are enough to personalise
+        r = http.post(
+            "/v1/candidates",
+            json={"user_id": UNKNOWN_USER, "k": 4, "producer": name, "recent_item_ids": recent},
+        ).json()
+        assert r["fallback"] is None, name
+    r = http.post("/v1/candidates", json={"user_id": UNKNOWN_USER, "k": 4, "producer": "popular"}).json()
+    assert r["fallback"] is None and ids_of(r) == world.popular_top(4)
+    r = http.post(
+        "/v1/candidates",
+        json={"user_id": UNKNOWN_USER, "k": 3, "producer": "similar", "recent_item_ids": [COLD_ID]},
+    ).json()  # a click the teacher index does not hold: named, then the same fallback
+    assert r["fallback"] == "unknown_user" and any(str(COLD_ID) in w for w in r["warnings"])
+
+
+def test_http_batch_mixes_producers_in_order(http):
+    reqs = [{"user_id": 1, "k": 4, "producer": p} for p in ("similar", "student", "popular", "sasrec")]
+    reqs.append({"user_id": 3, "k": 2, "producer": "similar", "filters": {"category": "a"}})
+    batch = http.post("/v1/candidates:batch", json={"requests": reqs}).json()["responses"]
+    for req, got in zip(reqs, batch, strict=True):
+        single = http.post("/v1/candidates", json=req).json()
+        assert got["producer"] == req["producer"] and ids_of(got) == ids_of(single)
+
+
+def test_http_mix_honours_quotas_without_duplicates(world, http):
+    u = 3
+    seen = world.history(u)
+    quotas = {"student": 4, "similar": 3, "sasrec": 2, "popular": 1}
+    r = http.post("/v1/mix", json={"user_id": u, "quotas": quotas})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = [c["item_id"] for c in body["candidates"]]
+    assert body["k"] == 10 and len(ids) == len(set(ids)) == 10 and not set(ids) & set(seen)
+    assert {p: rep["taken"] for p, rep in body["producers"].items()} == quotas
+    assert all(rep["status"] == "ok" for rep in body["producers"].values()) and body["warnings"] == []
+    lists = {
+        p: ids_of(http.post("/v1/candidates", json={"user_id": u, "k": 10, "producer": p}).json())
+        for p in quotas
+    }
+    for c in body["candidates"]:
+        assert c["sources"] == [p for p in quotas if c["item_id"] in lists[p]]
+        assert c["ranks"] == {p: lists[p].index(c["item_id"]) + 1 for p in c["sources"]}
+        assert c["producer"] in c["sources"]
+    from serving.mixer import interleave
+
+    expect, _ = interleave({p: [(i, 0.0) for i in lists[p]] for p in quotas}, quotas, 10)
+    assert ids == [c["item_id"] for c in expect], "the HTTP Mixer blends exactly as serving/mixer.py"
+    assert (
+        http.post("/v1/mix", json={"user_id": u, "quotas": quotas}).json()["candidates"] == body["candidates"]
+    )
+
+    weighted = http.post(
+        "/v1/mix", json={"user_id": u, "k": 8, "weights": {"student": 3, "popular": 1}}
+    ).json()
+    assert {p: rep["taken"] for p, rep in weighted["producers"].items()} == {"student": 6, "popular": 2}
+    default = http.post("/v1/mix", json={"user_id": u, "k": 8}).json()
+    assert set(default["producers"]) == {"student", "sasrec", "similar", "popular"}
+
+
+def test_http_clicks_of_a_user(world, http):
+    assert http.get("/v1/users/1/clicks").json() == {"user_id": 1, "item_ids": world.history(1)}
+    assert http.get(f"/v1/users/{UNKNOWN_USER}/clicks").json()["item_ids"] == []
+    r = http.get("/v1/users/-3/clicks")
+    assert r.status_code == 422 and r.json()["message"].startswith("user_id:")
+
+
 # ------------------------------------------------------------------------------------------- events
 
 
@@ -368,6 +533,13 @@ def test_event_is_seen_by_the_next_request(world, http):
     assert clicked not in ids_of(after), "the clicked item is now seen"
     seq = [*world.history(u), clicked]
     assert ids_of(after) == world.exact_top(seq, 10, exclude=seq)[0], "the user vector moved with the click"
+    for name, want in (
+        ("sasrec", world.sasrec_top(seq, 10, exclude=seq)),
+        ("similar", world.similar_top(seq, 10, last_n=3, exclude=seq)),
+        ("popular", world.popular_top(10, exclude=seq)),
+    ):
+        got = http.post("/v1/candidates", json={"user_id": u, "k": 10, "producer": name}).json()
+        assert ids_of(got) == want, f"{name} reflects the click"
     # a cold item (in the catalogue, not in the index) is a known item: accepted
     assert http.post("/v1/events", json={"user_id": u, "item_id": COLD_ID}).status_code == 200
 
@@ -402,6 +574,10 @@ def test_probes(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     r = http.get("/readyz")
     assert r.status_code == 200 and r.json()["ready"] is True and r.json()["reasons"] == []
+    producers = r.json()["producers"]
+    assert sorted(producers) == ["popular", "sasrec", "similar", "student"]
+    assert all(p["ready"] and p["reason"] is None for p in producers.values())
+    assert producers["popular"]["index_version"] is None and producers["similar"]["index_version"]
 
 
 # ------------------------------------------------------------------------------------- config and CLI
@@ -530,12 +706,45 @@ def test_internal_error_is_a_json_500_without_internals(local, monkeypatch):
     def boom(self, ids):
         raise RuntimeError("secret /internal/path")
 
-    monkeypatch.setattr(producer_mod.State, "user_vectors", boom)
+    monkeypatch.setattr(producer_mod.ModelSource, "user_vectors", boom)
     status, body = call(local, "candidates", CandidatesRequest(user_id=1))
     assert status == 500 and body == {
         "error": "internal_error",
         "message": "internal error; the replica log has the details",
     }
+
+
+def test_mix_drops_a_slow_and_a_failing_producer_but_answers(world, local, monkeypatch):
+    """sasrec stuck past the budget, similar's index down: both dropped and named, their slots refilled
+    by the others, within the budget."""
+    real = producer_mod.ModelSource.user_vectors
+
+    def slow_sasrec(self, ids):
+        if self.name == "sasrec":
+            time.sleep(2)
+        return real(self, ids)
+
+    def broken(*args):
+        raise ConnectionError("qdrant at 10.0.0.9 refused")
+
+    monkeypatch.setattr(producer_mod.ModelSource, "user_vectors", slow_sasrec)
+    monkeypatch.setattr(producer_mod.SimilarSource, "merge", broken)
+    quotas = {"student": 3, "sasrec": 3, "similar": 2, "popular": 2}
+    t0 = time.perf_counter()
+    status, body = call(local, "mix", producer_mod.MixRequest(user_id=1, quotas=quotas, budget_ms=400))
+    assert time.perf_counter() - t0 < 1.5, "the budget bounds the call"
+    assert status == 200 and body["k"] == 10
+    reports = body["producers"]
+    assert reports["sasrec"]["status"] == "timeout" and reports["similar"]["status"] == "error"
+    assert any(w.startswith("sasrec: no answer within the 400 ms budget") for w in body["warnings"])
+    assert any(w.startswith("similar: failed (ConnectionError)") for w in body["warnings"])
+    assert "10.0.0.9" not in json.dumps(body)
+    ids = [c["item_id"] for c in body["candidates"]]
+    assert len(ids) == len(set(ids)) == 10 and {c["producer"] for c in body["candidates"]} == {
+        "student",
+        "popular",
+    }
+    assert reports["student"]["taken"] + reports["popular"]["taken"] == 10
 
 
 def test_local_event_on_unknown_item_is_refused(local):
@@ -548,17 +757,25 @@ def test_local_event_on_unknown_item_is_refused(local):
 def test_reconfigure_hot_swaps_in_place_and_refuses_a_bad_config(world, local, tmp_path):
     """reconfigure() on the running replica (what a user_config-only update of a declarative config or a
     RayService does): a new state is built, then swapped in; a bad config leaves the old one serving."""
-    new = replace(local_config(world), producer="student-b", default_k=3)
+    new = replace(local_config(world), producer="popular", default_k=3)
     local.reconfigure.remote(new.to_dict()).result()
     status, body = call(local, "candidates", CandidatesRequest(user_id=1))
-    assert status == 200 and body["producer"] == "student-b" and len(body["candidates"]) == 3
+    assert status == 200 and body["producer"] == "popular" and len(body["candidates"]) == 3
 
     export = tmp_path / "export"
     shutil.copytree(world.export, export)
     (export / "run.json").write_text(json.dumps({"teacher_id": "another:teacher"}))
-    with pytest.raises(Exception, match="teacher mismatch"):
-        local.reconfigure.remote(replace(new, model_path=str(export)).to_dict()).result()
-    assert call(local, "candidates", CandidatesRequest(user_id=1))[1]["producer"] == "student-b"
+    with pytest.raises(Exception, match="teacher mismatch"):  # the default producer must load
+        local.reconfigure.remote(replace(local_config(world), model_path=str(export)).to_dict()).result()
+    assert call(local, "candidates", CandidatesRequest(user_id=1))[1]["producer"] == "popular"
+
+    # the same bad export beside a default that loads: the replica serves, the student is named missing
+    local.reconfigure.remote(replace(new, model_path=str(export)).to_dict()).result()
+    status, body = call(local, "candidates", CandidatesRequest(user_id=1, producer="student"))
+    assert status == 503 and body["error"] == "producer_unavailable" and "teacher mismatch" in body["message"]
+    ready = local.readyz.remote().result()
+    assert ready.status_code == 200
+    assert json.loads(ready.body)["producers"]["student"]["ready"] is False
     local.reconfigure.remote(local_config(world).to_dict()).result()
 
 
