@@ -1,6 +1,8 @@
 """ProducerConfig: everything a Producer replica needs, also the shape of its Serve `user_config`.
 
     cfg = ProducerConfig(workdir=".vlmrec/sample")         # paths default inside the workspace
+    # student: runs/student/export + index/; sasrec: runs/sasrec/export + indexes/sasrec;
+    # similar: indexes/teacher; popular: data/events.parquet (serving/sources.py)
     Producer.options(user_config=cfg.to_dict()).bind()     # reconfigure() loads (or hot-swaps) from it
 
 Paths are resolved by the properties below; the environment (QDRANT_URL) is read once in serving/cli.py,
