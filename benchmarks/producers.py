@@ -18,7 +18,10 @@ split's test queries (shared/data/README.md: every test event, history = all the
   in the list counts as a miss), per event (micro) with a 95% bootstrap interval over users, and macro;
 - overlap: the mean Jaccard of every pair of producers' top-100 sets on the same queries;
 - latency: client-side wall time of each call (same run, same queries, calls in turn): p50 / p99 per
-  producer, of the slowest producer per query, and of the Mixer.
+  producer, of the slowest producer per query, and of the Mixer;
+- `similar`'s N (the last N distinct clicks whose neighbours it returns): the same rule computed offline
+  with numpy from the stored teacher vectors for N in --similar-sweep, on the same queries; the N the
+  Producer served must give the same lists (a check of the serving path).
 """
 
 from __future__ import annotations
@@ -59,6 +62,40 @@ def build_indexes(ws: Workspace, student: str, sasrec: str) -> dict:
     for argv in (["--vectors", str(vectors)], ["--run", sasrec], ["--teacher"]):
         index_cli.run(parser.parse_args(["build", "--workdir", str(ws.root), *argv]))
     return {"build_s": round(time.perf_counter() - t0, 1)}
+
+
+def similar_offline(ws: Workspace, histories: list[np.ndarray], last_n: int, k: int = K) -> list[list[int]]:
+    """`similar` in numpy: each item's best cosine to the last `last_n` distinct clicks, the history's
+    items (its last 1000, as sent) excluded, top k."""
+    table = pq.read_table(ws.embeddings, columns=["item_id", "vector"]).to_pandas()
+    ids = table["item_id"].to_numpy(np.int64)
+    x = np.stack(table["vector"].to_numpy()).astype(np.float32)  # (N, D), unit rows
+    row = {int(i): r for r, i in enumerate(ids)}
+    out = []
+    for hist in histories:
+        hist = hist[-1000:]
+        last = [row[i] for i in dict.fromkeys(int(h) for h in hist[::-1]) if i in row][:last_n]
+        best = (x[last] @ x.T).max(0)  # (N,)
+        best[[row[int(h)] for h in hist if int(h) in row]] = -np.inf
+        top = np.argpartition(-best, k)[:k]
+        out.append(ids[top[np.argsort(-best[top], kind="stable")]].tolist())
+    return out
+
+
+def rank_metrics(lists: list[list[int]], targets, users, cold) -> dict:
+    ranks = np.array([lst.index(t) if t in lst else MISS for lst, t in zip(lists, targets, strict=True)])
+    m = metrics_from_ranks(ranks, ks=(10, K), users=users)
+    c = metrics_from_ranks(ranks[cold], ks=(10, K), users=users[cold], n_bootstrap=0) if cold.any() else None
+    return {
+        f"HR@{K}": m["micro"][f"HR@{K}"],
+        "NDCG@10": m["micro"]["NDCG@10"],
+        f"HR@{K}_ci95": m["micro_ci95"][f"HR@{K}"],
+        "NDCG@10_ci95": m["micro_ci95"]["NDCG@10"],
+        f"macro_HR@{K}": m["macro"][f"HR@{K}"],
+        "macro_NDCG@10": m["macro"]["NDCG@10"],
+        f"cold_HR@{K}": c["micro"][f"HR@{K}"] if c else None,
+        "mean_list_length": float(np.mean([len(x) for x in lists])),
+    }
 
 
 def percentiles(ms: list[float]) -> dict:
@@ -148,26 +185,16 @@ def run(args: argparse.Namespace) -> dict:
     result["run_s"] = round(time.perf_counter() - t_run, 1)
 
     targets, users, cold = q.targets[chosen], q.user_ids[chosen], q.cold[chosen]
-    quality = {}
-    for p, ls in lists.items():
-        ranks = np.array([lst.index(t) if t in lst else MISS for lst, t in zip(ls, targets, strict=True)])
-        m = metrics_from_ranks(ranks, ks=(10, K), users=users)
-        c = (
-            metrics_from_ranks(ranks[cold], ks=(10, K), users=users[cold], n_bootstrap=0)
-            if cold.any()
-            else None
-        )
-        quality[p] = {
-            f"HR@{K}": m["micro"][f"HR@{K}"],
-            "NDCG@10": m["micro"]["NDCG@10"],
-            f"HR@{K}_ci95": m["micro_ci95"][f"HR@{K}"],
-            "NDCG@10_ci95": m["micro_ci95"]["NDCG@10"],
-            f"macro_HR@{K}": m["macro"][f"HR@{K}"],
-            "macro_NDCG@10": m["macro"]["NDCG@10"],
-            f"cold_HR@{K}": c["micro"][f"HR@{K}"] if c else None,
-            "mean_list_length": float(np.mean([len(x) for x in ls])),
-        }
-    result["quality"] = quality
+    result["quality"] = {p: rank_metrics(ls, targets, users, cold) for p, ls in lists.items()}
+    histories = [q.histories[i] for i in chosen]
+    sweep = {}
+    for n in args.similar_sweep:
+        offline = similar_offline(ws, histories, n)
+        sweep[n] = rank_metrics(offline, targets, users, cold)
+        if n == config.similar_last_n:
+            same = sum(a == b for a, b in zip(offline, lists["similar"], strict=True))
+            sweep[n]["same_lists_as_served"] = f"{same} of {len(offline)}"
+    result["similar_last_n_offline"] = sweep
     result["fallbacks"] = fallbacks
     result["mix_dropped"] = dropped
     result["jaccard_top100"] = {
@@ -205,6 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train-fraction", type=float, default=0.8)
     parser.add_argument("--budget-ms", type=float, default=1000.0, help="the Mixer's time budget")
     parser.add_argument("--port", type=int, default=8321)
+    parser.add_argument("--similar-sweep", type=int, nargs="*", default=[1, 3, 5], help="offline N values")
     parser.add_argument("--no-build", action="store_true", help="use the indexes already in the workspace")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "producers.json")
     args = parser.parse_args(argv)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,6 @@ def index_config(cfg: ProducerConfig, name: str | None = None) -> IndexConfig:
     named index (sasrec, teacher) the alias `items_<name>` (what `vlmrec index build --run NAME` /
     `--teacher` make). The api key comes from this replica's environment (QDRANT_API_KEY), never from
     user_config."""
-    import os
-
     if cfg.index_backend == "server":
         alias = cfg.index_alias if name is None else f"{IndexConfig.alias}_{name}"
         return IndexConfig(
@@ -299,7 +298,7 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
         return SimilarSource(index, cfg.similar_last_n, popular.items if popular else [])
 
     loaders = {
-        "popular": load_popular,  # first: similar falls back to its ranking
+        "popular": lambda: load_popular(cfg),  # first: similar falls back to its ranking
         "student": lambda: model("student", cfg.run, cfg.export_dir, cfg.index_path, None),
         "sasrec": lambda: model(
             "sasrec", cfg.sasrec_run, cfg.sasrec_export_dir, cfg.sasrec_index_path, cfg.sasrec_run
@@ -311,7 +310,7 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
         for name, load in loaders.items():
             n_open = len(opened)
             try:
-                source = load(cfg) if name == "popular" else load()
+                source = load()
                 source.warm_up()
                 sources[name] = source
             except Exception as exc:
