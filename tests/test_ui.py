@@ -255,7 +255,6 @@ def test_browser_end_to_end(tmp_path, ray_local):
     a click on a candidate changes the columns (the clicked item leaves them, the last-click producers
     move) and enters the recent-clicks strip."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from serving import cli as serving_cli
     from tests.producer_world import write_world
@@ -286,12 +285,17 @@ def test_browser_end_to_end(tmp_path, ray_local):
         item = before["col-student"][0]
         button = driver.find_element(By.CSS_SELECTOR, f".st-key-click-student-{item.split()[1]} button")
         button.click()
-        WebDriverWait(driver, 60, poll_frequency=0.25).until(
-            lambda d: item in text("recent") and all(item not in shown(key) for key in keys)
+        browser.wait(
+            driver,
+            lambda d: (
+                d.execute_script(browser.SCRIPT_DONE)
+                and item in text("recent")
+                and all(item not in shown(key) for key in keys)
+            ),
+            timeout_s=60,
         )
-        WebDriverWait(driver, 60, poll_frequency=0.25).until(
-            lambda d: all(shown(key) != before[key] for key in ("col-student", "col-sasrec", "col-similar"))
-        )
+        moved = ("col-student", "col-sasrec", "col-similar")  # they rank from the last clicks
+        browser.wait(driver, lambda d: all(shown(key) != before[key] for key in moved), timeout_s=60)
         assert f"clicked {item}" in driver.find_element(By.CSS_SELECTOR, "[data-testid='stAlert']").text
     finally:
         driver.quit()

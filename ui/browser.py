@@ -15,6 +15,10 @@ from pathlib import Path
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 CHROMIUM = "/usr/bin/chromium"
+SCRIPT_DONE = (  # Streamlit marks its app element while the script (re)runs
+    "const a = document.querySelector('[data-testid=stApp]');"
+    "return a !== null && a.getAttribute('data-test-script-state') === 'notRunning'"
+)
 IMAGES_LOADED = (
     "return Array.from(arguments[0].querySelectorAll('img'))"
     ".filter(i => i.complete && i.naturalWidth > 0).length"
@@ -43,21 +47,32 @@ def chromium(width: int = 1600, height: int = 1400):
     return webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
 
 
-def wait_for_page(driver, url: str, keys: list[str], min_images: int = 1, timeout_s: float = 60.0) -> None:
-    """Open url and wait until every `st-key-<key>` container holds at least min_images loaded images."""
-    from selenium.webdriver.common.by import By
+def wait(driver, condition, timeout_s: float = 60.0):
+    """WebDriverWait that also retries while Streamlit replaces elements under it (stale references)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
+
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.25, ignored_exceptions=ignored).until(condition)
+
+
+def wait_for_page(driver, url: str, keys: list[str], min_images: int = 1, timeout_s: float = 60.0) -> None:
+    """Open url and wait until the script has finished its run and every `st-key-<key>` container holds at
+    least min_images loaded images."""
+    from selenium.webdriver.common.by import By
 
     driver.get(url)
 
     def ready(d) -> bool:
+        if not d.execute_script(SCRIPT_DONE):
+            return False
         for key in keys:
             found = d.find_elements(By.CSS_SELECTOR, f".st-key-{key}")
             if not found or d.execute_script(IMAGES_LOADED, found[0]) < min_images:
                 return False
         return True
 
-    WebDriverWait(driver, timeout_s, poll_frequency=0.25).until(ready)
+    wait(driver, ready, timeout_s)
 
 
 def screenshot(url: str, out: Path, keys: list[str], width: int = 1600, height: int = 2000) -> Path:

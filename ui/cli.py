@@ -44,6 +44,8 @@ def command(cfg: UIConfig) -> list[str]:
         "none",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "viewer",  # no "Deploy" button or developer menu on a demo
         "--global.developmentMode",
         "false",
     ]

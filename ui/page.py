@@ -150,7 +150,7 @@ def _mixed(cat, client, user, k, weights, filters) -> None:
             st.warning(f"mix: {reply.message}")
             return
         for w in reply.body["warnings"]:
-            st.caption(f"⚠ {w}")
+            st.caption(f"warning: {w}")
         per_row = 6
         items = reply.body["candidates"]
         for start in range(0, len(items), per_row):
@@ -182,7 +182,8 @@ def main() -> None:
     with st.sidebar:
         st.subheader(f"readiness ({_latency(ready)})")
         for name, p in ready.body.get("producers", {}).items():
-            st.caption(f"{'✅' if p['ready'] else '❌'} {name}: {p.get('model_version') or p.get('reason')}")
+            state = "ready" if p["ready"] else "NOT READY"
+            st.caption(f"{name} {state}: {p.get('model_version') or p.get('reason')}")
     st.title(f"User {user}")
     last = st.session_state.pop("last_click", None)
     if last:
