@@ -424,6 +424,14 @@ def test_config_is_validated():
         ProducerConfig(index_backend="server")
     with pytest.raises(ValueError, match="unknown keys"):
         ProducerConfig.from_dict({"workdir": "w", "tiemout": 1})
+    with pytest.raises(ValueError, match="producer must be one of"):
+        ProducerConfig(producer="student-b")
+    with pytest.raises(ValueError, match="popular_until"):
+        ProducerConfig(popular_until="last tuesday")
+    with pytest.raises(ValueError, match="mix_budget_ms"):
+        ProducerConfig(mix_budget_ms=0)
+    assert ProducerConfig(popular_until="2016-03-22T08:26:11").popular_until_ts.tzinfo is not None
+    assert ProducerConfig(workdir="w").sasrec_index_path == Path("w").absolute() / "indexes/sasrec"
     assert ProducerConfig.from_dict(None) == ProducerConfig()
     assert ProducerConfig(workdir="w").export_dir == Path("w").absolute() / "runs/student/export"
 

@@ -249,6 +249,25 @@ def test_one_producer_failing_leaves_the_others(monkeypatch, ui_world, stub):
     assert len(ids_in(at, "col-student")) == 10 and not at.exception
 
 
+def test_ui_cli_config_and_bad_input(tmp_path, capsys):
+    from vlmrec.cli import build_parser
+    from vlmrec.cli import main as cli
+
+    args = build_parser("ui").parse_args(["ui", "--workdir", "w", "--images-dir", "imgs", "--port", "8600"])
+    from ui.cli import command, config_from_args
+
+    cfg = config_from_args(args)
+    assert cfg.workdir == str(Path("w").absolute()) and cfg.images_dir == str(Path("imgs").absolute())
+    assert cfg.page_url == "http://127.0.0.1:8600" and UIConfig.from_env({ENV: cfg.to_json()}) == cfg
+    assert "--server.headless" in command(cfg) and cfg.api_url == "http://127.0.0.1:8000"
+    with pytest.raises(ValueError, match="unknown keys"):
+        UIConfig.from_env({ENV: '{"api": "x"}'})
+    with pytest.raises(ValueError, match="api_url"):
+        UIConfig(api_url="localhost:8000")
+    assert cli(["ui", "--workdir", str(tmp_path / "none")]) == 2
+    assert "no catalogue" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_browser_end_to_end(tmp_path, ray_local):
     """The real Producer and the page on 127.0.0.1, in headless Chromium: every column shows its images,

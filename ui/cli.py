@@ -123,13 +123,16 @@ def config_from_args(args: argparse.Namespace) -> UIConfig:
 
 
 def wait_for_interrupt() -> None:
-    """Block until Ctrl-C or SIGTERM."""
+    """Block until Ctrl-C (SIGINT) or SIGTERM. Both get our own handler for the wait: a library may have
+    left its own on SIGINT (Ray Train's trainer.fit() does, in `vlmrec demo`), and Ctrl-C would not stop."""
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        done.wait()
-    except KeyboardInterrupt:
-        pass
+        while not done.wait(0.5):  # a timed wait: signal handlers run between waits
+            pass
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run(args: argparse.Namespace) -> None:
