@@ -32,8 +32,9 @@ class ProducerConfig:
     index_dir: str | None = None  # Edge index folder; None = <workdir>/index
     index_backend: str = "edge"  # "edge" (in-process copy per replica) or "server" (Qdrant at index_url)
     index_url: str | None = None  # server backend: http://qdrant:6333
-    # server backend: the Qdrant alias the student searches. One alias per served model (`vlmrec index build --alias`), so a
-    # reconfigure swaps model and index together (docs/DEPLOY.md, rolling out a new model).
+    # server backend: the Qdrant alias the student searches. One alias per served model
+    # (`vlmrec index build --alias`), so a reconfigure swaps model and index together (docs/DEPLOY.md,
+    # rolling out a new model). The siblings search items_<name> (serving/sources.py).
     index_alias: str = "items"
     producer: str = "student"  # the producer a request that names none gets (one of PRODUCERS)
     # Sibling producers, same request and response. Each may be absent (no export or index): the replica
