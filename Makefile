@@ -9,7 +9,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.vlmrec-installed
 
 # make demo DATA=../shared/data/movielens-small FORMAT=movielens   runs the same on real data
+# make demo UI=1   also starts the demo page and keeps it and the Producer running until Ctrl-C
 DATA    ?=
+UI      ?=
 FORMAT  ?= sample
 WORKDIR ?= .vlmrec/$(FORMAT)
 PYTEST_ARGS ?=
@@ -27,9 +29,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@! $(PY) -c "import torchvision" 2>/dev/null || (echo "torchvision is installed: it breaks beside the CPU torch (see README)"; exit 1)
 	@touch $@
 
-# redis-server for the Feast Redis online-store tests (tests start their own on 127.0.0.1).
+# redis-server for the Feast Redis online-store tests (tests start their own on 127.0.0.1);
+# chromium + chromium-driver for the demo page's browser test (Selenium is given Debian's driver).
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@(command -v chromium >/dev/null && command -v chromedriver >/dev/null) || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -39,7 +43,7 @@ test: venv system-deps lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 demo: venv
-	$(VENV)/bin/vlmrec demo --workdir $(WORKDIR) --format $(FORMAT) $(if $(DATA),--data $(DATA),)
+	$(VENV)/bin/vlmrec demo --workdir $(WORKDIR) --format $(FORMAT) $(if $(DATA),--data $(DATA),) $(if $(UI),--ui,)
 
 clean:
 	rm -rf .vlmrec

@@ -63,6 +63,7 @@ BUILD_FIELDS = (
     "indexing_threshold_kb",
     "quantization",
     "quantization_quantile",
+    "distance",
 )
 SERVER_OPTIMIZE_TIMEOUT_S = 3600.0  # a server builds HNSW in the background; wait this long for green
 
@@ -233,7 +234,14 @@ def _edge_config(dim: int, config: IndexConfig):
     )
     hnsw = HnswIndexConfig(config.hnsw_m, config.hnsw_ef_construct, config.full_scan_threshold_kb)
     return EdgeConfig(
-        vectors={VECTOR: EdgeVectorParams(dim, Distance.Cosine, quantization_config=quant, hnsw_config=hnsw)},
+        vectors={
+            VECTOR: EdgeVectorParams(
+                dim,
+                Distance.Dot if config.distance == "dot" else Distance.Cosine,
+                quantization_config=quant,
+                hnsw_config=hnsw,
+            )
+        },
         optimizers=EdgeOptimizersConfig(indexing_threshold=config.indexing_threshold_kb),
     )
 
@@ -357,7 +365,12 @@ class _ServerWriter:
         )
         self.client.create_collection(
             self.collection,
-            vectors_config={VECTOR: models.VectorParams(size=info.dim, distance=models.Distance.COSINE)},
+            vectors_config={
+                VECTOR: models.VectorParams(
+                    size=info.dim,
+                    distance=models.Distance.DOT if c.distance == "dot" else models.Distance.COSINE,
+                )
+            },
             hnsw_config=models.HnswConfigDiff(
                 m=c.hnsw_m, ef_construct=c.hnsw_ef_construct, full_scan_threshold=c.full_scan_threshold_kb
             ),
@@ -465,8 +478,10 @@ def _writer(index_dir, config: IndexConfig, client):
 # -- build and verify ----------------------------------------------------------------------------------
 
 
-def verify(writer, points: pa.Table, probes: int = 3) -> str:
-    """Point count == rows, and a few stored vectors each find their own item first (or an exact twin)."""
+def verify(writer, points: pa.Table, probes: int = 3, distance: str = "cosine") -> str:
+    """Point count == rows, and a few stored vectors each find their own item first (or an exact twin);
+    with the dot product (where an item need not be its own best match) the top hit scores the exact
+    maximum over the table."""
     n = writer.count()
     if n != points.num_rows:
         raise RuntimeError(f"verify: the new version holds {n} points, the table {points.num_rows} rows")
@@ -474,10 +489,18 @@ def verify(writer, points: pa.Table, probes: int = 3) -> str:
     rows = sorted({0, len(ids) // 2, len(ids) - 1})[:probes]
     for r in rows:
         hits = writer.top(vectors[r], 10)
+        if distance == "dot":
+            best = float((vectors @ vectors[r]).max())
+            if not hits or abs(hits[0][1] - best) > 1e-3 * max(1.0, abs(best)):
+                raise RuntimeError(
+                    f"verify: a probe with item {ids[r]}'s vector returned {hits[:3]}, best {best}"
+                )
+            continue
         mine = [s for i, s in hits if i == ids[r]]
         if not hits or not mine or mine[0] < hits[0][1] - 1e-4:
             raise RuntimeError(f"verify: a probe with item {ids[r]}'s vector returned {hits[:3]}")
-    return f"count {n} == rows; {len(rows)}/{len(rows)} probes found their own item first"
+    what = "scored the exact best dot product" if distance == "dot" else "found their own item first"
+    return f"count {n} == rows; {len(rows)}/{len(rows)} probes {what}"
 
 
 def workspace_teacher_id(ws: Workspace) -> str | None:
@@ -525,6 +548,7 @@ def build_index(
         dim=dim,
         count=points.num_rows,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        distance=config.distance,
     )
     writer = _writer(index_dir, config, client)
     try:
@@ -537,7 +561,7 @@ def build_index(
                     bar.update(batch.num_rows)
             writer.index_payload()
             writer.optimize()
-            checked = verify(writer, points)
+            checked = verify(writer, points, distance=config.distance)
             indexed = writer.indexed()
             writer.commit()
         except BaseException:

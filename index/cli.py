@@ -1,6 +1,8 @@
 """`vlmrec index build|upsert`: build a verified index version and switch to it, or add new items.
 
     vlmrec index build  --workdir .vlmrec/sample                       # Edge, <workdir>/index
+    vlmrec index build  --workdir W --run sasrec     # runs/sasrec/export -> indexes/sasrec (dot: id space)
+    vlmrec index build  --workdir W --teacher        # data/item_embeddings.parquet -> indexes/teacher
     vlmrec index build  --workdir W --vectors runs/x/export/item_vectors.parquet --backend server
     vlmrec index upsert --workdir W --vectors new_vectors.parquet --items new_items.parquet
     python -m index.cli build --help
@@ -11,13 +13,14 @@ The server backend reads QDRANT_URL / QDRANT_API_KEY from the environment (here,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from index.config import BACKENDS, IndexConfig
-from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
+from index.config import BACKENDS, DISTANCES, IndexConfig
+from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 
 EXPORT_NAME = (
     "item_vectors.parquet"  # what training exports under runs/<name>/; the newest one is the default
@@ -42,7 +45,11 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _NOT_FLAGS or f.default is MISSING:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
+        if f.name == "distance":  # None: decided from the vectors (see vector_distance)
+            p.add_argument(
+                flag, choices=DISTANCES, default=None, help="default: dot for an id-space export, else cosine"
+            )
+        elif isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "backend":
             p.add_argument(flag, choices=BACKENDS, default=f.default)
@@ -61,6 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in commands.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+        which = p.add_mutually_exclusive_group()
+        which.add_argument(
+            "--run",
+            default=None,
+            help="a run's own index: vectors runs/RUN/export/item_vectors.parquet, folder indexes/RUN "
+            "(server: alias <alias>_RUN); the student producer reads <workdir>/index (no --run)",
+        )
+        which.add_argument(
+            "--teacher",
+            action="store_true",
+            help=f"the raw teacher vectors (data/item_embeddings.parquet) into indexes/{TEACHER_INDEX} "
+            f"(server: alias <alias>_{TEACHER_INDEX}): what the `similar` producer searches",
+        )
         p.add_argument(
             "--vectors",
             type=Path,
@@ -72,35 +92,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--items", type=Path, default=None, help="catalogue (default: <workdir>/data/items.parquet)"
         )
         p.add_argument(
-            "--index-dir", type=Path, default=None, help="Edge index folder (default: <workdir>/index)"
+            "--index-dir",
+            type=Path,
+            default=None,
+            help="Edge index folder (default: <workdir>/index, or indexes/<name> with --run / --teacher)",
         )
         _config_flags(p)
 
 
-def config_from_args(args: argparse.Namespace) -> IndexConfig:
+def index_name(args: argparse.Namespace) -> str | None:
+    """The named index --run / --teacher pick (None: the default <workdir>/index)."""
+    return TEACHER_INDEX if getattr(args, "teacher", False) else getattr(args, "run", None)
+
+
+def vector_distance(vectors: Path) -> str:
+    """dot for a training export of the id space (its run.json says so), else cosine."""
+    run_json = Path(vectors).parent / "run.json"
+    if run_json.exists():
+        space = json.loads(run_json.read_text()).get("configs", {}).get("model", {}).get("item_space")
+        if space == "id":
+            return "dot"
+    return "cosine"
+
+
+def default_vectors(args: argparse.Namespace, ws: Workspace) -> Path:
+    if args.vectors:
+        return args.vectors
+    if args.teacher:
+        if not ws.embeddings.exists():
+            raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
+        return ws.embeddings
+    if args.run:
+        path = ws.runs / args.run / "export" / EXPORT_NAME
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no export of run {args.run!r} ({path}): run `vlmrec train --workdir {ws.root} --name {args.run}`"
+            )
+        return path
+    return latest_export(ws)
+
+
+def config_from_args(args: argparse.Namespace, vectors: Path | None = None) -> IndexConfig:
     values = {f.name: getattr(args, f.name) for f in fields(IndexConfig) if f.name not in _NOT_FLAGS}
     values["url"] = values["url"] or os.environ.get("QDRANT_URL")
+    values["distance"] = values["distance"] or (vector_distance(vectors) if vectors else "cosine")
+    name = index_name(args)
+    if name and values["alias"] == IndexConfig.alias:
+        values["alias"] = f"{IndexConfig.alias}_{name}"
     return IndexConfig(**values, api_key=os.environ.get("QDRANT_API_KEY"))
 
 
 def run(args: argparse.Namespace) -> None:
     from index.build import build_index, upsert_items, workspace_teacher_id
 
-    config = config_from_args(args)
     ws = Workspace(args.workdir)
-    index_dir = args.index_dir or ws.index
+    name = index_name(args)
+    index_dir = args.index_dir or (ws.named_index(name) if name else ws.index)
     items = args.items or ws.items
     if args.index_command == "build":
-        vectors = args.vectors or latest_export(ws)
+        vectors = default_vectors(args, ws)
+        config = config_from_args(args, vectors)
         source = f"{ws.embeddings} (what new items are embedded with)"
         v = build_index(
             vectors, items, index_dir, config, teacher_id=workspace_teacher_id(ws), teacher_source=source
         )
         print(
-            f"index build: {v.name} ({v.backend}) {v.count} items, dim {v.dim}, teacher {v.teacher_id}, "
+            f"index build: {v.name} ({v.backend}, {config.distance}) {v.count} items, dim {v.dim}, "
+            f"teacher {v.teacher_id}, "
             f"{v.seconds:.1f} s -> {v.location}\n  verify: {v.verify}\n  dropped: {list(v.dropped) or 'none'}"
         )
     else:
+        config = config_from_args(args)
         n = upsert_items(args.vectors, items, index_dir, config)
         where = index_dir if config.backend == "edge" else f"alias {config.alias}"
         print(f"index upsert: {n} items into the current version ({where})")

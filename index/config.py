@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 BACKENDS = ("edge", "server")
+DISTANCES = ("cosine", "dot")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class IndexConfig:
     api_key: str | None = None  # server: never written to disk by to_dict()
     path: str | None = None  # server in qdrant-client local mode (a folder or ":memory:")
     alias: str = "items"  # server: the alias searches use; versions are collections "<alias>_<version>"
+    # "cosine" for content spaces (unit vectors); "dot" for an id-space export (the behavioural SASRec scores
+    # items by the dot product of unnormalised id embeddings: a cosine index would re-rank them).
+    distance: str = "cosine"
 
     # HNSW graph: Qdrant's defaults; m 16 / ef_construct 100 gave recall@100 0.97 at ef 128 on the MiniLM
     # MovieLens titles (STACK.md).
@@ -55,6 +59,8 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1 (the current version), got {self.keep_versions}")
         if self.batch_size < 1 or self.hnsw_ef < 1 or self.hnsw_m < 2:

@@ -7,8 +7,9 @@
         idx.refresh()                                                 # pick up a new version / upserts
     open_index(None, IndexConfig(backend="server", url="http://qdrant:6333"))
 
-Results are [(item_id, cosine score)], best first. Exclusion and filters run inside Qdrant (must_not
-HasId; must category / available), so k results come back whenever k items qualify.
+Results are [(item_id, score)], best first: the cosine, or the dot product for a `distance="dot"` version.
+Exclusion and filters run inside Qdrant (must_not HasId; must category / available), so k results come
+back whenever k items qualify.
 
 Edge: Qdrant Edge lets one process open a shard folder, so each Index (each Producer replica) copies the
 current version into `<index_dir>/replicas/<host>-<pid>-<uuid>/` and loads the copy; it replays the
@@ -52,7 +53,7 @@ from index.store import (
 )
 from vlmrec.workspace import Workspace
 
-Hit = tuple[int, float]  # (item_id, cosine score)
+Hit = tuple[int, float]  # (item_id, score: cosine, or dot product for a dot-product version)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class Index(ABC):
     @property
     def dim(self) -> int:
         return self.info.dim
+
+    @property
+    def distance(self) -> str:
+        return self.info.distance
 
     def search(
         self, vector: np.ndarray, k: int, exclude_ids: Sequence[int] = (), filters: dict | None = None

@@ -59,13 +59,21 @@ class VersionInfo:
     dim: int
     count: int
     created: str  # ISO 8601 UTC
+    distance: str = "cosine"  # "dot" for id-space vectors; versions built before it existed are cosine
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> VersionInfo:
-        return cls(str(d["version"]), str(d["teacher_id"]), int(d["dim"]), int(d["count"]), str(d["created"]))
+        return cls(
+            str(d["version"]),
+            str(d["teacher_id"]),
+            int(d["dim"]),
+            int(d["count"]),
+            str(d["created"]),
+            str(d.get("distance", "cosine")),
+        )
 
 
 @dataclass(frozen=True)

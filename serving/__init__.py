@@ -1,9 +1,13 @@
-"""The Ray Serve Producer: user clicks -> student user vector -> Qdrant -> candidates (serving/producer.py).
+"""The Ray Serve Producer: user clicks -> student user vector -> Qdrant -> candidates, beside sibling
+producers and a reference Mixer (serving/producer.py).
 
     vlmrec serve --workdir .vlmrec/sample            # serving/cli.py; or `serve run serving.producer:app`
 
 config.py   ProducerConfig (also the Serve user_config)
-producer.py the deployment, its FastAPI routes, the model input and popular fallback functions
+api.py      the HTTP contract: request and response models (docs/API.md)
+sources.py  the producers: student, sasrec, similar, popular (what each loads and how it ranks)
+mixer.py    the reference Mixer's quotas and de-duplicating interleave
+producer.py the deployment, its FastAPI routes (candidates, mix, events, clicks, probes), the model input
 events.py   click pushes to the Feast online store (read-modify-write, serialised per user)
 cli.py      `vlmrec serve`, and start()/stop() for the demo and tests
 """

@@ -2,6 +2,7 @@
 
     vlmrec serve                                    # what `make demo` built: .vlmrec/sample, 127.0.0.1:8000
     vlmrec serve --workdir .vlmrec/movielens --run student --port 8080 --replicas 2
+    vlmrec serve --workdir W --sasrec-run sasrec --popular-half-life-days 3 --mix-budget-ms 100
     QDRANT_URL=http://qdrant:6333 vlmrec serve --index-backend server
 
     from serving.cli import start, stop             # non-blocking, for the demo and tests
@@ -21,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from index.config import BACKENDS
-from serving.config import ProducerConfig
+from serving.config import PRODUCERS, ProducerConfig
 from vlmrec.workspace import DEFAULT_WORKDIR
 
 APP_NAME = "vlmrec-producer"
@@ -44,7 +45,7 @@ def start(
 
     absolute = {
         name: str(Path(getattr(config, name)).absolute())
-        for name in ("workdir", "model_path", "index_dir")
+        for name in ("workdir", "model_path", "index_dir", "sasrec_index_dir", "similar_index_dir")
         if getattr(config, name)
     }
     init_ray(num_cpus=num_cpus)
@@ -77,6 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--replicas", type=int, default=1, help="Producer replicas (each holds a model + index copy)"
     )
     parser.add_argument("--default-k", type=int, default=d.default_k)
+    parser.add_argument(
+        "--producer", choices=PRODUCERS, default=d.producer, help="the producer a request naming none gets"
+    )
+    parser.add_argument(
+        "--sasrec-run", default=d.sasrec_run, help="the id-space run served as `sasrec` (indexes/<run>)"
+    )
+    parser.add_argument("--similar-last-n", type=int, default=d.similar_last_n)
+    parser.add_argument("--popular-half-life-days", type=float, default=d.popular_half_life_days)
+    parser.add_argument(
+        "--popular-until", default=None, help="`popular` counts events before this ISO time (backtests)"
+    )
+    parser.add_argument("--mix-budget-ms", type=float, default=d.mix_budget_ms)
 
 
 def config_from_args(args: argparse.Namespace) -> ProducerConfig:
@@ -90,6 +103,12 @@ def config_from_args(args: argparse.Namespace) -> ProducerConfig:
         index_url=url,
         index_alias=args.index_alias,
         default_k=args.default_k,
+        producer=args.producer,
+        sasrec_run=args.sasrec_run,
+        similar_last_n=args.similar_last_n,
+        popular_half_life_days=args.popular_half_life_days,
+        popular_until=args.popular_until,
+        mix_budget_ms=args.mix_budget_ms,
     )
 
 
@@ -97,7 +116,9 @@ def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
     url = start(config, args.host, args.port, args.replicas)
     print(
-        f"serve: Producer {config.producer!r} at {url} (POST /v1/candidates, /docs); Ctrl-C stops", flush=True
+        f"serve: Producer at {url} (default producer {config.producer!r}; POST /v1/candidates, /v1/mix, "
+        "/docs); Ctrl-C stops",
+        flush=True,
     )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())

@@ -1,6 +1,8 @@
 """ProducerConfig: everything a Producer replica needs, also the shape of its Serve `user_config`.
 
     cfg = ProducerConfig(workdir=".vlmrec/sample")         # paths default inside the workspace
+    # student: runs/student/export + index/; sasrec: runs/sasrec/export + indexes/sasrec;
+    # similar: indexes/teacher; popular: data/events.parquet (serving/sources.py)
     Producer.options(user_config=cfg.to_dict()).bind()     # reconfigure() loads (or hot-swaps) from it
 
 Paths are resolved by the properties below; the environment (QDRANT_URL) is read once in serving/cli.py,
@@ -11,12 +13,15 @@ a replica of the server backend reads QDRANT_API_KEY from its own environment (s
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
 
 from index.config import BACKENDS
-from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
+from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 
 API_MAX_K = 1000  # the hard bound of the API's `k` (request validation); max_k may only lower it
+# The producers one deployment serves (serving/sources.py): the request's `producer` names one of them.
+PRODUCERS = ("student", "sasrec", "similar", "popular")
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,22 @@ class ProducerConfig:
     index_dir: str | None = None  # Edge index folder; None = <workdir>/index
     index_backend: str = "edge"  # "edge" (in-process copy per replica) or "server" (Qdrant at index_url)
     index_url: str | None = None  # server backend: http://qdrant:6333
-    # server backend: the Qdrant alias searched. One alias per served model (`vlmrec index build --alias`), so a
-    # reconfigure swaps model and index together (docs/DEPLOY.md, rolling out a new model).
+    # server backend: the Qdrant alias the student searches. One alias per served model
+    # (`vlmrec index build --alias`), so a reconfigure swaps model and index together (docs/DEPLOY.md,
+    # rolling out a new model). The siblings search items_<name> (serving/sources.py).
     index_alias: str = "items"
-    producer: str = "student"  # the name the Mixer sees in responses and metrics
+    producer: str = "student"  # the producer a request that names none gets (one of PRODUCERS)
+    # Sibling producers, same request and response. Each may be absent (no export or index): the replica
+    # still serves the others; a request naming a missing one gets a 503 `producer_unavailable`.
+    sasrec_run: str = "sasrec"  # behavioural baseline: runs/<sasrec_run>/export, an id-space training run
+    sasrec_index_dir: str | None = None  # its own (dot-product) index; None = <workdir>/indexes/<sasrec_run>
+    similar_index_dir: str | None = None  # raw teacher vectors; None = <workdir>/indexes/teacher
+    similar_last_n: int = 3  # `similar`: neighbours of the user's last N distinct clicks
+    popular_half_life_days: float = 7.0  # `popular`: an event's weight halves every this many days
+    popular_until: str | None = None  # `popular` counts events before this ISO time only (backtests)
+    # /v1/mix: a producer that has not answered within this budget is dropped and named in `warnings`.
+    # Healthy producers answer in a few ms here (docs/BENCHMARKS.md); the budget is for stuck ones.
+    mix_budget_ms: float = 250.0
     default_k: int = 100  # candidates when a request gives no k
     max_k: int = API_MAX_K  # the largest k this deployment accepts (<= API_MAX_K)
     # N, the length of the online click sequence a /v1/events push keeps; None = the model's max_len
@@ -53,13 +70,26 @@ class ProducerConfig:
             raise ValueError("index_backend='server' needs index_url (or QDRANT_URL for `vlmrec serve`)")
         if not self.index_alias:
             raise ValueError("index_alias must be a non-empty Qdrant alias name")
+        if self.producer not in PRODUCERS:
+            raise ValueError(f"producer must be one of {PRODUCERS}, got {self.producer!r}")
+        if self.similar_last_n < 1:
+            raise ValueError(f"similar_last_n must be >= 1, got {self.similar_last_n}")
+        if self.popular_until is not None:
+            _utc(self.popular_until)  # raises ValueError naming the value
         if not 1 <= self.max_k <= API_MAX_K:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default_k must be in 1..max_k ({self.max_k}), got {self.default_k}")
         if self.sequence_len is not None and self.sequence_len < 1:
             raise ValueError(f"sequence_len must be >= 1 or None, got {self.sequence_len}")
-        for name in ("feature_timeout_s", "search_timeout_s", "event_timeout_s", "refresh_interval_s"):
+        for name in (
+            "feature_timeout_s",
+            "search_timeout_s",
+            "event_timeout_s",
+            "refresh_interval_s",
+            "popular_half_life_days",
+            "mix_budget_ms",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -75,6 +105,30 @@ class ProducerConfig:
     def index_path(self) -> Path:
         return Path(self.index_dir) if self.index_dir else self.workspace.index
 
+    @property
+    def sasrec_export_dir(self) -> Path:
+        return self.workspace.runs / self.sasrec_run / "export"
+
+    @property
+    def sasrec_index_path(self) -> Path:
+        return (
+            Path(self.sasrec_index_dir)
+            if self.sasrec_index_dir
+            else self.workspace.named_index(self.sasrec_run)
+        )
+
+    @property
+    def similar_index_path(self) -> Path:
+        return (
+            Path(self.similar_index_dir)
+            if self.similar_index_dir
+            else self.workspace.named_index(TEACHER_INDEX)
+        )
+
+    @property
+    def popular_until_ts(self) -> datetime | None:
+        return None if self.popular_until is None else _utc(self.popular_until)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -86,3 +140,12 @@ class ProducerConfig:
         if unknown:
             raise ValueError(f"ProducerConfig: unknown keys {unknown}")
         return cls(**d)
+
+
+def _utc(value: str) -> datetime:
+    """An ISO 8601 time (naive = UTC)."""
+    try:
+        ts = datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"popular_until must be an ISO 8601 time, got {value!r}") from None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)

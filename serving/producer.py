@@ -3,27 +3,37 @@
     serve run serving.producer:app           # from the repo root: serves .vlmrec/sample on 127.0.0.1:8000
     vlmrec serve --workdir W --port 8000     # the same through serving/cli.py (flags, Ctrl-C to stop)
     curl -s localhost:8000/v1/candidates -d '{"user_id": 1, "k": 10}' -H 'content-type: application/json'
+    curl -s localhost:8000/v1/mix -d '{"user_id": 1, "k": 20, "weights": {"student": 2, "similar": 1}}' \
+        -H 'content-type: application/json'
 
-Endpoints (request and response models below; every error body is JSON, never a traceback):
-    POST /v1/candidates        {user_id, k?, recent_item_ids?, exclude_seen?, filters?} -> candidates
-    POST /v1/candidates:batch  {"requests": [...]} -> {"responses": [...]} in order; one model forward
+Endpoints (models in serving/api.py, the contract in docs/API.md; every error body is JSON, never a
+traceback):
+    POST /v1/candidates        {user_id, producer?, k?, recent_item_ids?, exclude_seen?, filters?} -> candidates
+    POST /v1/candidates:batch  {"requests": [...]} -> {"responses": [...]} in order; one forward per model
+    POST /v1/mix               {user_id, k?, quotas? | weights?, budget_ms?, ...} -> blended candidates
     POST /v1/events            {user_id, item_id, event_timestamp?, event_type?} -> new sequence length
+    GET  /v1/users/{id}/clicks the user's online click sequence
     GET  /healthz              the process answers
-    GET  /readyz               model loaded, index version resolvable, feature store readable (else 503)
+    GET  /readyz               default producer loaded and answering, feature store readable (else 503);
+                               `producers` gives every producer's readiness
 
-/v1/candidates: the user's click sequence from the Feast ONLINE store (feature service student_v1, the one
-training reads) + recent_item_ids -> `training.data.build_inputs` (training's input function) ->
+Producers (serving/sources.py): student (the distilled SeqRec, the default), sasrec (the behavioural id
+model), similar (teacher neighbours of the last clicks), popular (recency-weighted popularity). All read
+the user's click sequence from the Feast ONLINE store (feature service student_v1, the one training reads)
++ recent_item_ids. The models go through `training.data.build_inputs` (training's input function) ->
 SeqRec.user_vector -> Index.search_batch (seen ids excluded, filters) -> candidates. A caller with several
-users sends them in one :batch call (one feature read, one forward, one batched search). Single requests
-are not coalesced with @serve.batch: in Ray 2.60 it fails in Serve's local testing mode (no replica
-context), which the tests use; handlers are async and the blocking work runs in bounded pools instead.
+users sends them in one :batch call (one feature read, one forward per model, one batched search). Single
+requests are not coalesced with @serve.batch: in Ray 2.60 it fails in Serve's local testing mode (no
+replica context), which the tests use; handlers are async and the blocking work runs in bounded pools.
 
-Fallbacks and failures (the `fallback` field says which):
-    unknown_user               no stored clicks and no known recent ones   -> popular items (popular.json)
-    empty_sequence             stored clicks, none in the model vocabulary -> popular items
+Fallbacks and failures (the `fallback` field says which), the same for every producer:
+    unknown_user               no stored clicks and no known recent ones   -> popular items
+    empty_sequence             stored clicks, none the producer knows      -> popular items
     feature_store_unavailable  the online read failed or passed feature_timeout_s -> popular items
     index down or slower than search_timeout_s -> HTTP 503 {"error": "index_unavailable", "message": ...}
-Popular items still honour exclude_seen (the ids known to the request) and filters (catalogue metadata).
+    producer not loaded (no export / index) -> HTTP 503 {"error": "producer_unavailable", "message": why}
+Popular items: an export's popular.json (student, sasrec), the `popular` ranking (similar). They still
+honour exclude_seen (the ids known to the request) and filters (catalogue metadata).
 Blocking calls (Feast, Qdrant, torch) run in small per-dependency thread pools, awaited with a timeout:
 a stuck dependency costs its own pool, never the event loop or the other dependencies.
 """
@@ -32,10 +42,7 @@ a stuck dependency costs its own pool, never the event loop or the other depende
 # class, where FastAPI cannot resolve string annotations and took the request model for a query parameter.
 import asyncio
 import functools
-import hashlib
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -43,112 +50,52 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
-from index.config import IndexConfig
-from index.search import Index, open_index
+from index.search import Index
+from serving.api import (
+    INT64_MAX,
+    BatchRequest,
+    BatchResponse,
+    CandidatesRequest,
+    CandidatesResponse,
+    ClicksResponse,
+    ErrorBody,
+    EventRequest,
+    EventResponse,
+    Filters,
+    MixRequest,
+    MixResponse,
+)
 from serving.config import API_MAX_K, ProducerConfig
 from serving.events import ClickWriter
+from serving.mixer import MixError, interleave, resolve_quotas
+from serving.sources import (
+    ModelSource,
+    PopularSource,
+    SimilarSource,
+    Source,
+    index_config,  # noqa: F401  (re-exported: the search settings a replica uses)
+    load_sources,
+    popular_candidates,
+)
 from training.data import ItemTable, ModelInputs, build_inputs
-from training.model import WEIGHTS_FILE, SeqRec
 from vlmrec.features import online_sequences, open_store
 
 log = logging.getLogger("ray.serve")
 
-INT64_MAX = 2**63 - 1
-MAX_RECENT = 1000  # recent_item_ids per request
-MAX_BATCH_REQUESTS = 256  # requests per /v1/candidates:batch call
-
-# ---------------------------------------------------------------------------------------------- API
-
-Id = Annotated[int, Field(ge=0, le=INT64_MAX)]  # user and item ids are int64 >= 0 (Qdrant ids are unsigned)
-
-
-class Filters(BaseModel):
-    """Restrict candidates: category (one or any of several) and availability. Unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid")
-    category: str | list[str] | None = None
-    available: StrictBool | None = None
-
-    @field_validator("category", mode="before")
-    @classmethod
-    def _one_or_many(cls, v):  # one clear error instead of one per member of the union
-        if (
-            v is None
-            or isinstance(v, str)
-            or (isinstance(v, list) and v and all(isinstance(c, str) for c in v))
-        ):
-            return v
-        raise ValueError("must be a string or a non-empty list of strings")
-
-
-class CandidatesRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field must not be silently ignored
-    user_id: Id
-    k: int | None = Field(None, ge=1, le=API_MAX_K, description="default: the deployment's default_k")
-    recent_item_ids: list[Id] | None = Field(
-        None, max_length=MAX_RECENT, description="clicks not yet in the feature store, oldest first"
-    )
-    exclude_seen: bool = True
-    filters: Filters | None = None
-
-
-class Candidate(BaseModel):
-    item_id: int
-    score: float
-    rank: int  # 1 = best
-
-
-class CandidatesResponse(BaseModel):
-    producer: str
-    model_version: str
-    index_version: str | None
-    candidates: list[Candidate]
-    fallback: str | None  # None, "unknown_user", "empty_sequence" or "feature_store_unavailable"
-    warnings: list[str]
-    timings_ms: dict[str, float]  # feature, model, search, total
-
-
-class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    requests: list[CandidatesRequest] = Field(max_length=MAX_BATCH_REQUESTS)
-
-
-class BatchResponse(BaseModel):
-    responses: list[CandidatesResponse]
-
-
-class EventRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    user_id: Id
-    item_id: Id
-    event_timestamp: datetime | None = None  # default: now (UTC); a naive time is taken as UTC
-    event_type: str = Field("click", max_length=64)
-
-
-class EventResponse(BaseModel):
-    user_id: int
-    item_id: int
-    sequence_length: int  # after the append, at most sequence_len_max
-    sequence_len_max: int  # N
-
-
-class ErrorBody(BaseModel):
-    error: str
-    message: str
+DEFAULT_SEQUENCE_LEN = 50  # N of /v1/events when no model is loaded to say (ingest's default --max-len)
+MODEL_PRODUCERS = ("student", "sasrec")  # the producers that run a SeqRec forward
 
 
 class Unavailable(Exception):
@@ -163,7 +110,7 @@ class Unavailable(Exception):
 
 
 def _field(loc: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in loc if p != "body") or "body"
+    return ".".join(str(p) for p in loc if p not in ("body", "path", "query")) or "body"
 
 
 def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
@@ -175,7 +122,8 @@ def invalid(field: str, message: str, value: Any = None) -> RequestValidationErr
 
 api = FastAPI(
     title="vlmrec Producer",
-    description="Candidates from the student's user vector and a Qdrant index of item vectors.",
+    description="Candidates from four producers (the distilled student, the behavioural SASRec, teacher "
+    "neighbours, popularity) under one contract, and a reference Mixer that blends them.",
 )
 
 
@@ -229,94 +177,24 @@ def producer_input(
     ]
 
 
-class PopularItem(NamedTuple):
-    item_id: int
-    score: float
-    category: str | None
-    available: bool
-
-
-def popular_candidates(
-    popular: Sequence[PopularItem], k: int, exclude: set[int], filters: Filters | None
-) -> list[tuple[int, float]]:
-    """The fallback: the first k popular items not excluded that match the filters (as the index would:
-    category any-of, available equal; an item without a category never matches a category filter)."""
-    cats = None
-    if filters is not None and filters.category is not None:
-        cats = {filters.category} if isinstance(filters.category, str) else set(filters.category)
-    avail = None if filters is None else filters.available
-    out = []
-    for p in popular:
-        if p.item_id in exclude or (cats is not None and p.category not in cats):
-            continue
-        if avail is not None and p.available != avail:
-            continue
-        out.append((p.item_id, p.score))
-        if len(out) == k:
-            break
-    return out
-
-
 # ----------------------------------------------------------------------------------- loaded state
 
 
-def index_config(cfg: ProducerConfig) -> IndexConfig:
-    """Search settings: IndexConfig's defaults; the server backend's api key comes from this replica's
-    environment (QDRANT_API_KEY), never from user_config."""
-    if cfg.index_backend == "server":
-        return IndexConfig(
-            backend="server",
-            url=cfg.index_url,
-            api_key=os.environ.get("QDRANT_API_KEY"),
-            alias=cfg.index_alias,
-        )
-    return IndexConfig()
-
-
-def read_popular(export: Path, catalogue: Path, vectors: Path) -> list[PopularItem]:
-    """popular.json joined with the category (items.parquet) and availability (item_vectors.parquet's
-    optional `available`, else True, as the index builder assumes): what filters on popular items need."""
-    path = export / "popular.json"
-    rows = json.loads(path.read_text()) if path.exists() else []
-    if not rows:
-        return []
-    ids = [int(r["item_id"]) for r in rows]
-    category: dict[int, str | None] = {}
-    if catalogue.exists():
-        items = pq.read_table(catalogue, columns=["item_id", "category"]).to_pandas()
-        items = items[items["item_id"].isin(ids)]
-        category = dict(zip(items["item_id"].astype(int), items["category"], strict=True))
-    available: dict[int, bool] = {}
-    if vectors.exists() and "available" in pq.read_schema(vectors).names:
-        vt = pq.read_table(vectors, columns=["item_id", "available"]).to_pandas()
-        vt = vt[vt["item_id"].isin(ids)]
-        available = dict(
-            zip(vt["item_id"].astype(int), vt["available"].fillna(True).astype(bool), strict=True)
-        )
-    return [
-        PopularItem(i, float(r["score"]), _str_or_none(category.get(i)), available.get(i, True))
-        for i, r in zip(ids, rows, strict=True)
-    ]
-
-
-def _str_or_none(v) -> str | None:
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
-
-
 class State:
-    """What one config loaded; reconfigure() builds a new one and swaps the reference. Leased by requests:
-    a retired state closes its index when the last request using it is done."""
+    """What one config loaded (every producer's source, the feature store); reconfigure() builds a new one
+    and swaps the reference. Leased by requests: a retired state closes its indexes when the last request
+    using it is done."""
 
-    def __init__(self, config: ProducerConfig, model: SeqRec, index: Index, store, run_info: dict) -> None:
+    def __init__(
+        self, config: ProducerConfig, sources: dict[str, Source], missing: dict[str, str], store
+    ) -> None:
         ws = config.workspace
-        self.config, self.model, self.index, self.store = config, model, index, store
-        self.vocab = ItemTable(model.item_ids[1:].cpu().numpy())
-        self.max_len = model.cfg.max_len
-        self.sequence_len = config.sequence_len or model.cfg.max_len  # N of /v1/events
-        self.teacher_id = str(run_info["teacher_id"])
-        digest = hashlib.sha256((config.export_dir / "model" / WEIGHTS_FILE).read_bytes()).hexdigest()
-        self.model_version = f"{config.run}@{digest[:12]}"
-        self.popular = read_popular(config.export_dir, ws.items, config.export_dir / "item_vectors.parquet")
+        self.config, self.sources, self.missing, self.store = config, sources, missing, store
+        self.models = [s for s in sources.values() if isinstance(s, ModelSource)]
+        # N of /v1/events: the longest input a loaded model reads (each model keeps its own last max_len)
+        self.sequence_len = config.sequence_len or max(
+            (m.max_len for m in self.models), default=DEFAULT_SEQUENCE_LEN
+        )
         catalogue = (
             pq.read_table(ws.items, columns=["item_id"]).column(0).to_numpy()
             if ws.items.exists()
@@ -327,30 +205,32 @@ class State:
         self._users = 0
         self._retired = False
 
-    def user_vectors(self, ids: np.ndarray) -> np.ndarray:
-        """(B, max_len) model input -> (B, D) user vectors. Left padding is trimmed (the model's output does
-        not depend on it)."""
-        width = max(int((ids > 0).sum(1).max()), 1) if len(ids) else 1
-        with torch.inference_mode():
-            return self.model.user_vector(torch.as_tensor(ids[:, -width:])).float().numpy()
+    @property
+    def default(self) -> Source:
+        return self.sources[self.config.producer]
+
+    def indexes(self) -> list[Index]:
+        return [s.index for s in self.sources.values() if s.index is not None]
 
     def known_item(self, item_id: int) -> bool:
-        """In the model vocabulary or the catalogue (items added to the index later: see the caller)."""
-        if self.vocab.index_of([item_id])[0] > 0:
+        """In the catalogue or a model vocabulary (items added to an index later: see the caller)."""
+        if any(m.vocab.index_of([item_id])[0] > 0 for m in self.models):
             return True
         pos = np.searchsorted(self.catalogue_ids, item_id)
         return bool(pos < len(self.catalogue_ids) and self.catalogue_ids[pos] == item_id)
 
     def warm_up(self) -> None:
-        """One forward, one search and one online read before serving: the first request is not the one
-        that pays for Feast's registry load or torch's first call. A feature store that is down now only
-        logs (requests fall back until it answers)."""
-        self.user_vectors(np.zeros((1, self.max_len), np.int64))
-        self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)
+        """One online read before serving (the sources warmed up when loaded): the first request is not
+        the one that pays for Feast's registry load. A feature store that is down now only logs (requests
+        fall back until it answers)."""
         try:
             online_sequences(self.store, [0])
         except Exception as exc:
             log.warning("feature store not readable at load: %r", exc)
+
+    def close(self) -> None:
+        for source in self.sources.values():
+            source.close()
 
     @contextmanager
     def lease(self):
@@ -363,57 +243,28 @@ class State:
                 self._users -= 1
                 done = self._retired and self._users == 0
             if done:
-                self.index.close()
+                self.close()
 
     def retire(self) -> None:
         with self._lock:
             self._retired = True
             done = self._users == 0
         if done:
-            self.index.close()
-
-
-def check_export_teacher(export: Path, run_info: dict) -> None:
-    """The export's item table must hold the vectors of the teacher its run.json names."""
-    vectors = export / "item_vectors.parquet"
-    if not vectors.exists():
-        return
-    ids = pq.read_table(vectors, columns=["teacher_id"]).column(0).unique().to_pylist()
-    if ids != [run_info.get("teacher_id")]:
-        raise ValueError(
-            f"teacher mismatch: {export / 'run.json'} names teacher {run_info.get('teacher_id')!r} but "
-            f"{vectors} holds vectors of {ids}; re-export the run (vlmrec train) instead of mixing files"
-        )
+            self.close()
 
 
 def load_state(config: ProducerConfig) -> State:
-    """Load the export (model, run.json, popular.json), open the index and the feature store. Refuses an
-    index built from another teacher's vectors, or of another dimension, than the model's."""
-    export = config.export_dir
-    if not (export / "model").is_dir() or not (export / "run.json").exists():
-        raise FileNotFoundError(
-            f"no export at {export} (model/, run.json): run `vlmrec train --workdir {config.workdir} "
-            f"--name {config.run}`"
-        )
-    run_info = json.loads((export / "run.json").read_text())
-    check_export_teacher(export, run_info)
-    model = SeqRec.from_pretrained(export / "model")
-    where = config.index_url if config.index_backend == "server" else config.index_path
-    index = open_index(where, index_config(config))
+    """Load every producer (serving/sources.py: the default one must load, siblings may be missing), open
+    the feature store. Refuses a model index built from another teacher's vectors, of another dimension,
+    or with the wrong distance."""
+    sources, missing = load_sources(config)
     try:
-        if index.teacher_id != run_info.get("teacher_id"):
-            raise ValueError(
-                f"teacher mismatch: the export {export} was trained on {run_info.get('teacher_id')!r} but "
-                f"the index version {index.version} holds {index.teacher_id!r} vectors; build the index "
-                f"from this export (vlmrec index build --vectors {export / 'item_vectors.parquet'})"
-            )
-        if index.dim != model.cfg.out_dim:
-            raise ValueError(f"dimension mismatch: model out_dim {model.cfg.out_dim}, index dim {index.dim}")
-        state = State(config, model, index, open_store(config.workspace), run_info)
+        state = State(config, sources, missing, open_store(config.workspace))
         state.warm_up()
         return state
     except BaseException:
-        index.close()
+        for source in sources.values():
+            source.close()
         raise
 
 
@@ -439,21 +290,60 @@ class _Pools:
     """One small thread pool per dependency: a stuck one fills its own pool, not the others'."""
 
     features: ThreadPoolExecutor
-    model: ThreadPoolExecutor
     search: ThreadPoolExecutor
     events: ThreadPoolExecutor
     refresh: ThreadPoolExecutor
+    models: dict[str, ThreadPoolExecutor]  # one per model producer: a stuck forward holds only its own
 
     @classmethod
     def create(cls) -> "_Pools":
-        sizes = {"features": 4, "model": 1, "search": 4, "events": 4, "refresh": 1}
-        return cls(**{n: ThreadPoolExecutor(s, thread_name_prefix=f"producer-{n}") for n, s in sizes.items()})
+        sizes = {"features": 4, "search": 4, "events": 4, "refresh": 1}
+        pools = {n: ThreadPoolExecutor(s, thread_name_prefix=f"producer-{n}") for n, s in sizes.items()}
+        models = {n: ThreadPoolExecutor(1, thread_name_prefix=f"producer-model-{n}") for n in MODEL_PRODUCERS}
+        return cls(**pools, models=models)
 
 
 async def _call(pool: ThreadPoolExecutor, timeout: float | None, fn, *args):
     """Run a blocking call in `pool`; TimeoutError after `timeout` s (the thread finishes on its own)."""
     fut = asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
     return await (fut if timeout is None else asyncio.wait_for(fut, timeout))
+
+
+class Features(NamedTuple):
+    """One online read for a call's users: stored sequences, or None and why when it failed."""
+
+    stored: dict[int, list[int]] | None
+    error: str | None
+    ms: float
+
+
+@dataclass
+class _Ask:
+    """What each request of a call asks, once the stored clicks are known."""
+
+    users: list[int]
+    recents: list[list[int]]
+    seqs: list[list[int]]  # stored + recent, oldest first
+    seen: list[set[int]]  # excluded ids (empty when exclude_seen is false)
+    ks: list[int]
+    filters: list[dict | None]
+    warnings: list[list[str]]
+    stored: dict[int, list[int]] | None  # None: the feature read failed
+
+    def fallback(self, i: int, personalised: bool) -> str | None:
+        """The fallback kind of row i, given whether the producer can personalise it."""
+        if self.stored is None:
+            return "feature_store_unavailable"
+        if not personalised:
+            return "empty_sequence" if self.stored.get(self.users[i]) else "unknown_user"
+        return None
+
+
+class _Ranked(NamedTuple):
+    hits: list[tuple[int, float]]
+    fallback: str | None
+    model_ms: float
+    search_ms: float
 
 
 # Everything the Producer's methods use is defined above: @serve.ingress pickles the class when it is
@@ -467,7 +357,7 @@ async def _call(pool: ThreadPoolExecutor, timeout: float | None, fn, *args):
 )
 @serve.ingress(api)
 class Producer:
-    """One replica: a loaded State (model, index copy, feature store), thread pools, metrics, a refresher."""
+    """One replica: a loaded State (every producer, the feature store), thread pools, metrics, a refresher."""
 
     def __init__(self) -> None:
         self._state: State | None = None
@@ -476,7 +366,7 @@ class Producer:
         self._refresher: asyncio.Task | None = None
         self._stage_ms = Histogram(
             "vlmrec_producer_stage_ms",
-            description="Latency of one Producer stage (feature read, model forward, index search), ms.",
+            description="Latency of one Producer stage (feature read, model forward, index search, mix), ms.",
             boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
             tag_keys=("producer", "stage"),
         )
@@ -487,16 +377,16 @@ class Producer:
         )
         self._errors = Counter(
             "vlmrec_producer_errors",
-            description="Errors by kind: feature_store, index, index_refresh, event, internal.",
+            description="Errors by kind: feature_store, index, index_refresh, event, internal, mix_dropped.",
             tag_keys=("producer", "kind"),
         )
 
     # -- configuration --------------------------------------------------------------------------------
 
     async def reconfigure(self, user_config: dict | None) -> None:
-        """Load the config's model, index and feature store in a thread, then swap the reference: requests
-        keep using the old state meanwhile and it closes when they finish. A bad config raises (Serve keeps
-        the old replicas' state / marks the update failed)."""
+        """Load the config's producers and feature store in a thread, then swap the reference: requests
+        keep using the old state meanwhile and it closes when they finish. A bad config (the default
+        producer cannot load) raises: Serve keeps the old replicas' state / marks the update failed."""
         config = ProducerConfig.from_dict(user_config)
         fresh = await asyncio.to_thread(load_state, config)
         old, self._state = self._state, fresh
@@ -504,23 +394,28 @@ class Producer:
             old.retire()
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
-        log.info("producer %s: model %s, index %s", config.producer, fresh.model_version, fresh.index.version)
+        versions = {n: s.model_version for n, s in fresh.sources.items()}
+        log.info("producers %s (default %s); missing %s", versions, config.producer, sorted(fresh.missing))
 
     async def _refresh_loop(self) -> None:
-        """Index.refresh() every refresh_interval_s: upserts and new versions reach this replica's copy."""
+        """Index.refresh() of every index every refresh_interval_s: upserts and new versions reach this
+        replica's copies."""
         while True:
             state = self._state
             await asyncio.sleep(state.config.refresh_interval_s if state else 1.0)
             state = self._state
             if state is None:
                 continue
-            try:
-                with state.lease() as s:
-                    if await _call(self._pools.refresh, None, s.index.refresh):
-                        log.info("index refreshed: version %s", s.index.version)
-            except Exception as exc:  # keep refreshing; searches go on with the copy they have
-                log.warning("index refresh failed: %r", exc)
-                self._errors.inc(tags={"producer": state.config.producer, "kind": "index_refresh"})
+            for name, source in state.sources.items():
+                if source.index is None:
+                    continue
+                try:
+                    with state.lease():
+                        if await _call(self._pools.refresh, None, source.index.refresh):
+                            log.info("index of %s refreshed: version %s", name, source.index.version)
+                except Exception as exc:  # keep refreshing; searches go on with the copy they have
+                    log.warning("index refresh of %s failed: %r", name, exc)
+                    self._errors.inc(tags={"producer": name, "kind": "index_refresh"})
 
     @contextmanager
     def _lease(self):
@@ -538,7 +433,7 @@ class Producer:
         responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
     )
     async def candidates(self, body: CandidatesRequest):
-        """Top-k candidates for one user."""
+        """Top-k candidates for one user from one producer (`producer`, default the deployment's)."""
         self._check_k([body], "")
         try:
             (result,) = await self._answer([body])
@@ -554,8 +449,9 @@ class Producer:
         responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
     )
     async def candidates_batch(self, body: BatchRequest):
-        """Several users in one call: one feature read, one forward, one batched search. Responses come in
-        request order; if the index is down for any of them the whole call is a 503."""
+        """Several requests in one call: one feature read, one forward per model, one batched search per
+        producer. Responses come in request order; if any of them cannot be answered (an index down, a
+        producer missing) the whole call is a 503."""
         self._check_k(body.requests, "requests.{i}.")
         try:
             results = await self._answer(body.requests) if body.requests else []
@@ -574,118 +470,323 @@ class Producer:
             if r.k is not None and r.k > max_k:
                 raise invalid(prefix.format(i=i) + "k", f"Input should be less than or equal to {max_k}", r.k)
 
-    async def _answer(self, requests: Sequence[CandidatesRequest]) -> list[dict | Unavailable]:
-        """The pipeline for a batch of requests -> one response dict (or Unavailable) per request."""
+    async def _read_features(self, s: State, users: Sequence[int], tag: str, timeout: float) -> Features:
+        t0 = time.perf_counter()
+        try:
+            stored = await _call(self._pools.features, timeout, online_sequences, s.store, sorted(set(users)))
+            error = None
+        except Exception as exc:
+            log.warning("feature store read failed: %r", exc)
+            self._errors.inc(tags={"producer": tag, "kind": "feature_store"})
+            stored, error = None, _describe(exc)
+        ms = _ms(t0)
+        self._stage_ms.observe(ms, tags={"producer": tag, "stage": "feature"})
+        return Features(stored, error, ms)
+
+    async def _answer(
+        self, requests: Sequence[CandidatesRequest], features: Features | None = None
+    ) -> list[dict | Unavailable]:
+        """The pipeline for a batch of requests -> one response dict (or Unavailable) per request.
+        `features`: the call's online read when the caller made it already (the Mixer)."""
         with self._lease() as s:
             cfg = s.config
             t_start = time.perf_counter()
-            tags = {"producer": cfg.producer}
+            names = [r.producer or cfg.producer for r in requests]
             users = [int(r.user_id) for r in requests]
+            if features is None:
+                tag = names[0] if len(set(names)) == 1 else "batch"
+                features = await self._read_features(s, users, tag, cfg.feature_timeout_s)
             recents = [list(r.recent_item_ids or ()) for r in requests]
-            ks = [r.k or cfg.default_k for r in requests]
-            warnings: list[list[str]] = [[] for _ in requests]
+            stored = features.stored or {}
+            seqs = [[*stored.get(u, ()), *rec] for u, rec in zip(users, recents, strict=True)]
+            ask = _Ask(
+                users=users,
+                recents=recents,
+                seqs=seqs,
+                seen=[set(q) if r.exclude_seen else set() for q, r in zip(seqs, requests, strict=True)],
+                ks=[r.k or cfg.default_k for r in requests],
+                filters=[_filters_dict(r.filters) for r in requests],
+                warnings=[[] for _ in requests],
+                stored=features.stored,
+            )
+            if features.error:
+                for w in ask.warnings:
+                    w.append(f"feature store unavailable ({features.error}): popular items")
 
-            # 1. features: the online sequences (one read for the distinct users)
-            t0 = time.perf_counter()
-            try:
-                stored = await _call(
-                    self._pools.features, cfg.feature_timeout_s, online_sequences, s.store, sorted(set(users))
-                )
-            except Exception as exc:
-                log.warning("feature store read failed: %r", exc)
-                self._errors.inc(tags={**tags, "kind": "feature_store"})
-                stored = None
-                for w in warnings:
-                    w.append(f"feature store unavailable ({_describe(exc)}): popular items")
-            t_feature = _ms(t0)
-            self._stage_ms.observe(t_feature, tags={**tags, "stage": "feature"})
-
-            seqs, inputs = model_inputs(stored or {}, users, recents, s.vocab, s.max_len)
-            fallback: list[str | None] = []
-            for i, u in enumerate(users):
-                unknown_recent = [
-                    int(x) for x in np.asarray(recents[i], np.int64)[s.vocab.index_of(recents[i]) == 0]
-                ]
-                if unknown_recent:
-                    warnings[i].append(
-                        f"recent_item_ids: {len(unknown_recent)} ids unknown to the model were ignored: "
-                        f"{unknown_recent[:20]}"
-                    )
-                n_stored_unknown = int(inputs.n_unknown[i]) - len(unknown_recent)
-                if n_stored_unknown > 0:
-                    warnings[i].append(f"{n_stored_unknown} stored clicks unknown to the model were ignored")
-                if stored is None:
-                    fallback.append("feature_store_unavailable")
-                elif not inputs.ids[i].any():
-                    fallback.append("empty_sequence" if stored.get(u) else "unknown_user")
-                else:
-                    fallback.append(None)
-            seen = [set(seq) if r.exclude_seen else set() for seq, r in zip(seqs, requests, strict=True)]
-            rows = [i for i, f in enumerate(fallback) if f is None]
-
-            # 2. model: one forward for every personalised row
-            t0 = time.perf_counter()
-            vectors = await _call(self._pools.model, None, s.user_vectors, inputs.ids[rows]) if rows else None
-            t_model = _ms(t0) if rows else 0.0
-            if rows:
-                self._stage_ms.observe(t_model, tags={**tags, "stage": "model"})
-
-            # 3. search: one batched query, k = the largest k asked, cut per request
-            t0 = time.perf_counter()
-            hits: dict[int, list[tuple[int, float]]] = {}
-            down: Unavailable | None = None
-            if rows:
-                try:
-                    found = await _call(
-                        self._pools.search,
-                        cfg.search_timeout_s,
-                        s.index.search_batch,
-                        vectors,
-                        max(ks[i] for i in rows),
-                        [sorted(seen[i]) for i in rows],
-                        [_filters_dict(requests[i].filters) for i in rows],
-                    )
-                    hits = {i: h[: ks[i]] for i, h in zip(rows, found, strict=True)}
-                except Exception as exc:
-                    log.warning("index search failed: %r", exc)
-                    self._errors.inc(tags={**tags, "kind": "index"})
-                    down = Unavailable("index_unavailable", f"the index search failed ({_describe(exc)})")
-                self._stage_ms.observe(_ms(t0), tags={**tags, "stage": "search"})
-            t_search = _ms(t0) if rows else 0.0
-
-            out: list[dict | Unavailable] = []
-            for i, r in enumerate(requests):
-                if fallback[i] is None and down is not None:
-                    out.append(down)
+            out: list[dict | Unavailable] = [Unavailable("internal", "")] * len(requests)
+            for name in dict.fromkeys(names):
+                rows = [i for i, n in enumerate(names) if n == name]
+                source = s.sources.get(name)
+                if source is None:
+                    gone = Unavailable("producer_unavailable", s.missing.get(name, f"{name} is not loaded"))
+                    for i in rows:
+                        out[i] = gone
                     continue
-                if fallback[i] is None:
-                    ranked = hits[i]
+                if isinstance(source, ModelSource):
+                    ranked = await self._rank_model(cfg, source, ask, rows)
+                elif isinstance(source, SimilarSource):
+                    ranked = await self._rank_similar(cfg, source, ask, rows)
                 else:
-                    ranked = popular_candidates(s.popular, ks[i], seen[i], r.filters)
-                if len(ranked) < ks[i]:
-                    source = "items" if fallback[i] is None else "popular items"
-                    warnings[i].append(f"only {len(ranked)} {source} qualify for k={ks[i]}")
-                self._requests.inc(tags={**tags, "fallback": fallback[i] or "none"})
-                out.append(
+                    ranked = self._rank_popular(source, ask, rows)
+                for i in rows:
+                    r = ranked[i]
+                    out[i] = r if isinstance(r, Unavailable) else self._response(source, ask, i, r, features)
+                    if isinstance(out[i], dict):
+                        out[i]["timings_ms"]["total"] = _ms(t_start)
+            return out
+
+    def _response(self, source: Source, ask: _Ask, i: int, r: _Ranked, features: Features) -> dict:
+        k = ask.ks[i]
+        if len(r.hits) < k:
+            what = (
+                "items" if r.fallback is None and not isinstance(source, PopularSource) else "popular items"
+            )
+            ask.warnings[i].append(f"only {len(r.hits)} {what} qualify for k={k}")
+        self._requests.inc(tags={"producer": source.name, "fallback": r.fallback or "none"})
+        return {
+            "producer": source.name,
+            "model_version": source.model_version,
+            "index_version": None if source.index is None else source.index.version,
+            "candidates": [
+                {"item_id": int(item), "score": float(score), "rank": rank}
+                for rank, (item, score) in enumerate(r.hits, 1)
+            ],
+            "fallback": r.fallback,
+            "warnings": ask.warnings[i],
+            "timings_ms": {"feature": features.ms, "model": r.model_ms, "search": r.search_ms, "total": 0.0},
+        }
+
+    async def _search(self, cfg, source, vectors, k, excludes, filters) -> list | Unavailable:
+        """One batched index search (search pool, search_timeout_s); Unavailable when it fails."""
+        t0 = time.perf_counter()
+        try:
+            return await _call(
+                self._pools.search,
+                cfg.search_timeout_s,
+                source.index.search_batch,
+                vectors,
+                k,
+                excludes,
+                filters,
+            )
+        except Exception as exc:
+            log.warning("index search of %s failed: %r", source.name, exc)
+            self._errors.inc(tags={"producer": source.name, "kind": "index"})
+            return Unavailable(
+                "index_unavailable", f"the {source.name} index search failed ({_describe(exc)})"
+            )
+        finally:
+            self._stage_ms.observe(_ms(t0), tags={"producer": source.name, "stage": "search"})
+
+    async def _rank_model(
+        self, cfg: ProducerConfig, src: ModelSource, ask: _Ask, rows: list[int]
+    ) -> dict[int, _Ranked | Unavailable]:
+        """student / sasrec: one forward for every personalised row, one batched search."""
+        inputs = build_inputs([ask.seqs[i] for i in rows], src.vocab, src.max_len)
+        out: dict[int, _Ranked | Unavailable] = {}
+        personal: list[int] = []  # positions in rows
+        for j, i in enumerate(rows):
+            recent = np.asarray(ask.recents[i], np.int64)
+            unknown_recent = [int(x) for x in recent[src.vocab.index_of(recent) == 0]]
+            if unknown_recent:
+                ask.warnings[i].append(
+                    f"recent_item_ids: {len(unknown_recent)} ids unknown to the model were ignored: "
+                    f"{unknown_recent[:20]}"
+                )
+            n_stored_unknown = int(inputs.n_unknown[j]) - len(unknown_recent)
+            if n_stored_unknown > 0:
+                ask.warnings[i].append(f"{n_stored_unknown} stored clicks unknown to the model were ignored")
+            fallback = ask.fallback(i, bool(inputs.ids[j].any()))
+            if fallback is None:
+                personal.append(j)
+            else:
+                hits = popular_candidates(src.fallback, ask.ks[i], ask.seen[i], ask.filters[i])
+                out[i] = _Ranked(hits, fallback, 0.0, 0.0)
+        if not personal:
+            return out
+        t0 = time.perf_counter()
+        vectors = await _call(self._pools.models[src.name], None, src.user_vectors, inputs.ids[personal])
+        model_ms = _ms(t0)
+        self._stage_ms.observe(model_ms, tags={"producer": src.name, "stage": "model"})
+        chosen = [rows[j] for j in personal]
+        t0 = time.perf_counter()
+        found = await self._search(
+            cfg,
+            src,
+            vectors,
+            max(ask.ks[i] for i in chosen),
+            [sorted(ask.seen[i]) for i in chosen],
+            [ask.filters[i] for i in chosen],
+        )
+        search_ms = _ms(t0)
+        for n, i in enumerate(chosen):
+            out[i] = (
+                found
+                if isinstance(found, Unavailable)
+                else _Ranked(found[n][: ask.ks[i]], None, model_ms, search_ms)
+            )
+        return out
+
+    async def _rank_similar(
+        self, cfg: ProducerConfig, src: SimilarSource, ask: _Ask, rows: list[int]
+    ) -> dict[int, _Ranked | Unavailable]:
+        """similar: the teacher vectors of each row's last N distinct clicks (one lookup), one batched
+        search with a query per click, merged per row by each item's best score."""
+        out: dict[int, _Ranked | Unavailable] = {}
+        clicks = {i: src.last_clicks(ask.seqs[i]) if ask.stored is not None else [] for i in rows}
+        wanted = sorted({c for i in rows for c in clicks[i]})
+        t0 = time.perf_counter()
+        vectors: dict[int, np.ndarray] = {}
+        down: Unavailable | None = None
+        if wanted:
+            try:
+                vectors = await _call(self._pools.search, cfg.search_timeout_s, src.index.get_vectors, wanted)
+            except Exception as exc:
+                log.warning("teacher vector lookup failed: %r", exc)
+                self._errors.inc(tags={"producer": src.name, "kind": "index"})
+                down = Unavailable("index_unavailable", f"the similar index lookup failed ({_describe(exc)})")
+        queries: list[tuple[int, int]] = []  # (row, click)
+        for i in rows:
+            if down is not None and clicks[i]:
+                out[i] = down
+                continue
+            known = [c for c in clicks[i] if c in vectors]
+            unknown = [c for c in clicks[i] if c not in vectors]
+            if unknown:
+                ask.warnings[i].append(
+                    f"{len(unknown)} of the last {len(clicks[i])} clicks are not in the teacher index: "
+                    f"{unknown[:20]}"
+                )
+            fallback = ask.fallback(i, bool(known))
+            if fallback is None:
+                queries += [(i, c) for c in known]
+            else:
+                hits = popular_candidates(src.fallback, ask.ks[i], ask.seen[i], ask.filters[i])
+                out[i] = _Ranked(hits, fallback, 0.0, 0.0)
+        if not queries:
+            return out
+        found = await self._search(
+            cfg,
+            src,
+            np.stack([vectors[c] for _, c in queries]),  # (Q, D)
+            max(ask.ks[i] for i, _ in queries),
+            [sorted(ask.seen[i]) for i, _ in queries],
+            [ask.filters[i] for i, _ in queries],
+        )
+        search_ms = _ms(t0)
+        for i in dict.fromkeys(i for i, _ in queries):
+            if isinstance(found, Unavailable):
+                out[i] = found
+                continue
+            mine = [found[q] for q, (row, _) in enumerate(queries) if row == i]  # most recent click first
+            out[i] = _Ranked(src.merge(mine, ask.ks[i]), None, 0.0, search_ms)
+        return out
+
+    @staticmethod
+    def _rank_popular(src: PopularSource, ask: _Ask, rows: list[int]) -> dict[int, _Ranked]:
+        """popular: the ranking itself, filtered; personal only in what it excludes (seen items)."""
+        return {
+            i: _Ranked(
+                popular_candidates(src.items, ask.ks[i], ask.seen[i], ask.filters[i]),
+                "feature_store_unavailable" if ask.stored is None else None,
+                0.0,
+                0.0,
+            )
+            for i in rows
+        }
+
+    # -- the reference Mixer --------------------------------------------------------------------------
+
+    @api.post(
+        "/v1/mix",
+        response_model=MixResponse,
+        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+    )
+    async def mix(self, body: MixRequest):
+        """Candidates of several producers for one user, asked in parallel under one time budget,
+        de-duplicated and interleaved by quota (serving/mixer.py). A producer that fails or misses the
+        budget is dropped and named in `warnings`; its slots go to the others. Never a failed request
+        for a producer's sake (a 503 only when the replica itself is not ready)."""
+        t_start = time.perf_counter()
+        state = self._state
+        cfg = state.config if state else ProducerConfig()
+        try:
+            k, quotas = resolve_quotas(body.k, body.quotas, body.weights, cfg.default_k, cfg.max_k)
+        except MixError as exc:
+            raise invalid(exc.field, str(exc), getattr(body, exc.field)) from None
+        if k > cfg.max_k:
+            raise invalid("k", f"Input should be less than or equal to {cfg.max_k}", k)
+        budget_ms = body.budget_ms or cfg.mix_budget_ms
+        deadline = t_start + budget_ms / 1e3
+        try:
+            with self._lease() as s:
+                features = await self._read_features(
+                    s, [body.user_id], "mix", min(s.config.feature_timeout_s, budget_ms / 1e3)
+                )
+                shared = body.model_dump(include={"user_id", "recent_item_ids", "exclude_seen", "filters"})
+                tasks = {
+                    p: asyncio.ensure_future(
+                        self._timed(CandidatesRequest(**shared, producer=p, k=k), features)
+                    )
+                    for p in quotas
+                }
+                _, pending = await asyncio.wait(
+                    tasks.values(), timeout=max(0.0, deadline - time.perf_counter())
+                )
+                for task in pending:
+                    task.cancel()
+                lists, reports, warnings = {}, {}, []
+                for p, task in tasks.items():
+                    report = {"status": "ok", "quota": quotas[p], "taken": 0, "returned": 0}
+                    if task in pending:
+                        report["status"] = "timeout"
+                        warnings.append(f"{p}: no answer within the {budget_ms:g} ms budget: dropped")
+                    elif task.exception() is not None:
+                        report["status"] = "error"
+                        warnings.append(f"{p}: failed ({_describe(task.exception())}): dropped")
+                    else:
+                        result, ms = task.result()
+                        report["ms"] = ms
+                        if isinstance(result, Unavailable):
+                            report["status"] = "unavailable"
+                            warnings.append(f"{p}: {result.error}: {result.message}: dropped")
+                        else:
+                            lists[p] = [(c["item_id"], c["score"]) for c in result["candidates"]]
+                            report.update(
+                                returned=len(lists[p]),
+                                fallback=result["fallback"],
+                                model_version=result["model_version"],
+                                index_version=result["index_version"],
+                            )
+                            warnings += [f"{p}: {w}" for w in result["warnings"]]
+                    if report["status"] != "ok":
+                        self._errors.inc(tags={"producer": p, "kind": "mix_dropped"})
+                    reports[p] = report
+                items, taken = interleave(lists, quotas, k)
+                for p, n in taken.items():
+                    reports[p]["taken"] = n
+                if len(items) < k:
+                    warnings.append(f"only {len(items)} distinct candidates for k={k}")
+                total = _ms(t_start)
+                self._stage_ms.observe(total, tags={"producer": "mix", "stage": "mix"})
+                return JSONResponse(
                     {
-                        "producer": cfg.producer,
-                        "model_version": s.model_version,
-                        "index_version": s.index.version,
-                        "candidates": [
-                            {"item_id": int(item), "score": float(score), "rank": rank}
-                            for rank, (item, score) in enumerate(ranked, 1)
-                        ],
-                        "fallback": fallback[i],
-                        "warnings": warnings[i],
-                        "timings_ms": {
-                            "feature": t_feature,
-                            "model": t_model if fallback[i] is None else 0.0,
-                            "search": t_search if fallback[i] is None else 0.0,
-                            "total": _ms(t_start),
-                        },
+                        "k": k,
+                        "candidates": items,
+                        "producers": reports,
+                        "warnings": warnings,
+                        "timings_ms": {"feature": features.ms, "total": total},
                     }
                 )
-            return out
+        except Unavailable as exc:
+            return exc.response()
+        except Exception:
+            return self._internal("mix")
+
+    async def _timed(self, request: CandidatesRequest, features: Features):
+        t0 = time.perf_counter()
+        (result,) = await self._answer([request], features)
+        return result, _ms(t0)
 
     # -- events ---------------------------------------------------------------------------------------
 
@@ -696,26 +797,17 @@ class Producer:
     )
     async def events(self, body: EventRequest):
         """Append a click to the user's online sequence (Feast push `click_push`); the next /v1/candidates
-        sees it. Serialised per user inside this replica (serving/events.py says what that means across
-        replicas). event_type is accepted for the caller's bookkeeping; every event appends."""
+        sees it, whichever producer answers. Serialised per user inside this replica (serving/events.py
+        says what that means across replicas). event_type is accepted for the caller's bookkeeping; every
+        event appends."""
         try:
             with self._lease() as s:
                 cfg = s.config
                 item = int(body.item_id)
-                if not s.known_item(item):
-                    try:
-                        in_index = bool(
-                            await _call(self._pools.search, cfg.search_timeout_s, s.index.get_vectors, [item])
-                        )
-                    except Exception as exc:
-                        raise Unavailable(
-                            "index_unavailable",
-                            f"could not check item_id {item} in the index ({_describe(exc)})",
-                        ) from exc
-                    if not in_index:
-                        raise invalid(
-                            "item_id", f"unknown item_id {item}: not in the catalogue or the index", item
-                        )
+                if not s.known_item(item) and not await self._in_an_index(s, item):
+                    raise invalid(
+                        "item_id", f"unknown item_id {item}: not in the catalogue or an index", item
+                    )
                 ts = body.event_timestamp or datetime.now(UTC)
                 try:
                     seq = await _call(
@@ -730,7 +822,7 @@ class Producer:
                     )
                 except Exception as exc:
                     log.warning("click push failed: %r", exc)
-                    self._errors.inc(tags={"producer": cfg.producer, "kind": "event"})
+                    self._errors.inc(tags={"producer": "events", "kind": "event"})
                     raise Unavailable(
                         "feature_store_unavailable",
                         f"the click push failed ({_describe(exc)}); it may or may not be stored: retry",
@@ -750,6 +842,37 @@ class Producer:
         except Exception:
             return self._internal("events")
 
+    async def _in_an_index(self, s: State, item: int) -> bool:
+        """An item upserted after load (cold start) is in an index but not yet in the catalogue copy."""
+        for index in s.indexes():
+            try:
+                found = await _call(self._pools.search, s.config.search_timeout_s, index.get_vectors, [item])
+            except Exception as exc:
+                raise Unavailable(
+                    "index_unavailable", f"could not check item_id {item} in the index ({_describe(exc)})"
+                ) from exc
+            if found:
+                return True
+        return False
+
+    @api.get(
+        "/v1/users/{user_id}/clicks",
+        response_model=ClicksResponse,
+        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+    )
+    async def clicks(self, user_id: Annotated[int, Path(ge=0, le=INT64_MAX)]):
+        """The user's online click sequence, oldest first (what every producer reads); [] if unknown."""
+        try:
+            with self._lease() as s:
+                features = await self._read_features(s, [user_id], "clicks", s.config.feature_timeout_s)
+        except Unavailable as exc:
+            return exc.response()
+        if features.stored is None:
+            return Unavailable(
+                "feature_store_unavailable", f"the online read failed ({features.error})"
+            ).response()
+        return JSONResponse({"user_id": user_id, "item_ids": features.stored.get(user_id, [])})
+
     # -- probes ---------------------------------------------------------------------------------------
 
     @api.get("/healthz")
@@ -759,35 +882,50 @@ class Producer:
 
     @api.get("/readyz", responses={503: {"description": "not ready: `reasons` says why"}})
     async def readyz(self):
-        """Readiness: model loaded, index answering (a 1-NN probe search), feature store readable."""
+        """Readiness: the default producer loaded and its index answering (a 1-NN probe search), the feature
+        store readable. `producers`: each producer's own readiness (a missing sibling does not make the
+        replica unready: requests naming it get a 503 producer_unavailable)."""
         state = self._state
         if state is None:
             return JSONResponse({"ready": False, "reasons": ["model not loaded"]}, status_code=503)
-        reasons = []
         with state.lease() as s:
             cfg = s.config
-            try:
-                probe = np.eye(1, s.index.dim, dtype=np.float32)  # (1, D)
-                await _call(self._pools.search, cfg.search_timeout_s, s.index.search_batch, probe, 1)
-            except Exception as exc:
-                reasons.append(f"index: {_describe(exc)}")
+            producers = {name: {"ready": False, "reason": why} for name, why in s.missing.items()}
+            for name, source in s.sources.items():
+                reason = None
+                if source.index is not None:
+                    try:
+                        probe = np.eye(1, source.index.dim, dtype=np.float32)  # (1, D)
+                        await _call(
+                            self._pools.search, cfg.search_timeout_s, source.index.search_batch, probe, 1
+                        )
+                    except Exception as exc:
+                        reason = f"index: {_describe(exc)}"
+                producers[name] = {
+                    "ready": reason is None,
+                    "model_version": source.model_version,
+                    "index_version": None if source.index is None else source.index.version,
+                    "reason": reason,
+                }
+            reasons = [producers[cfg.producer]["reason"]] if producers[cfg.producer]["reason"] else []
             try:
                 await _call(self._pools.features, cfg.feature_timeout_s, online_sequences, s.store, [0])
             except Exception as exc:
                 reasons.append(f"feature store: {_describe(exc)}")
+            default = producers[cfg.producer]
             body = {
                 "ready": not reasons,
                 "producer": cfg.producer,
-                "model_version": s.model_version,
-                "index_version": s.index.version,
+                "model_version": default.get("model_version"),
+                "index_version": default.get("index_version"),
                 "reasons": reasons,
+                "producers": {n: producers[n] for n in sorted(producers)},
             }
         return JSONResponse(body, status_code=503 if reasons else 200)
 
     def _internal(self, where: str) -> JSONResponse:
         log.exception("internal error in %s", where)
-        state = self._state
-        self._errors.inc(tags={"producer": state.config.producer if state else "", "kind": "internal"})
+        self._errors.inc(tags={"producer": where, "kind": "internal"})
         return _internal_error()
 
 
@@ -802,7 +940,7 @@ def build_app(args: dict[str, str]):
     cast = {"int": int, "float": float}
     typed = {k: cast[kinds[k]](v) if kinds.get(k) in cast else v for k, v in args.items()}
     config = ProducerConfig.from_dict(typed)
-    return producer_app(replace(config, workdir=str(Path(config.workdir).absolute())))
+    return producer_app(replace(config, workdir=str(FilePath(config.workdir).absolute())))
 
 
 app = Producer.bind()

@@ -189,7 +189,7 @@ def test_failed_rebuild_keeps_current(env, data, monkeypatch, fail_at):
         monkeypatch.setattr(writer, "upsert", flaky)
     else:
         monkeypatch.setattr(
-            build_mod, "verify", lambda *a: (_ for _ in ()).throw(RuntimeError("verify failed"))
+            build_mod, "verify", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("verify failed"))
         )
     with pytest.raises((OSError, RuntimeError)):
         env.build(vector_table(x2), items)
@@ -215,6 +215,7 @@ def test_keep_versions_and_pointer(env, data):
             "dim": D,
             "count": N,
             "created": built[2].created,
+            "distance": "cosine",
         }
         meta = json.loads((env.dir / "versions" / built[2].name / "meta.json").read_text())
         assert IndexConfig.from_dict(meta["config"]).keep_versions == 2
@@ -343,6 +344,54 @@ def test_cli_build_then_upsert(tmp_path, data, capsys):
     assert "1 items" in capsys.readouterr().out
     with open_index(ws / "index") as idx:
         assert idx.search(unit(np.ones(D)), 1)[0][0] == N + 5
+
+
+def test_dot_product_version_ranks_by_dot_product(env, data):
+    """An id-space export's vectors are not unit vectors and are scored by the dot product: a dot
+    version returns numpy's exact top-k by x @ q, which a cosine version would not."""
+    rng = np.random.default_rng(5)
+    x = (unit(rng.normal(size=(N, D))) * rng.uniform(0.2, 3.0, (N, 1))).astype(np.float32)  # varied norms
+    _, _, items, _ = data
+    v = env.build(vector_table(x), items, distance="dot", quantization=False)
+    assert "exact best dot product" in v.verify
+    with env.open() as idx:
+        assert idx.distance == "dot"
+        q = rng.normal(size=(4, D)).astype(np.float32)  # unnormalised, like a SASRec user vector
+        for qi, hits in zip(q, idx.search_batch(q, 10), strict=True):
+            ids, scores = exact_top(x, qi, 10)
+            assert [i for i, _ in hits] == ids
+            np.testing.assert_allclose([s for _, s in hits], scores, rtol=1e-4)
+            assert ids != exact_top(unit(x), qi, 10)[0], "cosine would rank these items differently"
+
+
+def test_cli_run_and_teacher_indexes(tmp_path, data, capsys):
+    """`--run NAME` builds indexes/NAME from that run's export (dot when run.json says id space);
+    `--teacher` builds indexes/teacher from the raw teacher vectors."""
+    import argparse
+
+    x, vecs, items, _ = data
+    ws = tmp_path / "ws"
+    (ws / "data").mkdir(parents=True)
+    items.to_parquet(ws / "data" / "items.parquet")
+    vecs.assign(event_timestamp=pd.Timestamp("2024-01-01", tz="UTC")).to_parquet(
+        ws / "data" / "item_embeddings.parquet"
+    )
+    export = ws / "runs" / "sasrec" / "export"
+    export.mkdir(parents=True)
+    vector_table(x * 2.0).to_parquet(export / "item_vectors.parquet")
+    (export / "run.json").write_text(json.dumps({"configs": {"model": {"item_space": "id"}}}))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    run(parser.parse_args(["build", "--workdir", str(ws), "--run", "sasrec", "--no-quantization"]))
+    assert "dot" in capsys.readouterr().out
+    assert read_current(ws / "indexes" / "sasrec").distance == "dot"
+    run(parser.parse_args(["build", "--workdir", str(ws), "--teacher", "--no-quantization"]))
+    assert read_current(ws / "indexes" / "teacher").distance == "cosine"
+    assert not (ws / "index").exists(), "the student's default index is untouched"
+    with pytest.raises(FileNotFoundError, match="vlmrec train"):
+        run(parser.parse_args(["build", "--workdir", str(ws), "--run", "nope"]))
+    with pytest.raises(SystemExit):  # --run and --teacher name different indexes
+        parser.parse_args(["build", "--workdir", str(ws), "--run", "sasrec", "--teacher"])
 
 
 def test_config_round_trip_keeps_secrets_out():

@@ -1,184 +1,56 @@
-"""serving/: the Producer on a tiny world (Feast sqlite store, a random SeqRec export, an Edge index).
+"""serving/: the Producer and its sibling producers and Mixer on a tiny world (tests/producer_world.py:
+Feast sqlite store, random student and id-space SeqRec exports, Edge indexes, events).
 
-No training job: a randomly initialised SeqRec is exported the way training/train.py lays out an export.
 Ray Serve runs twice in this module, both module-scoped: a real `serve.run` over HTTP on 127.0.0.1 (a free
 port), and local testing mode (in-process, so dependencies can be broken with monkeypatch).
 
-Order matters, once: in Ray 2.60 a local-mode replica leaves a reference to itself (a BackPressureError
-handler closure) on the ingress class's FastAPI app, and the class no longer pickles for a real deploy.
+Order matters, once: in Ray 2.60 a local-mode replica leaves a reference to itself (BackPressureError and
+DeploymentUnavailableError handler closures) on the FastAPI app the ingress froze into the class, and the
+class no longer pickles for a real deploy.
 So every bind of the Producer (the `http` fixture, the CLI test) comes before the first local-mode test
-in this file, and the `local` fixture depends on `http`.
+in this file, the `local` fixture depends on `http`, and its teardown removes what the replica left on
+the app (for later modules' real deploys, e.g. test_ui.py's browser test).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import torch
 from feast import FeatureStore
 
 import index.search
 import serving.producer as producer_mod
-from index.build import build_index, upsert_items
+from index.build import upsert_items
 from index.config import IndexConfig
 from serving.config import ProducerConfig
 from serving.producer import CandidatesRequest, EventRequest, producer_app, producer_input
-from training.config import ModelConfig
-from training.data import ItemTable, build_inputs
-from training.model import SeqRec
-from vlmrec import schema
-from vlmrec.features import apply_and_materialize, historical_sequences, online_sequences, open_store
-from vlmrec.workspace import Workspace, atomic_write_parquet
+from tests.producer_world import (
+    COLD_ID,
+    FIRST_ID,
+    MAX_LEN,
+    N_ITEMS,
+    TEACHER,
+    UNKNOWN_USER,
+    World,
+    available,
+    category,
+    free_port,
+    write_world,
+)
+from training.data import build_inputs
+from vlmrec.features import historical_sequences, online_sequences, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
-
-D, N_ITEMS, FIRST_ID = 8, 40, 1000  # vocabulary: item ids 1000..1039
-COLD_ID = FIRST_ID + N_ITEMS  # 1040: in the catalogue, not in the vocabulary or the index (yet)
-SNAP_LEN, MAX_LEN = 8, 24  # ingest snapshot length; the model's max_len (= N of /v1/events)
-TEACHER = "test:teacher"
-T0 = pd.Timestamp("2024-03-01", tz="UTC")
-USERS = range(1, 7)
-UNKNOWN_USER = 424242
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def category(i: int) -> str:
-    return "a" if i % 2 == 0 else "b"
-
-
-def available(i: int) -> bool:
-    return i % 5 != 0
-
-
-@dataclass(frozen=True)
-class World:
-    ws: Workspace
-    export: Path
-    model: SeqRec
-    vocab: ItemTable
-    item_vectors: np.ndarray  # (N_ITEMS, D) what the index holds, row k = vocab.item_ids[k]
-    events: pd.DataFrame
-    popular: list[int]  # item ids, most popular first
-    config: ProducerConfig
-
-    def history(self, user: int) -> list[int]:
-        e = self.events[self.events.user_id == user].sort_values("event_timestamp")
-        return e["item_id"].tolist()[-SNAP_LEN:]
-
-    def exact_top(self, seq, k, exclude=(), mask=None) -> tuple[list[int], np.ndarray]:
-        """numpy's exact top-k of the user vector against every item vector."""
-        ids = torch.as_tensor(build_inputs([seq], self.vocab, MAX_LEN).ids)
-        with torch.no_grad():
-            user = self.model.user_vector(ids)[0].numpy()  # (D,)
-        scores = self.item_vectors @ user  # (N_ITEMS,) both unit norm: cosine
-        keep = ~np.isin(self.vocab.item_ids, list(exclude))
-        if mask is not None:
-            keep &= mask
-        scores = np.where(keep, scores, -np.inf)
-        top = np.argsort(-scores, kind="stable")[:k]
-        top = top[np.isfinite(scores[top])]
-        return self.vocab.item_ids[top].tolist(), scores[top]
-
-
-def write_world(root: Path) -> World:
-    ws = Workspace(root / "ws").ensure()
-    rows, seqs = [], []
-    for u in USERS:
-        history: list[int] = []
-        for k in range(7):
-            item = FIRST_ID + (u * 7 + k * 3) % N_ITEMS
-            ts = T0 + pd.Timedelta(minutes=10 * k + u)
-            history.append(item)
-            rows.append((u, item, ts))
-            seqs.append((u, ts, history[-SNAP_LEN:]))
-    events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
-    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids"])
-    atomic_write_parquet(
-        pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
-    )
-    ids = np.arange(FIRST_ID, COLD_ID + 1)  # the catalogue holds the cold item too
-    items = pd.DataFrame(
-        {
-            "item_id": ids,
-            "title": [f"item {i}" for i in ids],
-            "text": "",
-            "category": [category(i) for i in ids],
-            "image_uri": None,
-            "created_at": T0 - pd.Timedelta(days=1),
-            "event_timestamp": T0 - pd.Timedelta(days=1),
-        }
-    )
-    atomic_write_parquet(pa.Table.from_pandas(items, schema=schema.ITEMS, preserve_index=False), ws.items)
-    vocab_ids = ids[:N_ITEMS]
-    teacher = np.random.default_rng(0).normal(size=(N_ITEMS, D)).astype(np.float32)
-    teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
-    emb = pd.DataFrame(
-        {
-            "item_id": vocab_ids,
-            "event_timestamp": T0 - pd.Timedelta(days=1),
-            "vector": list(teacher),
-            "teacher_id": TEACHER,
-        }
-    )
-    atomic_write_parquet(
-        pa.Table.from_pandas(emb, schema=schema.ITEM_EMBEDDINGS, preserve_index=False), ws.embeddings
-    )
-    apply_and_materialize(ws)
-
-    # the export, laid out as training/train.py writes it
-    torch.manual_seed(0)
-    vocab = ItemTable(vocab_ids, teacher)
-    cfg = ModelConfig(
-        n_items=N_ITEMS,
-        teacher_dim=D,
-        item_space="adapter",
-        d_model=16,
-        n_blocks=1,
-        max_len=MAX_LEN,
-        dropout=0.0,
-    )
-    model = SeqRec(cfg, teacher=vocab.teacher_matrix(), item_ids=np.concatenate([[-1], vocab_ids]))
-    torch.nn.init.normal_(model.adapter[-1].weight, std=0.3)  # a non-identity item space
-    export = ws.runs / "student" / "export"
-    model.save_pretrained(export / "model")
-    model = SeqRec.from_pretrained(export / "model")
-    with torch.no_grad():
-        vectors = model.item_vectors()[1:].numpy()  # (N_ITEMS, D)
-    pd.DataFrame(
-        {
-            "item_id": vocab_ids,
-            "vector": list(vectors),
-            "teacher_id": TEACHER,
-            "available": [available(i) for i in vocab_ids],
-        }
-    ).to_parquet(export / "item_vectors.parquet")
-    counts = events["item_id"].value_counts()
-    popular = sorted(counts.index.tolist(), key=lambda i: (-counts[i], i))
-    (export / "popular.json").write_text(
-        json.dumps([{"item_id": int(i), "score": float(counts[i])} for i in popular])
-    )
-    (export / "run.json").write_text(json.dumps({"name": "student", "teacher_id": TEACHER, "configs": {}}))
-    build_index(export / "item_vectors.parquet", ws.items, ws, IndexConfig(quantization=False))
-    config = ProducerConfig(
-        workdir=str(ws.root), feature_timeout_s=5.0, search_timeout_s=5.0, refresh_interval_s=0.5
-    )  # generous: this box is busy; the failure tests below use their own short timeouts
-    return World(ws, export, model, vocab, vectors, events, popular, config)
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +67,27 @@ def local(world, http):
     """The Producer in Serve's local testing mode: in-process, 1 s timeouts for the failure tests."""
     from ray import serve
 
+    app = ingress_app()
+    handlers = dict(app.exception_handlers)
     handle = serve.run(producer_app(local_config(world)), name="local", _local_testing_mode=True)
     deadline = time.monotonic() + 30  # local mode does not wait for reconfigure(): wait as a probe would
     while handle.readyz.remote().result().status_code != 200:
         assert time.monotonic() < deadline, "the local Producer never became ready"
         time.sleep(0.1)
-    return handle
+    yield handle
+    # Undo what the local replica left on the ingress's FastAPI app (see the top): later modules deploy the
+    # Producer for real, and the class must pickle again.
+    app.exception_handlers.clear()
+    app.exception_handlers.update(handlers)
+    app.middleware_stack = None
+
+
+def ingress_app():
+    """The FastAPI app @serve.ingress froze into the Producer class (a copy of serving.producer.api)."""
+    from fastapi import FastAPI
+
+    init = producer_mod.Producer.func_or_class.__init__
+    return next(c.cell_contents for c in init.__closure__ if isinstance(c.cell_contents, FastAPI))
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +197,14 @@ BAD = [
     ("/v1/events", {"user_id": 1, "item_id": "x"}, "item_id"),
     ("/v1/events", {"user_id": 1, "item_id": 99999}, "item_id"),  # well-typed but unknown
     ("/v1/events", {"item_id": FIRST_ID}, "user_id"),
+    ("/v1/candidates", {"user_id": 1, "producer": "nope"}, "producer"),
+    ("/v1/mix", {"user_id": 1, "quotas": {"nope": 1}}, "quotas.nope.[key]"),
+    ("/v1/mix", {"user_id": 1, "quotas": {"student": 1}, "weights": {"student": 1}}, "quotas"),
+    ("/v1/mix", {"user_id": 1, "k": 3, "quotas": {"student": 2}}, "k"),
+    ("/v1/mix", {"user_id": 1, "quotas": {"student": -1}}, "quotas.student"),
+    ("/v1/mix", {"user_id": 1, "weights": {"student": 0}}, "weights"),
+    ("/v1/mix", {"user_id": 1, "budget_ms": 0}, "budget_ms"),
+    ("/v1/mix", {"user_id": 1, "k": 1001}, "k"),
 ]
 
 
@@ -353,6 +248,110 @@ def test_unknown_user_gets_popular_items(world, http):
     assert r["fallback"] is None and ids_of(r) == world.exact_top(recent, 4, exclude=recent)[0]
 
 
+# ------------------------------------------------------------------------------- sibling producers
+
+
+def test_http_every_producer_answers_the_same_contract_exactly(world, http):
+    """student (default), sasrec (dot product of id embeddings), similar (teacher neighbours of the last 3
+    clicks) and popular (recency-weighted counts), each against numpy on the same user."""
+    u, k = 2, 6
+    seen = world.history(u)
+    want = {
+        "student": world.exact_top(seen, k, exclude=seen)[0],
+        "sasrec": world.sasrec_top(seen, k, exclude=seen),
+        "similar": world.similar_top(seen, k, last_n=3, exclude=seen),
+        "popular": world.popular_top(k, exclude=seen),
+    }
+    for name, ids in want.items():
+        r = http.post("/v1/candidates", json={"user_id": u, "k": k, "producer": name})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["producer"] == name and body["fallback"] is None and ids_of(body) == ids, name
+        assert [c["rank"] for c in body["candidates"]] == list(range(1, k + 1))
+        assert (body["index_version"] is None) == (name == "popular")
+        assert set(body["timings_ms"]) == {"feature", "model", "search", "total"}
+    assert http.post("/v1/candidates", json={"user_id": u, "k": k}).json()["producer"] == "student"
+    r = http.post("/v1/candidates", json={"user_id": u, "k": 3, "producer": "sasrec"}).json()
+    user = world.sasrec.user_vector(torch.as_tensor(build_inputs([seen], world.vocab, MAX_LEN).ids))[0]
+    dots = world.sasrec_vectors[world.vocab.index_of(ids_of(r)) - 1] @ user.detach().numpy()
+    np.testing.assert_allclose(scores_of(r), dots, rtol=1e-4)  # dot products, not cosines
+    assert r["model_version"].startswith("sasrec@")
+    r = http.post(
+        "/v1/candidates", json={"user_id": u, "k": 4, "producer": "popular", "filters": {"category": "b"}}
+    ).json()
+    assert ids_of(r) == [i for i in world.popular_top(N_ITEMS, exclude=seen) if category(i) == "b"][:4]
+
+
+def test_http_fallbacks_are_the_same_for_every_producer(world, http):
+    for name, popular in (("sasrec", world.popular), ("similar", world.popular_top(N_ITEMS))):
+        r = http.post("/v1/candidates", json={"user_id": UNKNOWN_USER, "k": 4, "producer": name}).json()
+        assert r["fallback"] == "unknown_user" and ids_of(r) == popular[:4], name
+        recent = [FIRST_ID + 7, FIRST_ID + 9]  # known clicks are enough to personalise
+        r = http.post(
+            "/v1/candidates",
+            json={"user_id": UNKNOWN_USER, "k": 4, "producer": name, "recent_item_ids": recent},
+        ).json()
+        assert r["fallback"] is None, name
+    r = http.post("/v1/candidates", json={"user_id": UNKNOWN_USER, "k": 4, "producer": "popular"}).json()
+    assert r["fallback"] is None and ids_of(r) == world.popular_top(4)
+    r = http.post(
+        "/v1/candidates",
+        json={"user_id": UNKNOWN_USER, "k": 3, "producer": "similar", "recent_item_ids": [COLD_ID]},
+    ).json()  # a click the teacher index does not hold: named, then the same fallback
+    assert r["fallback"] == "unknown_user" and any(str(COLD_ID) in w for w in r["warnings"])
+
+
+def test_http_batch_mixes_producers_in_order(http):
+    reqs = [{"user_id": 1, "k": 4, "producer": p} for p in ("similar", "student", "popular", "sasrec")]
+    reqs.append({"user_id": 3, "k": 2, "producer": "similar", "filters": {"category": "a"}})
+    batch = http.post("/v1/candidates:batch", json={"requests": reqs}).json()["responses"]
+    for req, got in zip(reqs, batch, strict=True):
+        single = http.post("/v1/candidates", json=req).json()
+        assert got["producer"] == req["producer"] and ids_of(got) == ids_of(single)
+
+
+def test_http_mix_honours_quotas_without_duplicates(world, http):
+    u = 3
+    seen = world.history(u)
+    quotas = {"student": 4, "similar": 3, "sasrec": 2, "popular": 1}
+    r = http.post("/v1/mix", json={"user_id": u, "quotas": quotas})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = [c["item_id"] for c in body["candidates"]]
+    assert body["k"] == 10 and len(ids) == len(set(ids)) == 10 and not set(ids) & set(seen)
+    assert {p: rep["taken"] for p, rep in body["producers"].items()} == quotas
+    assert all(rep["status"] == "ok" for rep in body["producers"].values()) and body["warnings"] == []
+    lists = {
+        p: ids_of(http.post("/v1/candidates", json={"user_id": u, "k": 10, "producer": p}).json())
+        for p in quotas
+    }
+    for c in body["candidates"]:
+        assert c["sources"] == [p for p in quotas if c["item_id"] in lists[p]]
+        assert c["ranks"] == {p: lists[p].index(c["item_id"]) + 1 for p in c["sources"]}
+        assert c["producer"] in c["sources"]
+    from serving.mixer import interleave
+
+    expect, _ = interleave({p: [(i, 0.0) for i in lists[p]] for p in quotas}, quotas, 10)
+    assert ids == [c["item_id"] for c in expect], "the HTTP Mixer blends exactly as serving/mixer.py"
+    assert (
+        http.post("/v1/mix", json={"user_id": u, "quotas": quotas}).json()["candidates"] == body["candidates"]
+    )
+
+    weighted = http.post(
+        "/v1/mix", json={"user_id": u, "k": 8, "weights": {"student": 3, "popular": 1}}
+    ).json()
+    assert {p: rep["taken"] for p, rep in weighted["producers"].items()} == {"student": 6, "popular": 2}
+    default = http.post("/v1/mix", json={"user_id": u, "k": 8}).json()
+    assert set(default["producers"]) == {"student", "sasrec", "similar", "popular"}
+
+
+def test_http_clicks_of_a_user(world, http):
+    assert http.get("/v1/users/1/clicks").json() == {"user_id": 1, "item_ids": world.history(1)}
+    assert http.get(f"/v1/users/{UNKNOWN_USER}/clicks").json()["item_ids"] == []
+    r = http.get("/v1/users/-3/clicks")
+    assert r.status_code == 422 and r.json()["message"].startswith("user_id:")
+
+
 # ------------------------------------------------------------------------------------------- events
 
 
@@ -368,6 +367,13 @@ def test_event_is_seen_by_the_next_request(world, http):
     assert clicked not in ids_of(after), "the clicked item is now seen"
     seq = [*world.history(u), clicked]
     assert ids_of(after) == world.exact_top(seq, 10, exclude=seq)[0], "the user vector moved with the click"
+    for name, want in (
+        ("sasrec", world.sasrec_top(seq, 10, exclude=seq)),
+        ("similar", world.similar_top(seq, 10, last_n=3, exclude=seq)),
+        ("popular", world.popular_top(10, exclude=seq)),
+    ):
+        got = http.post("/v1/candidates", json={"user_id": u, "k": 10, "producer": name}).json()
+        assert ids_of(got) == want, f"{name} reflects the click"
     # a cold item (in the catalogue, not in the index) is a known item: accepted
     assert http.post("/v1/events", json={"user_id": u, "item_id": COLD_ID}).status_code == 200
 
@@ -402,6 +408,10 @@ def test_probes(http):
     assert http.get("/healthz").json() == {"status": "ok"}
     r = http.get("/readyz")
     assert r.status_code == 200 and r.json()["ready"] is True and r.json()["reasons"] == []
+    producers = r.json()["producers"]
+    assert sorted(producers) == ["popular", "sasrec", "similar", "student"]
+    assert all(p["ready"] and p["reason"] is None for p in producers.values())
+    assert producers["popular"]["index_version"] is None and producers["similar"]["index_version"]
 
 
 # ------------------------------------------------------------------------------------- config and CLI
@@ -414,6 +424,14 @@ def test_config_is_validated():
         ProducerConfig(index_backend="server")
     with pytest.raises(ValueError, match="unknown keys"):
         ProducerConfig.from_dict({"workdir": "w", "tiemout": 1})
+    with pytest.raises(ValueError, match="producer must be one of"):
+        ProducerConfig(producer="student-b")
+    with pytest.raises(ValueError, match="popular_until"):
+        ProducerConfig(popular_until="last tuesday")
+    with pytest.raises(ValueError, match="mix_budget_ms"):
+        ProducerConfig(mix_budget_ms=0)
+    assert ProducerConfig(popular_until="2016-03-22T08:26:11").popular_until_ts.tzinfo is not None
+    assert ProducerConfig(workdir="w").sasrec_index_path == Path("w").absolute() / "indexes/sasrec"
     assert ProducerConfig.from_dict(None) == ProducerConfig()
     assert ProducerConfig(workdir="w").export_dir == Path("w").absolute() / "runs/student/export"
 
@@ -530,12 +548,46 @@ def test_internal_error_is_a_json_500_without_internals(local, monkeypatch):
     def boom(self, ids):
         raise RuntimeError("secret /internal/path")
 
-    monkeypatch.setattr(producer_mod.State, "user_vectors", boom)
+    monkeypatch.setattr(producer_mod.ModelSource, "user_vectors", boom)
     status, body = call(local, "candidates", CandidatesRequest(user_id=1))
     assert status == 500 and body == {
         "error": "internal_error",
         "message": "internal error; the replica log has the details",
     }
+
+
+def test_mix_drops_a_slow_and_a_failing_producer_but_answers(world, local, monkeypatch):
+    """sasrec stuck past the budget, similar's index down: both dropped and named, their slots refilled
+    by the others, within the budget."""
+    real = producer_mod.ModelSource.user_vectors
+
+    def slow_sasrec(self, ids):
+        if self.name == "sasrec":
+            time.sleep(5)
+        return real(self, ids)
+
+    def broken(*args):
+        raise ConnectionError("qdrant at 10.0.0.9 refused")
+
+    monkeypatch.setattr(producer_mod.ModelSource, "user_vectors", slow_sasrec)
+    monkeypatch.setattr(producer_mod.SimilarSource, "last_clicks", broken)  # fails before any wait
+    quotas = {"student": 3, "sasrec": 3, "similar": 2, "popular": 2}
+    t0 = time.perf_counter()
+    # a budget this box meets even when busy; the stuck producer would take 5 s
+    status, body = call(local, "mix", producer_mod.MixRequest(user_id=1, quotas=quotas, budget_ms=1500))
+    assert time.perf_counter() - t0 < 4.0, "the budget bounds the call"
+    assert status == 200 and body["k"] == 10
+    reports = body["producers"]
+    assert reports["sasrec"]["status"] == "timeout" and reports["similar"]["status"] == "error"
+    assert any(w.startswith("sasrec: no answer within the 1500 ms budget") for w in body["warnings"])
+    assert any(w.startswith("similar: failed (ConnectionError)") for w in body["warnings"])
+    assert "10.0.0.9" not in json.dumps(body)
+    ids = [c["item_id"] for c in body["candidates"]]
+    assert len(ids) == len(set(ids)) == 10 and {c["producer"] for c in body["candidates"]} == {
+        "student",
+        "popular",
+    }
+    assert reports["student"]["taken"] + reports["popular"]["taken"] == 10
 
 
 def test_local_event_on_unknown_item_is_refused(local):
@@ -548,17 +600,25 @@ def test_local_event_on_unknown_item_is_refused(local):
 def test_reconfigure_hot_swaps_in_place_and_refuses_a_bad_config(world, local, tmp_path):
     """reconfigure() on the running replica (what a user_config-only update of a declarative config or a
     RayService does): a new state is built, then swapped in; a bad config leaves the old one serving."""
-    new = replace(local_config(world), producer="student-b", default_k=3)
+    new = replace(local_config(world), producer="popular", default_k=3)
     local.reconfigure.remote(new.to_dict()).result()
     status, body = call(local, "candidates", CandidatesRequest(user_id=1))
-    assert status == 200 and body["producer"] == "student-b" and len(body["candidates"]) == 3
+    assert status == 200 and body["producer"] == "popular" and len(body["candidates"]) == 3
 
     export = tmp_path / "export"
     shutil.copytree(world.export, export)
     (export / "run.json").write_text(json.dumps({"teacher_id": "another:teacher"}))
-    with pytest.raises(Exception, match="teacher mismatch"):
-        local.reconfigure.remote(replace(new, model_path=str(export)).to_dict()).result()
-    assert call(local, "candidates", CandidatesRequest(user_id=1))[1]["producer"] == "student-b"
+    with pytest.raises(Exception, match="teacher mismatch"):  # the default producer must load
+        local.reconfigure.remote(replace(local_config(world), model_path=str(export)).to_dict()).result()
+    assert call(local, "candidates", CandidatesRequest(user_id=1))[1]["producer"] == "popular"
+
+    # the same bad export beside a default that loads: the replica serves, the student is named missing
+    local.reconfigure.remote(replace(new, model_path=str(export)).to_dict()).result()
+    status, body = call(local, "candidates", CandidatesRequest(user_id=1, producer="student"))
+    assert status == 503 and body["error"] == "producer_unavailable" and "teacher mismatch" in body["message"]
+    ready = local.readyz.remote().result()
+    assert ready.status_code == 200
+    assert json.loads(ready.body)["producers"]["student"]["ready"] is False
     local.reconfigure.remote(local_config(world).to_dict()).result()
 
 

@@ -102,9 +102,9 @@ class SeqRecLoss(nn.Module):
             raise ValueError(f"target_counts must have shape ({self.n_items + 1},)")
         counts[0] = 0
         self.register_buffer("popularity", (counts / counts.sum()).float())  # (n + 1,) q of in-batch targets
-        # The uniform negatives' pool (1-based indices): all items, or the training targets only.
-        trained = counts > 1 if target_counts is not None else counts > 0
-        pool = torch.arange(self.n_items + 1)[trained if cfg.negative_pool == "trained" else counts > 0]
+        # The uniform negatives' pool (1-based indices): all items, or the training targets only (counts are
+        # add-one smoothed, so a target has count > 1); no targets known: all items.
+        pool = torch.arange(self.n_items + 1)[counts > (1 if cfg.negative_pool == "trained" else 0)]
         self.register_buffer("pool", pool if len(pool) else torch.arange(1, self.n_items + 1))
 
     def sample_candidates(self, targets: Tensor, generator: torch.Generator | None = None) -> Tensor:

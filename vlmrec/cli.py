@@ -1,6 +1,6 @@
 """The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
 
-vlmrec ingest | embed | features | train | evaluate | index | serve | demo | tune   --help for each
+vlmrec ingest | embed | features | train | tune | evaluate | index | serve | ui | demo   --help for each
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
     "index": ("index.cli", "build a Qdrant index version from item vectors, or upsert new items"),
     "serve": ("serving.cli", "serve the Producer (Ray Serve): POST /v1/candidates"),
+    "ui": ("ui.cli", "the demo page (Streamlit): every producer's candidates side by side, clicks"),
     "demo": ("vlmrec.demo", "run every stage end to end on the sample (or your) data"),
 }
 

@@ -8,6 +8,8 @@
       feature_store.yaml, registry.db, online.db                                        (features)
       runs/<name>/                   checkpoints and the exported model                 (train)
       index/                         index versions and the current pointer             (index)
+      indexes/<name>/                the same for the other producers: indexes/<run> of a run's
+                                     export (e.g. sasrec), indexes/teacher of the raw teacher vectors
 
 The Feast definitions in feature_repo/ name their sources relative to this folder, which is the repo_path
 of the FeatureStore that `vlmrec features` builds.
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_WORKDIR = Path(".vlmrec/sample")
+TEACHER_INDEX = "teacher"  # indexes/teacher: the raw teacher vectors (the `similar` producer searches it)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,10 @@ class Workspace:
     @property
     def index(self) -> Path:
         return self.root / "index"
+
+    def named_index(self, name: str) -> Path:
+        """indexes/<name>: a run's own index (`vlmrec index build --run NAME`) or the teacher's."""
+        return self.root / "indexes" / name
 
     def ensure(self) -> Workspace:
         self.data.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,114 @@
+"""The reference Mixer's arithmetic: quotas from weights, and the de-duplicating quota interleave.
+
+    k, quotas = resolve_quotas(k=10, quotas=None, weights={"student": 3, "similar": 1}, default_k=100)
+    # -> 10, {"student": 8, "similar": 2}
+    items, taken = interleave({"student": [(7, .9), (3, .8)], "similar": [(3, .7), (5, .6)]}, quotas, k)
+
+The route (`POST /v1/mix`, serving/producer.py) asks every producer with a quota for k candidates in
+parallel under one time budget, then calls `interleave` on the lists that came back. docs/API.md states the
+contract; everything here is deterministic, so the same answers always blend to the same list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from serving.config import PRODUCERS
+
+Hit = tuple[int, float]  # (item_id, the producer's score)
+
+
+class MixError(ValueError):
+    """A request the Mixer cannot honour: `field` names the request field (an HTTP 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def apportion(k: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """Quotas summing to k in proportion to weights (largest remainder; ties go to the earlier producer)."""
+    total = sum(weights.values())
+    exact = {p: k * w / total for p, w in weights.items()}
+    quotas = {p: math.floor(x) for p, x in exact.items()}
+    order = list(weights)
+    by_remainder = sorted(order, key=lambda p: (-(exact[p] - quotas[p]), order.index(p)))
+    for p in by_remainder[: k - sum(quotas.values())]:
+        quotas[p] += 1
+    return quotas
+
+
+def resolve_quotas(
+    k: int | None,
+    quotas: Mapping[str, int] | None,
+    weights: Mapping[str, float] | None,
+    default_k: int,
+    max_k: int,
+) -> tuple[int, dict[str, int]]:
+    """The request's k and slots per producer (request order kept; producers with 0 slots left out)."""
+    if quotas is not None and weights is not None:
+        raise MixError("quotas", "give quotas or weights, not both")
+    if quotas is not None:
+        total = sum(quotas.values())
+        if total < 1:
+            raise MixError("quotas", "at least one quota must be > 0")
+        if k is not None and k != total:
+            raise MixError("k", f"k ({k}) must equal the sum of quotas ({total}), or be left out")
+        if total > max_k:
+            raise MixError("quotas", f"the quotas sum to {total}, more than max_k {max_k}")
+        return total, {p: q for p, q in quotas.items() if q > 0}
+    k = default_k if k is None else k
+    weights = dict(weights) if weights is not None else dict.fromkeys(PRODUCERS, 1.0)
+    if sum(weights.values()) <= 0:
+        raise MixError("weights", "at least one weight must be > 0")
+    return k, {p: q for p, q in apportion(k, weights).items() if q > 0}
+
+
+def interleave(
+    lists: Mapping[str, Sequence[Hit]], quotas: Mapping[str, int], k: int
+) -> tuple[list[dict], dict[str, int]]:
+    """Blend ranked lists by quota, without duplicates.
+
+    Slots go one at a time to the producer furthest behind its quota (taken / quota smallest; ties: the
+    earlier producer in `quotas`), which gives its best candidate not already taken. First every producer
+    fills its quota; if fewer than k candidates were placed (a producer lacked candidates, lost them to
+    duplicates, or is absent from `lists`: dropped), the producers with candidates left keep taking turns
+    in the same proportion until k. Each item carries every producer that returned it, with its rank and
+    score there. Returns (items in blended order, slots filled per producer)."""
+    order = [p for p in quotas if quotas[p] > 0]
+    ranks = {p: {item: r for r, (item, _) in enumerate(lists.get(p, ()), 1)} for p in order}
+    scores = {p: dict(lists.get(p, ())) for p in order}
+    pos = dict.fromkeys(order, 0)
+    taken = dict.fromkeys(order, 0)
+    placed: set[int] = set()
+    out: list[dict] = []
+
+    def head(p: str) -> int | None:
+        """p's best candidate not yet placed (advancing past placed ones), None when exhausted."""
+        hits = lists.get(p, ())
+        while pos[p] < len(hits) and hits[pos[p]][0] in placed:
+            pos[p] += 1
+        return hits[pos[p]][0] if pos[p] < len(hits) else None
+
+    for capped in (True, False):
+        while len(out) < k:
+            ready = [p for p in order if (not capped or taken[p] < quotas[p]) and head(p) is not None]
+            if not ready:
+                break
+            p = min(ready, key=lambda q: (taken[q] / quotas[q], order.index(q)))
+            item = head(p)
+            placed.add(item)
+            taken[p] += 1
+            sources = [q for q in order if item in ranks[q]]
+            out.append(
+                {
+                    "item_id": int(item),
+                    "rank": len(out) + 1,
+                    "producer": p,
+                    "sources": sources,
+                    "ranks": {q: ranks[q][item] for q in sources},
+                    "scores": {q: float(scores[q][item]) for q in sources},
+                }
+            )
+    return out, taken

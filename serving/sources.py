@@ -1,0 +1,345 @@
+"""The producers one Producer deployment serves: what each loads and how it ranks, apart from Ray Serve.
+
+    sources, missing = load_sources(ProducerConfig(workdir="W"))   # {name: source}, {name: why absent}
+
+    student  the distilled SeqRec export (runs/<run>/export) + its index (<workdir>/index, cosine)
+    sasrec   the behavioural SASRec export (an id-space run, runs/<sasrec_run>/export) + its own
+             dot-product index (indexes/<sasrec_run>): id embeddings are scored by the dot product
+    similar  teacher nearest neighbours of the user's last N distinct clicks, in an index of the RAW teacher
+             vectors (indexes/teacher, built from data/item_embeddings.parquet). Not the student's index:
+             its default item space (adapter) is learned, so its neighbours are not the teacher's; a
+             teacher index also holds every embedded item (cold ones too) and does not move when a student
+             is retrained. Score of an item: its best cosine to any of those clicks.
+    popular  recency-weighted popularity of the events table (data/events.parquet; weight 0.5 ** (age /
+             half life), age from the newest event counted), filtered per request (category, available)
+
+All four answer the same request with the same response (serving/producer.py). A producer whose export or
+index is missing is left out of `sources` and named in `missing` with the command that builds it.
+Fallbacks: student / sasrec fall back to their export's popular.json, similar to the `popular` ranking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from index.config import IndexConfig
+from index.search import Hit, Index, open_index
+from serving.config import PRODUCERS, ProducerConfig
+from training.data import ItemTable
+from training.model import WEIGHTS_FILE, SeqRec
+
+log = logging.getLogger("ray.serve")
+
+
+class PopularItem(NamedTuple):
+    item_id: int
+    score: float
+    category: str | None
+    available: bool
+
+
+def popular_candidates(
+    popular: Sequence[PopularItem], k: int, exclude: set[int], filters: dict | None
+) -> list[tuple[int, float]]:
+    """The first k popular items not excluded that match the filters (as the index would: category any-of,
+    available equal; an item without a category never matches a category filter)."""
+    filters = filters or {}
+    cat = filters.get("category")
+    cats = None if cat is None else ({cat} if isinstance(cat, str) else set(cat))
+    avail = filters.get("available")
+    out = []
+    for p in popular:
+        if p.item_id in exclude or (cats is not None and p.category not in cats):
+            continue
+        if avail is not None and p.available != avail:
+            continue
+        out.append((p.item_id, p.score))
+        if len(out) == k:
+            break
+    return out
+
+
+def with_metadata(rows: Sequence[dict], catalogue: Path, vectors: Path | None) -> list[PopularItem]:
+    """[{item_id, score}] joined with the category (items.parquet) and availability (the vector table's
+    optional `available`, else True, as the index builder assumes): what filters on popular items need."""
+    if not rows:
+        return []
+    ids = [int(r["item_id"]) for r in rows]
+    category: dict[int, str | None] = {}
+    if catalogue.exists():
+        items = pq.read_table(catalogue, columns=["item_id", "category"]).to_pandas()
+        items = items[items["item_id"].isin(ids)]
+        category = dict(zip(items["item_id"].astype(int), items["category"], strict=True))
+    available: dict[int, bool] = {}
+    if vectors is not None and vectors.exists() and "available" in pq.read_schema(vectors).names:
+        vt = pq.read_table(vectors, columns=["item_id", "available"]).to_pandas()
+        vt = vt[vt["item_id"].isin(ids)]
+        available = dict(
+            zip(vt["item_id"].astype(int), vt["available"].fillna(True).astype(bool), strict=True)
+        )
+    return [
+        PopularItem(i, float(r["score"]), _str_or_none(category.get(i)), available.get(i, True))
+        for i, r in zip(ids, rows, strict=True)
+    ]
+
+
+def read_popular(export: Path, catalogue: Path, vectors: Path) -> list[PopularItem]:
+    """An export's popular.json (its training events' popularity) with category and availability."""
+    path = export / "popular.json"
+    return with_metadata(json.loads(path.read_text()) if path.exists() else [], catalogue, vectors)
+
+
+def _str_or_none(v) -> str | None:
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
+
+
+def index_config(cfg: ProducerConfig, name: str | None = None) -> IndexConfig:
+    """Search settings: IndexConfig's defaults. On a server the student searches cfg.index_alias and a
+    named index (sasrec, teacher) the alias `items_<name>` (what `vlmrec index build --run NAME` /
+    `--teacher` make). The api key comes from this replica's environment (QDRANT_API_KEY), never from
+    user_config."""
+    if cfg.index_backend == "server":
+        alias = cfg.index_alias if name is None else f"{IndexConfig.alias}_{name}"
+        return IndexConfig(
+            backend="server", url=cfg.index_url, api_key=os.environ.get("QDRANT_API_KEY"), alias=alias
+        )
+    return IndexConfig()
+
+
+def _open(cfg: ProducerConfig, folder: Path, name: str | None) -> Index:
+    where = cfg.index_url if cfg.index_backend == "server" else folder
+    return open_index(where, index_config(cfg, name))
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(eq=False)
+class ModelSource:
+    """student or sasrec: a SeqRec export (its own config rebuilds it) and the index of its item space."""
+
+    name: str
+    model: SeqRec
+    index: Index
+    model_version: str  # <run>@<12 hex of the weights>
+    fallback: list[PopularItem]  # the export's popular.json
+    vocab: ItemTable = field(init=False)
+    max_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vocab = ItemTable(self.model.item_ids[1:].cpu().numpy())
+        self.max_len = self.model.cfg.max_len
+
+    def user_vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(B, max_len) model input -> (B, D) user vectors. Left padding is trimmed (the model's output does
+        not depend on it)."""
+        width = max(int((ids > 0).sum(1).max()), 1) if len(ids) else 1
+        with torch.inference_mode():
+            return self.model.user_vector(torch.as_tensor(ids[:, -width:])).float().numpy()
+
+    def warm_up(self) -> None:
+        self.user_vectors(np.zeros((1, self.max_len), np.int64))
+        self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+@dataclass(eq=False)
+class SimilarSource:
+    """Teacher nearest neighbours of the last `last_n` distinct clicks (an index of raw teacher vectors)."""
+
+    index: Index
+    last_n: int
+    fallback: list[PopularItem]  # the `popular` ranking (empty when that is missing too)
+    name: str = "similar"
+
+    @property
+    def model_version(self) -> str:
+        return f"teacher:{self.index.teacher_id}"
+
+    def last_clicks(self, sequence: Sequence[int]) -> list[int]:
+        """The last `last_n` distinct item ids of a click sequence (oldest first in), most recent first."""
+        out: list[int] = []
+        for item in reversed(sequence):
+            if int(item) not in out:
+                out.append(int(item))
+                if len(out) == self.last_n:
+                    break
+        return out
+
+    @staticmethod
+    def merge(hits: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+        """One list per click (most recent first) -> each item's best score, best first; ties go to the
+        item found for the more recent click, then to its rank there."""
+        best: dict[int, tuple[float, int, int]] = {}
+        for j, result in enumerate(hits):
+            for r, (item, score) in enumerate(result):
+                key = (-score, j, r)
+                if item not in best or key < best[item]:
+                    best[item] = key
+        ranked = sorted(best.items(), key=lambda kv: kv[1])
+        return [(item, -key[0]) for item, key in ranked[:k]]
+
+    def warm_up(self) -> None:
+        self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)
+
+    def close(self) -> None:
+        self.index.close()
+
+
+@dataclass(eq=False)
+class PopularSource:
+    """Recency-weighted popularity of the events table, computed at load (reconfigure reloads it)."""
+
+    items: list[PopularItem]
+    model_version: str  # popular@<12 hex of the events file, half-life and cut>
+    name: str = "popular"
+    index: None = None
+
+    def warm_up(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+Source = ModelSource | SimilarSource | PopularSource
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def check_export_teacher(export: Path, run_info: dict) -> None:
+    """The export's item table must hold the vectors of the teacher its run.json names."""
+    vectors = export / "item_vectors.parquet"
+    if not vectors.exists():
+        return
+    ids = pq.read_table(vectors, columns=["teacher_id"]).column(0).unique().to_pylist()
+    if ids != [run_info.get("teacher_id")]:
+        raise ValueError(
+            f"teacher mismatch: {export / 'run.json'} names teacher {run_info.get('teacher_id')!r} but "
+            f"{vectors} holds vectors of {ids}; re-export the run (vlmrec train) instead of mixing files"
+        )
+
+
+def load_model_source(name: str, run: str, export: Path, index: Index, cfg: ProducerConfig) -> ModelSource:
+    """A SeqRec export + an open index, checked against each other. Closes nothing: the caller owns index."""
+    run_info = json.loads((export / "run.json").read_text())
+    check_export_teacher(export, run_info)
+    model = SeqRec.from_pretrained(export / "model")
+    if index.teacher_id != run_info.get("teacher_id"):
+        raise ValueError(
+            f"teacher mismatch: the export {export} was trained on {run_info.get('teacher_id')!r} but "
+            f"the index version {index.version} holds {index.teacher_id!r} vectors; build the index "
+            f"from this export (vlmrec index build --vectors {export / 'item_vectors.parquet'})"
+        )
+    if index.dim != model.cfg.out_dim:
+        raise ValueError(f"dimension mismatch: model out_dim {model.cfg.out_dim}, index dim {index.dim}")
+    want = "dot" if model.cfg.item_space == "id" else "cosine"
+    if index.distance != want:
+        raise ValueError(
+            f"distance mismatch: the {model.cfg.item_space}-space export {export} needs a {want} index, "
+            f"version {index.version} is {index.distance}; rebuild it (vlmrec index build --run {run})"
+        )
+    digest = hashlib.sha256((export / "model" / WEIGHTS_FILE).read_bytes()).hexdigest()
+    fallback = read_popular(export, cfg.workspace.items, export / "item_vectors.parquet")
+    return ModelSource(name, model, index, f"{run}@{digest[:12]}", fallback)
+
+
+def popular_ranking(events: Path, half_life_days: float, until=None) -> list[dict]:
+    """Every item of the events table by recency-weighted popularity (training's popular_items, the same
+    weighting the exports' popular.json use), events at or after `until` left out."""
+    from training.train import popular_items
+
+    table = pq.read_table(events, columns=["item_id", "event_timestamp"]).to_pandas()
+    if until is not None:
+        table = table[table["event_timestamp"] < until]
+    if table.empty:
+        return []
+    return popular_items(table, table["item_id"].nunique(), half_life_days)
+
+
+def load_popular(cfg: ProducerConfig) -> PopularSource:
+    ws = cfg.workspace
+    if not ws.events.exists():
+        raise FileNotFoundError(f"no events table at {ws.events}: run `vlmrec ingest --workdir {ws.root}`")
+    rows = popular_ranking(ws.events, cfg.popular_half_life_days, cfg.popular_until_ts)
+    h = hashlib.sha256(ws.events.read_bytes())
+    h.update(f"{cfg.popular_half_life_days}|{cfg.popular_until}".encode())
+    return PopularSource(with_metadata(rows, ws.items, None), f"popular@{h.hexdigest()[:12]}")
+
+
+def _require(path: Path, what: str, command: str) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} at {path}: run `{command}`")
+
+
+def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]]:
+    """Load every producer. -> ({name: source}, {name: why it is missing}). The default producer
+    (cfg.producer) must load: its error is raised (a bad config); a sibling's is recorded."""
+    ws, sources, missing = cfg.workspace, {}, {}
+    opened: list[Index] = []
+
+    def model(name: str, run: str, export: Path, folder: Path, index_name: str | None) -> ModelSource:
+        _require(export / "run.json", f"{name} export", f"vlmrec train --workdir {ws.root} --name {run}")
+        _require(export / "model", f"{name} model", f"vlmrec train --workdir {ws.root} --name {run}")
+        build = f"vlmrec index build --workdir {ws.root}" + (f" --run {run}" if index_name else "")
+        if cfg.index_backend == "edge":
+            _require(folder / "CURRENT", f"{name} index", build)
+        index = _open(cfg, folder, index_name)
+        opened.append(index)
+        return load_model_source(name, run, export, index, cfg)
+
+    def similar() -> SimilarSource:
+        build = f"vlmrec index build --workdir {ws.root} --teacher"
+        if cfg.index_backend == "edge":
+            _require(cfg.similar_index_path / "CURRENT", "teacher index", build)
+        index = _open(cfg, cfg.similar_index_path, "teacher")
+        opened.append(index)
+        popular = sources.get("popular")
+        return SimilarSource(index, cfg.similar_last_n, popular.items if popular else [])
+
+    loaders = {
+        "popular": lambda: load_popular(cfg),  # first: similar falls back to its ranking
+        "student": lambda: model("student", cfg.run, cfg.export_dir, cfg.index_path, None),
+        "sasrec": lambda: model(
+            "sasrec", cfg.sasrec_run, cfg.sasrec_export_dir, cfg.sasrec_index_path, cfg.sasrec_run
+        ),
+        "similar": similar,
+    }
+    assert set(loaders) == set(PRODUCERS)
+    try:
+        for name, load in loaders.items():
+            n_open = len(opened)
+            try:
+                source = load()
+                source.warm_up()
+                sources[name] = source
+            except Exception as exc:
+                for index in opened[n_open:]:
+                    index.close()
+                del opened[n_open:]
+                if name == cfg.producer:
+                    raise
+                # our own messages say what is missing and the command that builds it; anything else
+                # (a corrupt file, a library error) is named by type only: the replica log has the rest
+                why = str(exc) if isinstance(exc, (FileNotFoundError, ValueError)) else type(exc).__name__
+                missing[name] = f"{name} is not available: {why}"
+                log.warning("producer %s not loaded: %s", name, exc)
+    except BaseException:
+        for index in opened:
+            index.close()
+        raise
+    return sources, missing
