@@ -71,6 +71,29 @@ def mercari(workdir: Path) -> dict:
     return summarise(evaluate_scorer(knn_scorer(data), data, "full"), data)
 
 
+def neighbour_popularity(data, queries: int = 3000, seed: int = 0) -> dict:
+    """How popular (training-period clicks) are the top-10 items the protocol retrieves, against the targets?
+    A space whose neighbours drift toward the head retrieves hubs rather than what a user clicks next."""
+    import torch
+
+    from training.evaluate import knn_scorer
+
+    counts = np.bincount(
+        data.items.index_of(data.train["item_id"].to_numpy()), minlength=data.items.n_items + 1
+    )
+    pick = np.random.default_rng(seed).permutation(len(data.targets))[:queries]
+    scores = knn_scorer(data)([data.histories[i] for i in pick])
+    scores[:, 0] = -torch.inf
+    for row, i in enumerate(pick):  # the protocol's mask: the user's history is never retrieved
+        scores[row, torch.as_tensor(data.histories[i], dtype=torch.long)] = -torch.inf
+    top = scores.topk(10, dim=1).indices.numpy()
+    return {
+        "top10_median_train_clicks": float(np.median(counts[top])),
+        "top10_mean_train_clicks": float(counts[top].mean()),
+        "target_median_train_clicks": float(np.median(counts[data.targets[pick]])),
+    }
+
+
 def mercari_vectors(workdir: Path, vectors: np.ndarray) -> dict:
     """The same protocol on vectors given in the workspace's item order (fused variants made here)."""
     import dataclasses
@@ -87,6 +110,7 @@ def mercari_vectors(workdir: Path, vectors: np.ndarray) -> dict:
 def summarise(result: dict, data) -> dict:
     a, c = result["all"], result["cold"]
     return {
+        **neighbour_popularity(data),
         "teacher_id": data.teacher_id,
         "queries": a["n_queries"],
         "cold_queries": c["n_queries"] if c else 0,
@@ -217,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
         "lora-infonce": [*common, "--loss", "infonce"],  # the same pairs and negatives, InfoNCE
         "lora-sigmoid-logit-lr": [*common, "--loss", "sigmoid", "--random-negatives", "0"],  # in-batch only
         "lora-sigmoid-paper": [*common, "--loss", "sigmoid", "--random-negatives", "0", "--logit-lr", "0"],
+        "lora-sigmoid-lr1e-4": [*common, "--loss", "sigmoid", "--lr", "1e-4"],  # a gentler move of the space
+        "lora-sigmoid-logit-lr0.5": [*common, "--loss", "sigmoid", "--logit-lr", "0.5"],  # t, b calibrate fast
         "lit": [
             "--workdir", str(frozen), "--method", "lit", "--pairs", "image-title", "--epochs", str(args.lit_epochs),
             "--batch-size", "128", "--lr", "1e-3", "--max-pairs", "0", "--weight-decay", "0.05",

@@ -307,9 +307,8 @@ def test_tampered_tuned_weights_are_refused(tuned_text, tmp_path):
 # ---------------------------------------------------------------------------------------------- refusals
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_qlora_without_cuda_fails_with_a_clear_message(world, bert_dir, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     from vlmrec.cli import main
 
     ws, _, _ = world
@@ -321,6 +320,53 @@ def test_qlora_without_cuda_fails_with_a_clear_message(world, bert_dir, capsys):
         _tune(ws, "q", "--teacher-path", str(bert_dir), "--qlora")
     with pytest.raises(ValueError, match="CUDA device"):  # the loader refuses too, before reading weights
         load_teacher(TeacherConfig(name="minilm", path=str(bert_dir), load_in_4bit=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="QLoRA: bitsandbytes' 4-bit kernels need CUDA")
+def test_qlora_trains_adapters_over_a_4bit_base_and_merges_into_the_full_one(bert_dir, tmp_path):
+    """On a CUDA machine (CI has none): the worker's model with --qlora has an NF4 base, its adapters learn
+    co-engagement pairs, and the export path (a full-precision rebuild on CPU with the trained adapters,
+    merged into a fresh base) embeds like the adapters it was given; the base folder is untouched."""
+    bnb = pytest.importorskip("bitsandbytes")
+    digest = _weights_digest(bert_dir)
+    cfg = tune_teacher.TuneConfig(teacher="minilm", teacher_path=str(bert_dir), lr=1e-2, logit_lr=0.1)
+    config = {"tune": cfg.to_dict(), "adapter": tune_teacher.AdapterConfig(qlora=True).to_dict()}
+    model = tune_teacher.build_model(config, device="cuda")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert any(p.dtype == torch.uint8 for p in model.parameters())  # the packed NF4 weights
+    texts = [f"{g} {f}" for g in GROUPS for f in FILLERS]
+    a = np.array([k for k in range(len(texts)) for _ in range(2)])
+    b = np.array([(k // 6) * 6 + (k % 6 + 1 + j) % 6 for k in range(len(texts)) for j in range(2)])
+    labels = torch.as_tensor(
+        np.array([[k // 6] for k in a]) == np.array([[k // 6 for k in b]]), device="cuda"
+    )
+
+    def loss() -> torch.Tensor:
+        x = model.teacher.text_features([texts[k] for k in a])
+        y = model.teacher.text_features([texts[k] for k in b])
+        return model.loss(x, y, labels)
+
+    opt = torch.optim.AdamW([{**g, "lr": g.get("lr", cfg.lr)} for g in model.param_groups()], lr=cfg.lr)
+    model.train()
+    with torch.no_grad():
+        start = float(loss())
+    for _ in range(60):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(loss()) < 0.7 * start
+    trained = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    full = tune_teacher.build_model(config, qlora=False)  # what the driver does before exporting
+    tune_teacher._load_trainable(full, trained)
+    tcfg = tune_teacher.teacher_config(cfg)
+    tuned = tune_teacher._export_lora(tmp_path, full, tcfg, full.teacher.model_id)
+    merged = load_teacher(TeacherConfig(name="minilm", path=str(tmp_path / "model")))
+    with torch.inference_mode():
+        np.testing.assert_allclose(
+            merged.embed_texts(texts), full.teacher.text_features(texts).numpy(), atol=1e-4
+        )
+    assert "+lora@" in tuned["teacher_id"] and _weights_digest(bert_dir) == digest
 
 
 def test_bad_pairs_for_the_method_are_refused(world, bert_dir):

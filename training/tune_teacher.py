@@ -132,12 +132,13 @@ class AdapterConfig(_Config):
 class PairScorer(nn.Module):
     """Encodes both sides of a batch of pairs; holds the loss's learnable temperature and bias."""
 
-    def __init__(self, cfg: TuneConfig) -> None:
+    def __init__(self, cfg: TuneConfig, device: str = "cpu") -> None:
         super().__init__()
         self.cfg = cfg
-        # shape (1,), not (): DeepSpeed's initial broadcast views every parameter as bytes
-        self.log_t = nn.Parameter(torch.tensor([SIGLIP_INIT_LOG_T]))
-        self.bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS]))
+        # shape (1,), not (): DeepSpeed's initial broadcast views every parameter as bytes. On the encoder's
+        # device from the start: a 4-bit (QLoRA) encoder is placed at load and never moved as a whole.
+        self.log_t = nn.Parameter(torch.tensor([SIGLIP_INIT_LOG_T], device=device))
+        self.bias = nn.Parameter(torch.tensor([SIGLIP_INIT_BIAS], device=device))
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups: the encoder's trainable weights at the run's lr, temperature and bias at logit_lr."""
@@ -159,7 +160,7 @@ class LoraPairs(PairScorer):
     def __init__(self, cfg: TuneConfig, teacher: Teacher, adapter: AdapterConfig) -> None:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        super().__init__(cfg)
+        super().__init__(cfg, teacher.config.device)
         if adapter.qlora:
             teacher.model = prepare_model_for_kbit_training(teacher.model, use_gradient_checkpointing=False)
         lora = LoraConfig(
@@ -238,7 +239,7 @@ def build_model(config: dict, device: str = "cpu", qlora: bool | None = None) ->
     cfg = TuneConfig.from_dict(config["tune"])
     torch.manual_seed(cfg.seed)  # the same initial adapters / tower on every rank
     if cfg.method == "lit":
-        return LitPairs(cfg, ImageTowerConfig(**config["tower"]))
+        return LitPairs(cfg, ImageTowerConfig(**config["tower"])).to(device)
     adapter = AdapterConfig.from_dict(config["adapter"])
     use_4bit = adapter.qlora if qlora is None else qlora
     return LoraPairs(cfg, load_teacher(teacher_config(cfg, use_4bit, device)), adapter)

