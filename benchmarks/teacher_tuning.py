@@ -212,16 +212,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--student-epochs", type=int, default=30)
     args = p.parse_args(argv)
 
+    load_start = os.getloadavg()
     wd = args.workdir.absolute()
     frozen = wd / "frozen"
     wd.mkdir(parents=True, exist_ok=True)
     log = wd / "commands.log"
     skip = args.skip_existing
     walls: dict[str, float | None] = {}
+    earlier = json.loads(args.out.read_text()).get("walls_s", {}) if skip and args.out.exists() else {}
 
     def stage(key: str, done: Path, argv: list[str]) -> None:
         if skip and done.exists():
-            walls[key] = None  # reused: the wall time is in the earlier log
+            walls[key] = earlier.get(key)  # reused: the earlier run's wall time (None: not recorded)
             return
         walls[key] = vlmrec(argv, log)
         print(f"{key}: {walls[key]} s", flush=True)
@@ -322,7 +324,10 @@ def main(argv: list[str] | None = None) -> None:
         f"vlmrec train --name student {' '.join(student)}; vlmrec evaluate --runs student --protocols full"
     )
     report["walls_s"] = walls
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     report["machine"] = {
+        "commit": commit.stdout.strip(),
+        "load_avg_start": load_start,
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "load_avg_end": os.getloadavg(),

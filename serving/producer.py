@@ -413,6 +413,11 @@ class Producer:
                     with state.lease():
                         if await _call(self._pools.refresh, None, source.index.refresh):
                             log.info("index of %s refreshed: version %s", name, source.index.version)
+                except RuntimeError as exc:
+                    if "shutdown" in str(exc):  # the process is exiting and its thread pools are closed
+                        return
+                    log.warning("index refresh of %s failed: %r", name, exc)
+                    self._errors.inc(tags={"producer": name, "kind": "index_refresh"})
                 except Exception as exc:  # keep refreshing; searches go on with the copy they have
                     log.warning("index refresh of %s failed: %r", name, exc)
                     self._errors.inc(tags={"producer": name, "kind": "index_refresh"})
