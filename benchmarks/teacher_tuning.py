@@ -62,13 +62,43 @@ def vlmrec(argv: list[str], log: Path) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def mercari(workdir: Path) -> dict:
-    """Item-to-item from the previous click: nDCG@5 / @10, Recall@10 (all, cold), bootstrap CI of nDCG@10."""
-    from training.evaluate import evaluate_scorer, knn_scorer, load_eval_data
+def mercari(workdir: Path) -> tuple[dict, np.ndarray]:
+    """Item-to-item from the previous click: nDCG@5 / @10, Recall@10 (all, cold), bootstrap CI of nDCG@10.
+    -> (summary, every query's rank: for paired comparisons)"""
+    from training.evaluate import knn_scorer, load_eval_data, scorer_ranks
     from vlmrec.workspace import Workspace
 
     data = load_eval_data(Workspace(workdir), "temporal", 0.8)
-    return summarise(evaluate_scorer(knn_scorer(data), data, "full"), data)
+    return summarise_ranks(scorer_ranks(knn_scorer(data), data, "full"), data)
+
+
+def summarise_ranks(ranks: np.ndarray, data) -> tuple[dict, np.ndarray]:
+    from training.metrics import KS, metrics_from_ranks
+
+    users, cold = data.queries.user_ids, data.queries.cold
+    result = {
+        "all": metrics_from_ranks(ranks, KS, users=users),
+        "cold": metrics_from_ranks(ranks[cold], KS, users=users[cold]) if cold.any() else None,
+    }
+    return summarise(result, data), ranks
+
+
+def paired_delta(
+    ranks: np.ndarray, base: np.ndarray, users: np.ndarray, n: int = 2000, seed: int = 0
+) -> dict:
+    """nDCG@10 of `ranks` minus `base` on the same queries: the mean, its 95% interval over resamples of
+    users (with all their queries), and the share of resamples where it is below zero."""
+    gain = lambda r: np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)  # noqa: E731
+    _, u = np.unique(users, return_inverse=True)
+    count = np.bincount(u).astype(np.float64)
+    sums = np.bincount(u, weights=gain(ranks) - gain(base))
+    w = np.random.default_rng(seed).multinomial(len(count), np.full(len(count), 1.0 / len(count)), size=n)
+    boots = (w @ sums) / (w @ count)
+    return {
+        "nDCG@10_delta": float(sums.sum() / count.sum()),
+        "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
+        "p_below_zero": float((boots < 0).mean()),
+    }
 
 
 def neighbour_popularity(data, queries: int = 3000, seed: int = 0) -> dict:
@@ -99,12 +129,12 @@ def mercari_vectors(workdir: Path, vectors: np.ndarray) -> dict:
     import dataclasses
 
     from training.data import ItemTable
-    from training.evaluate import evaluate_scorer, knn_scorer, load_eval_data
+    from training.evaluate import knn_scorer, load_eval_data, scorer_ranks
     from vlmrec.workspace import Workspace
 
     data = load_eval_data(Workspace(workdir), "temporal", 0.8)
     data = dataclasses.replace(data, items=ItemTable(data.items.item_ids, vectors))
-    return summarise(evaluate_scorer(knn_scorer(data), data, "full"), data)
+    return summarise_ranks(scorer_ranks(knn_scorer(data), data, "full"), data)
 
 
 def summarise(result: dict, data) -> dict:
@@ -277,11 +307,18 @@ def main(argv: list[str] | None = None) -> None:
         if name == "lora-sigmoid":
             stage(f"features {name}", ws / "registry.db", ["features", "--workdir", str(ws)])
 
-    report["mercari"]["frozen minilm"] = mercari(frozen)
+    report["mercari"]["frozen minilm"], base = mercari(frozen)
+    ranks = {}
     for name in runs:
-        report["mercari"][name] = mercari(wd / name)
+        report["mercari"][name], ranks[name] = mercari(wd / name)
     for w, vectors in lit_fused(frozen, (0.2, 0.5)).items():
-        report["mercari"][f"lit fused w={w} (in process)"] = mercari_vectors(frozen, vectors)
+        key = f"lit fused w={w} (in process)"
+        report["mercari"][key], ranks[key] = mercari_vectors(frozen, vectors)
+    from training.evaluate import load_eval_data
+    from vlmrec.workspace import Workspace
+
+    users = load_eval_data(Workspace(frozen), "temporal", 0.8).queries.user_ids  # the same queries everywhere
+    report["mercari_vs_frozen"] = {k: paired_delta(r, base, users) for k, r in ranks.items()}
     report["lit_retrieval"] = lit_retrieval(frozen, frozen / "runs" / "lit" / "export")
 
     student = ["--item-space", "adapter", "--epochs", str(args.student_epochs), "--patience", "3"]

@@ -111,6 +111,20 @@ def evaluate_scorer(
     score: Scorer, data: EvalData, protocol: str, n_negatives: int = 100, seed: int = 0, chunk: int = 512
 ) -> dict:
     """Ranks of every query under one protocol, then metrics on all and on cold targets."""
+    ranks = scorer_ranks(score, data, protocol, n_negatives, seed, chunk)
+    users = data.queries.user_ids
+    cold = data.queries.cold
+    return {
+        "all": metrics_from_ranks(ranks, KS, users=users),
+        "cold": metrics_from_ranks(ranks[cold], KS, users=users[cold]) if cold.any() else None,
+    }
+
+
+def scorer_ranks(
+    score: Scorer, data: EvalData, protocol: str, n_negatives: int = 100, seed: int = 0, chunk: int = 512
+) -> np.ndarray:
+    """(Q,) 0-based rank of each query's target: among the whole catalogue less the user's history (full),
+    or among n_negatives items the user never touched (sampled)."""
     n = data.items.n_items
     ranks = np.zeros(len(data.targets), np.int64)
     rng = np.random.default_rng(seed)
@@ -130,12 +144,7 @@ def evaluate_scorer(
             cand = np.concatenate([t[:, None], negs], axis=1)  # target in column 0
             sub = torch.gather(s, 1, torch.as_tensor(cand))
             ranks[a : a + chunk] = rank_of_target(sub, np.zeros(len(t), np.int64))
-    users = data.queries.user_ids
-    cold = data.queries.cold
-    return {
-        "all": metrics_from_ranks(ranks, KS, users=users),
-        "cold": metrics_from_ranks(ranks[cold], KS, users=users[cold]) if cold.any() else None,
-    }
+    return ranks
 
 
 def evaluate(
