@@ -283,11 +283,13 @@ def test_base_weights_are_unchanged(tuned_text, bert_dir):
 
 
 def test_tuning_resumes_from_its_latest_checkpoint(tuned_text, world):
+    """A run of its own: resuming re-exports, which must not change the export the other tests read."""
     ws, _, _ = world
     *_, flags = tuned_text
     epochs = flags.index("--epochs") + 1
-    _, info = _tune(ws, "text", *flags[:epochs], "3", *flags[epochs + 1 :])  # one more epoch
-    assert info["last"]["resumed_from"] == 2 and info["last"]["epoch"] == 3
+    _, first = _tune(ws, "resumed", *flags[:epochs], "1", *flags[epochs + 1 :])
+    _, info = _tune(ws, "resumed", *flags[:epochs], "2", *flags[epochs + 1 :])  # one more epoch
+    assert first["last"]["epoch"] == 1 and info["last"]["resumed_from"] == 1 and info["last"]["epoch"] == 2
 
 
 def test_tampered_tuned_weights_are_refused(tuned_text, tmp_path):
