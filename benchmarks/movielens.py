@@ -32,7 +32,10 @@ MODELS: dict[str, list[str]] = {
     "student-whitened": ["--item-space", "whitened"],
     "student-hybrid": ["--item-space", "adapter", "--use-id-embedding"],
     "ablation-trained-negatives": ["--item-space", "adapter", "--negative-pool", "trained"],
+    # distillation alone in a LEARNED space may collapse it (every item one vector: cosine 1 for free);
+    # in the fixed whitened space it is the clean test of "predict the next item's teacher vector"
     "ablation-distill-only": ["--item-space", "adapter", "--contrastive-weight", "0"],
+    "ablation-distill-only-whitened": ["--item-space", "whitened", "--contrastive-weight", "0"],
     "ablation-no-logq": ["--item-space", "adapter", "--no-logq-correction"],
     "ablation-no-distill": ["--item-space", "adapter", "--distill-weight", "0"],
 }

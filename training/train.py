@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ from training.config import LossConfig, ModelConfig, TrainConfig, _Config
 from training.data import ItemTable, build_inputs
 from training.metrics import full_ranks, metrics_from_ranks, temporal_split
 from training.model import SeqRec
-from vlmrec.workspace import Workspace, atomic_write_parquet
+from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
 
 ZERO_CONFIG = engine.ZERO_CONFIG
 Split = Literal["temporal", "loo"]
@@ -398,18 +396,13 @@ def item_vector_table(model: SeqRec, items: ItemTable, teacher_id: str) -> pa.Ta
 def export(ws: Workspace, job: JobConfig, model: SeqRec, data: TrainingData, info: dict) -> Path:
     """Write the export folder next to its final place, then swap it in: never half-written."""
     final = ws.runs / job.name / "export"
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
-    model.save_pretrained(tmp / "model")
-    atomic_write_parquet(item_vector_table(model, data.items, data.teacher_id), tmp / "item_vectors.parquet")
-    popular = popular_items(data.train_events, job.popular_k, job.popular_half_life_days)
-    (tmp / "popular.json").write_text(json.dumps(popular))
-    (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    old = final.with_name(".export-old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    with staged_dir(final) as tmp:
+        model.save_pretrained(tmp / "model")
+        vectors = item_vector_table(model, data.items, data.teacher_id)
+        atomic_write_parquet(vectors, tmp / "item_vectors.parquet")
+        popular = popular_items(data.train_events, job.popular_k, job.popular_half_life_days)
+        (tmp / "popular.json").write_text(json.dumps(popular))
+        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
     return final
 
 

@@ -34,7 +34,6 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ from vlmrec.teacher import (
     require_cuda_for_4bit,
     resolve_teacher,
 )
-from vlmrec.workspace import Workspace
+from vlmrec.workspace import Workspace, staged_dir
 
 # LoRA targets when --target-modules is empty: the attention projections of each teacher's towers.
 DEFAULT_TARGETS = {
@@ -563,9 +562,7 @@ def export(
 ) -> Path:
     """Write adapter/, model/ (+ teacher.json) and run.json next to their final place, then swap them in."""
     final = ws.runs / cfg.name / "export"
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
-    try:
+    with staged_dir(final) as tmp:
         if isinstance(model, LoraPairs):
             tuned = _export_lora(tmp, model, tcfg, base.model_id)
             with torch.inference_mode():  # the merged export must embed like the trained adapter
@@ -580,15 +577,6 @@ def export(
             tuned = _export_lit(tmp, model, tcfg, base.model_id)
         info["teacher_id"] = tuned["teacher_id"]
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
-        old = final.with_name(".export-old")
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

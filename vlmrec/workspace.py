@@ -18,7 +18,10 @@ of the FeatureStore that `vlmrec features` builds.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,3 +91,27 @@ def atomic_write_parquet(table, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Build a folder next to `final`, then swap it in: readers see the old folder or the new one, never a
+    half-written one; if the block fails, the new one is removed and the old one stays.
+
+        with staged_dir(run_dir / "export") as tmp:
+            (tmp / "run.json").write_text(...)
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}-old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
