@@ -30,7 +30,8 @@ _NOT_FLAGS = {"api_key"}  # secrets come from the environment only
 
 def latest_export(ws: Workspace) -> Path:
     found = (
-        sorted(ws.runs.glob(f"*/**/{EXPORT_NAME}"), key=lambda p: p.stat().st_mtime)
+        # runs/<name>/export/ only: not a `.export-*` folder still being built next to it (staged_dir)
+        sorted(ws.runs.glob(f"*/export/{EXPORT_NAME}"), key=lambda p: p.stat().st_mtime)
         if ws.runs.is_dir()
         else []
     )

@@ -449,3 +449,18 @@ def test_searches_keep_answering_while_refresh_swaps_versions(tmp_path, data):
         t.join()
     assert errors == []
     assert not list((env.dir / "replicas").iterdir())  # every copy was closed and removed
+
+
+def test_the_default_vectors_are_the_newest_finished_export(tmp_path):
+    """A `.export-*` folder being built beside an export (staged_dir) is never taken for one."""
+    from index.cli import latest_export
+    from vlmrec.workspace import Workspace
+
+    ws = Workspace(tmp_path)
+    done = ws.runs / "a" / "export" / "item_vectors.parquet"
+    building = ws.runs / "b" / ".export-x1y2" / "item_vectors.parquet"
+    for path, mtime in ((done, 1_000), (building, 2_000)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"")
+        os.utime(path, (mtime, mtime))
+    assert latest_export(ws) == done
