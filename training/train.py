@@ -40,7 +40,6 @@ from training.metrics import full_ranks, metrics_from_ranks, temporal_split
 from training.model import SeqRec
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
 
-ZERO_CONFIG = engine.ZERO_CONFIG
 Split = Literal["temporal", "loo"]
 
 
@@ -56,8 +55,8 @@ class JobConfig(_Config):
     use_gpu: bool = False  # NCCL + one GPU per worker when True
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_config: str = str(
-        ZERO_CONFIG
-    )  # the DeepSpeed JSON; batch size, lr and precision are set from configs
+        engine.ZERO_CONFIG
+    )  # the DeepSpeed JSON; batch size, lr and precision from configs
     max_failures: int = 2  # worker failures Ray Train recovers from (resuming from the latest checkpoint)
     popular_k: int = 1000  # length of the popular-items fallback list
     popular_half_life_days: float = 7.0  # recency weighting of popularity
@@ -166,11 +165,6 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int) -> TrainingData:
 
 
 # ------------------------------------------------------------------------------------------- workers
-
-
-def ds_config(job: JobConfig, train: TrainConfig, world_size: int) -> dict:
-    """The ZeRO JSON with batch size, lr and precision set from the configs (DeepSpeed fills no "auto")."""
-    return engine.ds_config(job.engine(), train.batch_size, train.lr, train.weight_decay, world_size)
 
 
 def validation_ndcg(model: SeqRec, inputs: np.ndarray, targets: np.ndarray, users: np.ndarray) -> float:
@@ -284,7 +278,7 @@ def train(
         "loss": loss_cfg.to_dict(),
         "train": train_cfg.to_dict(),
         "job": job.to_dict(),
-        "ds": ds_config(job, train_cfg, job.num_workers),
+        "ds": engine.ds_config(job.engine(), train_cfg.batch_size, train_cfg.lr, train_cfg.weight_decay),
         "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
         "item_ids": np.concatenate([[-1], data.items.item_ids]),
         "target_counts": target_counts,
