@@ -58,30 +58,33 @@ def head_node():
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def test_training_runs_unchanged_under_ray_job_submit(head_node, sample_workspace):
+def submit(head_node, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of this repo with `entrypoint`; asserts the job succeeded."""
     address, env = head_node
-    ws = sample_workspace
-    cmd = [
-        "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-        "python", "-m", "training.train", "--workdir", str(ws.root), "--name", "submitted",
-        "--epochs", "1", "--max-len", "8", "--batch-size", "16", "--d-model", "16",
-    ]  # fmt: skip
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--", *entrypoint]
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_training_runs_unchanged_under_ray_job_submit(head_node, sample_workspace):
+    ws = sample_workspace
+    done = submit(
+        head_node,
+        "python", "-m", "training.train", "--workdir", str(ws.root), "--name", "submitted",
+        "--epochs", "1", "--max-len", "8", "--batch-size", "16", "--d-model", "16",
+    )  # fmt: skip
     assert "succeeded" in done.stdout + done.stderr
     run = json.loads((ws.runs / "submitted" / "export" / "run.json").read_text())
     assert run["last"]["epoch"] == 1 and run["teacher_id"].startswith("minilm:")
 
 
 def test_teacher_tuning_runs_unchanged_under_ray_job_submit(head_node, sample_workspace):
-    address, env = head_node
     ws = sample_workspace
-    cmd = [
-        "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+    submit(
+        head_node,
         "python", "-m", "training.tune_teacher", "--workdir", str(ws.root), "--name", "submitted-tune",
         "--epochs", "1", "--max-pairs", "120", "--batch-size", "16", "--num-workers", "1",
-    ]  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    )  # fmt: skip
     tuned = json.loads((ws.runs / "submitted-tune" / "export" / "model" / "teacher.json").read_text())
     assert tuned["teacher_id"].startswith("minilm:") and "+lora@" in tuned["teacher_id"]
