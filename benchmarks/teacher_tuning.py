@@ -62,13 +62,19 @@ def vlmrec(argv: list[str], log: Path) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
-def mercari(workdir: Path) -> tuple[dict, np.ndarray]:
-    """Item-to-item from the previous click: nDCG@5 / @10, Recall@10 (all, cold), bootstrap CI of nDCG@10.
-    -> (summary, every query's rank: for paired comparisons)"""
-    from training.evaluate import knn_scorer, load_eval_data, scorer_ranks
+def eval_data(workdir: Path):
+    """The protocol's queries and the workspace's item vectors (training.evaluate's temporal 0.8 split)."""
+    from training.evaluate import load_eval_data
     from vlmrec.workspace import Workspace
 
-    data = load_eval_data(Workspace(workdir), "temporal", 0.8)
+    return load_eval_data(Workspace(workdir), "temporal", 0.8)
+
+
+def mercari(data) -> tuple[dict, np.ndarray]:
+    """Item-to-item from the previous click: nDCG@5 / @10, Recall@10 (all, cold), bootstrap CI of nDCG@10.
+    -> (summary, every query's rank: for paired comparisons)"""
+    from training.evaluate import knn_scorer, scorer_ranks
+
     return summarise_ranks(scorer_ranks(knn_scorer(data), data, "full"), data)
 
 
@@ -124,17 +130,13 @@ def neighbour_popularity(data, queries: int = 3000, seed: int = 0) -> dict:
     }
 
 
-def mercari_vectors(workdir: Path, vectors: np.ndarray) -> dict:
-    """The same protocol on vectors given in the workspace's item order (fused variants made here)."""
+def mercari_vectors(data, vectors: np.ndarray) -> tuple[dict, np.ndarray]:
+    """The same protocol on other vectors in the same item order (fused variants made here)."""
     import dataclasses
 
     from training.data import ItemTable
-    from training.evaluate import knn_scorer, load_eval_data, scorer_ranks
-    from vlmrec.workspace import Workspace
 
-    data = load_eval_data(Workspace(workdir), "temporal", 0.8)
-    data = dataclasses.replace(data, items=ItemTable(data.items.item_ids, vectors))
-    return summarise_ranks(scorer_ranks(knn_scorer(data), data, "full"), data)
+    return mercari(dataclasses.replace(data, items=ItemTable(data.items.item_ids, vectors)))
 
 
 def summarise(result: dict, data) -> dict:
@@ -307,17 +309,15 @@ def main(argv: list[str] | None = None) -> None:
         if name == "lora-sigmoid":
             stage(f"features {name}", ws / "registry.db", ["features", "--workdir", str(ws)])
 
-    report["mercari"]["frozen minilm"], base = mercari(frozen)
+    frozen_data = eval_data(frozen)  # its queries are every workspace's: the events are the same files
+    report["mercari"]["frozen minilm"], base = mercari(frozen_data)
     ranks = {}
     for name in runs:
-        report["mercari"][name], ranks[name] = mercari(wd / name)
+        report["mercari"][name], ranks[name] = mercari(eval_data(wd / name))
     for w, vectors in lit_fused(frozen, (0.2, 0.5)).items():
         key = f"lit fused w={w} (in process)"
-        report["mercari"][key], ranks[key] = mercari_vectors(frozen, vectors)
-    from training.evaluate import load_eval_data
-    from vlmrec.workspace import Workspace
-
-    users = load_eval_data(Workspace(frozen), "temporal", 0.8).queries.user_ids  # the same queries everywhere
+        report["mercari"][key], ranks[key] = mercari_vectors(frozen_data, vectors)
+    users = frozen_data.queries.user_ids
     report["mercari_vs_frozen"] = {k: paired_delta(r, base, users) for k, r in ranks.items()}
     report["lit_retrieval"] = lit_retrieval(frozen, frozen / "runs" / "lit" / "export")
 
