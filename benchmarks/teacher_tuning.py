@@ -65,9 +65,10 @@ def vlmrec(argv: list[str], log: Path) -> float:
 def eval_data(workdir: Path):
     """The protocol's queries and the workspace's item vectors (training.evaluate's temporal 0.8 split)."""
     from training.evaluate import load_eval_data
+    from training.split import SplitConfig
     from vlmrec.workspace import Workspace
 
-    return load_eval_data(Workspace(workdir), "temporal", 0.8)
+    return load_eval_data(Workspace(workdir), SplitConfig())
 
 
 def mercari(data) -> tuple[dict, np.ndarray]:
@@ -118,7 +119,7 @@ def neighbour_popularity(data, queries: int = 3000, seed: int = 0) -> dict:
         data.items.index_of(data.train["item_id"].to_numpy()), minlength=data.items.n_items + 1
     )
     pick = np.random.default_rng(seed).permutation(len(data.targets))[:queries]
-    scores = knn_scorer(data)([data.histories[i] for i in pick])
+    scores = knn_scorer(data)([data.histories[i] for i in pick], data.days[pick])
     scores[:, 0] = -torch.inf
     for row, i in enumerate(pick):  # the protocol's mask: the user's history is never retrieved
         scores[row, torch.as_tensor(data.histories[i], dtype=torch.long)] = -torch.inf

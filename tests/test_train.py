@@ -14,6 +14,7 @@ import torch
 from training import evaluate, train
 from training.data import ItemTable
 from training.model import SeqRec
+from training.split import SplitConfig, learnable_events
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_examples_hold_only_earlier_clicks(sample_workspace):
     job = train.JobConfig(workdir=str(ws.root))
     data = train.prepare_data(ws, job, max_len=8)
     events = pq.read_table(ws.events).to_pandas()
-    queries, _ = train.example_queries(train.split_train_events(events, "temporal", 0.8), 8)
+    queries, _ = train.example_queries(learnable_events(events, SplitConfig()), 8)
     assert len(data.inputs) == len(queries) > 0
     by_user = {u: g.sort_values("event_timestamp") for u, g in events.groupby("user_id")}
     for x, y, q in zip(data.inputs, data.targets, queries.itertuples(), strict=True):
@@ -49,7 +50,7 @@ def test_examples_hold_only_earlier_clicks(sample_workspace):
         before = before[before.event_timestamp < q.event_timestamp]["item_id"].to_numpy()[-8:]
         assert data.items.raw_of(x[x > 0]).tolist() == before.tolist()  # the sequence just before the target
         assert data.items.raw_of([y[-1]])[0] == q.item_id  # the last target is the query's own event
-    cut = train.split_train_events(events, "temporal", 0.8)["event_timestamp"].max()
+    cut = learnable_events(events, SplitConfig())["event_timestamp"].max()
     assert (queries["event_timestamp"] <= cut).all()  # nothing from after the training cut
 
 
@@ -86,11 +87,15 @@ def test_checkpoint_weights_match_export(trained):
         items=ItemTable(model.item_ids[1:].numpy(), model.teacher[1:].numpy()),
         teacher_id=run["teacher_id"],
         train_events=pd.DataFrame(),
+        held_out=np.zeros(0, np.int64),
         inputs=np.zeros((0, 8), np.int64),
         targets=np.zeros((0, 8), np.int64),
+        target_days=np.zeros((0, 8)),
         valid_inputs=np.zeros((0, 8), np.int64),
         valid_targets=np.zeros(0, np.int64),
         valid_users=np.zeros(0, np.int64),
+        valid_days=np.zeros(0),
+        first_days=np.full(model.cfg.n_items + 1, np.inf),
     )
     matches = []
     for path in _checkpoints(ws):
@@ -123,7 +128,7 @@ def _parse(args, epochs):
 def test_evaluate_writes_reports(trained):
     ws, _ = trained
     out, report = evaluate.evaluate(
-        str(ws.root), ["student"], "temporal", 0.8, ("full", "sampled"), n_negatives=20
+        str(ws.root), ["student"], SplitConfig(), ("full", "sampled"), n_negatives=20
     )
     assert {"popular", "knn", "student"} <= set(report["results"])
     for model in ("popular", "knn", "student"):

@@ -77,6 +77,14 @@ class ModelConfig(_Config):
     teacher_dim: int = 0  # teacher vector size; 0 only for item_space="id"
     item_space: ItemSpace = "adapter"  # learned over frozen content beats raw frozen spaces (RESEARCH.md)
     use_id_embedding: bool = False  # hybrid: add learned id vectors for training items (new items get none)
+    # hybrid, DropoutNet-style: in training each item loses its id part with this probability per batch (as
+    # input and as a target / negative), so the content path alone must rank; 0 = off
+    id_dropout: float = 0.0
+    item_age: bool = False  # a learned score per item-age bucket (training.item_age), set at request time
+    # user vector + fusion_weight * mean item vector of the last fusion_last clicks (content spaces:
+    # normalised after): one query that also stays near what the user just clicked; chosen on validation
+    fusion_weight: float = 0.0
+    fusion_last: int = 3
     d_model: int = 64  # SASRec's 50-64 is enough at these catalogue sizes
     n_blocks: int = 2  # SASRec paper: 2 blocks
     n_heads: int = 1  # SASRec paper: one head is enough
@@ -95,6 +103,12 @@ class ModelConfig(_Config):
             raise ValueError(
                 "use_id_embedding is the hybrid of a content space; item_space='id' is ids already"
             )
+        if self.id_dropout and not self.use_id_embedding:
+            raise ValueError("id_dropout drops the hybrid's id part: it needs use_id_embedding")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
+        if self.fusion_weight < 0 or self.fusion_last < 1:
+            raise ValueError("fusion_weight must be >= 0 and fusion_last >= 1")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_items < 1 or self.max_len < 1:
@@ -153,3 +167,6 @@ class TrainConfig(_Config):
     weight_decay: float = 0.0  # SASRec paper: no l2 on embeddings
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
     seed: int = 0
+    tune_fusion: bool = (
+        False  # after training, pick ModelConfig.fusion_weight on validation (train.FUSION_GRID)
+    )

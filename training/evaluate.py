@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from training.data import ItemTable, build_inputs
+from training.item_age import first_seen_days, to_days
 from training.metrics import (
     KS,
     Queries,
@@ -36,37 +37,63 @@ from training.metrics import (
     temporal_split,
 )
 from training.model import SeqRec
+from training.split import SplitConfig, held_out_items, launched_items, learnable_events
 from training.train import load_items
 from vlmrec.workspace import Workspace
 
-Scorer = Callable[[list[np.ndarray]], torch.Tensor]  # histories (model indices) -> scores (Q, n + 1)
+# (histories (model indices), request times in days (Q,)) -> scores (Q, n + 1)
+Scorer = Callable[[list[np.ndarray], np.ndarray], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class EvalData:
     items: ItemTable
     teacher_id: str
-    train: pd.DataFrame
+    split: SplitConfig
+    train: pd.DataFrame  # what the split lets a model learn from (popular's counts)
     queries: Queries
     histories: list[np.ndarray]  # model indices of each query's history (unknown items dropped)
     targets: np.ndarray  # (Q,) model indices
     touched: list[np.ndarray]  # every item index the user ever touched (sampled protocol)
     n_skipped: int
+    launch: np.ndarray  # (Q,) bool: the target is a launched item (the launch slice; both cold modes)
+    days: np.ndarray  # (Q,) request time of each query (training.item_age days)
+    first_days: np.ndarray  # (n + 1,) first event of each item in the split's world (+inf: none)
 
 
-def load_eval_data(ws: Workspace, split: str, train_fraction: float) -> EvalData:
+def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
     items, teacher_id = load_items(ws)
     events = pq.read_table(ws.events).to_pandas()
-    s = temporal_split(events, train_fraction) if split == "temporal" else leave_one_out(events)
+    s = temporal_split(events, split.train_fraction) if split.split == "temporal" else leave_one_out(events)
     q = s.test
     targets = items.index_of(q.targets)
     histories = [h[h > 0] for h in (items.index_of(x) for x in q.histories)]
     by_user = events.groupby("user_id")["item_id"].apply(lambda x: items.index_of(x.to_numpy()))
     touched = [by_user[u] for u in q.user_ids]
+    learnable = learnable_events(events, split)
     train = (
-        s.train if split == "temporal" else events.merge(s.train[["user_id", "item_id"]].drop_duplicates())
+        learnable
+        if split.split == "temporal"
+        else events.merge(s.train[["user_id", "item_id"]].drop_duplicates())
     )
-    return EvalData(items, teacher_id, train, q, histories, targets, touched, s.n_skipped_empty_history)
+    # the world's event log: a launch split's launched items have no event before the cut
+    pre_cut = events["event_timestamp"] <= learnable["event_timestamp"].max() if len(learnable) else False
+    held_out = held_out_items(events, split)
+    world = events[~(pre_cut & events["item_id"].isin(held_out))] if len(held_out) else events
+    return EvalData(
+        items,
+        teacher_id,
+        split,
+        train,
+        q,
+        histories,
+        targets,
+        touched,
+        s.n_skipped_empty_history,
+        launch=np.isin(q.targets, launched_items(events, split)),
+        days=to_days(q.times),
+        first_days=first_seen_days(world, items),
+    )
 
 
 def popular_scorer(data: EvalData) -> Scorer:
@@ -75,18 +102,30 @@ def popular_scorer(data: EvalData) -> Scorer:
     )
     scores = torch.as_tensor(counts, dtype=torch.float32)
     scores[0] = 0
-    return lambda hist: scores.expand(len(hist), -1)
+    return lambda hist, days: scores.expand(len(hist), -1)
 
 
 def knn_scorer(data: EvalData) -> Scorer:
     teacher = torch.as_tensor(data.items.teacher_matrix())  # (n + 1, D), row 0 zero
     last = lambda hist: torch.as_tensor(np.array([h[-1] if len(h) else 0 for h in hist]))  # noqa: E731
-    return lambda hist: teacher[last(hist)] @ teacher.T
+    return lambda hist, days: teacher[last(hist)] @ teacher.T
+
+
+def check_split(run: dict, split: SplitConfig, where: Path) -> None:
+    """Refuse a run trained on another split: its figures would not be comparable (or would leak)."""
+    trained = SplitConfig.of_run(run)
+    if trained != split:
+        raise ValueError(
+            f"{where}: trained on split [{trained.describe()}], evaluating [{split.describe()}]: "
+            "evaluate runs of one split together (pass the run's --split/--cold/--launch-fraction/--launch-seed)"
+        )
 
 
 def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
-    """A trained export: its own config rebuilds it; inputs go through the shared build_inputs."""
+    """A trained export: its own config rebuilds it; inputs go through the shared build_inputs; item age
+    (when the model has it) at each query's time from the split world's first events."""
     run = json.loads((export_dir / "run.json").read_text())
+    check_split(run, data.split, export_dir)
     if run["teacher_id"] != data.teacher_id and run["configs"]["model"]["item_space"] != "id":
         raise ValueError(
             f"{export_dir}: trained on teacher {run['teacher_id']}, but the workspace holds {data.teacher_id}"
@@ -95,14 +134,13 @@ def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
     vocab = ItemTable(model.item_ids[1:].numpy())
     if not np.array_equal(vocab.item_ids, data.items.item_ids):
         raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")
-    with torch.no_grad():
-        items = model.item_vectors()  # (n + 1, d)
+    first = torch.as_tensor(data.first_days)
 
-    def score(hist: list[np.ndarray]) -> torch.Tensor:
+    def score(hist: list[np.ndarray], days: np.ndarray) -> torch.Tensor:
         raw = [data.items.raw_of(h) for h in hist]
         x = torch.as_tensor(build_inputs(raw, vocab, model.cfg.max_len).ids)
         with torch.no_grad():
-            return model.user_vector(x) @ items.T
+            return model.scores(x, torch.as_tensor(days), first)
 
     return score, run
 
@@ -110,14 +148,15 @@ def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
 def evaluate_scorer(
     score: Scorer, data: EvalData, protocol: str, n_negatives: int = 100, seed: int = 0, chunk: int = 512
 ) -> dict:
-    """Ranks of every query under one protocol, then metrics on all and on cold targets."""
+    """Ranks of every query under one protocol, then metrics on all targets, on cold targets (no event
+    before the cut) and on the launch slice (launched targets)."""
     ranks = scorer_ranks(score, data, protocol, n_negatives, seed, chunk)
     users = data.queries.user_ids
-    cold = data.queries.cold
-    return {
-        "all": metrics_from_ranks(ranks, KS, users=users),
-        "cold": metrics_from_ranks(ranks[cold], KS, users=users[cold]) if cold.any() else None,
-    }
+    slices = {"cold": data.queries.cold, "launch": data.launch}
+    out = {"all": metrics_from_ranks(ranks, KS, users=users)}
+    for name, rows in slices.items():
+        out[name] = metrics_from_ranks(ranks[rows], KS, users=users[rows]) if rows.any() else None
+    return out
 
 
 def scorer_ranks(
@@ -130,7 +169,7 @@ def scorer_ranks(
     rng = np.random.default_rng(seed)
     for a in range(0, len(ranks), chunk):
         hist = data.histories[a : a + chunk]
-        s = score(hist)  # (q, n + 1)
+        s = score(hist, data.days[a : a + chunk])  # (q, n + 1)
         t = data.targets[a : a + chunk]
         if protocol == "full":
             mask = torch.zeros(s.shape, dtype=torch.bool)
@@ -150,14 +189,13 @@ def scorer_ranks(
 def evaluate(
     workdir: str,
     runs: Sequence[str],
-    split: str = "temporal",
-    train_fraction: float = 0.8,
+    split: SplitConfig = SplitConfig(),
     protocols: Sequence[str] = ("full", "sampled"),
     name: str | None = None,
     n_negatives: int = 100,
 ) -> tuple[Path, dict]:
     ws = Workspace(workdir)
-    data = load_eval_data(ws, split, train_fraction)
+    data = load_eval_data(ws, split)
     known = data.targets > 0
     if not known.all():  # a target outside the catalogue cannot be ranked: say so instead of guessing
         raise ValueError(f"{ws.events}: {int((~known).sum())} test targets are not in the item table")
@@ -172,10 +210,12 @@ def evaluate(
         results[model] = {p: evaluate_scorer(score, data, p, n_negatives) for p in protocols}
         results[model]["seconds"] = round(time.perf_counter() - t0, 2)
     report = {
-        "split": split,
-        "train_fraction": train_fraction if split == "temporal" else None,
+        "split": split.split,
+        "train_fraction": split.train_fraction if split.split == "temporal" else None,
+        "split_config": split.to_dict(),
         "n_queries": len(data.targets),
         "n_cold_queries": int(data.queries.cold.sum()),
+        "n_launch_queries": int(data.launch.sum()),
         "n_skipped_empty_history": data.n_skipped,
         "n_items": data.items.n_items,
         "sampled_negatives": n_negatives,
@@ -184,7 +224,7 @@ def evaluate(
         "models": meta,
         "results": results,
     }
-    out = ws.root / "eval" / (name or f"{split}-{'-'.join(runs) or 'baselines'}")
+    out = ws.root / "eval" / (name or f"{split.split}-{'-'.join(runs) or 'baselines'}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "metrics.md").write_text(markdown_table(report))
@@ -194,9 +234,11 @@ def evaluate(
 
 def markdown_table(report: dict) -> str:
     lines = [
-        f"Split: {report['split']}; queries {report['n_queries']} (cold {report['n_cold_queries']}, "
-        f"skipped empty history {report['n_skipped_empty_history']}); items {report['n_items']}; "
-        f"teacher {report['teacher_id']}. Per-event (micro) averages; [95% bootstrap over users].",
+        f"Split: {SplitConfig.from_dict(report['split_config']).describe()}; queries {report['n_queries']} "
+        f"(cold {report['n_cold_queries']}, launch {report['n_launch_queries']}, skipped empty history "
+        f"{report['n_skipped_empty_history']}); items {report['n_items']}; teacher {report['teacher_id']}. "
+        "Per-event (micro) averages; [95% bootstrap over users]; cold = no event before the cut; "
+        "launch = a launched item.",
         "",
     ]
     for protocol in ("full", "sampled"):
@@ -210,16 +252,23 @@ def markdown_table(report: dict) -> str:
         )
         lines += [f"### Protocol: {label}", ""]
         lines.append(
-            "| model | HR@10 | NDCG@10 [95% CI] | HR@50 | MRR | macro NDCG@10 | cold HR@10 | cold NDCG@10 |"
+            "| model | HR@10 | NDCG@10 [95% CI] | HR@50 | Recall@100 | MRR | macro NDCG@10 "
+            "| cold HR@10 | cold NDCG@10 | cold Recall@100 | launch HR@10 | launch NDCG@10 | launch Recall@100 |"
         )
-        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        lines.append("| --- " * 13 + "|")
         for model, r in rows:
-            a, c = r["all"], r["cold"]
+            a = r["all"]
             ci = a.get("micro_ci95", {}).get("NDCG@10", [float("nan")] * 2)
-            cold = (f"{c['micro']['HR@10']:.4f} | {c['micro']['NDCG@10']:.4f}") if c else "- | -"
+            slices = " | ".join(
+                f"{r[s]['micro']['HR@10']:.4f} | {r[s]['micro']['NDCG@10']:.4f} | {r[s]['micro']['HR@100']:.4f}"
+                if r.get(s)
+                else "- | - | -"
+                for s in ("cold", "launch")
+            )
             lines.append(
                 f"| {model} | {a['micro']['HR@10']:.4f} | {a['micro']['NDCG@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] "
-                f"| {a['micro']['HR@50']:.4f} | {a['micro']['MRR']:.4f} | {a['macro']['NDCG@10']:.4f} | {cold} |"
+                f"| {a['micro']['HR@50']:.4f} | {a['micro']['HR@100']:.4f} | {a['micro']['MRR']:.4f} "
+                f"| {a['macro']['NDCG@10']:.4f} | {slices} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -251,17 +300,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--runs", nargs="*", default=[], help="training run names (their exports) to evaluate"
     )
-    parser.add_argument("--split", choices=["temporal", "loo"], default="temporal")
-    parser.add_argument("--train-fraction", type=float, default=0.8)
+    SplitConfig.add_arguments(parser)
     parser.add_argument("--protocols", nargs="+", choices=["full", "sampled"], default=["full", "sampled"])
     parser.add_argument("--name", default=None, help="output folder name under <workdir>/eval/")
     parser.add_argument("--sampled-negatives", type=int, default=100, help="negatives per query (sampled)")
 
 
 def run(args: argparse.Namespace) -> tuple[Path, dict]:
-    out, report = evaluate(
-        args.workdir, args.runs, args.split, args.train_fraction, args.protocols, args.name
-    )
+    out, report = evaluate(args.workdir, args.runs, SplitConfig.from_args(args), args.protocols, args.name)
     print(markdown_table(report))
     print(f"evaluate: wrote {out}")
     return out, report

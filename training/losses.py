@@ -46,18 +46,26 @@ def sampled_softmax_loss(
     positive_log_q: Tensor | None = None,
     negative_log_q: Tensor | None = None,
     cosine: bool = True,
+    positive_bias: Tensor | None = None,
+    negative_bias: Tensor | None = None,
 ) -> Tensor:
     """InfoNCE of each user row against its positive and a shared negative pool.
 
     users (P, D), positives (P, D); negatives (C, D) with item ids (C,): a negative equal to the row's
     positive item is masked out. Logits are cosine / temperature (rows normalised here), or plain dot
     products / temperature with cosine=False. log q (log expected sampling counts) is subtracted from every
-    logit, positive included (Yi et al. RecSys'19; TF's sampled_softmax_loss).
+    logit, positive included (Yi et al. RecSys'19; TF's sampled_softmax_loss). positive_bias (P,) and
+    negative_bias (P, C) are added to the scores before the temperature (the item-age score).
     """
     if cosine:
         users, positives, negatives = (F.normalize(t, dim=-1) for t in (users, positives, negatives))
-    pos = (users * positives).sum(-1, keepdim=True) / temperature  # (P, 1)
-    neg = users @ negatives.T / temperature  # (P, C)
+    pos = (users * positives).sum(-1, keepdim=True)  # (P, 1)
+    neg = users @ negatives.T  # (P, C)
+    if positive_bias is not None:
+        pos = pos + positive_bias.unsqueeze(-1)
+    if negative_bias is not None:
+        neg = neg + negative_bias
+    pos, neg = pos / temperature, neg / temperature
     if positive_log_q is not None:
         pos = pos - positive_log_q.unsqueeze(-1)
     if negative_log_q is not None:
@@ -67,10 +75,12 @@ def sampled_softmax_loss(
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
-def full_softmax_ce(users: Tensor, item_table: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy over every item: users (P, d) @ item_table (n + 1, d).T, column 0 (padding) masked;
-    targets (P,) in 1..n."""
+def full_softmax_ce(users: Tensor, item_table: Tensor, targets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Cross-entropy over every item: users (P, d) @ item_table (n + 1, d).T (+ bias (P, n + 1)), column 0
+    (padding) masked; targets (P,) in 1..n."""
     logits = users @ item_table.T  # (P, n + 1)
+    if bias is not None:
+        logits = logits + bias
     logits[:, 0] = float("-inf")
     return F.cross_entropy(logits, targets)
 
@@ -86,10 +96,15 @@ def bce_one_negative(users: Tensor, positives: Tensor, negatives: Tensor) -> Ten
 
 class SeqRecLoss(nn.Module):
     """The configured loss. `target_counts` (n_items + 1,): training target counts, the popularity q
-    of the logQ correction (add-one smoothed); None = uniform."""
+    of the logQ correction (add-one smoothed); None = uniform. `held_out` (model indices): items that did
+    not exist in the training period (a launch split's launched items), never drawn as negatives."""
 
     def __init__(
-        self, cfg: LossConfig, model_cfg: ModelConfig, target_counts: np.ndarray | Tensor | None = None
+        self,
+        cfg: LossConfig,
+        model_cfg: ModelConfig,
+        target_counts: np.ndarray | Tensor | None = None,
+        held_out: np.ndarray | Tensor | None = None,
     ):
         super().__init__()
         self.cfg, self.item_space, self.n_items = cfg, model_cfg.item_space, model_cfg.n_items
@@ -104,7 +119,10 @@ class SeqRecLoss(nn.Module):
         self.register_buffer("popularity", (counts / counts.sum()).float())  # (n + 1,) q of in-batch targets
         # The uniform negatives' pool (1-based indices): all items, or the training targets only (counts are
         # add-one smoothed, so a target has count > 1); no targets known: all items.
-        pool = torch.arange(self.n_items + 1)[counts > (1 if cfg.negative_pool == "trained" else 0)]
+        in_pool = counts > (1 if cfg.negative_pool == "trained" else 0)
+        if held_out is not None:
+            in_pool[torch.as_tensor(held_out, dtype=torch.long)] = False
+        pool = torch.arange(self.n_items + 1)[in_pool]
         self.register_buffer("pool", pool if len(pool) else torch.arange(1, self.n_items + 1))
 
     def sample_candidates(self, targets: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -153,10 +171,13 @@ class SeqRecLoss(nn.Module):
         users = out.states[mask]  # (P, out_dim)
         t = targets[mask]  # (P,)
         use_q = self.cfg.logq_correction and self.cfg.n_sampled_negatives >= 0
+        biases = {"positive_bias": out.target_bias, "negative_bias": out.candidate_bias}
         if self.item_space == "id":
             if self.cfg.id_loss == "ce":
-                loss = full_softmax_ce(users, out.candidate_vectors, t)
+                loss = full_softmax_ce(users, out.candidate_vectors, t, out.candidate_bias)
             elif self.cfg.id_loss == "bce":
+                if out.target_bias is not None:
+                    raise ValueError("item_age is not implemented for id_loss='bce': use 'sampled' or 'ce'")
                 loss = bce_one_negative(users, out.target_vectors, out.candidate_vectors)
             else:
                 loss = sampled_softmax_loss(
@@ -169,6 +190,7 @@ class SeqRecLoss(nn.Module):
                     self.log_q(t, len(t)) if use_q else None,
                     self.log_q(candidates, len(t)) if use_q else None,
                     cosine=False,
+                    **biases,
                 )
             return loss, {self.cfg.id_loss: loss.detach()}
 
@@ -187,6 +209,7 @@ class SeqRecLoss(nn.Module):
                 self.cfg.temperature,
                 self.log_q(t, len(t)) if use_q else None,
                 self.log_q(candidates, len(t)) if use_q else None,
+                **biases,
             )
             loss = loss + self.cfg.contrastive_weight * parts["contrastive"]
         return loss, {k: v.detach() for k, v in parts.items()}

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from training.data import user_sequences
 
-KS = (5, 10, 20, 50)
+KS = (5, 10, 20, 50, 100)
 
 
 def _exclusion_pairs(exclude, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -188,6 +188,7 @@ class Queries:
     histories: list[np.ndarray]  # Q arrays of raw item ids, oldest first, never empty
     targets: np.ndarray  # (Q,) int64 raw item ids
     cold: np.ndarray  # (Q,) bool: the target has no training event
+    times: np.ndarray  # (Q,) the target event's timestamp (the request time a Producer would see)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -202,26 +203,30 @@ class Split:
 
 
 def _queries(
-    users: list[int], histories: list[np.ndarray], targets: list[int], train_items: np.ndarray
+    users: list[int], histories: list[np.ndarray], targets: list[int], train_items: np.ndarray, times: list
 ) -> Queries:
     t = np.asarray(targets, np.int64)
-    return Queries(np.asarray(users, np.int64), histories, t, ~np.isin(t, train_items))
+    return Queries(np.asarray(users, np.int64), histories, t, ~np.isin(t, train_items), np.asarray(times))
 
 
 def leave_one_out(events: pd.DataFrame) -> Split:
     """SASRec's split: per user (time order) the last event is the test target, the second-last the
     validation target, the rest is train. Users with fewer than 3 events are all train and never queried."""
     users, seqs = user_sequences(events)
-    train_parts, v, t = [], ([], [], []), ([], [], [])
-    for u, s in zip(users, seqs, strict=True):
+    raw_users, ts = events["user_id"].to_numpy(np.int64), events["event_timestamp"].to_numpy()
+    ts = ts[np.lexsort((np.arange(len(ts)), ts, raw_users))]  # user_sequences' order
+    times = np.split(ts, np.cumsum([len(s) for s in seqs])[:-1]) if len(seqs) else []
+    train_parts, v, t = [], ([], [], [], []), ([], [], [], [])
+    for u, s, when in zip(users, seqs, times, strict=True):
         if len(s) < 3:
             train_parts.append((u, s))
             continue
         train_parts.append((u, s[:-2]))
-        for part, hist, target in ((v, s[:-2], s[-2]), (t, s[:-1], s[-1])):
+        for part, hist, target, time in ((v, s[:-2], s[-2], when[-2]), (t, s[:-1], s[-1], when[-1])):
             part[0].append(u)
             part[1].append(hist)
             part[2].append(target)
+            part[3].append(time)
     train = pd.DataFrame(
         {
             "user_id": np.concatenate([np.full(len(s), u) for u, s in train_parts]).astype(np.int64),
@@ -230,7 +235,7 @@ def leave_one_out(events: pd.DataFrame) -> Split:
         }
     )
     items = train["item_id"].unique()
-    return Split(train, _queries(*v, items), _queries(*t, items), 0)
+    return Split(train, _queries(*v[:3], items, v[3]), _queries(*t[:3], items, t[3]), 0)
 
 
 def temporal_split(events: pd.DataFrame, train_fraction: float = 0.8) -> Split:
@@ -245,7 +250,8 @@ def temporal_split(events: pd.DataFrame, train_fraction: float = 0.8) -> Split:
     users = ordered["user_id"].to_numpy(np.int64)
     items = ordered["item_id"].to_numpy(np.int64)
     by_user = np.lexsort((np.arange(len(users)), users))  # global time order inside each user
-    q_users, q_hist, q_targets, skipped = [], [], [], 0
+    stamps = ordered["event_timestamp"].to_numpy()
+    q_users, q_hist, q_targets, q_times, skipped = [], [], [], [], 0
     for idx in np.split(by_user, np.flatnonzero(np.diff(users[by_user])) + 1) if len(users) else []:
         seq = items[idx]
         for k in np.flatnonzero(idx >= cut):
@@ -255,4 +261,6 @@ def temporal_split(events: pd.DataFrame, train_fraction: float = 0.8) -> Split:
             q_users.append(users[idx[k]])
             q_hist.append(seq[:k])
             q_targets.append(seq[k])
-    return Split(train, None, _queries(q_users, q_hist, q_targets, train["item_id"].unique()), skipped)
+            q_times.append(stamps[idx[k]])
+    test = _queries(q_users, q_hist, q_targets, train["item_id"].unique(), q_times)
+    return Split(train, None, test, skipped)

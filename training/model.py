@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from training.config import ModelConfig
+from training.item_age import N_AGE_BUCKETS, age_bucket
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,6 +42,8 @@ class SeqRecOutput(NamedTuple):
     target_vectors: Tensor | None  # (P, out_dim) item vectors of targets[targets > 0] (row-major order)
     distill_targets: Tensor | None  # (P, out_dim) fixed content vectors of the same targets (content spaces)
     candidate_vectors: Tensor | None  # (C, out_dim) item vectors of `candidates`
+    target_bias: Tensor | None = None  # (P,) item-age score of each target at its own time (item_age)
+    candidate_bias: Tensor | None = None  # (P, C) item-age score of each candidate at each target's time
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,6 +146,8 @@ class SeqRec(nn.Module):
             if cfg.use_id_embedding:
                 self.id_in = nn.Embedding(n, d, padding_idx=0)  # hybrid: learned id part of the input
                 self.id_out = nn.Embedding(n, cfg.out_dim, padding_idx=0)  # and of the item vector
+        if cfg.item_age:
+            self.age_bias = nn.Parameter(torch.zeros(N_AGE_BUCKETS))  # score added per age bucket
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -171,23 +176,31 @@ class SeqRec(nn.Module):
             v = F.normalize((v - self.white_mean) @ self.white_matrix, dim=-1)
         return v
 
-    def item_vectors_for(self, teacher_vectors: Tensor, index: Tensor | None = None) -> Tensor:
+    def item_vectors_for(
+        self, teacher_vectors: Tensor, index: Tensor | None = None, id_keep: Tensor | None = None
+    ) -> Tensor:
         """Item vectors from teacher vectors alone (any item, also new ones). (..., D) -> (..., out_dim).
-        `index` (...,) adds the hybrid's id part for training items (0 = none)."""
+        `index` (...,) adds the hybrid's id part for training items (0 = none); `id_keep` (n + 1,) 0/1
+        drops it per item (id dropout in training)."""
         if self.cfg.item_space == "id":
             raise ValueError("item_space='id' has no content: items outside the vocabulary get no vector")
         v = self.content_vectors(teacher_vectors)
         if self.cfg.item_space == "adapter":
             v = v + self.adapter(v)
         if self.cfg.use_id_embedding and index is not None:
-            v = v + self.id_out(index)
+            v = v + self._id_part(self.id_out, index, id_keep)
         return F.normalize(v, dim=-1)
 
-    def item_vectors_at(self, index: Tensor) -> Tensor:
+    @staticmethod
+    def _id_part(table: nn.Embedding, index: Tensor, id_keep: Tensor | None) -> Tensor:
+        part = table(index)  # (..., d)
+        return part if id_keep is None else part * id_keep[index].unsqueeze(-1)
+
+    def item_vectors_at(self, index: Tensor, id_keep: Tensor | None = None) -> Tensor:
         """Item vectors of training-vocabulary indices. (...,) -> (..., out_dim)"""
         if self.cfg.item_space == "id":
             return self.id_emb(index)
-        return self.item_vectors_for(self.teacher[index], index)
+        return self.item_vectors_for(self.teacher[index], index, id_keep)
 
     def item_vectors(self, teacher: Tensor | None = None) -> Tensor:
         """None: the training vocabulary's vectors, (n_items + 1, out_dim), row 0 (padding) zero.
@@ -200,16 +213,16 @@ class SeqRec(nn.Module):
 
     # ---- encoder -------------------------------------------------------------------------------------
 
-    def _embed(self, seq: Tensor) -> Tensor:
+    def _embed(self, seq: Tensor, id_keep: Tensor | None = None) -> Tensor:
         if self.cfg.item_space == "id":
             x = self.id_emb(seq)  # (B, T, d)
         else:
             x = self.in_proj(self.content_vectors(self.teacher[seq]))  # (B, T, d)
             if self.cfg.use_id_embedding:
-                x = x + self.id_in(seq)
+                x = x + self._id_part(self.id_in, seq, id_keep)
         return x * math.sqrt(self.cfg.d_model)
 
-    def encode(self, seq: Tensor) -> Tensor:
+    def encode(self, seq: Tensor, id_keep: Tensor | None = None) -> Tensor:
         """(B, T) left-padded indices, T <= max_len -> (B, T, out_dim) the prediction at every position."""
         B, T = seq.shape
         if T > self.cfg.max_len:
@@ -218,7 +231,7 @@ class SeqRec(nn.Module):
             )
         real = seq > 0  # (B, T)
         pos = real.flip(1).cumsum(1).flip(1) * real  # (B, T) last click = 1, padding = 0
-        x = self.emb_dropout(self._embed(seq) + self.pos_emb(pos)) * real.unsqueeze(-1)  # (B, T, d)
+        x = self.emb_dropout(self._embed(seq, id_keep) + self.pos_emb(pos)) * real.unsqueeze(-1)  # (B, T, d)
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()  # (T, T)
         eye = torch.eye(T, dtype=torch.bool, device=seq.device)
         allowed = (causal & (real.unsqueeze(1) | eye)).unsqueeze(1)  # (B, 1, T, T) padding attends to itself
@@ -230,23 +243,67 @@ class SeqRec(nn.Module):
         return h * real.unsqueeze(-1)
 
     def user_vector(self, seq: Tensor) -> Tensor:
-        """(B, T) -> (B, out_dim) the prediction after the last click. An all-padding row gives 0."""
-        return self.encode(seq)[:, -1]
+        """(B, T) -> (B, out_dim) the prediction after the last click, fused with the last clicks' item
+        vectors when cfg.fusion_weight > 0 (what serving and evaluation query with). All padding gives 0."""
+        h = self.encode(seq)[:, -1]  # (B, out_dim)
+        if not self.cfg.fusion_weight:
+            return h
+        recent = seq[:, -self.cfg.fusion_last :]  # (B, m) left-padded: the last m clicks, 0 = none
+        real = (recent > 0).unsqueeze(-1).to(h.dtype)  # (B, m, 1)
+        mean = (self.item_vectors_at(recent) * real).sum(1) / real.sum(1).clamp(min=1)  # (B, out_dim)
+        u = h + self.cfg.fusion_weight * mean
+        return F.normalize(u, dim=-1) * (h.norm(dim=-1, keepdim=True) > 0) if self.cfg.is_content else u
+
+    def age_scores(self, request_days: Tensor, first_days: Tensor) -> Tensor:
+        """Item-age scores: request_days (...,) times against first_days (C,) -> (..., C); zeros without
+        item_age. Days are training.item_age's units; first_days +inf = no event yet."""
+        if not self.cfg.item_age:
+            return torch.zeros((*request_days.shape, first_days.shape[-1]), device=first_days.device)
+        return self.age_bias[age_bucket(request_days.unsqueeze(-1), first_days)]
+
+    def scores(
+        self, seq: Tensor, request_days: Tensor | None = None, first_days: Tensor | None = None
+    ) -> Tensor:
+        """(B, T) -> (B, n_items + 1) what the model ranks the vocabulary by: user . item, plus the item-age
+        score at each row's request time (request_days (B,), first_days (n_items + 1,)) when item_age."""
+        s = self.user_vector(seq) @ self.item_vectors().T  # (B, n + 1)
+        if self.cfg.item_age:
+            if request_days is None or first_days is None:
+                raise ValueError("an item_age model scores at a request time: pass request_days, first_days")
+            s = s + self.age_scores(request_days, first_days)
+        return s
 
     def forward(
-        self, seq: Tensor, targets: Tensor | None = None, candidates: Tensor | None = None
+        self,
+        seq: Tensor,
+        targets: Tensor | None = None,
+        candidates: Tensor | None = None,
+        target_days: Tensor | None = None,
+        first_days: Tensor | None = None,
     ) -> SeqRecOutput:
-        """seq (B, T); targets (B, T) next items (0 = none); candidates (C,) indices to score against."""
-        states = self.encode(seq)  # (B, T, out_dim)
-        target_vectors = distill = cand = None
+        """seq (B, T); targets (B, T) next items (0 = none); candidates (C,) indices to score against;
+        item_age: target_days (B, T) each target's time, first_days (n_items + 1,) first event times."""
+        id_keep = None
+        if self.training and self.cfg.id_dropout:  # one draw per batch: an item is id-less everywhere in it
+            id_keep = (torch.rand(self.cfg.n_items + 1, device=seq.device) >= self.cfg.id_dropout).float()
+        states = self.encode(seq, id_keep)  # (B, T, out_dim)
+        target_vectors = distill = cand = t_bias = c_bias = None
         if targets is not None:
-            t = targets[targets > 0]  # (P,)
-            target_vectors = self.item_vectors_at(t)  # (P, out_dim)
+            mask = targets > 0
+            t = targets[mask]  # (P,)
+            target_vectors = self.item_vectors_at(t, id_keep)  # (P, out_dim)
             if self.cfg.is_content:
                 distill = self.content_vectors(self.teacher[t])  # (P, D)
+            if self.cfg.item_age:
+                if target_days is None or first_days is None:
+                    raise ValueError("item_age trains on target times: pass target_days and first_days")
+                days = target_days[mask]  # (P,)
+                t_bias = self.age_bias[age_bucket(days, first_days[t])]  # (P,)
+                if candidates is not None:
+                    c_bias = self.age_scores(days, first_days[candidates])  # (P, C)
         if candidates is not None:
-            cand = self.item_vectors_at(candidates)  # (C, out_dim)
-        return SeqRecOutput(states, target_vectors, distill, cand)
+            cand = self.item_vectors_at(candidates, id_keep)  # (C, out_dim)
+        return SeqRecOutput(states, target_vectors, distill, cand, t_bias, c_bias)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Training pairs for teacher tuning, mined only from what was known before the evaluation cut.
 
-    train = temporal_split(events, 0.8).train              # the student's training events: the same cut
+    train = learnable_events(events, SplitConfig())         # the student's training events: the same split
     co = co_engagement_pairs(train, PairConfig())           # a, b: items one user clicked close together
     it = image_title_pairs(items, cut=train["event_timestamp"].max())   # a = b: an item's image and title
 
@@ -17,26 +17,25 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from training.config import _Config
+from training.split import SplitConfig, held_out_items, learnable_events
 
 CO, IMAGE_TITLE = 0, 1
 PairKind = Literal["co-engagement", "image-title", "both"]
 
 
 @dataclass(frozen=True)
-class PairConfig(_Config):
-    """Which pairs, from which events."""
+class PairConfig(SplitConfig):
+    """Which pairs, from which events: only those the split lets a model learn from (SplitConfig's fields:
+    before the cut, launched items left out)."""
 
     pairs: PairKind = "co-engagement"
-    train_fraction: float = 0.8  # the temporal split's cut (training.metrics.temporal_split): pairs before it
     window_s: float = 3600.0  # two clicks of one user at most an hour apart (one session) ...
     max_gap: int = 3  # ... and at most 3 clicks apart: neighbours in a session, not the whole history
     max_pairs: int = 20000  # a uniform subsample of the mined pairs (0 = all); sized for minutes on 2 cores
     valid_fraction: float = 0.05  # held out for the per-epoch validation loss
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        super().__post_init__()
         if self.window_s <= 0 or self.max_gap < 1 or self.max_pairs < 0:
             raise ValueError("window_s and max_gap must be positive, max_pairs >= 0")
         if not 0.0 < self.valid_fraction < 1.0:
@@ -60,12 +59,17 @@ def co_engagement_pairs(events: pd.DataFrame, window_s: float, max_gap: int) -> 
     return pd.DataFrame({"a": ab[:, 0], "b": ab[:, 1], "kind": np.full(len(ab), CO, np.int8)})
 
 
-def image_title_pairs(items: pd.DataFrame, cut: pd.Timestamp | None) -> pd.DataFrame:
-    """(a, a) for every item with an image that the catalogue held at `cut` (created_at <= cut; None = all).
-    items: item_id, image_uri, created_at. -> a, b, kind"""
+def image_title_pairs(
+    items: pd.DataFrame, cut: pd.Timestamp | None, launched: np.ndarray | None = None
+) -> pd.DataFrame:
+    """(a, a) for every item with an image that the catalogue held at `cut` (created_at <= cut; None = all),
+    launched items (not in the catalogue before the cut) left out. items: item_id, image_uri, created_at.
+    -> a, b, kind"""
     has_image = items["image_uri"].notna() & (items["image_uri"].astype(str) != "")
     if cut is not None:
         has_image &= pd.to_datetime(items["created_at"], utc=True) <= cut
+    if launched is not None and len(launched):
+        has_image &= ~items["item_id"].isin(launched)
     ids = items.loc[has_image, "item_id"].to_numpy(np.int64)
     return pd.DataFrame({"a": ids, "b": ids, "kind": np.full(len(ids), IMAGE_TITLE, np.int8)})
 
@@ -73,11 +77,10 @@ def image_title_pairs(items: pd.DataFrame, cut: pd.Timestamp | None) -> pd.DataF
 def mine_pairs(
     events: pd.DataFrame, items: pd.DataFrame, cfg: PairConfig, seed: int = 0
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(train pairs, validation pairs, counts) from the events before the temporal cut and the catalogue as
-    it was then. Shuffled; at most cfg.max_pairs in all."""
-    from training.metrics import temporal_split
-
-    train_events = temporal_split(events, cfg.train_fraction).train
+    """(train pairs, validation pairs, counts) from the events the split lets a model learn from and the
+    catalogue as it was at the cut. Shuffled; at most cfg.max_pairs in all."""
+    split = cfg.split_config()
+    train_events = learnable_events(events, split)
     if train_events.empty:
         raise ValueError("events: no events before the temporal cut to mine pairs from")
     cut = pd.to_datetime(train_events["event_timestamp"], utc=True).max()
@@ -87,7 +90,7 @@ def mine_pairs(
         parts.append(co)
         counts["co_engagement_mined"] = len(co)
     if cfg.pairs in ("image-title", "both"):
-        it = image_title_pairs(items, cut)
+        it = image_title_pairs(items, cut, held_out_items(events, split))
         parts.append(it)
         counts["image_title_mined"] = len(it)
     pairs = pd.concat(parts, ignore_index=True)

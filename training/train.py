@@ -34,23 +34,21 @@ import pyarrow.parquet as pq
 import torch
 
 from training import engine
-from training.config import LossConfig, ModelConfig, TrainConfig, _Config
+from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, build_inputs
-from training.metrics import full_ranks, metrics_from_ranks, temporal_split
+from training.item_age import first_seen_days, to_days
+from training.metrics import metrics_from_ranks, rank_of_target
 from training.model import SeqRec
+from training.split import SplitConfig, held_out_items, learnable_events
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
-
-Split = Literal["temporal", "loo"]
 
 
 @dataclass(frozen=True)
-class JobConfig(_Config):
-    """Where and how the job runs (not what it learns)."""
+class JobConfig(SplitConfig):
+    """Where and how the job runs, and on which split (SplitConfig's fields first; not what it learns)."""
 
     workdir: str = ".vlmrec/sample"
     name: str = "student"  # the run folder <workdir>/runs/<name>; the same name resumes
-    split: Split = "temporal"  # temporal: global time cut; loo: last event test, second-last validation
-    train_fraction: float = 0.8  # temporal split: the share of events (by time) that is train
     num_workers: int = 2  # Ray Train workers (data parallel)
     use_gpu: bool = False  # NCCL + one GPU per worker when True
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -79,12 +77,16 @@ class JobConfig(_Config):
 class TrainingData:
     items: ItemTable  # the vocabulary: every catalogue item with a teacher vector
     teacher_id: str
-    train_events: pd.DataFrame  # the split's training events (real timestamps)
+    train_events: pd.DataFrame  # the events the run learns from (real timestamps)
+    held_out: np.ndarray  # model indices of items the run must learn nothing about (launched items)
     inputs: np.ndarray  # (N, T) model indices
     targets: np.ndarray  # (N, T) next items, 0 = none
+    target_days: np.ndarray  # (N, T) float64 time of each target (training.item_age days), 0 = none
     valid_inputs: np.ndarray  # (V, T) the sequence before each validation target
     valid_targets: np.ndarray  # (V,) model indices
     valid_users: np.ndarray  # (V,)
+    valid_days: np.ndarray  # (V,) float64 time of each validation target
+    first_days: np.ndarray  # (n + 1,) first event time of each item among train_events, +inf = none
 
 
 def load_items(ws: Workspace) -> tuple[ItemTable, str]:
@@ -98,15 +100,6 @@ def load_items(ws: Workspace) -> tuple[ItemTable, str]:
             f"{ws.embeddings}: column teacher_id holds {len(teacher_ids)} teachers; re-run embed"
         )
     return ItemTable.from_frame(table), str(teacher_ids[0])
-
-
-def split_train_events(events: pd.DataFrame, split: Split, train_fraction: float) -> pd.DataFrame:
-    """The events a model may learn from: before the global cut (temporal) or all but each user's last two."""
-    if split == "temporal":
-        return temporal_split(events, train_fraction).train
-    ordered = events.sort_values(["user_id", "event_timestamp"], kind="stable")
-    from_end = ordered.groupby("user_id").cumcount(ascending=False)
-    return ordered[from_end >= 2].sort_values("event_timestamp", kind="stable").reset_index(drop=True)
 
 
 def example_queries(train: pd.DataFrame, max_len: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -126,29 +119,36 @@ def example_queries(train: pd.DataFrame, max_len: int) -> tuple[pd.DataFrame, pd
 
 
 def prepare_data(ws: Workspace, job: JobConfig, max_len: int) -> TrainingData:
-    """Everything the workers need, with sequences read from Feast by point-in-time join."""
+    """Everything the workers need, with sequences read from Feast by point-in-time join. Launched items
+    (a launch split) are removed from the examples' input sequences as well as from the targets."""
     from vlmrec.features import historical_sequences, open_store
 
     items, teacher_id = load_items(ws)
     events = pq.read_table(ws.events).to_pandas()
-    train = split_train_events(events, job.split, job.train_fraction)
+    split = job.split_config()
+    train = learnable_events(events, split)
+    held_out_raw = held_out_items(events, split)
     queries, valid = example_queries(train, max_len)
     store = open_store(ws)
     hist = historical_sequences(store, pd.concat([queries, valid], ignore_index=True))["item_ids"].tolist()
-    hist_train, hist_valid = hist[: len(queries)], hist[len(queries) :]
     kept = max((len(h) for h in hist), default=0)
     if kept < max_len and events.groupby("user_id").size().max() > kept + 1:
         raise ValueError(
             f"{ws.sequences}: column item_ids keeps {kept} ids per snapshot but max_len is {max_len}: "
             f"re-run `vlmrec ingest --max-len {max_len}` or train with --max-len {kept}"
         )
+    if len(held_out_raw):  # the snapshots hold every click; a launched item's were never made
+        hist = [np.asarray(h, np.int64)[~np.isin(h, held_out_raw)] for h in hist]
+    hist_train, hist_valid = hist[: len(queries)], hist[len(queries) :]
     # inputs = the sequence before the target; targets = the same shifted by one, ending with the target.
     full = [[*h, t] for h, t in zip(hist_train, queries["item_id"], strict=True)]
     inputs = build_inputs([f[:-1] for f in full], items, max_len).ids
     targets = build_inputs([f[1:] for f in full], items, max_len).ids
+    target_days = _target_days(train, queries, targets, items)
     keep = targets[:, -1] > 0
-    inputs, targets = inputs[keep], targets[keep]
+    inputs, targets, target_days = inputs[keep], targets[keep], target_days[keep]
     targets = np.where(inputs > 0, targets, 0)  # a target only where there is an input before it
+    target_days = np.where(targets > 0, target_days, 0.0)
     v_inputs = build_inputs(hist_valid, items, max_len).ids
     v_targets = items.index_of(valid["item_id"].to_numpy())
     v_keep = (v_targets > 0) & (v_inputs[:, -1] > 0)
@@ -156,31 +156,90 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int) -> TrainingData:
         items=items,
         teacher_id=teacher_id,
         train_events=train,
+        held_out=items.index_of(held_out_raw),
         inputs=inputs,
         targets=targets,
+        target_days=target_days,
         valid_inputs=v_inputs[v_keep],
         valid_targets=v_targets[v_keep],
         valid_users=valid["user_id"].to_numpy()[v_keep],
+        valid_days=to_days(valid["event_timestamp"].to_numpy())[v_keep],
+        first_days=first_seen_days(train, items),
     )
+
+
+def _target_days(
+    train: pd.DataFrame, queries: pd.DataFrame, targets: np.ndarray, items: ItemTable
+) -> np.ndarray:
+    """(N, T) the time of every target in `targets` (0 where none): a window's targets are the user's
+    learnable events ending at its query event, so position T - 1 - j is the j-th event before it. Checked
+    against the targets' ids (a mismatch means the sequences and the events disagree)."""
+    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
+    ordered["row"] = np.arange(len(ordered))
+    first = ordered.groupby("user_id")["row"].transform("min").to_numpy()
+    rows = queries.merge(ordered, on=["user_id", "event_timestamp", "item_id"], how="left")["row"]
+    if rows.isna().any():
+        raise ValueError(f"{int(rows.isna().sum())} training queries are not among the learnable events")
+    rows = rows.to_numpy(np.int64)
+    T = targets.shape[1]
+    back = rows[:, None] - np.arange(T)[None, ::-1]  # (N, T) event row of each position, last = the query
+    valid = (back >= first[rows][:, None]) & (targets > 0)
+    back = back.clip(min=0)
+    days = to_days(ordered["event_timestamp"].to_numpy())[back]
+    ids = items.index_of(ordered["item_id"].to_numpy(np.int64))[back]
+    wrong = valid & (ids != targets)
+    if wrong.any():
+        raise ValueError(f"{int(wrong.sum())} training targets do not match the events' order in time")
+    return np.where(valid, days, 0.0)
 
 
 # ------------------------------------------------------------------------------------------- workers
 
 
-def validation_ndcg(model: SeqRec, inputs: np.ndarray, targets: np.ndarray, users: np.ndarray) -> float:
-    """Full-ranking NDCG@10 of the validation targets, the history excluded."""
+def validation_ndcg(
+    model: SeqRec,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    users: np.ndarray,
+    days: np.ndarray | None = None,
+    first_days: np.ndarray | None = None,
+) -> float:
+    """Full-ranking NDCG@10 of the validation targets by the model's own scores (item age at each target's
+    time when the model has it), the history and padding excluded."""
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    first = None if first_days is None else torch.as_tensor(first_days, device=device)
+    ranks = []
     with torch.no_grad():
-        items = model.item_vectors().float()  # (n + 1, d)
-        user_vecs = torch.cat(
-            [
-                model.user_vector(torch.as_tensor(inputs[a : a + 512])).float()
-                for a in range(0, len(inputs), 512)
-            ]
+        for a in range(0, len(inputs), 512):
+            x = inputs[a : a + 512]
+            request = None if days is None else torch.as_tensor(days[a : a + 512], device=device)
+            s = model.scores(torch.as_tensor(x, device=device), request, first).float().cpu()  # (b, n + 1)
+            exclude = [np.concatenate([[0], row[row > 0]]) for row in x]
+            ranks.append(rank_of_target(s, targets[a : a + 512], exclude))
+    model.train(was_training)
+    return metrics_from_ranks(np.concatenate(ranks), ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
+
+
+FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # fusion weights tried on validation (--tune-fusion)
+
+
+def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, float]]:
+    """Set the model's fusion_weight to the FUSION_GRID value with the best validation NDCG@10 (ties: the
+    smaller). -> (the model, validation NDCG@10 per weight)"""
+    import dataclasses
+
+    scores = {}
+    base = model.cfg
+    for weight in FUSION_GRID:
+        model.cfg = dataclasses.replace(base, fusion_weight=weight)
+        scores[str(weight)] = validation_ndcg(
+            model, data.valid_inputs, data.valid_targets, data.valid_users, data.valid_days, data.first_days
         )
-    ranks = full_ranks(user_vecs, items, targets, exclude=[row[row > 0] for row in inputs])
-    model.train()
-    return metrics_from_ranks(ranks, ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
+    best = max(FUSION_GRID, key=lambda w: (scores[str(w)], -w))
+    model.cfg = dataclasses.replace(base, fusion_weight=best)
+    return model, scores
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -197,10 +256,11 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(train_cfg.seed + rank)
 
     model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
-    criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"])
+    criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"], config["held_out"])
     ds_engine = engine.initialize(model, config["ds"], job.use_gpu)
     device = ds_engine.device
     criterion = criterion.to(device)
+    first_days = torch.as_tensor(config["first_days"], device=device) if model_cfg.item_age else None
     # resume: a re-run of the same name, or Ray restarting a failed worker group
     state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []})
     resumed_from = state["epoch"]  # 0 for a fresh run
@@ -218,15 +278,21 @@ def train_loop_per_worker(config: dict) -> None:
             x, y = batch["inputs"].to(device), batch["targets"].to(device)  # (B, T)
             width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
             x, y = x[:, -width:], y[:, -width:]
+            days = batch["target_days"].to(device)[:, -width:] if first_days is not None else None
             candidates = criterion.sample_candidates(y)
-            loss, _ = criterion(ds_engine(x, y, candidates), y, candidates)
+            loss, _ = criterion(ds_engine(x, y, candidates, days, first_days), y, candidates)
             ds_engine.backward(loss)
             ds_engine.step()
             losses.append(loss.item())
             n_seq += len(x)
         seconds = time.perf_counter() - t0
         ndcg = validation_ndcg(
-            ds_engine.module, config["valid_inputs"], config["valid_targets"], config["valid_users"]
+            ds_engine.module,
+            config["valid_inputs"],
+            config["valid_targets"],
+            config["valid_users"],
+            config["valid_days"],
+            config["first_days"],
         )
         state["epoch"] += 1
         improved = ndcg > state["best"]
@@ -271,7 +337,12 @@ def train(
     # global random_shuffle would need Ray Data tasks, which wait forever for a CPU when the training
     # workers hold them all.
     order = np.random.default_rng(train_cfg.seed).permutation(len(data.inputs))
-    dataset = ray.data.from_items([{"inputs": data.inputs[i], "targets": data.targets[i]} for i in order])
+    dataset = ray.data.from_items(
+        [
+            {"inputs": data.inputs[i], "targets": data.targets[i], "target_days": data.target_days[i]}
+            for i in order
+        ]
+    )
     target_counts = np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1)
     loop_config = {
         "model": model_cfg.to_dict(),
@@ -282,10 +353,13 @@ def train(
         "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
         "item_ids": np.concatenate([[-1], data.items.item_ids]),
         "target_counts": target_counts,
+        "held_out": data.held_out,
+        "first_days": data.first_days,
         "shard_size": -(-len(order) // job.num_workers),
         "valid_inputs": data.valid_inputs,
         "valid_targets": data.valid_targets,
         "valid_users": data.valid_users,
+        "valid_days": data.valid_days,
     }
     t0 = time.perf_counter()
     result = engine.fit(
@@ -294,13 +368,17 @@ def train(
     fit_s = time.perf_counter() - t0
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_ndcg10"])
     model = load_checkpoint_model(best_ckpt, model_cfg, data)
+    fusion = None
+    if train_cfg.tune_fusion:
+        model, fusion = choose_fusion(model, data)
     history = [m for _, m in result.best_checkpoints]
     info = {
         "name": job.name,
         "teacher_id": data.teacher_id,
         "feature_service": "student_v1",
+        "split": job.split_config().to_dict(),
         "configs": {
-            "model": model_cfg.to_dict(),
+            "model": model.cfg.to_dict(),
             "loss": loss_cfg.to_dict(),
             "train": train_cfg.to_dict(),
             "job": job.to_dict(),
@@ -310,8 +388,10 @@ def train(
             "train_examples": len(data.inputs),
             "valid_queries": len(data.valid_inputs),
             "items": data.items.n_items,
+            "held_out_items": len(data.held_out),
         },
         "best": best_metrics,
+        "fusion_val_ndcg10": fusion,
         "last": result.metrics,
         "kept_checkpoints": history,
         "timing_s": {"prepare": round(prepare_s, 2), "fit": round(fit_s, 2)},

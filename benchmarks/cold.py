@@ -1,0 +1,165 @@
+"""The cold / launch issue's table: which student ranks what nobody has clicked yet, on movielens-small.
+
+    python benchmarks/cold.py --data ../shared/data/movielens-small --workdir .vlmrec/ml \
+        --out benchmarks/results/cold.json
+
+Every model is one `vlmrec train` (Ray Train + DeepSpeed, 2 CPU workers, early stopping on validation)
+in two worlds of the same temporal split: `natural` (every event before the cut) and `launch` (10% of the
+items with train events, popularity-stratified, launched after the cut: `--cold launch`). Then one
+`vlmrec evaluate` per world (full ranking; the launch slice is the same queries in both), and:
+  cold parity = launch-slice HR@10 of the model trained without the launched items
+                / launch-slice HR@10 of the same config trained with them.
+The default is chosen on validation only (the best validation NDCG@10 of the natural world's runs, the
+run.json's figure), never on test. `--only` picks models; an existing export is reused unless --retrain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from movielens import COMMON, sh  # benchmarks/ is on sys.path when this file runs as a script
+
+from vlmrec.workspace import Workspace
+
+# name -> flags: the behavioural baseline and the cold-aware student configs of the one training job
+BASE = ["--item-space", "adapter", "--negative-pool", "trained"]
+HYBRID = [
+    "--item-space",
+    "adapter",
+    "--use-id-embedding",
+    "--id-dropout",
+    "0.5",
+    "--negative-pool",
+    "trained",
+]
+MODELS: dict[str, list[str]] = {
+    "sasrec": ["--item-space", "id", "--id-loss", "sampled", "--n-sampled-negatives", "2048"],
+    "student-trained-negatives": BASE,
+    "student-age": [*BASE, "--item-age"],
+    "student-fusion": [*BASE, "--tune-fusion"],
+    "student-age-fusion": [*BASE, "--item-age", "--tune-fusion"],
+    "student-hybrid-dropout": HYBRID,
+    "student-hybrid-age-fusion": [*HYBRID, "--item-age", "--tune-fusion"],
+}
+STUDENTS = [m for m in MODELS if m.startswith("student")]
+LAUNCH = ["--cold", "launch", "--launch-fraction", "0.1", "--launch-seed", "0"]
+
+
+def run_name(model: str, world: str) -> str:
+    return model if world == "natural" else f"{model}-launch"
+
+
+def hr10(metrics: dict, model: str, slice_: str) -> float | None:
+    r = metrics["results"][model]["full"].get(slice_)
+    return r["micro"]["HR@10"] if r else None
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="the movielens-small folder")
+    p.add_argument("--workdir", default=".vlmrec/ml")
+    p.add_argument("--only", nargs="*", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--worlds", nargs="+", default=["natural", "launch"], choices=["natural", "launch"])
+    p.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping ends runs")
+    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--retrain", action="store_true")
+    p.add_argument("--out", default="benchmarks/results/cold.json")
+    args = p.parse_args()
+
+    ws = Workspace(args.workdir)
+    vlmrec = [str(Path(sys.executable).with_name("vlmrec"))]
+    log = Path(args.out).with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    if not ws.events.exists():
+        seconds["ingest"] = sh([*vlmrec, "ingest", "--format", "movielens", "--data", args.data,
+                                "--workdir", args.workdir, "--max-len", "200"], log)  # fmt: skip
+    if not ws.embeddings.exists():
+        seconds["embed"] = sh([*vlmrec, "embed", "--workdir", args.workdir], log)
+    if not (ws.root / "registry.db").exists():
+        seconds["features"] = sh([*vlmrec, "features", "--workdir", args.workdir], log)
+
+    budget = ["--epochs", str(args.epochs), "--patience", str(args.patience)]
+    for world in args.worlds:
+        for model in args.only:
+            name = run_name(model, world)
+            if args.retrain or not (ws.runs / name / "export" / "run.json").exists():
+                flags = [*COMMON, *budget, *MODELS[model], *(LAUNCH if world == "launch" else [])]
+                cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, *flags]
+                seconds[f"train {name}"] = sh(cmd, log)
+                print(f"{name}: trained in {seconds[f'train {name}']:.0f} s", flush=True)
+
+    metrics = {}
+    for world in args.worlds:
+        runs = [run_name(m, world) for m in args.only]
+        cmd = [*vlmrec, "evaluate", "--workdir", args.workdir, "--runs", *runs, "--protocols", "full",
+               "--name", f"cold-{world}", *(LAUNCH if world == "launch" else [])]  # fmt: skip
+        seconds[f"evaluate {world}"] = sh(cmd, log)
+        metrics[world] = json.loads((ws.root / "eval" / f"cold-{world}" / "metrics.json").read_text())
+
+    runs_info, models = {}, {}
+    for model in ["knn", "popular", *args.only]:
+        row = {"ndcg10_all": None, "hr10_cold": None, "hr10_launch": None, "cold_parity": None}
+        if "natural" in metrics:
+            nat = metrics["natural"]["results"][run_name(model, "natural") if model in MODELS else model]
+            row["ndcg10_all"] = nat["full"]["all"]["micro"]["NDCG@10"]
+            row["hr10_cold"] = nat["full"]["cold"]["micro"]["HR@10"]
+        if "launch" in metrics:
+            name = run_name(model, "launch") if model in MODELS else model
+            row["hr10_launch"] = hr10(metrics["launch"], name, "launch")
+            if model in MODELS and "natural" in metrics:  # popular and knn learn no item: parity n/a
+                warm = hr10(metrics["natural"], run_name(model, "natural"), "launch")
+                row["cold_parity"] = row["hr10_launch"] / warm if warm else None
+        models[model] = row
+    for model in args.only:
+        for world in args.worlds:
+            name = run_name(model, world)
+            info = json.loads((ws.runs / name / "export" / "run.json").read_text())
+            runs_info[name] = {
+                "flags": COMMON + MODELS[model] + (LAUNCH if world == "launch" else []),
+                "best_epoch": info["best"]["epoch"],
+                "best_val_ndcg10": info["best"]["val_ndcg10"],
+                "epochs_run": info["last"]["epoch"],
+                "fusion_weight": info["configs"]["model"].get("fusion_weight", 0.0),
+                "fusion_val_ndcg10": info.get("fusion_val_ndcg10"),
+                "timing_s": info["timing_s"],
+            }
+    # the default: best validation NDCG@10 (after fusion selection) among the natural world's students
+    candidates = [m for m in args.only if m in STUDENTS and run_name(m, "natural") in runs_info]
+    val = {
+        m: max(runs_info[m]["best_val_ndcg10"], *(runs_info[m]["fusion_val_ndcg10"] or {}).values())
+        for m in candidates
+    }
+    default = max(val, key=val.get) if val else None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    result = {
+        "command": " ".join(["python", "benchmarks/cold.py", *sys.argv[1:]]),
+        "commit": commit.strip(),
+        "default_model": default,
+        "default_rule": "best validation NDCG@10 (each user's last training event) among the natural students",
+        "validation_ndcg10": val,
+        "models": models,
+        "runs": runs_info,
+        "seconds": seconds,
+        "load_average": list(__import__("os").getloadavg()),
+        "evaluation": metrics,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    out = Path(args.out)
+    if out.exists():  # keep what other scripts add (producers, mixer_validated)
+        old = json.loads(out.read_text())
+        result = {**{k: v for k, v in old.items() if k in ("producers", "mixer_validated")}, **result}
+    out.write_text(json.dumps(result, indent=2))
+    for world in args.worlds:
+        print((ws.root / "eval" / f"cold-{world}" / "metrics.md").read_text())
+    print(json.dumps(models, indent=2))
+    print(f"default: {default}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

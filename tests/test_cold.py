@@ -1,0 +1,217 @@
+"""New products: the launch split (nothing learned from launched items' events), item age, id dropout and
+query fusion, on small data made here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import train
+from training.config import LossConfig, ModelConfig
+from training.data import ItemTable
+from training.evaluate import check_split
+from training.item_age import AGE_EDGES_DAYS, UNSEEN, age_bucket, first_seen_days, to_days
+from training.losses import SeqRecLoss, sampled_softmax_loss
+from training.model import SeqRec
+from training.pairs import PairConfig, mine_pairs
+from training.split import SplitConfig, launched_items, learnable_events, train_events
+
+T0 = pd.Timestamp("2024-01-01", tz="UTC")
+
+
+def skewed_events(n_items: int = 200, n_events: int = 6000, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n_items + 1)
+    items = rng.choice(np.arange(1000, 1000 + n_items), size=n_events, p=p / p.sum())
+    return pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 300, n_events),
+            "item_id": items,
+            "event_timestamp": T0 + pd.to_timedelta(np.sort(rng.integers(0, 10**8, n_events)), unit="s"),
+        }
+    )
+
+
+def test_launch_draw_is_stratified_by_popularity_deterministic_and_only_from_trained_items():
+    events = skewed_events()
+    cfg = SplitConfig(cold="launch", launch_fraction=0.1, launch_seed=3)
+    launched = launched_items(events, cfg)
+    counts = train_events(events, cfg)["item_id"].value_counts()
+    assert set(launched) <= set(counts.index)  # only items that have train events can be "launched"
+    assert abs(len(launched) - 0.1 * len(counts)) <= 10  # one rounding per stratum at most
+    # every popularity decile gives its share: the launches look like the catalogue, head and tail alike
+    ranked = counts.sort_values(kind="stable")
+    for stratum in np.array_split(ranked.index.to_numpy(), 10):
+        assert 0 < np.isin(stratum, launched).sum() <= int(np.ceil(0.1 * len(stratum))) + 1
+    assert np.array_equal(launched, launched_items(events, cfg))
+    assert not np.array_equal(launched, launched_items(events, SplitConfig(cold="launch", launch_seed=4)))
+    # the natural mode reports the same slice but learns from everything before the cut
+    natural = SplitConfig(launch_seed=3)
+    assert np.array_equal(launched_items(events, natural), launched)
+    assert len(learnable_events(events, natural)) == len(train_events(events, natural))
+    learn = learnable_events(events, cfg)
+    assert not learn["item_id"].isin(launched).any()
+    assert (
+        len(learn)
+        == len(train_events(events, cfg)) - train_events(events, cfg)["item_id"].isin(launched).sum()
+    )
+
+
+def test_split_config_refuses_what_cannot_be_a_launch():
+    with pytest.raises(ValueError, match="temporal"):
+        SplitConfig(split="loo", cold="launch")
+    with pytest.raises(ValueError, match="launch_fraction"):
+        SplitConfig(cold="launch", launch_fraction=0.0)
+
+
+def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_workspace):
+    """Training examples (inputs and targets), validation, popularity, logQ counts, the negative pool,
+    first-event times and teacher-tuning pairs: none may hold a launched item's pre-cut event."""
+    ws = sample_workspace
+    events = pq.read_table(ws.events).to_pandas()
+    items = pq.read_table(ws.items).to_pandas()
+    launch = train.JobConfig(workdir=str(ws.root), cold="launch", launch_fraction=0.3, launch_seed=1)
+    natural = train.JobConfig(workdir=str(ws.root), launch_fraction=0.3, launch_seed=1)
+    data = train.prepare_data(ws, launch, max_len=8)
+    control = train.prepare_data(ws, natural, max_len=8)
+    raw = launched_items(events, launch.split_config())
+    held = data.items.index_of(raw)
+    assert len(held) >= 3 and np.array_equal(np.sort(data.held_out), np.sort(held))
+    # the control: the same items ARE in the natural world's training data, so the checks below can fail
+    assert np.isin(control.targets, held).any() and np.isin(control.inputs, held).any()
+    for name in ("inputs", "targets", "valid_inputs", "valid_targets"):
+        assert not np.isin(getattr(data, name), held).any(), f"a launched item in {name}"
+    assert not data.train_events["item_id"].isin(raw).any()
+    popular = {p["item_id"] for p in train.popular_items(data.train_events, 1000, 7.0)}
+    assert popular and not popular & set(raw)
+    assert np.isinf(data.first_days[held]).all()  # no first event learned either
+    counts = np.bincount(data.targets[data.targets > 0], minlength=data.items.n_items + 1)
+    for pool in ("catalogue", "trained"):
+        loss = SeqRecLoss(LossConfig(negative_pool=pool), _cfg(data.items.n_items), counts, data.held_out)
+        assert not np.isin(loss.pool.numpy(), held).any(), f"a launched item among {pool} negatives"
+    pairs_cfg = PairConfig(
+        pairs="both", cold="launch", launch_fraction=0.3, launch_seed=1, valid_fraction=0.1
+    )
+    tr, va, _ = mine_pairs(events, items, pairs_cfg)
+    pairs = pd.concat([tr, va])
+    assert not (pairs["a"].isin(raw) | pairs["b"].isin(raw)).any()
+    natural_pairs = pd.concat(mine_pairs(events, items, PairConfig(pairs="both", valid_fraction=0.1))[:2])
+    assert (natural_pairs["a"].isin(raw) | natural_pairs["b"].isin(raw)).any()
+
+
+def test_every_target_carries_its_own_event_time(sample_workspace):
+    ws = sample_workspace
+    data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root)), max_len=8)
+    events = pq.read_table(ws.events).to_pandas()
+    queries, _ = train.example_queries(learnable_events(events, SplitConfig()), 8)
+    assert len(queries) == len(data.targets)
+    for row, q in enumerate(queries.itertuples()):
+        y, d = data.targets[row], data.target_days[row]
+        assert d[-1] == pytest.approx(to_days([q.event_timestamp])[0], abs=1e-9)
+        assert (np.diff(d[y > 0]) > 0).all()  # earlier positions, earlier events
+        assert (d[y == 0] == 0).all()
+
+
+def test_age_bucket_edges_and_first_seen():
+    first = torch.tensor([np.inf, 100.0, 99.5, 93.0, 10.0, -1000.0, 100.0 + 1e-6])
+    b = age_bucket(torch.tensor([100.0]), first)
+    assert b.tolist() == [UNSEEN, UNSEEN, 1, 3, 5, len(AGE_EDGES_DAYS) + 1, UNSEEN]  # first >= now: unseen
+    assert age_bucket(torch.tensor([100.0 + 1.0]), torch.tensor([100.0])).item() == 2  # exactly a day: 2nd
+    events = pd.DataFrame(
+        {"item_id": [5, 5, 7], "event_timestamp": [T0 + pd.Timedelta(days=3), T0, T0 + pd.Timedelta(days=1)]}
+    )
+    table = ItemTable(np.array([5, 6, 7]))
+    got = first_seen_days(events, table)
+    t0 = to_days([T0])[0]
+    assert got[0] == np.inf and got[2] == np.inf
+    assert got[1] == pytest.approx(t0) and got[3] == pytest.approx(t0 + 1)
+
+
+N, D = 10, 6
+
+
+def _cfg(n: int = N, **kw) -> ModelConfig:
+    return ModelConfig(n_items=n, teacher_dim=D, d_model=8, max_len=6, **kw)
+
+
+def _teacher(n: int = N) -> torch.Tensor:
+    t = F.normalize(torch.randn(n + 1, D, generator=torch.Generator().manual_seed(0)), dim=-1)
+    t[0] = 0
+    return t
+
+
+def test_model_scores_add_the_age_score_of_the_shared_function():
+    model = SeqRec(_cfg(item_age=True), _teacher()).eval()
+    with torch.no_grad():
+        model.age_bias.copy_(torch.arange(len(model.age_bias), dtype=torch.float32))
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4]])
+    first = torch.tensor([np.inf, 1.0, 50.0, 99.9, np.inf, 5.0, 70.0, 90.0, 98.0, 99.99, 100.0])
+    request = torch.tensor([100.0])
+    with torch.no_grad():
+        got = model.scores(seq, request, first) - model.user_vector(seq) @ model.item_vectors().T
+    torch.testing.assert_close(got, age_bucket(request.unsqueeze(-1), first).float())
+    with pytest.raises(ValueError, match="request time"):
+        model.scores(seq)
+
+
+def test_sampled_softmax_adds_biases_before_the_temperature():
+    g = torch.Generator().manual_seed(1)
+    u, p, n = (F.normalize(torch.randn(s, 4, generator=g), dim=-1) for s in (3, 3, 5))
+    pb, nb = torch.randn(3, generator=g), torch.randn(3, 5, generator=g)
+    got = sampled_softmax_loss(
+        u, p, torch.arange(3), n, torch.arange(10, 15), 0.1, positive_bias=pb, negative_bias=nb
+    )
+    logits = torch.cat([((u * p).sum(-1) + pb).unsqueeze(1), u @ n.T + nb], 1) / 0.1
+    torch.testing.assert_close(got, F.cross_entropy(logits, torch.zeros(3, dtype=torch.long)))
+
+
+def test_id_dropout_hides_ids_in_training_and_id_less_items_are_content_only():
+    model = SeqRec(_cfg(use_id_embedding=True, id_dropout=0.5), _teacher())
+    with torch.no_grad():
+        model.id_out.weight[1:6].normal_()  # items 1..5 "trained"; 6..10 never seen: zero id part
+        model.id_in.weight[1:6].normal_()
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4]])
+    targets, cand = torch.tensor([[0, 0, 2, 3, 4, 5]]), torch.arange(1, N + 1)
+    model.train()
+    torch.manual_seed(0)
+    outs = [model(seq, targets, cand).candidate_vectors for _ in range(8)]
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # a fresh id mask every batch
+    content = model.item_vectors_for(model.teacher[1:])  # (N, d) no id part at all
+    # in every draw each item is either its full vector or its content-only one
+    full = model.item_vectors_at(cand)
+    for o in outs:
+        assert all(torch.allclose(o[i], full[i]) or torch.allclose(o[i], content[i]) for i in range(N))
+    model.eval()
+    a, b = model.user_vector(seq), model.user_vector(seq)
+    assert torch.equal(a, b)  # no dropout at serving
+    torch.testing.assert_close(model.item_vectors()[6:], content[5:])  # never-trained items: content only
+    with pytest.raises(ValueError, match="use_id_embedding"):
+        _cfg(id_dropout=0.5)
+
+
+def test_fusion_adds_the_recent_clicks_mean_item_vector():
+    base = SeqRec(_cfg(), _teacher()).eval()
+    fused = SeqRec(_cfg(fusion_weight=0.5, fusion_last=2), _teacher()).eval()
+    fused.load_state_dict(base.state_dict())
+    seq = torch.tensor([[0, 0, 1, 2, 3, 4], [0, 0, 0, 0, 0, 7]])
+    with torch.no_grad():
+        h = base.user_vector(seq)
+        items = base.item_vectors()
+        mean = torch.stack([(items[3] + items[4]) / 2, items[7]])
+        torch.testing.assert_close(fused.user_vector(seq), F.normalize(h + 0.5 * mean, dim=-1))
+        assert torch.equal(fused.user_vector(torch.zeros(1, 6, dtype=torch.long)), torch.zeros(1, D))
+
+
+def test_evaluate_refuses_a_run_of_another_split(tmp_path):
+    run = {"split": SplitConfig(cold="launch").to_dict(), "configs": {"job": {}}}
+    check_split(run, SplitConfig(cold="launch"), tmp_path)
+    with pytest.raises(ValueError, match="trained on split"):
+        check_split(run, SplitConfig(), tmp_path)
+    old = {"configs": {"job": {"split": "temporal", "train_fraction": 0.8}}}  # before splits were recorded
+    check_split(old, SplitConfig(), tmp_path)
+    with pytest.raises(ValueError, match="trained on split"):
+        check_split(old, SplitConfig(launch_seed=0, cold="launch"), tmp_path)
