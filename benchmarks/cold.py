@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,28 +27,46 @@ from movielens import COMMON, sh  # benchmarks/ is on sys.path when this file ru
 
 from vlmrec.workspace import Workspace
 
-# name -> flags: the behavioural baseline and the cold-aware student configs of the one training job
-BASE = ["--item-space", "adapter", "--negative-pool", "trained"]
-HYBRID = [
-    "--item-space",
-    "adapter",
-    "--use-id-embedding",
-    "--id-dropout",
-    "0.5",
-    "--negative-pool",
-    "trained",
-]
-MODELS: dict[str, list[str]] = {
+# training run -> flags: the behavioural baseline and the cold-aware student configs of the one training job.
+# Every student run picks its fusion weight on validation (--tune-fusion); its "no fusion" twin below is the
+# same weights with fusion_weight 0 (a copy of the export), so fusion is measured on one set of weights.
+BASE = ["--item-space", "adapter", "--negative-pool", "trained", "--tune-fusion"]
+HYBRID = [*BASE, "--use-id-embedding", "--id-dropout", "0.5"]
+TRAINED: dict[str, list[str]] = {
     "sasrec": ["--item-space", "id", "--id-loss", "sampled", "--n-sampled-negatives", "2048"],
-    "student-trained-negatives": BASE,
-    "student-age": [*BASE, "--item-age"],
-    "student-fusion": [*BASE, "--tune-fusion"],
-    "student-age-fusion": [*BASE, "--item-age", "--tune-fusion"],
-    "student-hybrid-dropout": HYBRID,
-    "student-hybrid-age-fusion": [*HYBRID, "--item-age", "--tune-fusion"],
+    "student-fusion": BASE,
+    "student-age-fusion": [*BASE, "--item-age"],
+    "student-hybrid-dropout-fusion": HYBRID,
+    "student-hybrid-age-fusion": [*HYBRID, "--item-age"],
+}
+# model -> (training run, fusion kept?)
+MODELS: dict[str, tuple[str, bool]] = {
+    "sasrec": ("sasrec", True),
+    "student-trained-negatives": ("student-fusion", False),
+    "student-fusion": ("student-fusion", True),
+    "student-age": ("student-age-fusion", False),
+    "student-age-fusion": ("student-age-fusion", True),
+    "student-hybrid-dropout": ("student-hybrid-dropout-fusion", False),
+    "student-hybrid-dropout-fusion": ("student-hybrid-dropout-fusion", True),
+    "student-hybrid-age": ("student-hybrid-age-fusion", False),
+    "student-hybrid-age-fusion": ("student-hybrid-age-fusion", True),
 }
 STUDENTS = [m for m in MODELS if m.startswith("student")]
 LAUNCH = ["--cold", "launch", "--launch-fraction", "0.1", "--launch-seed", "0"]
+
+
+def without_fusion(ws: Workspace, source: str, name: str) -> None:
+    """runs/<name>/export: runs/<source>/export with fusion_weight 0 (the same weights, fusion off)."""
+    src, dst = ws.runs / source / "export", ws.runs / name / "export"
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "model" / "config.json").read_text())
+    cfg["model"]["fusion_weight"] = 0.0
+    (dst / "model" / "config.json").write_text(json.dumps(cfg, indent=2))
+    info = json.loads((dst / "run.json").read_text())
+    info["configs"]["model"]["fusion_weight"] = 0.0
+    info["name"], info["derived_from"] = name, f"{source} with fusion_weight 0"
+    (dst / "run.json").write_text(json.dumps(info, indent=2))
 
 
 def run_name(model: str, world: str) -> str:
@@ -66,7 +85,7 @@ def main() -> None:
     p.add_argument("--only", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--worlds", nargs="+", default=["natural", "launch"], choices=["natural", "launch"])
     p.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping ends runs")
-    p.add_argument("--patience", type=int, default=6)
+    p.add_argument("--patience", type=int, default=10)
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--out", default="benchmarks/results/cold.json")
     args = p.parse_args()
@@ -85,14 +104,19 @@ def main() -> None:
         seconds["features"] = sh([*vlmrec, "features", "--workdir", args.workdir], log)
 
     budget = ["--epochs", str(args.epochs), "--patience", str(args.patience)]
+    trained = list(dict.fromkeys(MODELS[m][0] for m in args.only))
     for world in args.worlds:
-        for model in args.only:
-            name = run_name(model, world)
+        for run in trained:
+            name = run_name(run, world)
             if args.retrain or not (ws.runs / name / "export" / "run.json").exists():
-                flags = [*COMMON, *budget, *MODELS[model], *(LAUNCH if world == "launch" else [])]
+                flags = [*COMMON, *budget, *TRAINED[run], *(LAUNCH if world == "launch" else [])]
                 cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, *flags]
                 seconds[f"train {name}"] = sh(cmd, log)
                 print(f"{name}: trained in {seconds[f'train {name}']:.0f} s", flush=True)
+        for model in args.only:
+            run, fused = MODELS[model]
+            if model != run:
+                without_fusion(ws, run_name(run, world), run_name(model, world))
 
     metrics = {}
     for world in args.worlds:
@@ -121,7 +145,8 @@ def main() -> None:
             name = run_name(model, world)
             info = json.loads((ws.runs / name / "export" / "run.json").read_text())
             runs_info[name] = {
-                "flags": COMMON + MODELS[model] + (LAUNCH if world == "launch" else []),
+                "flags": COMMON + TRAINED[MODELS[model][0]] + (LAUNCH if world == "launch" else []),
+                "fusion_off_copy_of": None if MODELS[model][1] else run_name(MODELS[model][0], world),
                 "best_epoch": info["best"]["epoch"],
                 "best_val_ndcg10": info["best"]["val_ndcg10"],
                 "epochs_run": info["last"]["epoch"],
@@ -132,7 +157,9 @@ def main() -> None:
     # the default: best validation NDCG@10 (after fusion selection) among the natural world's students
     candidates = [m for m in args.only if m in STUDENTS and run_name(m, "natural") in runs_info]
     val = {
-        m: max(runs_info[m]["best_val_ndcg10"], *(runs_info[m]["fusion_val_ndcg10"] or {}).values())
+        m: (runs_info[m]["fusion_val_ndcg10"] or {}).get(
+            str(runs_info[m]["fusion_weight"]), runs_info[m]["best_val_ndcg10"]
+        )
         for m in candidates
     }
     default = max(val, key=val.get) if val else None

@@ -48,7 +48,7 @@ Scorer = Callable[[list[np.ndarray], np.ndarray], torch.Tensor]
 @dataclass(frozen=True)
 class EvalData:
     items: ItemTable
-    teacher_id: str
+    teacher_id: str | None  # None: nothing embedded (id runs and popular only; no knn)
     split: SplitConfig
     train: pd.DataFrame  # what the split lets a model learn from (popular's counts)
     queries: Queries
@@ -62,7 +62,7 @@ class EvalData:
 
 
 def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
-    items, teacher_id = load_items(ws)
+    items, teacher_id = load_items(ws, need_teacher=False)
     events = pq.read_table(ws.events).to_pandas()
     s = temporal_split(events, split.train_fraction) if split.split == "temporal" else leave_one_out(events)
     q = s.test
@@ -199,8 +199,10 @@ def evaluate(
     known = data.targets > 0
     if not known.all():  # a target outside the catalogue cannot be ranked: say so instead of guessing
         raise ValueError(f"{ws.events}: {int((~known).sum())} test targets are not in the item table")
-    scorers: dict[str, Scorer] = {"popular": popular_scorer(data), "knn": knn_scorer(data)}
-    meta: dict[str, dict] = {"popular": {}, "knn": {"teacher_id": data.teacher_id}}
+    scorers: dict[str, Scorer] = {"popular": popular_scorer(data)}
+    meta: dict[str, dict] = {"popular": {}}
+    if data.items.teacher is not None:
+        scorers["knn"], meta["knn"] = knn_scorer(data), {"teacher_id": data.teacher_id}
     for run in runs:
         scorers[run], info = model_scorer(ws.runs / run / "export", data)
         meta[run] = {"item_space": info["configs"]["model"]["item_space"], "best": info["best"]}

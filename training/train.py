@@ -76,7 +76,7 @@ class JobConfig(SplitConfig):
 @dataclass(frozen=True)
 class TrainingData:
     items: ItemTable  # the vocabulary: every catalogue item with a teacher vector
-    teacher_id: str
+    teacher_id: str | None  # None: an id-only run on a workspace with no embeddings
     train_events: pd.DataFrame  # the events the run learns from (real timestamps)
     held_out: np.ndarray  # model indices of items the run must learn nothing about (launched items)
     inputs: np.ndarray  # (N, T) model indices
@@ -89,9 +89,13 @@ class TrainingData:
     first_days: np.ndarray  # (n + 1,) first event time of each item among train_events, +inf = none
 
 
-def load_items(ws: Workspace) -> tuple[ItemTable, str]:
-    """The teacher vectors of every catalogue item (the item_embedding source) and the teacher id."""
+def load_items(ws: Workspace, need_teacher: bool = True) -> tuple[ItemTable, str | None]:
+    """The teacher vectors of every catalogue item (the item_embedding source) and the teacher id.
+    need_teacher=False (the id baseline) takes the catalogue's ids when nothing is embedded: (table, None)."""
     if not ws.embeddings.exists():
+        if not need_teacher and ws.items.exists():
+            ids = pq.read_table(ws.items, columns=["item_id"]).column("item_id").to_numpy()
+            return ItemTable(np.sort(ids)), None
         raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
     table = pq.read_table(ws.embeddings).to_pandas()
     teacher_ids = table["teacher_id"].unique()
@@ -118,12 +122,12 @@ def example_queries(train: pd.DataFrame, max_len: int) -> tuple[pd.DataFrame, pd
     return ordered.loc[is_end, cols].reset_index(drop=True), ordered.loc[valid, cols].reset_index(drop=True)
 
 
-def prepare_data(ws: Workspace, job: JobConfig, max_len: int) -> TrainingData:
+def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool = True) -> TrainingData:
     """Everything the workers need, with sequences read from Feast by point-in-time join. Launched items
     (a launch split) are removed from the examples' input sequences as well as from the targets."""
     from vlmrec.features import historical_sequences, open_store
 
-    items, teacher_id = load_items(ws)
+    items, teacher_id = load_items(ws, need_teacher)
     events = pq.read_table(ws.events).to_pandas()
     split = job.split_config()
     train = learnable_events(events, split)
@@ -326,7 +330,7 @@ def train(
 
     ws = Workspace(job.workdir)
     t0 = time.perf_counter()
-    data = prepare_data(ws, job, model_cfg.max_len)
+    data = prepare_data(ws, job, model_cfg.max_len, model_cfg.is_content)
     if len(data.inputs) == 0 or len(data.valid_inputs) == 0:
         raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
     model_cfg = _fit_vocabulary(model_cfg, data)

@@ -1,6 +1,6 @@
 """The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
 
-vlmrec ingest | embed | features | train | tune | evaluate | index | serve | ui | demo   --help for each
+vlmrec ingest | embed | features | train | tune | evaluate | tune-mix | index | serve | ui | demo   --help for each
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "train": ("training.train", "train the student (Ray Train + DeepSpeed) and export it"),
     "tune": ("training.tune_teacher", "fine-tune the teacher on catalogue and click pairs (LoRA, LiT)"),
     "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
+    "tune-mix": ("serving.tune_mix", "choose the Mixer's default weights on validation (writes mix.json)"),
     "index": ("index.cli", "build a Qdrant index version from item vectors, or upsert new items"),
     "serve": ("serving.cli", "serve the Producer (Ray Serve): POST /v1/candidates"),
     "ui": ("ui.cli", "the demo page (Streamlit): every producer's candidates side by side, clicks"),

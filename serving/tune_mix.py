@@ -1,0 +1,275 @@
+"""`vlmrec tune-mix` (also `python -m serving.tune_mix`): the Mixer's default weights, chosen on validation.
+
+    vlmrec tune-mix --workdir .vlmrec/ml --student-run student --sasrec-run sasrec     # writes <workdir>/mix.json
+    vlmrec tune-mix --workdir .vlmrec/ml ... --test        # also scores producers and the chosen mix on test
+
+Offline and deterministic: every producer's top-k list is computed the way the Producer ranks it (student and
+sasrec: the export's own scores, history excluded; similar: teacher neighbours of the last N distinct
+clicks merged by best score, `SimilarSource.merge`; popular: the recency-weighted ranking of the events a
+model may learn from) and blended by the Mixer's own `interleave`. Validation queries are each user's last
+learnable event before the cut (the training job's validation), cold = a target no training example holds;
+a launch split (`--cold launch`) removes the launched items' pre-cut events here too. The grid search keeps
+the weights with the best validation Recall@k whose cold Recall@k is at least `cold_floor` x similar's
+alone, and writes them to <workdir>/mix.json: the Producer's `/v1/mix` default (serving/config.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from serving.config import PRODUCERS
+from serving.mixer import apportion, interleave
+from serving.sources import SimilarSource
+from training.data import ItemTable, build_inputs
+from training.item_age import first_seen_days, to_days
+from training.model import SeqRec
+from training.split import SplitConfig, learnable_events
+from training.train import load_items, popular_items
+from vlmrec.workspace import Workspace
+
+MIX_FILE = "mix.json"
+WEIGHT_GRID = (0.0, 1.0, 2.0, 4.0)  # per producer; every combination but all-zero is tried
+
+
+@dataclass(frozen=True)
+class MixTuneConfig(SplitConfig):
+    workdir: str = ".vlmrec/sample"
+    student_run: str = "student"
+    sasrec_run: str = "sasrec"
+    k: int = 100  # the Mixer's list length that Recall@k is measured at
+    cold_floor: float = 0.5  # the mix's cold Recall@k must reach this share of similar's alone
+    similar_last_n: int = 3  # ProducerConfig.similar_last_n
+    popular_half_life_days: float = 7.0  # ProducerConfig.popular_half_life_days
+
+
+@dataclass(frozen=True, eq=False)
+class MixQueries:
+    """Queries in one model-index space: history (indices, oldest first), target, request time, cold."""
+
+    users: np.ndarray  # (Q,)
+    histories: list[np.ndarray]
+    targets: np.ndarray  # (Q,) model indices
+    days: np.ndarray  # (Q,) request times (training.item_age days)
+    cold: np.ndarray  # (Q,) bool
+
+
+def validation_queries(
+    events: pd.DataFrame, items: ItemTable, split: SplitConfig
+) -> tuple[MixQueries, pd.DataFrame]:
+    """Each user's last learnable event (users with two or more: the training job's validation), its
+    history the user's earlier learnable events. -> (queries, the learnable events less the validation
+    ones: what popularity and first events are computed from); cold = a target with no such event."""
+    learn = learnable_events(events, split).sort_values(["user_id", "event_timestamp"], kind="stable")
+    n = learn.groupby("user_id")["item_id"].transform("size").to_numpy()
+    last = (learn.groupby("user_id").cumcount().to_numpy() == n - 1) & (n >= 2)
+    valid, before = learn[last], learn[~last]
+    by_user = {u: g["item_id"].to_numpy() for u, g in before.groupby("user_id")}
+    histories = [items.index_of(by_user[u]) for u in valid["user_id"]]
+    targets = items.index_of(valid["item_id"].to_numpy())
+    keep = targets > 0
+    q = MixQueries(
+        valid["user_id"].to_numpy()[keep],
+        [h[h > 0] for h, k in zip(histories, keep, strict=True) if k],
+        targets[keep],
+        to_days(valid["event_timestamp"].to_numpy())[keep],
+        ~valid["item_id"].isin(before["item_id"]).to_numpy()[keep],
+    )
+    return q, before.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+
+
+def model_lists(export: Path, items: ItemTable, q: MixQueries, first_days: np.ndarray, k: int) -> list[list]:
+    """An export's top-k (raw id, score) per query, the history excluded, as the Producer ranks it."""
+    model = SeqRec.from_pretrained(export / "model")
+    vocab = ItemTable(model.item_ids[1:].numpy())
+    if not np.array_equal(vocab.item_ids, items.item_ids):
+        raise ValueError(f"{export}: item vocabulary differs from the workspace catalogue; retrain")
+    first = torch.as_tensor(first_days)
+    out = []
+    for a in range(0, len(q.targets), 512):
+        hist = q.histories[a : a + 512]
+        x = torch.as_tensor(build_inputs([items.raw_of(h) for h in hist], vocab, model.cfg.max_len).ids)
+        with torch.no_grad():
+            s = model.scores(x, torch.as_tensor(q.days[a : a + 512]), first)  # (b, n + 1)
+        out += _top(s, hist, items, k)
+    return out
+
+
+def similar_lists(items: ItemTable, q: MixQueries, last_n: int, k: int) -> list[list]:
+    """Teacher neighbours of each query's last `last_n` distinct clicks, merged per query by best score."""
+    teacher = torch.as_tensor(items.teacher_matrix())  # (n + 1, D)
+    teacher = teacher / teacher.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    out = []
+    for hist in q.histories:
+        clicks = SimilarSource(None, last_n, []).last_clicks(hist.tolist())  # type: ignore[arg-type]
+        s = teacher[torch.as_tensor(clicks)] @ teacher.T  # (c, n + 1)
+        per_click = _top(s, [hist] * len(clicks), items, k)
+        out.append(SimilarSource.merge(per_click, k))
+    return out
+
+
+def popular_lists(train: pd.DataFrame, items: ItemTable, q: MixQueries, half_life: float, k: int) -> list:
+    ranking = [
+        (int(p["item_id"]), p["score"]) for p in popular_items(train, train["item_id"].nunique(), half_life)
+    ]
+    out = []
+    for hist in q.histories:
+        seen = set(items.raw_of(hist).tolist())
+        out.append([h for h in ranking if h[0] not in seen][:k])
+    return out
+
+
+def _top(scores: torch.Tensor, histories: Sequence[np.ndarray], items: ItemTable, k: int) -> list[list]:
+    s = scores.clone().float()
+    s[:, 0] = -torch.inf
+    for row, hist in enumerate(histories):
+        s[row, torch.as_tensor(hist, dtype=torch.long)] = -torch.inf
+    vals, idx = s.topk(k, dim=1)
+    return [
+        [(int(i), float(v)) for i, v in zip(items.raw_of(r), vs, strict=True) if np.isfinite(v)]
+        for r, vs in zip(idx.numpy(), vals.numpy(), strict=True)
+    ]
+
+
+def recall(lists: Sequence[Sequence], targets_raw: np.ndarray) -> np.ndarray:
+    """(Q,) 1.0 where the target is among the list's items."""
+    return np.array([t in {h[0] for h in lst} for lst, t in zip(lists, targets_raw, strict=True)], np.float64)
+
+
+def mixed(lists: dict[str, list], quotas: dict[str, int], k: int) -> list[list]:
+    """The Mixer's blend per query (serving.mixer.interleave), as (item, rank) lists."""
+    n = len(next(iter(lists.values())))
+    return [
+        [(c["item_id"], c["rank"]) for c in interleave({p: lists[p][i] for p in quotas}, quotas, k)[0]]
+        for i in range(n)
+    ]
+
+
+def producer_lists(
+    ws: Workspace, cfg: MixTuneConfig, q: MixQueries, train: pd.DataFrame, first: np.ndarray
+) -> dict[str, list]:
+    """The four producers' top-k lists for the queries: popularity from `train`, item age from `first`."""
+    items, _ = load_items(ws)
+    return {
+        "student": model_lists(ws.runs / cfg.student_run / "export", items, q, first, cfg.k),
+        "sasrec": model_lists(ws.runs / cfg.sasrec_run / "export", items, q, first, cfg.k),
+        "similar": similar_lists(items, q, cfg.similar_last_n, cfg.k),
+        "popular": popular_lists(train, items, q, cfg.popular_half_life_days, cfg.k),
+    }
+
+
+def search_weights(lists: dict[str, list], targets: np.ndarray, cold: np.ndarray, cfg: MixTuneConfig) -> dict:
+    """Every WEIGHT_GRID combination (distinct quotas once): Recall@k on all and cold targets; the best
+    all-target recall whose cold recall reaches cold_floor x similar's alone (ties: the earlier combination)."""
+    alone = {p: recall(lists[p], targets) for p in PRODUCERS}
+    floor = cfg.cold_floor * alone["similar"][cold].mean() if cold.any() else 0.0
+    tried: dict[tuple, dict] = {}
+    for combo in itertools.product(WEIGHT_GRID, repeat=len(PRODUCERS)):
+        if not any(combo):
+            continue
+        weights = dict(zip(PRODUCERS, combo, strict=True))
+        quotas = {p: n for p, n in apportion(cfg.k, weights).items() if n > 0}
+        key = tuple(sorted(quotas.items()))
+        if key in tried:
+            continue
+        hit = recall(mixed(lists, quotas, cfg.k), targets)
+        tried[key] = {
+            "weights": weights,
+            "quotas": quotas,
+            "recall_all": float(hit.mean()),
+            "recall_cold": float(hit[cold].mean()) if cold.any() else None,
+        }
+    ok = [t for t in tried.values() if t["recall_cold"] is None or t["recall_cold"] >= floor]
+    best = max(ok or tried.values(), key=lambda t: t["recall_all"])
+    return {
+        "chosen": best,
+        "cold_floor_recall": floor,
+        "producers": {
+            p: {"recall_all": float(v.mean()), "recall_cold": float(v[cold].mean()) if cold.any() else None}
+            for p, v in alone.items()
+        },
+        "n_tried": len(tried),
+    }
+
+
+def held_out_figures(ws: Workspace, cfg: MixTuneConfig, quotas: dict[str, int]) -> dict:
+    """The producers alone and the chosen mix on the split's test queries (ML-time-split style), Recall@k."""
+    from training.evaluate import load_eval_data
+
+    data = load_eval_data(ws, cfg.split_config())
+    q = MixQueries(data.queries.user_ids, data.histories, data.targets, data.days, data.queries.cold)
+    lists = producer_lists(ws, cfg, q, data.train, data.first_days)
+    items = data.items
+    targets = items.raw_of(q.targets)
+    out = {}
+    for name, lst in {**lists, "mixer_validated": mixed(lists, quotas, cfg.k)}.items():
+        hit = recall(lst, targets)
+        out[name] = {
+            f"recall{cfg.k}_all": float(hit.mean()),
+            f"recall{cfg.k}_cold": float(hit[q.cold].mean()),
+            f"recall{cfg.k}_launch": float(hit[data.launch].mean()) if data.launch.any() else None,
+        }
+    out["n_queries"], out["n_cold"], out["n_launch"] = len(targets), int(q.cold.sum()), int(data.launch.sum())
+    return out
+
+
+def tune(cfg: MixTuneConfig, with_test: bool = False) -> tuple[Path, dict]:
+    ws = Workspace(cfg.workdir)
+    t0 = time.perf_counter()
+    items, _ = load_items(ws)
+    events = pq.read_table(ws.events).to_pandas()
+    split = cfg.split_config()
+    q, before_valid = validation_queries(events, items, split)
+    lists = producer_lists(ws, cfg, q, before_valid, first_seen_days(before_valid, items))
+    result = search_weights(lists, items.raw_of(q.targets), q.cold, cfg)
+    report = {
+        "weights": result["chosen"]["weights"],
+        "quotas": result["chosen"]["quotas"],
+        "k": cfg.k,
+        "validation": {**result, "n_queries": len(q.targets), "n_cold": int(q.cold.sum())},
+        "config": cfg.to_dict(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    if with_test:
+        report["test"] = held_out_figures(ws, cfg, result["chosen"]["quotas"])
+    path = ws.root / MIX_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    return path, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    MixTuneConfig.add_arguments(parser)
+    parser.add_argument("--test", action="store_true", help="also report producers and the mix on test")
+
+
+def run(args: argparse.Namespace) -> tuple[Path, dict]:
+    path, report = tune(MixTuneConfig.from_args(args), args.test)
+    v = report["validation"]
+    print(f"tune-mix: weights {report['weights']} (quotas {report['quotas']}); validation Recall@{report['k']} "
+          f"{v['chosen']['recall_all']:.4f}, cold {v['chosen']['recall_cold']}; floor {v['cold_floor_recall']:.4f}")  # fmt: skip
+    if "test" in report:
+        print(json.dumps(report["test"], indent=2))
+    print(f"tune-mix: wrote {path}")
+    return path, report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m serving.tune_mix", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
