@@ -48,6 +48,9 @@ class ProducerConfig:
     # /v1/mix: a producer that has not answered within this budget is dropped and named in `warnings`.
     # Healthy producers answer in a few ms here (docs/BENCHMARKS.md); the budget is for stuck ones.
     mix_budget_ms: float = 250.0
+    # /v1/mix without quotas or weights: the weights `vlmrec tune-mix` chose on validation; None =
+    # <workdir>/mix.json (equal weights when that file does not exist)
+    mix_file: str | None = None
     default_k: int = 100  # candidates when a request gives no k
     max_k: int = API_MAX_K  # the largest k this deployment accepts (<= API_MAX_K)
     # N, the length of the online click sequence a /v1/events push keeps; None = the model's max_len
@@ -124,6 +127,10 @@ class ProducerConfig:
             if self.similar_index_dir
             else self.workspace.named_index(TEACHER_INDEX)
         )
+
+    @property
+    def mix_path(self) -> Path:
+        return Path(self.mix_file) if self.mix_file else self.workspace.root / "mix.json"
 
     @property
     def popular_until_ts(self) -> datetime | None:

@@ -11,8 +11,10 @@ contract; everything here is deterministic, so the same answers always blend to 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from serving.config import PRODUCERS
 
@@ -45,8 +47,10 @@ def resolve_quotas(
     weights: Mapping[str, float] | None,
     default_k: int,
     max_k: int,
+    default_weights: Mapping[str, float] | None = None,
 ) -> tuple[int, dict[str, int]]:
-    """The request's k and slots per producer (request order kept; producers with 0 slots left out)."""
+    """The request's k and slots per producer (request order kept; producers with 0 slots left out).
+    Neither quotas nor weights: default_weights (the validated mix.json), else equal weights."""
     if quotas is not None and weights is not None:
         raise MixError("quotas", "give quotas or weights, not both")
     if quotas is not None:
@@ -59,7 +63,9 @@ def resolve_quotas(
             raise MixError("quotas", f"the quotas sum to {total}, more than max_k {max_k}")
         return total, {p: q for p, q in quotas.items() if q > 0}
     k = default_k if k is None else k
-    weights = dict(weights) if weights is not None else dict.fromkeys(PRODUCERS, 1.0)
+    if weights is None:
+        weights = default_weights if default_weights is not None else dict.fromkeys(PRODUCERS, 1.0)
+    weights = dict(weights)
     if sum(weights.values()) <= 0:
         raise MixError("weights", "at least one weight must be > 0")
     return k, {p: q for p, q in apportion(k, weights).items() if q > 0}
@@ -112,3 +118,21 @@ def interleave(
                 }
             )
     return out, taken
+
+
+def read_mix_weights(path: Path) -> dict[str, float] | None:
+    """The default weights `vlmrec tune-mix` chose on validation (<workdir>/mix.json), None when absent.
+    A file that is not such weights is an error naming it (a replica must not serve a guessed blend)."""
+    if not path.exists():
+        return None
+    try:
+        weights = json.loads(path.read_text())["weights"]
+        clean = {str(p): float(w) for p, w in weights.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path}: not a mix file with 'weights' ({exc!r}); re-run `vlmrec tune-mix`"
+        ) from None
+    unknown = sorted(set(clean) - set(PRODUCERS))
+    if unknown or not all(math.isfinite(w) and w >= 0 for w in clean.values()) or sum(clean.values()) <= 0:
+        raise ValueError(f"{path}: weights must be >= 0 over {PRODUCERS}, not all 0; got {weights}")
+    return clean

@@ -79,7 +79,7 @@ from serving.api import (
 )
 from serving.config import API_MAX_K, ProducerConfig
 from serving.events import ClickWriter
-from serving.mixer import MixError, interleave, resolve_quotas
+from serving.mixer import MixError, interleave, read_mix_weights, resolve_quotas
 from serving.sources import (
     ModelSource,
     PopularSource,
@@ -201,6 +201,7 @@ class State:
             else np.zeros(0, np.int64)
         )
         self.catalogue_ids = np.unique(catalogue.astype(np.int64))  # sorted: known ids for /v1/events
+        self.mix_weights = read_mix_weights(config.mix_path)  # /v1/mix's default blend (None: equal)
         self._lock = threading.Lock()
         self._users = 0
         self._retired = False
@@ -716,7 +717,14 @@ class Producer:
         state = self._state
         cfg = state.config if state else ProducerConfig()
         try:
-            k, quotas = resolve_quotas(body.k, body.quotas, body.weights, cfg.default_k, cfg.max_k)
+            k, quotas = resolve_quotas(
+                body.k,
+                body.quotas,
+                body.weights,
+                cfg.default_k,
+                cfg.max_k,
+                state.mix_weights if state else None,
+            )
         except MixError as exc:
             raise invalid(exc.field, str(exc), getattr(body, exc.field)) from None
         if k > cfg.max_k:
