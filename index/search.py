@@ -58,26 +58,41 @@ Hit = tuple[int, float]  # (item_id, score: cosine, or dot product for a dot-pro
 
 @dataclass(frozen=True)
 class _Query:
-    """One query's constraints, validated: categories (any of), available, excluded item ids."""
+    """One query's constraints, validated: categories (any of), available, excluded item ids, a range on
+    created_at (epoch seconds: the item-age buckets of serving, training.item_age.bucket_ranges)."""
 
     categories: tuple[str, ...] | None = None
     available: bool | None = None
     exclude: tuple[int, ...] = ()
+    created_at: tuple[tuple[str, float], ...] = ()  # (op, value), op in gt / gte / lt / lte
 
 
 def _parse(filters: dict | None, exclude: Sequence[int]) -> _Query:
     filters = dict(filters or {})
-    unknown = sorted(set(filters) - {"category", "available"})
+    unknown = sorted(set(filters) - {"category", "available", "created_at"})
     if unknown:
         raise ValueError(
-            f"unknown filter keys {unknown}: use 'category' (str or list) and 'available' (bool)"
+            f"unknown filter keys {unknown}: use 'category' (str or list), 'available' (bool) and "
+            "'created_at' ({gt, gte, lt, lte: epoch seconds})"
+        )
+    created = dict(filters.get("created_at") or {})
+    if set(created) - {"gt", "gte", "lt", "lte"} or not all(
+        isinstance(v, (int, float)) and np.isfinite(v) for v in created.values()
+    ):
+        raise ValueError(
+            f"filter 'created_at' must map gt/gte/lt/lte to finite epoch seconds, got {created!r}"
         )
     cat = filters.get("category")
     cats = None if cat is None else ((cat,) if isinstance(cat, str) else tuple(str(c) for c in cat))
     avail = filters.get("available")
     if avail is not None and not isinstance(avail, (bool, np.bool_)):
         raise ValueError(f"filter 'available' must be a bool, got {avail!r}")
-    return _Query(cats, None if avail is None else bool(avail), tuple(int(i) for i in exclude))
+    return _Query(
+        cats,
+        None if avail is None else bool(avail),
+        tuple(int(i) for i in exclude),
+        tuple(sorted((op, float(v)) for op, v in created.items())),
+    )
 
 
 class Index(ABC):
@@ -174,7 +189,7 @@ def open_index(where=None, config: IndexConfig = IndexConfig(), *, client=None) 
 
 
 def _edge_filter(q: _Query):
-    from qdrant_edge import FieldCondition, Filter, HasIdCondition, MatchAny, MatchValue
+    from qdrant_edge import FieldCondition, Filter, HasIdCondition, MatchAny, MatchValue, RangeFloat
 
     must = []
     if q.categories is not None:
@@ -186,6 +201,8 @@ def _edge_filter(q: _Query):
         # qdrant-edge-py 0.9.0 turns a Python bool into the integer 1/0 (bool subclasses int), which never
         # matches a bool payload; numpy's bool_ reaches the Bool variant.
         must.append(FieldCondition("available", match=MatchValue(np.bool_(q.available))))
+    if q.created_at:
+        must.append(FieldCondition("created_at", range=RangeFloat(**dict(q.created_at))))
     must_not = [HasIdCondition(set(q.exclude))] if q.exclude else []
     if not must and not must_not:
         return None
@@ -342,6 +359,8 @@ def _server_filter(q: _Query):
         must.append(models.FieldCondition(key="category", match=models.MatchAny(any=list(q.categories))))
     if q.available is not None:
         must.append(models.FieldCondition(key="available", match=models.MatchValue(value=q.available)))
+    if q.created_at:
+        must.append(models.FieldCondition(key="created_at", range=models.Range(**dict(q.created_at))))
     must_not = [models.HasIdCondition(has_id=list(q.exclude))] if q.exclude else []
     if not must and not must_not:
         return None

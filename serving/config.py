@@ -45,6 +45,8 @@ class ProducerConfig:
     similar_last_n: int = 3  # `similar`: neighbours of the user's last N distinct clicks
     popular_half_life_days: float = 7.0  # `popular`: an event's weight halves every this many days
     popular_until: str | None = None  # `popular` counts events before this ISO time only (backtests)
+    # item-age models score an item's age at this ISO time instead of the request's wall clock (backtests)
+    scoring_time: str | None = None
     # /v1/mix: a producer that has not answered within this budget is dropped and named in `warnings`.
     # Healthy producers answer in a few ms here (docs/BENCHMARKS.md); the budget is for stuck ones.
     mix_budget_ms: float = 250.0
@@ -79,6 +81,8 @@ class ProducerConfig:
             raise ValueError(f"similar_last_n must be >= 1, got {self.similar_last_n}")
         if self.popular_until is not None:
             _utc(self.popular_until)  # raises ValueError naming the value
+        if self.scoring_time is not None:
+            _utc(self.scoring_time, "scoring_time")
         if not 1 <= self.max_k <= API_MAX_K:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:
@@ -132,6 +136,11 @@ class ProducerConfig:
     def mix_path(self) -> Path:
         return Path(self.mix_file) if self.mix_file else self.workspace.root / "mix.json"
 
+    def scoring_days(self) -> float:
+        """The time item age is scored at: scoring_time, else now (training.item_age days)."""
+        ts = _utc(self.scoring_time, "scoring_time") if self.scoring_time else datetime.now(UTC)
+        return ts.timestamp() / 86400.0
+
     @property
     def popular_until_ts(self) -> datetime | None:
         return None if self.popular_until is None else _utc(self.popular_until)
@@ -149,10 +158,10 @@ class ProducerConfig:
         return cls(**d)
 
 
-def _utc(value: str) -> datetime:
+def _utc(value: str, name: str = "popular_until") -> datetime:
     """An ISO 8601 time (naive = UTC)."""
     try:
         ts = datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        raise ValueError(f"popular_until must be an ISO 8601 time, got {value!r}") from None
+        raise ValueError(f"{name} must be an ISO 8601 time, got {value!r}") from None
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)

@@ -37,6 +37,7 @@ from index.config import IndexConfig
 from index.search import Hit, Index, open_index
 from serving.config import PRODUCERS, ProducerConfig
 from training.data import ItemTable
+from training.item_age import bucket_ranges
 from training.model import WEIGHTS_FILE, SeqRec
 
 log = logging.getLogger("ray.serve")
@@ -147,6 +148,26 @@ class ModelSource:
         width = max(int((ids > 0).sum(1).max()), 1) if len(ids) else 1
         with torch.inference_mode():
             return self.model.user_vector(torch.as_tensor(ids[:, -width:])).float().numpy()
+
+    @property
+    def item_age(self) -> bool:
+        return self.model.cfg.item_age
+
+    def age_queries(self, request_days: float) -> list[tuple[float, dict[str, float]]]:
+        """Item-age models: one (score added, created_at range in epoch seconds) per age bucket at the
+        request time. A search per bucket, each hit's score plus its bucket's, merged (`merge_age`), is the
+        exact top-k of the model's own scores (user . item + age score; training.item_age)."""
+        bias = self.model.age_bias.detach().cpu().numpy()
+        return [
+            (float(bias[b]), {op: v * 86400.0 for op, v in rng.items()})
+            for b, rng in sorted(bucket_ranges(request_days).items())
+        ]
+
+    @staticmethod
+    def merge_age(hits: Sequence[Sequence[Hit]], biases: Sequence[float], k: int) -> list[Hit]:
+        """One hit list per age bucket (disjoint items) -> the k best by score + the bucket's score."""
+        scored = [(item, s + b) for result, b in zip(hits, biases, strict=True) for item, s in result]
+        return sorted(scored, key=lambda h: -h[1])[:k]
 
     def warm_up(self) -> None:
         self.user_vectors(np.zeros((1, self.max_len), np.int64))

@@ -32,9 +32,9 @@ from serving.config import PRODUCERS
 from serving.mixer import apportion, interleave
 from serving.sources import SimilarSource
 from training.data import ItemTable, build_inputs
-from training.item_age import first_seen_days, to_days
+from training.item_age import added_days, to_days
 from training.model import SeqRec
-from training.split import SplitConfig, learnable_events
+from training.split import SplitConfig, held_out_items, learnable_events
 from training.train import load_items, popular_items
 from vlmrec.workspace import Workspace
 
@@ -88,13 +88,13 @@ def validation_queries(
     return q, before.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
 
 
-def model_lists(export: Path, items: ItemTable, q: MixQueries, first_days: np.ndarray, k: int) -> list[list]:
+def model_lists(export: Path, items: ItemTable, q: MixQueries, added_days: np.ndarray, k: int) -> list[list]:
     """An export's top-k (raw id, score) per query, the history excluded, as the Producer ranks it."""
     model = SeqRec.from_pretrained(export / "model")
     vocab = ItemTable(model.item_ids[1:].numpy())
     if not np.array_equal(vocab.item_ids, items.item_ids):
         raise ValueError(f"{export}: item vocabulary differs from the workspace catalogue; retrain")
-    first = torch.as_tensor(first_days)
+    first = torch.as_tensor(added_days)
     out = []
     for a in range(0, len(q.targets), 512):
         hist = q.histories[a : a + 512]
@@ -208,7 +208,7 @@ def held_out_figures(ws: Workspace, cfg: MixTuneConfig, quotas: dict[str, int]) 
 
     data = load_eval_data(ws, cfg.split_config())
     q = MixQueries(data.queries.user_ids, data.histories, data.targets, data.days, data.queries.cold)
-    lists = producer_lists(ws, cfg, q, data.train, data.first_days)
+    lists = producer_lists(ws, cfg, q, data.train, data.added_days)
     items = data.items
     targets = items.raw_of(q.targets)
     out = {}
@@ -230,7 +230,9 @@ def tune(cfg: MixTuneConfig, with_test: bool = False) -> tuple[Path, dict]:
     events = pq.read_table(ws.events).to_pandas()
     split = cfg.split_config()
     q, before_valid = validation_queries(events, items, split)
-    lists = producer_lists(ws, cfg, q, before_valid, first_seen_days(before_valid, items))
+    catalogue = pq.read_table(ws.items).to_pandas()
+    anchors = added_days(catalogue, items, before_valid, held_out_items(events, split))
+    lists = producer_lists(ws, cfg, q, before_valid, anchors)
     result = search_weights(lists, items.raw_of(q.targets), q.cold, cfg)
     report = {
         "weights": result["chosen"]["weights"],

@@ -14,7 +14,7 @@ from training import train
 from training.config import LossConfig, ModelConfig
 from training.data import ItemTable
 from training.evaluate import check_split
-from training.item_age import AGE_EDGES_DAYS, UNSEEN, age_bucket, first_seen_days, to_days
+from training.item_age import AGE_EDGES_DAYS, UNSEEN, added_days, age_bucket, bucket_ranges, to_days
 from training.losses import SeqRecLoss, sampled_softmax_loss
 from training.model import SeqRec
 from training.pairs import PairConfig, mine_pairs
@@ -88,7 +88,7 @@ def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_wor
     assert not data.train_events["item_id"].isin(raw).any()
     popular = {p["item_id"] for p in train.popular_items(data.train_events, 1000, 7.0)}
     assert popular and not popular & set(raw)
-    assert np.isinf(data.first_days[held]).all()  # no first event learned either
+    assert np.isinf(data.added_days[held]).all()  # no first event learned either
     counts = np.bincount(data.targets[data.targets > 0], minlength=data.items.n_items + 1)
     for pool in ("catalogue", "trained"):
         loss = SeqRecLoss(LossConfig(negative_pool=pool), _cfg(data.items.n_items), counts, data.held_out)
@@ -116,19 +116,39 @@ def test_every_target_carries_its_own_event_time(sample_workspace):
         assert (d[y == 0] == 0).all()
 
 
-def test_age_bucket_edges_and_first_seen():
-    first = torch.tensor([np.inf, 100.0, 99.5, 93.0, 10.0, -1000.0, 100.0 + 1e-6])
-    b = age_bucket(torch.tensor([100.0]), first)
-    assert b.tolist() == [UNSEEN, UNSEEN, 1, 3, 5, len(AGE_EDGES_DAYS) + 1, UNSEEN]  # first >= now: unseen
+def test_age_bucket_edges_and_anchors():
+    added = torch.tensor([np.inf, 100.0, 99.5, 93.0, 10.0, -1000.0, 100.0 + 1e-6])
+    b = age_bucket(torch.tensor([100.0]), added)
+    assert b.tolist() == [UNSEEN, UNSEEN, 1, 3, 5, len(AGE_EDGES_DAYS) + 1, UNSEEN]  # added >= now: unseen
     assert age_bucket(torch.tensor([100.0 + 1.0]), torch.tensor([100.0])).item() == 2  # exactly a day: 2nd
+    catalogue = pd.DataFrame({"item_id": [5, 6, 7], "created_at": [T0, T0 + pd.Timedelta(days=2), T0]})
     events = pd.DataFrame(
-        {"item_id": [5, 5, 7], "event_timestamp": [T0 + pd.Timedelta(days=3), T0, T0 + pd.Timedelta(days=1)]}
+        {"item_id": [7, 7], "event_timestamp": [T0 + pd.Timedelta(days=9), T0 + pd.Timedelta(days=5)]}
     )
-    table = ItemTable(np.array([5, 6, 7]))
-    got = first_seen_days(events, table)
+    table = ItemTable(np.array([5, 6, 7, 8]))
     t0 = to_days([T0])[0]
-    assert got[0] == np.inf and got[2] == np.inf
-    assert got[1] == pytest.approx(t0) and got[3] == pytest.approx(t0 + 1)
+    got = added_days(catalogue, table)
+    assert got[0] == np.inf and got[4] == np.inf  # padding; 8 is not in the catalogue
+    assert got[1] == pytest.approx(t0) and got[2] == pytest.approx(t0 + 2) and got[3] == pytest.approx(t0)
+    relaunched = added_days(catalogue, table, events, np.array([7, 6]))  # a launch: first event after the cut
+    assert relaunched[3] == pytest.approx(t0 + 5) and relaunched[2] == np.inf and relaunched[1] == got[1]
+
+
+def test_index_range_filters_put_every_anchor_in_the_bucket_training_computes():
+    """The age input at serving (range filters on the index's created_at) equals training's age_bucket at
+    the same time, boundaries included."""
+    rng = np.random.default_rng(0)
+    now = 20000.0
+    edges = np.array([0.0, *AGE_EDGES_DAYS])
+    anchors = np.concatenate([now - rng.uniform(-50, 3000, 5000), now - edges, now - edges + 1e-9, [now]])
+    want = age_bucket(torch.tensor([now]), torch.tensor(anchors)).numpy()
+    ranges = bucket_ranges(now)
+    ops = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less, "lte": np.less_equal}
+    inside = np.stack(
+        [np.all([ops[o](anchors, v) for o, v in ranges[b].items()], axis=0) for b in sorted(ranges)]
+    )
+    assert (inside.sum(0) == 1).all()  # every anchor in exactly one bucket
+    assert np.array_equal(inside.argmax(0), want)
 
 
 N, D = 10, 6
@@ -215,3 +235,66 @@ def test_evaluate_refuses_a_run_of_another_split(tmp_path):
     check_split(old, SplitConfig(), tmp_path)
     with pytest.raises(ValueError, match="trained on split"):
         check_split(old, SplitConfig(launch_seed=0, cold="launch"), tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["edge", "server"])
+def test_serving_ranks_by_the_models_own_scores_with_item_age(tmp_path, backend):
+    """What the Producer calls for an item-age model (one filtered search per age bucket on the index's
+    created_at, each hit plus its bucket's score, merged) is the exact top-k of SeqRec.scores at that time."""
+    from qdrant_client import QdrantClient
+
+    from index.build import build_index
+    from index.config import IndexConfig
+    from index.search import open_index
+    from serving.sources import ModelSource
+    from training.data import build_inputs
+
+    n, k = 60, 12
+    rng = np.random.default_rng(0)
+    ids = np.arange(500, 500 + n)
+    now = pd.Timestamp("2025-06-01 12:00", tz="UTC")
+    ages = np.concatenate(
+        [[-3.0, 0.0, 0.5, 1.0, 7.0, 30.0], rng.uniform(-5, 2000, n - 6)]
+    )  # days; < 0: future
+    catalogue = pd.DataFrame(
+        {
+            "item_id": ids,
+            "title": [f"t{i}" for i in ids],
+            "category": "c",
+            "created_at": (now - pd.to_timedelta(ages, unit="D")).floor("s"),
+        }
+    )
+    table = ItemTable(ids, rng.normal(size=(n, D)).astype(np.float32))
+    model = SeqRec(
+        ModelConfig(n_items=n, teacher_dim=D, d_model=8, max_len=6, item_age=True), table.teacher_matrix()
+    ).eval()
+    with torch.no_grad():
+        model.age_bias.copy_(torch.tensor([0.4, 0.6, 0.3, 0.2, 0.0, -0.1, -0.3, -0.5]))
+        vectors = model.item_vectors()[1:].numpy()
+    frame = pd.DataFrame({"item_id": ids, "vector": list(vectors), "teacher_id": "t"})
+    config = IndexConfig(quantization=False, backend=backend)
+    client = QdrantClient(":memory:") if backend == "server" else None
+    build_index(frame, catalogue, None if client else tmp_path / "index", config, client=client)
+    src = ModelSource("student", model, open_index(tmp_path / "index", config, client=client), "v", [])
+    request = to_days([now])[0]
+    expected_scores = model.scores  # the offline path: evaluate and validation rank by this
+    added = torch.as_tensor(added_days(catalogue, table))
+    for seq in ([500, 501, 530], [510, 520, 503, 504, 505, 506], [559]):
+        x = build_inputs([seq], table, 6).ids
+        with torch.no_grad():
+            s = expected_scores(torch.as_tensor(x), torch.tensor([request]), added)[0]
+        s[0] = -torch.inf
+        s[torch.as_tensor(table.index_of(seq))] = -torch.inf  # the history excluded, as serving does
+        top = torch.topk(s, k)
+        want = table.raw_of(top.indices.numpy()).tolist()
+        buckets = src.age_queries(request)
+        found = src.index.search_batch(
+            np.repeat(src.user_vectors(x), len(buckets), axis=0),
+            k,
+            [seq] * len(buckets),
+            [{"created_at": r} for _, r in buckets],
+        )
+        got = src.merge_age(found, [b for b, _ in buckets], k)
+        assert [i for i, _ in got] == want
+        np.testing.assert_allclose([sc for _, sc in got], top.values.numpy(), atol=1e-4)
+    src.close()

@@ -95,7 +95,7 @@ def test_checkpoint_weights_match_export(trained):
         valid_targets=np.zeros(0, np.int64),
         valid_users=np.zeros(0, np.int64),
         valid_days=np.zeros(0),
-        first_days=np.full(model.cfg.n_items + 1, np.inf),
+        added_days=np.full(model.cfg.n_items + 1, np.inf),
     )
     matches = []
     for path in _checkpoints(ws):

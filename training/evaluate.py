@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from training.data import ItemTable, build_inputs
-from training.item_age import first_seen_days, to_days
+from training.item_age import added_days, to_days
 from training.metrics import (
     KS,
     Queries,
@@ -58,7 +58,7 @@ class EvalData:
     n_skipped: int
     launch: np.ndarray  # (Q,) bool: the target is a launched item (the launch slice; both cold modes)
     days: np.ndarray  # (Q,) request time of each query (training.item_age days)
-    first_days: np.ndarray  # (n + 1,) first event of each item in the split's world (+inf: none)
+    added_days: np.ndarray  # (n + 1,) item-age anchors in the split's world (training.item_age.added_days)
 
 
 def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
@@ -92,7 +92,7 @@ def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
         s.n_skipped_empty_history,
         launch=np.isin(q.targets, launched_items(events, split)),
         days=to_days(q.times),
-        first_days=first_seen_days(world, items),
+        added_days=added_days(pq.read_table(ws.items).to_pandas(), items, world, held_out),
     )
 
 
@@ -134,7 +134,7 @@ def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
     vocab = ItemTable(model.item_ids[1:].numpy())
     if not np.array_equal(vocab.item_ids, data.items.item_ids):
         raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")
-    first = torch.as_tensor(data.first_days)
+    first = torch.as_tensor(data.added_days)
 
     def score(hist: list[np.ndarray], days: np.ndarray) -> torch.Tensor:
         raw = [data.items.raw_of(h) for h in hist]

@@ -3,12 +3,15 @@ training (every position's target and negatives, at the target's time), evaluati
 and serving (at the request's time). YouTube's "example age" (Covington et al., RecSys'16) is the anchor:
 fresh items are clicked far more than their history says, and a model that cannot see age buries them.
 
-    first = first_seen_days(events, table)            # (n + 1,) days, +inf where no event (index 0 = padding)
-    buckets = age_bucket(torch.tensor([t_days]), first)   # (1, n + 1) in 0..N_AGE_BUCKETS - 1
+    added = added_days(catalogue, table)              # (n + 1,) days (index 0 = padding: +inf)
+    buckets = age_bucket(torch.tensor([t_days]), added)   # (1, n + 1) in 0..N_AGE_BUCKETS - 1
+    bucket_ranges(t_days)                              # the same buckets as index range filters (serving)
 
-Bucket 0 is "no event before the request" (a product launched a minute ago, or one nobody clicked yet);
-buckets 1.. are the age since the item's first event, cut at AGE_EDGES_DAYS. Times are float days since the
-Unix epoch (`to_days`); an item's first event counts only when strictly before the request time.
+The anchor is the item's catalogue `created_at` (when it was added; `vlmrec ingest` fills a missing one with
+the item's first event). Bucket 0 is "not added before the request": a product added at this very moment
+or later; buckets 1.. are the age since it was added, cut at AGE_EDGES_DAYS. Times are float days since the
+Unix epoch (`to_days`); an anchor counts only when strictly before the request time, so a catalogue whose
+created_at is its first event never tells a model about an item before someone clicked it.
 """
 
 from __future__ import annotations
@@ -33,21 +36,51 @@ def to_days(timestamps) -> np.ndarray:
     return (ts.astype("int64").to_numpy() / 1e9 / 86400.0) if len(ts) else np.zeros(0)
 
 
-def first_seen_days(events: pd.DataFrame, items: ItemTable) -> np.ndarray:
-    """(n + 1,) float64: each model index's first event time in `events` (days), +inf where it has none
-    (and at index 0, padding). Events on items outside the table are ignored."""
-    idx = items.index_of(events["item_id"].to_numpy(np.int64))
-    days = to_days(events["event_timestamp"].to_numpy())
+def added_days(
+    catalogue: pd.DataFrame,
+    items: ItemTable,
+    events: pd.DataFrame | None = None,
+    relaunched: np.ndarray | None = None,
+) -> np.ndarray:
+    """(n + 1,) float64: each model index's age anchor, in days: the item's catalogue `created_at` (floored
+    to the second, as the index stores it; `vlmrec ingest` fills a missing one with the item's first event),
+    +inf for items not in the catalogue and at index 0 (padding). `relaunched` raw ids (a launch split's
+    launched items) are anchored at their first event in `events` instead, +inf without one: they did not
+    exist before the cut."""
     out = np.full(items.n_items + 1, np.inf)
+    idx = items.index_of(catalogue["item_id"].to_numpy(np.int64))
+    seconds = pd.to_datetime(catalogue["created_at"], utc=True).astype("int64").to_numpy() // 10**9
     keep = idx > 0
-    np.minimum.at(out, idx[keep], days[keep])
+    out[idx[keep]] = seconds[keep] / 86400.0
+    if relaunched is not None and len(relaunched):
+        out[items.index_of(relaunched)] = np.inf
+        if events is not None:
+            mine = events[events["item_id"].isin(relaunched)]
+            first = mine.groupby("item_id")["event_timestamp"].min()
+            out[items.index_of(first.index.to_numpy(np.int64))] = to_days(first.to_numpy())
+        out[0] = np.inf
     return out
 
 
-def age_bucket(request_days: Tensor, first_days: Tensor) -> Tensor:
-    """Age buckets by broadcasting: request_days (..., 1) or (...,) against first_days (..., C) -> int64.
-    UNSEEN where the item has no event strictly before the request (first_days >= request, or +inf)."""
-    age = request_days.to(torch.float64) - first_days.to(torch.float64)
+def bucket_ranges(request_days: float) -> dict[int, dict[str, float]]:
+    """What serving filters an index by: for each bucket, the anchor times (days) that fall in it at
+    `request_days`, as a range {gt, gte, lt, lte} (age_bucket's exact boundaries; a test holds them equal).
+    UNSEEN: anchors at or after the request time."""
+    t = float(request_days)
+    edges = (0.0, *AGE_EDGES_DAYS)
+    out: dict[int, dict[str, float]] = {UNSEEN: {"gte": t}}
+    for b in range(1, N_AGE_BUCKETS):
+        rng = {"lt": t} if b == 1 else {"lte": t - edges[b - 1]}  # age > 0 ... / age >= lower edge
+        if b < len(edges):
+            rng["gt"] = t - edges[b]  # age < upper edge
+        out[b] = rng
+    return out
+
+
+def age_bucket(request_days: Tensor, added_days: Tensor) -> Tensor:
+    """Age buckets by broadcasting: request_days (..., 1) or (...,) against added_days (..., C) -> int64.
+    UNSEEN where the item has no event strictly before the request (added_days >= request, or +inf)."""
+    age = request_days.to(torch.float64) - added_days.to(torch.float64)
     edges = torch.tensor(AGE_EDGES_DAYS, dtype=torch.float64, device=age.device)
     bucket = torch.bucketize(age, edges, right=True) + 1  # age < 1 day -> 1, ...
     return torch.where(age > 0, bucket, torch.zeros_like(bucket))

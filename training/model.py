@@ -254,23 +254,23 @@ class SeqRec(nn.Module):
         u = h + self.cfg.fusion_weight * mean
         return F.normalize(u, dim=-1) * (h.norm(dim=-1, keepdim=True) > 0) if self.cfg.is_content else u
 
-    def age_scores(self, request_days: Tensor, first_days: Tensor) -> Tensor:
-        """Item-age scores: request_days (...,) times against first_days (C,) -> (..., C); zeros without
-        item_age. Days are training.item_age's units; first_days +inf = no event yet."""
+    def age_scores(self, request_days: Tensor, added_days: Tensor) -> Tensor:
+        """Item-age scores: request_days (...,) times against added_days (C,) -> (..., C); zeros without
+        item_age. Days are training.item_age's units; added_days +inf = no event yet."""
         if not self.cfg.item_age:
-            return torch.zeros((*request_days.shape, first_days.shape[-1]), device=first_days.device)
-        return self.age_bias[age_bucket(request_days.unsqueeze(-1), first_days)]
+            return torch.zeros((*request_days.shape, added_days.shape[-1]), device=added_days.device)
+        return self.age_bias[age_bucket(request_days.unsqueeze(-1), added_days)]
 
     def scores(
-        self, seq: Tensor, request_days: Tensor | None = None, first_days: Tensor | None = None
+        self, seq: Tensor, request_days: Tensor | None = None, added_days: Tensor | None = None
     ) -> Tensor:
         """(B, T) -> (B, n_items + 1) what the model ranks the vocabulary by: user . item, plus the item-age
-        score at each row's request time (request_days (B,), first_days (n_items + 1,)) when item_age."""
+        score at each row's request time (request_days (B,), added_days (n_items + 1,)) when item_age."""
         s = self.user_vector(seq) @ self.item_vectors().T  # (B, n + 1)
         if self.cfg.item_age:
-            if request_days is None or first_days is None:
-                raise ValueError("an item_age model scores at a request time: pass request_days, first_days")
-            s = s + self.age_scores(request_days, first_days)
+            if request_days is None or added_days is None:
+                raise ValueError("an item_age model scores at a request time: pass request_days, added_days")
+            s = s + self.age_scores(request_days, added_days)
         return s
 
     def forward(
@@ -279,10 +279,10 @@ class SeqRec(nn.Module):
         targets: Tensor | None = None,
         candidates: Tensor | None = None,
         target_days: Tensor | None = None,
-        first_days: Tensor | None = None,
+        added_days: Tensor | None = None,
     ) -> SeqRecOutput:
         """seq (B, T); targets (B, T) next items (0 = none); candidates (C,) indices to score against;
-        item_age: target_days (B, T) each target's time, first_days (n_items + 1,) first event times."""
+        item_age: target_days (B, T) each target's time, added_days (n_items + 1,) first event times."""
         id_keep = None
         if self.training and self.cfg.id_dropout:  # one draw per batch: an item is id-less everywhere in it
             id_keep = (torch.rand(self.cfg.n_items + 1, device=seq.device) >= self.cfg.id_dropout).float()
@@ -295,12 +295,12 @@ class SeqRec(nn.Module):
             if self.cfg.is_content:
                 distill = self.content_vectors(self.teacher[t])  # (P, D)
             if self.cfg.item_age:
-                if target_days is None or first_days is None:
-                    raise ValueError("item_age trains on target times: pass target_days and first_days")
+                if target_days is None or added_days is None:
+                    raise ValueError("item_age trains on target times: pass target_days and added_days")
                 days = target_days[mask]  # (P,)
-                t_bias = self.age_bias[age_bucket(days, first_days[t])]  # (P,)
+                t_bias = self.age_bias[age_bucket(days, added_days[t])]  # (P,)
                 if candidates is not None:
-                    c_bias = self.age_scores(days, first_days[candidates])  # (P, C)
+                    c_bias = self.age_scores(days, added_days[candidates])  # (P, C)
         if candidates is not None:
             cand = self.item_vectors_at(candidates, id_keep)  # (C, out_dim)
         return SeqRecOutput(states, target_vectors, distill, cand, t_bias, c_bias)

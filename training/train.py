@@ -36,7 +36,7 @@ import torch
 from training import engine
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, build_inputs
-from training.item_age import first_seen_days, to_days
+from training.item_age import added_days, to_days
 from training.metrics import metrics_from_ranks, rank_of_target
 from training.model import SeqRec
 from training.split import SplitConfig, held_out_items, learnable_events
@@ -86,7 +86,7 @@ class TrainingData:
     valid_targets: np.ndarray  # (V,) model indices
     valid_users: np.ndarray  # (V,)
     valid_days: np.ndarray  # (V,) float64 time of each validation target
-    first_days: np.ndarray  # (n + 1,) first event time of each item among train_events, +inf = none
+    added_days: np.ndarray  # (n + 1,) item-age anchor of each item (training.item_age.added_days)
 
 
 def load_items(ws: Workspace, need_teacher: bool = True) -> tuple[ItemTable, str | None]:
@@ -168,7 +168,7 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool
         valid_targets=v_targets[v_keep],
         valid_users=valid["user_id"].to_numpy()[v_keep],
         valid_days=to_days(valid["event_timestamp"].to_numpy())[v_keep],
-        first_days=first_seen_days(train, items),
+        added_days=added_days(pq.read_table(ws.items).to_pandas(), items, train, held_out_raw),
     )
 
 
@@ -206,14 +206,14 @@ def validation_ndcg(
     targets: np.ndarray,
     users: np.ndarray,
     days: np.ndarray | None = None,
-    first_days: np.ndarray | None = None,
+    added_days: np.ndarray | None = None,
 ) -> float:
     """Full-ranking NDCG@10 of the validation targets by the model's own scores (item age at each target's
     time when the model has it), the history and padding excluded."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    first = None if first_days is None else torch.as_tensor(first_days, device=device)
+    first = None if added_days is None else torch.as_tensor(added_days, device=device)
     ranks = []
     with torch.no_grad():
         for a in range(0, len(inputs), 512):
@@ -239,7 +239,7 @@ def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, 
     for weight in FUSION_GRID:
         model.cfg = dataclasses.replace(base, fusion_weight=weight)
         scores[str(weight)] = validation_ndcg(
-            model, data.valid_inputs, data.valid_targets, data.valid_users, data.valid_days, data.first_days
+            model, data.valid_inputs, data.valid_targets, data.valid_users, data.valid_days, data.added_days
         )
     best = max(FUSION_GRID, key=lambda w: (scores[str(w)], -w))
     model.cfg = dataclasses.replace(base, fusion_weight=best)
@@ -264,7 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
     ds_engine = engine.initialize(model, config["ds"], job.use_gpu)
     device = ds_engine.device
     criterion = criterion.to(device)
-    first_days = torch.as_tensor(config["first_days"], device=device) if model_cfg.item_age else None
+    added_days = torch.as_tensor(config["added_days"], device=device) if model_cfg.item_age else None
     # resume: a re-run of the same name, or Ray restarting a failed worker group
     state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []})
     resumed_from = state["epoch"]  # 0 for a fresh run
@@ -282,9 +282,9 @@ def train_loop_per_worker(config: dict) -> None:
             x, y = batch["inputs"].to(device), batch["targets"].to(device)  # (B, T)
             width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
             x, y = x[:, -width:], y[:, -width:]
-            days = batch["target_days"].to(device)[:, -width:] if first_days is not None else None
+            days = batch["target_days"].to(device)[:, -width:] if added_days is not None else None
             candidates = criterion.sample_candidates(y)
-            loss, _ = criterion(ds_engine(x, y, candidates, days, first_days), y, candidates)
+            loss, _ = criterion(ds_engine(x, y, candidates, days, added_days), y, candidates)
             ds_engine.backward(loss)
             ds_engine.step()
             losses.append(loss.item())
@@ -296,7 +296,7 @@ def train_loop_per_worker(config: dict) -> None:
             config["valid_targets"],
             config["valid_users"],
             config["valid_days"],
-            config["first_days"],
+            config["added_days"],
         )
         state["epoch"] += 1
         improved = ndcg > state["best"]
@@ -358,7 +358,7 @@ def train(
         "item_ids": np.concatenate([[-1], data.items.item_ids]),
         "target_counts": target_counts,
         "held_out": data.held_out,
-        "first_days": data.first_days,
+        "added_days": data.added_days,
         "shard_size": -(-len(order) // job.num_workers),
         "valid_inputs": data.valid_inputs,
         "valid_targets": data.valid_targets,
