@@ -216,7 +216,7 @@ def held_out_figures(ws: Workspace, cfg: MixTuneConfig, quotas: dict[str, int]) 
         hit = recall(lst, targets)
         out[name] = {
             f"recall{cfg.k}_all": float(hit.mean()),
-            f"recall{cfg.k}_cold": float(hit[q.cold].mean()),
+            f"recall{cfg.k}_cold": float(hit[q.cold].mean()) if q.cold.any() else None,
             f"recall{cfg.k}_launch": float(hit[data.launch].mean()) if data.launch.any() else None,
         }
     out["n_queries"], out["n_cold"], out["n_launch"] = len(targets), int(q.cold.sum()), int(data.launch.sum())

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from serving.tune_mix import validation_queries
 from training import train
 from training.config import LossConfig, ModelConfig
 from training.data import ItemTable
@@ -101,6 +102,12 @@ def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_wor
     assert not (pairs["a"].isin(raw) | pairs["b"].isin(raw)).any()
     natural_pairs = pd.concat(mine_pairs(events, items, PairConfig(pairs="both", valid_fraction=0.1))[:2])
     assert (natural_pairs["a"].isin(raw) | natural_pairs["b"].isin(raw)).any()
+    # the Mixer's tuning: validation queries, their histories and the popularity they use
+    q, before = validation_queries(events, data.items, launch.split_config())
+    assert not np.isin(q.targets, held).any() and not any(np.isin(h, held).any() for h in q.histories)
+    assert not before["item_id"].isin(raw).any()
+    q_nat, _ = validation_queries(events, data.items, natural.split_config())
+    assert np.isin(q_nat.targets, held).any() or any(np.isin(h, held).any() for h in q_nat.histories)
 
 
 def test_every_target_carries_its_own_event_time(sample_workspace):

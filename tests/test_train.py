@@ -137,3 +137,23 @@ def test_evaluate_writes_reports(trained):
     assert (out / "metrics.md").read_text().count("| student |") == 2
     assert (out / "ndcg.png").stat().st_size > 0
     assert report["n_queries"] > 0
+
+
+def test_tune_mix_writes_the_weights_the_producer_reads(trained):
+    from serving.mixer import read_mix_weights
+    from serving.tune_mix import MixTuneConfig, tune
+
+    ws, _ = trained
+    cfg = MixTuneConfig(workdir=str(ws.root), student_run="student", sasrec_run="student", k=10)
+    path, report = tune(cfg, with_test=True)
+    assert path == ws.root / "mix.json" and read_mix_weights(path) == report["weights"]
+    assert sum(report["quotas"].values()) == 10
+    valid = report["validation"]
+    assert valid["n_queries"] > 0 and valid["n_tried"] > 4
+    # every single producer is a point of the grid: the choice is at least as good as any that meets the floor
+    floor = valid["cold_floor_recall"]
+    for name, alone in valid["producers"].items():
+        if alone["recall_cold"] is None or alone["recall_cold"] >= floor:
+            assert valid["chosen"]["recall_all"] >= alone["recall_all"], name
+    for name in ("student", "sasrec", "similar", "popular", "mixer_validated"):
+        assert 0.0 <= report["test"][name]["recall10_all"] <= 1.0

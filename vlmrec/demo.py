@@ -4,7 +4,7 @@
     vlmrec demo --format movielens --data ../shared/data/movielens-small --workdir .vlmrec/movielens
 
 ingest -> embed -> features -> train the student and a short behavioural SASRec (Ray Train + DeepSpeed)
--> evaluate -> index (Qdrant Edge: the student's, the SASRec's own, the raw teacher vectors') -> start the
+-> evaluate -> the Mixer's weights on validation (mix.json) -> index (Qdrant Edge: the student's, the SASRec's own, the raw teacher vectors') -> start the
 Producer (Ray Serve on 127.0.0.1) -> push one click -> query three users over HTTP -> print their recent
 clicks and candidates with titles, scores and latency, each producer's top 5 and the Mixer's blend -> shut
 down, or with --ui (`make demo UI=1`) start the demo page too and keep both until Ctrl-C. Each stage is the
@@ -76,6 +76,15 @@ def _evaluate(workdir: Path):
     evaluate.add_arguments(parser)
     argv = ["--workdir", str(workdir), "--runs", "student", "sasrec", "--name", "demo"]
     return evaluate.run(parser.parse_args(argv))
+
+
+def _tune_mix(workdir: Path):
+    """The Mixer's default weights on validation (<workdir>/mix.json, read by the Producer)."""
+    from serving import tune_mix
+
+    parser = argparse.ArgumentParser()
+    tune_mix.add_arguments(parser)
+    return tune_mix.run(parser.parse_args(["--workdir", str(workdir)]))
 
 
 def _index(workdir: Path):
@@ -213,6 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     sasrec = ("--item-space", "id", "--batch-size", "32", "--lr", "0.005", "--patience", "3")
     _stage("train sasrec", lambda: _train(workdir, "sasrec", args.sasrec_epochs, args.max_len, *sasrec))
     _stage("evaluate", lambda: _evaluate(workdir))
+    _stage("tune mix", lambda: _tune_mix(workdir))
     _stage("index", lambda: _index(workdir))
     print(f"\ndemo: pipeline done in {time.perf_counter() - t0:.0f}s; workspace {workdir.absolute()}")
     report["serve"] = _stage(
