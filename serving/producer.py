@@ -282,10 +282,6 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _with_created_at(filters: dict | None, created_at: dict | None) -> dict | None:
-    return filters if created_at is None else {**(filters or {}), "created_at": created_at}
-
-
 def _filters_dict(filters: Filters | None) -> dict | None:
     return None if filters is None else filters.model_dump(exclude_none=True)
 
@@ -566,14 +562,15 @@ class Producer:
             "timings_ms": {"feature": features.ms, "model": r.model_ms, "search": r.search_ms, "total": 0.0},
         }
 
-    async def _search(self, cfg, source, vectors, k, excludes, filters) -> list | Unavailable:
-        """One batched index search (search pool, search_timeout_s); Unavailable when it fails."""
+    async def _search(self, cfg, source, vectors, k, excludes, filters, search=None) -> list | Unavailable:
+        """One batched index search (search pool, search_timeout_s); Unavailable when it fails. `search`:
+        the source's own (a model's `ModelSource.search`), else the index's search_batch."""
         t0 = time.perf_counter()
         try:
             return await _call(
                 self._pools.search,
                 cfg.search_timeout_s,
-                source.index.search_batch,
+                search or source.index.search_batch,
                 vectors,
                 k,
                 excludes,
@@ -619,20 +616,16 @@ class Producer:
         model_ms = _ms(t0)
         self._stage_ms.observe(model_ms, tags={"producer": src.name, "stage": "model"})
         chosen = [rows[j] for j in personal]
-        k = max(ask.ks[i] for i in chosen)
-        buckets = src.age_queries(cfg.scoring_days()) if src.item_age else [(0.0, None)]
         t0 = time.perf_counter()
-        found = await self._search(  # item age: one search per age bucket (a range filter), merged below
+        found = await self._search(
             cfg,
             src,
-            np.repeat(vectors, len(buckets), axis=0),
-            k,
-            [sorted(ask.seen[i]) for i in chosen for _ in buckets],
-            [_with_created_at(ask.filters[i], rng) for i in chosen for _, rng in buckets],
+            vectors,
+            max(ask.ks[i] for i in chosen),
+            [sorted(ask.seen[i]) for i in chosen],
+            [ask.filters[i] for i in chosen],
+            functools.partial(src.search, request_days=cfg.scoring_days()),
         )
-        if src.item_age and not isinstance(found, Unavailable):
-            biases, n = [b for b, _ in buckets], len(buckets)
-            found = [src.merge_age(found[r * n : (r + 1) * n], biases, k) for r in range(len(chosen))]
         search_ms = _ms(t0)
         for n, i in enumerate(chosen):
             out[i] = (

@@ -169,6 +169,29 @@ class ModelSource:
         scored = [(item, s + b) for result, b in zip(hits, biases, strict=True) for item, s in result]
         return sorted(scored, key=lambda h: -h[1])[:k]
 
+    def search(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        excludes: Sequence[Sequence[int]],
+        filters: Sequence[dict | None],
+        request_days: float,
+    ) -> list[list[Hit]]:
+        """The model's top k per user vector (B, D), as the Producer serves it: one batched index search;
+        for an item-age model one search per (user, age bucket) with a created_at range, merged."""
+        if not self.item_age:
+            return self.index.search_batch(vectors, k, excludes, filters)
+        buckets = self.age_queries(request_days)
+        n = len(buckets)
+        found = self.index.search_batch(
+            np.repeat(vectors, n, axis=0),
+            k,
+            [e for e in excludes for _ in buckets],
+            [{**(f or {}), "created_at": rng} for f in filters for _, rng in buckets],
+        )
+        biases = [b for b, _ in buckets]
+        return [self.merge_age(found[r * n : (r + 1) * n], biases, k) for r in range(len(vectors))]
+
     def warm_up(self) -> None:
         self.user_vectors(np.zeros((1, self.max_len), np.int64))
         self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)

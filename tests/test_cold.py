@@ -246,8 +246,9 @@ def test_evaluate_refuses_a_run_of_another_split(tmp_path):
 
 @pytest.mark.parametrize("backend", ["edge", "server"])
 def test_serving_ranks_by_the_models_own_scores_with_item_age(tmp_path, backend):
-    """What the Producer calls for an item-age model (one filtered search per age bucket on the index's
-    created_at, each hit plus its bucket's score, merged) is the exact top-k of SeqRec.scores at that time."""
+    """What the Producer calls for an item-age model (ModelSource.search: one filtered search per age bucket
+    on the index's created_at, each hit plus its bucket's score, merged) is the exact top-k of
+    SeqRec.scores, the ranking training validates and evaluate scores, at the same time."""
     from qdrant_client import QdrantClient
 
     from index.build import build_index
@@ -294,14 +295,7 @@ def test_serving_ranks_by_the_models_own_scores_with_item_age(tmp_path, backend)
         s[torch.as_tensor(table.index_of(seq))] = -torch.inf  # the history excluded, as serving does
         top = torch.topk(s, k)
         want = table.raw_of(top.indices.numpy()).tolist()
-        buckets = src.age_queries(request)
-        found = src.index.search_batch(
-            np.repeat(src.user_vectors(x), len(buckets), axis=0),
-            k,
-            [seq] * len(buckets),
-            [{"created_at": r} for _, r in buckets],
-        )
-        got = src.merge_age(found, [b for b, _ in buckets], k)
+        (got,) = src.search(src.user_vectors(x), k, [seq], [None], request)  # what the Producer calls
         assert [i for i, _ in got] == want
         np.testing.assert_allclose([sc for _, sc in got], top.values.numpy(), atol=1e-4)
     src.close()
