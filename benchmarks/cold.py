@@ -84,6 +84,13 @@ def main() -> None:
     p.add_argument("--workdir", default=".vlmrec/ml")
     p.add_argument("--only", nargs="*", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--worlds", nargs="+", default=["natural", "launch"], choices=["natural", "launch"])
+    p.add_argument(
+        "--launch-only",
+        nargs="*",
+        default=None,
+        choices=list(MODELS),
+        help="models of the launch world (default: --only)",
+    )
     p.add_argument("--epochs", type=int, default=200, help="upper bound; early stopping ends runs")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--retrain", action="store_true")
@@ -104,23 +111,24 @@ def main() -> None:
         seconds["features"] = sh([*vlmrec, "features", "--workdir", args.workdir], log)
 
     budget = ["--epochs", str(args.epochs), "--patience", str(args.patience)]
-    trained = list(dict.fromkeys(MODELS[m][0] for m in args.only))
-    for world in args.worlds:
-        for run in trained:
+    launch_only = args.only if args.launch_only is None else args.launch_only
+    models_of = {w: (args.only if w == "natural" else launch_only) for w in args.worlds}
+    for world, models_here in models_of.items():
+        for run in dict.fromkeys(MODELS[m][0] for m in models_here):
             name = run_name(run, world)
             if args.retrain or not (ws.runs / name / "export" / "run.json").exists():
                 flags = [*COMMON, *budget, *TRAINED[run], *(LAUNCH if world == "launch" else [])]
                 cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, *flags]
                 seconds[f"train {name}"] = sh(cmd, log)
                 print(f"{name}: trained in {seconds[f'train {name}']:.0f} s", flush=True)
-        for model in args.only:
+        for model in models_here:
             run, fused = MODELS[model]
             if model != run:
                 without_fusion(ws, run_name(run, world), run_name(model, world))
 
     metrics = {}
-    for world in args.worlds:
-        runs = [run_name(m, world) for m in args.only]
+    for world, models_here in models_of.items():
+        runs = [run_name(m, world) for m in models_here]
         cmd = [*vlmrec, "evaluate", "--workdir", args.workdir, "--runs", *runs, "--protocols", "full",
                "--name", f"cold-{world}", *(LAUNCH if world == "launch" else [])]  # fmt: skip
         seconds[f"evaluate {world}"] = sh(cmd, log)
@@ -135,13 +143,17 @@ def main() -> None:
             row["hr10_cold"] = nat["full"]["cold"]["micro"]["HR@10"]
         if "launch" in metrics:
             name = run_name(model, "launch") if model in MODELS else model
-            row["hr10_launch"] = hr10(metrics["launch"], name, "launch")
-            if model in MODELS and "natural" in metrics:  # popular and knn learn no item: parity n/a
+            row["hr10_launch"] = (
+                hr10(metrics["launch"], name, "launch") if name in metrics["launch"]["results"] else None
+            )
+            if (
+                model in MODELS and "natural" in metrics and row["hr10_launch"] is not None
+            ):  # knn, popular: n/a
                 warm = hr10(metrics["natural"], run_name(model, "natural"), "launch")
                 row["cold_parity"] = row["hr10_launch"] / warm if warm else None
         models[model] = row
-    for model in args.only:
-        for world in args.worlds:
+    for world, models_here in models_of.items():
+        for model in models_here:
             name = run_name(model, world)
             info = json.loads((ws.runs / name / "export" / "run.json").read_text())
             runs_info[name] = {
