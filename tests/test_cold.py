@@ -19,7 +19,7 @@ from training.item_age import AGE_EDGES_DAYS, UNSEEN, added_days, age_bucket, bu
 from training.losses import SeqRecLoss, sampled_softmax_loss
 from training.model import SeqRec
 from training.pairs import PairConfig, mine_pairs
-from training.split import SplitConfig, launched_items, learnable_events, train_events
+from training.split import SplitConfig, after_cut, launched_items, learnable_events, train_events
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 
@@ -43,6 +43,11 @@ def test_launch_draw_is_stratified_by_popularity_deterministic_and_only_from_tra
     launched = launched_items(events, cfg)
     counts = train_events(events, cfg)["item_id"].value_counts()
     assert set(launched) <= set(counts.index)  # only items that have train events can be "launched"
+    before, after = train_events(events, cfg), after_cut(events, cfg)
+    assert (
+        len(before) + len(after) == len(events)
+        and before["event_timestamp"].max() <= after["event_timestamp"].min()
+    )
     assert abs(len(launched) - 0.1 * len(counts)) <= 10  # one rounding per stratum at most
     # every popularity decile gives its share: the launches look like the catalogue, head and tail alike
     ranked = counts.sort_values(kind="stable")

@@ -37,7 +37,7 @@ from training.metrics import (
     temporal_split,
 )
 from training.model import SeqRec
-from training.split import SplitConfig, held_out_items, launched_items, learnable_events
+from training.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
 from training.train import load_items
 from vlmrec.workspace import Workspace
 
@@ -76,10 +76,7 @@ def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
         if split.split == "temporal"
         else events.merge(s.train[["user_id", "item_id"]].drop_duplicates())
     )
-    # the world's event log: a launch split's launched items have no event before the cut
-    pre_cut = events["event_timestamp"] <= learnable["event_timestamp"].max() if len(learnable) else False
-    held_out = held_out_items(events, split)
-    world = events[~(pre_cut & events["item_id"].isin(held_out))] if len(held_out) else events
+    held_out = held_out_items(events, split)  # launched: anchored at their first event after the cut
     return EvalData(
         items,
         teacher_id,
@@ -92,7 +89,7 @@ def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
         s.n_skipped_empty_history,
         launch=np.isin(q.targets, launched_items(events, split)),
         days=to_days(q.times),
-        added_days=added_days(pq.read_table(ws.items).to_pandas(), items, world, held_out),
+        added_days=added_days(pq.read_table(ws.items).to_pandas(), items, after_cut(events, split), held_out),
     )
 
 

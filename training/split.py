@@ -86,13 +86,24 @@ class SplitConfig(_Config):
 
 def train_events(events: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
     """Every event before the cut (temporal) or all but each user's last two (loo), in time order."""
+    return _cut(events, cfg)[0]
+
+
+def after_cut(events: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
+    """The rest: the events a model is tested on, in time order."""
+    return _cut(events, cfg)[1]
+
+
+def _cut(events: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if cfg.split == "temporal":
         order = np.argsort(events["event_timestamp"].to_numpy(), kind="stable")
         cut = int(np.floor(cfg.train_fraction * len(events)))
-        return events.iloc[order[:cut]].reset_index(drop=True)
-    ordered = events.sort_values(["user_id", "event_timestamp"], kind="stable")
-    from_end = ordered.groupby("user_id").cumcount(ascending=False)
-    return ordered[from_end >= 2].sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+        parts = events.iloc[order[:cut]], events.iloc[order[cut:]]
+    else:
+        ordered = events.sort_values(["user_id", "event_timestamp"], kind="stable")
+        before = (ordered.groupby("user_id").cumcount(ascending=False) >= 2).to_numpy()
+        parts = tuple(ordered[m].sort_values("event_timestamp", kind="stable") for m in (before, ~before))
+    return parts[0].reset_index(drop=True), parts[1].reset_index(drop=True)
 
 
 def launched_items(events: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
