@@ -25,6 +25,7 @@ from pathlib import Path
 
 from movielens import COMMON, sh  # benchmarks/ is on sys.path when this file runs as a script
 
+from training.train import fusion_key
 from vlmrec.workspace import Workspace
 
 # training run -> flags: the behavioural baseline and the cold-aware student configs of the one training job.
@@ -121,6 +122,10 @@ def main() -> None:
                 cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, *flags]
                 seconds[f"train {name}"] = sh(cmd, log)
                 print(f"{name}: trained in {seconds[f'train {name}']:.0f} s", flush=True)
+            if "--tune-fusion" in TRAINED[run]:  # the fusion grid of this commit, also for runs reused
+                cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, "--fusion-only", *COMMON,
+                       *TRAINED[run], *(LAUNCH if world == "launch" else [])]  # fmt: skip
+                seconds[f"fusion {name}"] = sh(cmd, log)
         for model in models_here:
             run, fused = MODELS[model]
             if model != run:
@@ -163,6 +168,7 @@ def main() -> None:
                 "best_val_ndcg10": info["best"]["val_ndcg10"],
                 "epochs_run": info["last"]["epoch"],
                 "fusion_weight": info["configs"]["model"].get("fusion_weight", 0.0),
+                "fusion_last": info["configs"]["model"].get("fusion_last", 3),
                 "fusion_val_ndcg10": info.get("fusion_val_ndcg10"),
                 "timing_s": info["timing_s"],
             }
@@ -170,7 +176,8 @@ def main() -> None:
     candidates = [m for m in args.only if m in STUDENTS and run_name(m, "natural") in runs_info]
     val = {
         m: (runs_info[m]["fusion_val_ndcg10"] or {}).get(
-            str(runs_info[m]["fusion_weight"]), runs_info[m]["best_val_ndcg10"]
+            fusion_key(runs_info[m]["fusion_weight"], runs_info[m]["fusion_last"]),
+            runs_info[m]["best_val_ndcg10"],
         )
         for m in candidates
     }

@@ -157,3 +157,18 @@ def test_tune_mix_writes_the_weights_the_producer_reads(trained):
             assert valid["chosen"]["recall_all"] >= alone["recall_all"], name
     for name in ("student", "sasrec", "similar", "popular", "mixer_validated"):
         assert 0.0 <= report["test"][name]["recall10_all"] <= 1.0
+
+
+def test_fusion_is_chosen_on_validation_and_saved_with_the_model(trained):
+    ws, args = trained
+    export = ws.runs / "student" / "export"
+    before = SeqRec.from_pretrained(export / "model")
+    _, info = train.run(_parse([*args, "--fusion-only"], epochs=3))
+    scores = info["fusion_val_ndcg10"]
+    assert set(scores) == {train.fusion_key(w, n) for w, n in train.FUSION_GRID}
+    model = SeqRec.from_pretrained(export / "model")
+    best = train.fusion_key(model.cfg.fusion_weight, model.cfg.fusion_last)
+    assert scores[best] == max(scores.values())
+    assert json.loads((export / "run.json").read_text())["configs"]["model"] == model.cfg.to_dict()
+    state = before.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # weights untouched

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -226,24 +227,51 @@ def validation_ndcg(
     return metrics_from_ranks(np.concatenate(ranks), ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
 
 
-FUSION_GRID = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0)  # fusion weights tried on validation (--tune-fusion)
+# (fusion_weight, fusion_last) pairs tried on validation (--tune-fusion); weight 0 = no fusion
+FUSION_GRID = ((0.0, 1), *((w, n) for n in (1, 3) for w in (0.1, 0.25, 0.5, 1.0, 2.0)))
+
+
+def fusion_key(weight: float, last: int) -> str:
+    return f"{weight:g}@{last}"
 
 
 def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, float]]:
-    """Set the model's fusion_weight to the FUSION_GRID value with the best validation NDCG@10 (ties: the
-    smaller). -> (the model, validation NDCG@10 per weight)"""
+    """Set the model's fusion_weight and fusion_last to the FUSION_GRID pair with the best validation
+    NDCG@10 (ties: the earlier pair). -> (the model, validation NDCG@10 per "weight@last")"""
     import dataclasses
 
     scores = {}
-    base = model.cfg
-    for weight in FUSION_GRID:
-        model.cfg = dataclasses.replace(base, fusion_weight=weight)
-        scores[str(weight)] = validation_ndcg(
+    base = dataclasses.replace(model.cfg, fusion_weight=0.0)
+    for weight, last in FUSION_GRID:
+        model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
+        scores[fusion_key(weight, last)] = validation_ndcg(
             model, data.valid_inputs, data.valid_targets, data.valid_users, data.valid_days, data.added_days
         )
-    best = max(FUSION_GRID, key=lambda w: (scores[str(w)], -w))
-    model.cfg = dataclasses.replace(base, fusion_weight=best)
+    weight, last = max(FUSION_GRID, key=lambda p: scores[fusion_key(*p)])  # max keeps the first of ties
+    model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
     return model, scores
+
+
+def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
+    """`vlmrec train --name N --fusion-only`: choose the fusion of an existing export on validation again
+    (the same data and rule as after training) and rewrite its model config and run.json in place."""
+    ws = Workspace(job.workdir)
+    export = ws.runs / job.name / "export"
+    info = json.loads((export / "run.json").read_text())
+    if SplitConfig.of_run(info) != job.split_config():
+        raise ValueError(
+            f"{export}: trained on another split than the flags give; pass the run's split flags"
+        )
+    model = SeqRec.from_pretrained(export / "model")
+    data = prepare_data(ws, job, model.cfg.max_len, model.cfg.is_content)
+    model, scores = choose_fusion(model, data)
+    info["configs"]["model"] = model.cfg.to_dict()
+    info["fusion_val_ndcg10"] = scores
+    with staged_dir(export) as tmp:
+        shutil.copytree(export, tmp, dirs_exist_ok=True)
+        (tmp / "model" / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}, indent=2))
+        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    return export, info
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -492,10 +520,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ModelConfig.add_arguments(parser, n_items=0)
     LossConfig.add_arguments(parser)
     TrainConfig.add_arguments(parser, epochs=30)
+    parser.add_argument(
+        "--fusion-only",
+        action="store_true",
+        help="no training: choose the export's fusion on validation again",
+    )
 
 
 def run(args: argparse.Namespace) -> tuple[Path, dict]:
     job = JobConfig.from_args(args)
+    if getattr(args, "fusion_only", False):
+        export_dir, info = refit_fusion(job)
+        m = info["configs"]["model"]
+        print(
+            f"train: {job.name}: fusion weight {m['fusion_weight']:g} over the last {m['fusion_last']} clicks"
+        )
+        return export_dir, info
     model_cfg = ModelConfig.from_args(args, n_items=1, teacher_dim=0 if args.item_space == "id" else 1)
     export_dir, info = train(job, model_cfg, LossConfig.from_args(args), TrainConfig.from_args(args))
     best = info["best"]
