@@ -146,6 +146,18 @@ def test_age_bucket_edges_and_anchors():
     assert relaunched[3] == pytest.approx(t0 + 5) and relaunched[2] == np.inf and relaunched[1] == got[1]
 
 
+def test_times_are_days_whatever_the_column_unit():
+    """parquet timestamps come back as us, pandas makes ns: both must give the same days (a us column once
+    put every item 'over three years old')."""
+    stamps = pd.Series(pd.to_datetime(["2016-03-22 10:00:00", "2018-09-24 14:27:30"], utc=True))
+    want = [(pd.Timestamp(t) - pd.Timestamp(0, tz="UTC")).total_seconds() / 86400 for t in stamps]
+    for unit in ("ns", "us", "ms", "s"):
+        col = stamps.astype(f"datetime64[{unit}, UTC]")
+        np.testing.assert_allclose(to_days(col.to_numpy()), want)
+        catalogue = pd.DataFrame({"item_id": [1, 2], "created_at": col})
+        np.testing.assert_allclose(added_days(catalogue, ItemTable(np.array([1, 2])))[1:], want)
+
+
 def test_index_range_filters_put_every_anchor_in_the_bucket_training_computes():
     """The age input at serving (range filters on the index's created_at) equals training's age_bucket at
     the same time, boundaries included."""

@@ -28,12 +28,13 @@ from training.data import ItemTable
 AGE_EDGES_DAYS = (1.0, 7.0, 30.0, 90.0, 365.0, 1095.0)
 N_AGE_BUCKETS = len(AGE_EDGES_DAYS) + 2  # 0 = unseen, then one more than the edges
 UNSEEN = 0
+EPOCH = pd.Timestamp(0, tz="UTC")
 
 
 def to_days(timestamps) -> np.ndarray:
     """Timestamps (datetime64 / pandas, any unit or tz) -> float64 days since the Unix epoch."""
     ts = pd.to_datetime(pd.Series(np.asarray(timestamps).reshape(-1)), utc=True)
-    return (ts.astype("int64").to_numpy() / 1e9 / 86400.0) if len(ts) else np.zeros(0)
+    return ((ts - EPOCH) / pd.Timedelta(days=1)).to_numpy(np.float64)  # unit-safe (ns, us, s columns)
 
 
 def added_days(
@@ -49,7 +50,9 @@ def added_days(
     exist before the cut."""
     out = np.full(items.n_items + 1, np.inf)
     idx = items.index_of(catalogue["item_id"].to_numpy(np.int64))
-    seconds = pd.to_datetime(catalogue["created_at"], utc=True).astype("int64").to_numpy() // 10**9
+    seconds = (
+        (pd.to_datetime(catalogue["created_at"], utc=True) - EPOCH) // pd.Timedelta(seconds=1)
+    ).to_numpy()
     keep = idx > 0
     out[idx[keep]] = seconds[keep] / 86400.0
     if relaunched is not None and len(relaunched):
