@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--popular-until", default=None, help="`popular` counts events before this ISO time (backtests)"
     )
     parser.add_argument("--mix-budget-ms", type=float, default=d.mix_budget_ms)
+    parser.add_argument(
+        "--scoring-time", default=None, help="item-age models score age at this ISO time, not now (replays)"
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ProducerConfig:
@@ -109,6 +112,7 @@ def config_from_args(args: argparse.Namespace) -> ProducerConfig:
         popular_half_life_days=args.popular_half_life_days,
         popular_until=args.popular_until,
         mix_budget_ms=args.mix_budget_ms,
+        scoring_time=args.scoring_time,
     )
 
 

@@ -53,7 +53,7 @@ def ui_world(tmp_path_factory) -> Path:
             "text": "",
             "category": [cat_of(i) for i in ITEMS],
             "image_uri": [str(root / "images" / f"{i}.png") if i != 30 else None for i in ITEMS],
-            "created_at": t0,
+            "created_at": [t0 - pd.Timedelta(days=10 * i) for i in ITEMS],  # items 1 and 2: under 30 days old
             "event_timestamp": t0,
         }
     )
@@ -189,6 +189,14 @@ def test_page_shows_clicks_every_producer_and_the_mix(monkeypatch, ui_world, stu
     assert len(student.image) == 9 and "(no image)" in [c.value for c in student.caption]
     latency = [m.value for m in at.get_by_key("col-similar").markdown][0]
     assert re.search(r"\d+ ms \(server 1\.5 ms\)", latency)
+    # a launch (added under 30 days before the data's last event) carries a "new" badge, nothing else does
+    badged = 0
+    for p in PRODUCERS:
+        cards = [m.value for m in at.get_by_key(f"col-{p}").markdown][1:]
+        for item, card in zip(ids_in(at, f"col-{p}"), cards, strict=True):
+            assert ("new · " in card) == (item in (1, 2)), (p, item, card)
+            badged += "new · " in card
+    assert badged, "no launched item among the candidates: the check above saw only old items"
 
 
 def test_clicking_a_candidate_posts_it_and_every_column_refreshes(monkeypatch, ui_world, stub):

@@ -101,6 +101,12 @@ def _card(cat: Catalogue, client: ProducerClient, user: int, item: int, where: s
     )
 
 
+def _new(cat: Catalogue, item: int) -> str:
+    """A badge for an item added in the last NEW_DAYS before the data's last event: a launch."""
+    days = cat.new_days(item)
+    return "" if days is None else f" :red-badge[new · {days:.0f} d]"
+
+
 def _latency(reply: Reply) -> str:
     server = reply.body.get("timings_ms", {}).get("total")
     return f"{reply.ms:.0f} ms" + (f" (server {server:.1f} ms)" if server is not None else "")
@@ -135,7 +141,7 @@ def _column(cat, client, user, producer, k, filters) -> None:
         if body["fallback"]:
             st.caption(f"fallback: {body['fallback']}")
         for c in body["candidates"]:
-            line = f"{cat.category(c['item_id'])} · {c['score']:.3f}"
+            line = f"{cat.category(c['item_id'])} · {c['score']:.3f}{_new(cat, c['item_id'])}"
             _card(cat, client, user, c["item_id"], producer, line)
 
 
@@ -159,7 +165,8 @@ def _mixed(cat, client, user, k, weights, filters) -> None:
                     badges = " ".join(
                         f":{BADGE_COLOURS.get(p, 'gray')}-badge[{p} #{c['ranks'][p]}]" for p in c["sources"]
                     )
-                    _card(cat, client, user, c["item_id"], "mix", f"{cat.category(c['item_id'])}  \n{badges}")
+                    line = f"{cat.category(c['item_id'])}{_new(cat, c['item_id'])}  \n{badges}"
+                    _card(cat, client, user, c["item_id"], "mix", line)
 
 
 def main() -> None:

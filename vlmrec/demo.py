@@ -136,7 +136,10 @@ def _serve_and_query(
     events = pq.read_table(ws.events, columns=["user_id", "item_id"]).to_pandas()
     users = events["user_id"].value_counts().index[:n_users].tolist()
     store = features.open_store(ws)  # for printing each user's recent clicks
-    base = serving_cli.start(ProducerConfig(workdir=str(workdir)), port=port)
+    # a dataset's clicks are history: item age is scored at its last event, as when they happened
+    last = pq.read_table(ws.events, columns=["event_timestamp"]).column(0).to_pandas().max()
+    base = serving_cli.start(ProducerConfig(workdir=str(workdir), scoring_time=last.isoformat()), port=port)
+    print(f"item age scored at the data's last event, {last.isoformat()}", flush=True)
     report: dict = {"url": base, "users": {}}
     try:
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -188,7 +191,8 @@ def _serve_and_query(
         else:
             images = f" --images-dir {images_dir}" if images_dir else ""
             print(
-                f"\ndemo page: `make demo UI=1` (or `vlmrec serve --workdir {workdir}` and "
+                f"\ndemo page: `make demo UI=1` (or `vlmrec serve --workdir {workdir} --scoring-time "
+                f"{last.isoformat()}` and "
                 f"`vlmrec ui --workdir {workdir}{images}`), then open {page.page_url}"
             )
     finally:
@@ -229,7 +233,7 @@ def run(args: argparse.Namespace) -> dict:
         "serve + query",
         lambda: _serve_and_query(workdir, args.port, args.users, args.ui, args.ui_port, args.images_dir),
     )
-    print(f"serve it again with: vlmrec serve --workdir {workdir}")
+    print(f"serve it again with: vlmrec serve --workdir {workdir} --scoring-time <the data's last event>")
     return report
 
 
