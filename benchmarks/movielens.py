@@ -24,6 +24,10 @@ from vlmrec.workspace import Workspace
 # 0.2). Batch 32, not 128: ML-small gives ~740 windows of 200 clicks, so 128 means only ~6 steps an epoch.
 COMMON = ["--max-len", "200", "--d-model", "64", "--n-blocks", "2", "--dropout", "0.2", "--batch-size", "32"]
 
+# The job's defaults when this table was made (the default student has changed since: training/train.py
+# STUDENT_DEFAULTS); every row starts from them so the table reproduces.
+PLAIN = ["--no-use-id-embedding", "--id-dropout", "0", "--negative-pool", "catalogue", "--no-tune-fusion"]
+
 # name -> the flags that make it; the ablations are configs of the same job.
 MODELS: dict[str, list[str]] = {
     "sasrec": ["--item-space", "id", "--id-loss", "sampled", "--n-sampled-negatives", "2048"],
@@ -87,6 +91,7 @@ def main() -> None:
                     "--name",
                     name,
                     *COMMON,
+                    *PLAIN,
                     *budget,
                     *MODELS[name],
                 ],
@@ -117,7 +122,7 @@ def main() -> None:
     for name in args.only:
         info = json.loads((ws.runs / name / "export" / "run.json").read_text())
         runs[name] = {
-            "flags": COMMON + MODELS[name],
+            "flags": COMMON + PLAIN + MODELS[name],
             "best_epoch": info["best"]["epoch"],
             "best_val_ndcg10": info["best"]["val_ndcg10"],
             "epochs_run": info["last"]["epoch"],

@@ -316,3 +316,47 @@ def test_serving_ranks_by_the_models_own_scores_with_item_age(tmp_path, backend)
         assert [i for i, _ in got] == want
         np.testing.assert_allclose([sc for _, sc in got], top.values.numpy(), atol=1e-4)
     src.close()
+
+
+def _configs(argv: list[str] | None = None, args=None):
+    import argparse
+
+    if args is None:
+        parser = argparse.ArgumentParser()
+        train.add_arguments(parser)
+        args = parser.parse_args(argv)
+    args = train.resolve_defaults(args)
+    n = {"n_items": 1, "teacher_dim": 0 if args.item_space == "id" else 1}
+    return ModelConfig.from_args(args, **n), LossConfig.from_args(args), train.TrainConfig.from_args(args)
+
+
+SHAPE = ["--max-len", "200", "--d-model", "64", "--n-blocks", "2", "--dropout", "0.2", "--batch-size", "32"]
+
+
+def test_the_default_student_is_the_validated_choice_and_the_demo_trains_it(monkeypatch):
+    """`vlmrec train` with no model flags trains the config benchmarks/cold.py chose on validation (its
+    committed JSON names it and its flags), and `make demo` trains exactly that."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from vlmrec import demo
+
+    model, loss, cfg = _configs(["--name", "student"])
+    assert (model.use_id_embedding, model.id_dropout, loss.negative_pool, cfg.tune_fusion) == (
+        True,
+        0.5,
+        "trained",
+        True,
+    )
+    baseline, _, base_cfg = _configs(["--name", "sasrec", "--item-space", "id"])
+    assert not baseline.use_id_embedding and not base_cfg.tune_fusion  # the id baseline stays plain SASRec
+    result = json.loads((Path(__file__).parents[1] / "benchmarks/results/cold.json").read_text())
+    flags = result["runs"][result["default_model"]]["flags"]
+    assert _configs(["--name", "x", *flags]) == _configs(["--name", "x", *SHAPE])  # the same config
+    seen = []
+    monkeypatch.setattr(train, "run", seen.append)
+    demo._train(Path("w"), "student", 15, 50)
+    d_model, d_loss, d_cfg = _configs(args=seen[0])
+    assert dataclasses.replace(d_model, max_len=model.max_len) == model and d_loss == loss
+    assert dataclasses.replace(d_cfg, epochs=cfg.epochs) == cfg

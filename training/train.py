@@ -20,6 +20,7 @@ resumes from the latest checkpoint. The driver then exports one folder, `<workdi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -238,8 +239,6 @@ def fusion_key(weight: float, last: int) -> str:
 def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, float]]:
     """Set the model's fusion_weight and fusion_last to the FUSION_GRID pair with the best validation
     NDCG@10 (ties: the earlier pair). -> (the model, validation NDCG@10 per "weight@last")"""
-    import dataclasses
-
     scores = {}
     base = dataclasses.replace(model.cfg, fusion_weight=0.0)
     for weight, last in FUSION_GRID:
@@ -451,8 +450,6 @@ def record_teacher(run_dir: Path, teacher_id: str) -> None:
 
 def _fit_vocabulary(model_cfg: ModelConfig, data: TrainingData) -> ModelConfig:
     """The vocabulary and teacher size come from the data, not from flags."""
-    import dataclasses
-
     dim = data.items.teacher.shape[1] if model_cfg.is_content else 0
     return dataclasses.replace(model_cfg, n_items=data.items.n_items, teacher_dim=dim)
 
@@ -515,11 +512,22 @@ def export(ws: Workspace, job: JobConfig, model: SeqRec, data: TrainingData, inf
 # ----------------------------------------------------------------------------------------------- CLI
 
 
+# The default student: what `vlmrec train` trains in a content space when these flags are not given (the
+# config benchmarks/cold.py chose on validation; docs/BENCHMARKS.md, "New products"). The id baseline
+# (--item-space id) keeps the plain SASRec's defaults.
+STUDENT_DEFAULTS = {
+    "use_id_embedding": True,  # the hybrid ...
+    "id_dropout": 0.5,  # ... with id dropout: content alone ranks half the items of every batch
+    "negative_pool": "trained",  # items nobody clicked are never pushed away
+    "tune_fusion": True,  # the last clicks' item vectors in the query, weight chosen on validation
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    unset = dict.fromkeys(STUDENT_DEFAULTS)  # None: resolved by resolve_defaults()
     JobConfig.add_arguments(parser)
-    ModelConfig.add_arguments(parser, n_items=0)
-    LossConfig.add_arguments(parser)
-    TrainConfig.add_arguments(parser, epochs=30)
+    for cls, extra in ((ModelConfig, {"n_items": 0}), (LossConfig, {}), (TrainConfig, {"epochs": 30})):
+        cls.add_arguments(parser, **extra, **{k: v for k, v in unset.items() if k in _defaults(cls)})
     parser.add_argument(
         "--fusion-only",
         action="store_true",
@@ -527,7 +535,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _defaults(cls) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Flags of STUDENT_DEFAULTS left unset: the default student's value in a content space, the dataclass
+    default for the id baseline."""
+    out = argparse.Namespace(**vars(args))
+    for name, value in STUDENT_DEFAULTS.items():
+        if getattr(out, name, None) is None:
+            plain = next(d[name] for d in map(_defaults, (ModelConfig, LossConfig, TrainConfig)) if name in d)
+            setattr(out, name, value if args.item_space != "id" else plain)
+    return out
+
+
 def run(args: argparse.Namespace) -> tuple[Path, dict]:
+    args = resolve_defaults(args)
     job = JobConfig.from_args(args)
     if getattr(args, "fusion_only", False):
         export_dir, info = refit_fusion(job)
