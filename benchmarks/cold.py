@@ -70,6 +70,31 @@ def without_fusion(ws: Workspace, source: str, name: str) -> None:
     (dst / "run.json").write_text(json.dumps(info, indent=2))
 
 
+def mixer_figures(ws: Workspace, default: str | None) -> dict:
+    """The producers and the validated Mixer on test, from `vlmrec tune-mix --test` (<workdir>/mix.json)
+    when it was tuned with the default student; {} otherwise."""
+    path = ws.root / "mix.json"
+    mix = json.loads(path.read_text()) if path.exists() else {}
+    if "test" not in mix or mix["config"]["student_run"] != default or mix["config"]["cold"] != "natural":
+        return {}
+    keys = ("recall100_all", "recall100_cold")
+    test = mix["test"]
+    return {
+        "producers": {p: {k: test[p][k] for k in keys} for p in ("student", "sasrec", "similar", "popular")},
+        "mixer_validated": {k: test["mixer_validated"][k] for k in keys},
+        "mixer": {
+            "weights": mix["weights"],
+            "quotas": mix["quotas"],
+            "validation": mix["validation"]["chosen"],
+            "command": f"vlmrec tune-mix --workdir {ws.root.name} --student-run {default} "
+            f"--sasrec-run {mix['config']['sasrec_run']} --test",
+            "test_launch_recall100": {
+                p: test[p]["recall100_launch"] for p in test if isinstance(test[p], dict)
+            },
+        },
+    }
+
+
 def run_name(model: str, world: str) -> str:
     return model if world == "natural" else f"{model}-launch"
 
@@ -196,10 +221,8 @@ def main() -> None:
         "evaluation": metrics,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
+    result.update(mixer_figures(ws, default))
     out = Path(args.out)
-    if out.exists():  # keep what other scripts add (producers, mixer_validated)
-        old = json.loads(out.read_text())
-        result = {**{k: v for k, v in old.items() if k in ("producers", "mixer_validated")}, **result}
     out.write_text(json.dumps(result, indent=2))
     for world in args.worlds:
         print((ws.root / "eval" / f"cold-{world}" / "metrics.md").read_text())
