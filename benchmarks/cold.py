@@ -70,7 +70,7 @@ def without_fusion(ws: Workspace, source: str, name: str) -> None:
     (dst / "run.json").write_text(json.dumps(info, indent=2))
 
 
-def mixer_figures(ws: Workspace, default: str | None) -> dict:
+def mixer_figures(ws: Workspace, workdir: str, default: str | None) -> dict:
     """The producers and the validated Mixer on test, from `vlmrec tune-mix --test` (<workdir>/mix.json)
     when it was tuned with the default student; {} otherwise."""
     path = ws.root / "mix.json"
@@ -86,7 +86,7 @@ def mixer_figures(ws: Workspace, default: str | None) -> dict:
             "weights": mix["weights"],
             "quotas": mix["quotas"],
             "validation": mix["validation"]["chosen"],
-            "command": f"vlmrec tune-mix --workdir {ws.root.name} --student-run {default} "
+            "command": f"vlmrec tune-mix --workdir {workdir} --student-run {default} "
             f"--sasrec-run {mix['config']['sasrec_run']} --test",
             "test_launch_recall100": {
                 p: test[p]["recall100_launch"] for p in test if isinstance(test[p], dict)
@@ -221,7 +221,7 @@ def main() -> None:
         "evaluation": metrics,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
-    result.update(mixer_figures(ws, default))
+    result.update(mixer_figures(ws, args.workdir, default))
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=2))
     for world in args.worlds:
