@@ -31,7 +31,8 @@ from vlmrec.workspace import Workspace
 # training run -> flags: the behavioural baseline and the cold-aware student configs of the one training job.
 # Every student run picks its fusion weight on validation (--tune-fusion); its "no fusion" twin below is the
 # same weights with fusion_weight 0 (a copy of the export), so fusion is measured on one set of weights.
-BASE = ["--item-space", "adapter", "--negative-pool", "trained", "--tune-fusion"]
+BASE = ["--item-space", "adapter", "--no-use-id-embedding", "--id-dropout", "0", "--negative-pool", "trained",
+        "--tune-fusion"]  # fmt: skip
 HYBRID = [*BASE, "--use-id-embedding", "--id-dropout", "0.5"]
 TRAINED: dict[str, list[str]] = {
     "sasrec": ["--item-space", "id", "--id-loss", "sampled", "--n-sampled-negatives", "2048"],
