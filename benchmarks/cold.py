@@ -25,7 +25,7 @@ from pathlib import Path
 
 from movielens import COMMON, sh  # benchmarks/ is on sys.path when this file runs as a script
 
-from training.train import fusion_key
+from training.train import FUSION_GRID, fusion_key
 from vlmrec.workspace import Workspace
 
 # training run -> flags: the behavioural baseline and the cold-aware student configs of the one training job.
@@ -60,6 +60,10 @@ LAUNCH = ["--cold", "launch", "--launch-fraction", "0.1", "--launch-seed", "0"]
 def without_fusion(ws: Workspace, source: str, name: str) -> None:
     """runs/<name>/export: runs/<source>/export with fusion_weight 0 (the same weights, fusion off)."""
     src, dst = ws.runs / source / "export", ws.runs / name / "export"
+    if (dst / "run.json").exists() and (dst / "run.json").stat().st_mtime >= (
+        src / "run.json"
+    ).stat().st_mtime:
+        return  # made from this export already
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     cfg = json.loads((dst / "model" / "config.json").read_text())
@@ -69,6 +73,13 @@ def without_fusion(ws: Workspace, source: str, name: str) -> None:
     info["configs"]["model"]["fusion_weight"] = 0.0
     info["name"], info["derived_from"] = name, f"{source} with fusion_weight 0"
     (dst / "run.json").write_text(json.dumps(info, indent=2))
+
+
+def _fresh(metrics_path: Path, ws: Workspace, runs: list[str]) -> bool:
+    """An evaluation of exactly these runs, newer than each of their exports."""
+    metrics = json.loads(metrics_path.read_text())
+    newest = max((ws.runs / r / "export" / "run.json").stat().st_mtime for r in runs)
+    return set(metrics["models"]) - {"popular", "knn"} == set(runs) and metrics_path.stat().st_mtime > newest
 
 
 def mixer_figures(ws: Workspace, workdir: str, default: str | None) -> dict:
@@ -148,7 +159,10 @@ def main() -> None:
                 cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, *flags]
                 seconds[f"train {name}"] = sh(cmd, log)
                 print(f"{name}: trained in {seconds[f'train {name}']:.0f} s", flush=True)
-            if "--tune-fusion" in TRAINED[run]:  # the fusion grid of this commit, also for runs reused
+            info = json.loads((ws.runs / name / "export" / "run.json").read_text())
+            grid = {fusion_key(*pair) for pair in FUSION_GRID}
+            if "--tune-fusion" in TRAINED[run] and set(info.get("fusion_val_ndcg10") or {}) != grid:
+                # a run made before the fusion grid of this commit: choose its fusion with this one
                 cmd = [*vlmrec, "train", "--workdir", args.workdir, "--name", name, "--fusion-only", *COMMON,
                        *TRAINED[run], *(LAUNCH if world == "launch" else [])]  # fmt: skip
                 seconds[f"fusion {name}"] = sh(cmd, log)
@@ -160,6 +174,10 @@ def main() -> None:
     metrics = {}
     for world, models_here in models_of.items():
         runs = [run_name(m, world) for m in models_here]
+        done = ws.root / "eval" / f"cold-{world}" / "metrics.json"
+        if done.exists() and not args.retrain and _fresh(done, ws, runs):  # the same exports, evaluated
+            metrics[world] = json.loads(done.read_text())
+            continue
         cmd = [*vlmrec, "evaluate", "--workdir", args.workdir, "--runs", *runs, "--protocols", "full",
                "--name", f"cold-{world}", *(LAUNCH if world == "launch" else [])]  # fmt: skip
         seconds[f"evaluate {world}"] = sh(cmd, log)
