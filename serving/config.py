@@ -62,6 +62,11 @@ class ProducerConfig:
     refresh_interval_s: float = (
         2.0  # Index.refresh() period: upserts / new versions reach a replica this fast
     )
+    # /v1/events accepts click times from event_min_time up to event_max_future_s ahead of the replica's
+    # clock (sender clock skew); outside them a 422. A time far off is a bug upstream, and on Redis one
+    # click stamped in year 9999 would make every later write of the user look late.
+    event_min_time: str = "2000-01-01T00:00:00+00:00"
+    event_max_future_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.index_backend not in BACKENDS:
@@ -76,6 +81,9 @@ class ProducerConfig:
             raise ValueError(f"similar_last_n must be >= 1, got {self.similar_last_n}")
         if self.popular_until is not None:
             _utc(self.popular_until)  # raises ValueError naming the value
+        _utc(self.event_min_time, "event_min_time")
+        if self.event_max_future_s < 0:
+            raise ValueError(f"event_max_future_s must be >= 0, got {self.event_max_future_s}")
         if not 1 <= self.max_k <= API_MAX_K:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:
@@ -129,6 +137,10 @@ class ProducerConfig:
     def popular_until_ts(self) -> datetime | None:
         return None if self.popular_until is None else _utc(self.popular_until)
 
+    @property
+    def event_min_ts(self) -> datetime:
+        return _utc(self.event_min_time, "event_min_time")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -142,10 +154,10 @@ class ProducerConfig:
         return cls(**d)
 
 
-def _utc(value: str) -> datetime:
+def _utc(value: str, name: str = "popular_until") -> datetime:
     """An ISO 8601 time (naive = UTC)."""
     try:
         ts = datetime.fromisoformat(value)
     except (TypeError, ValueError):
-        raise ValueError(f"popular_until must be an ISO 8601 time, got {value!r}") from None
+        raise ValueError(f"{name} must be an ISO 8601 time, got {value!r}") from None
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)

@@ -51,20 +51,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
 from fastapi import FastAPI, Path, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from index.search import Index
+from serving import guard
 from serving.api import (
     INT64_MAX,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BODY_BYTES,
     BatchRequest,
     BatchResponse,
     CandidatesRequest,
@@ -78,7 +80,8 @@ from serving.api import (
     MixResponse,
 )
 from serving.config import API_MAX_K, ProducerConfig
-from serving.events import ClickWriter
+from serving.events import ClickWriter, Refused, check_event_time, transient
+from serving.guard import invalid
 from serving.mixer import MixError, interleave, resolve_quotas
 from serving.sources import (
     ModelSource,
@@ -99,25 +102,16 @@ MODEL_PRODUCERS = ("student", "sasrec")  # the producers that run a SeqRec forwa
 
 
 class Unavailable(Exception):
-    """A dependency an answer needs is down or slow: HTTP 503 with a JSON body."""
+    """A dependency an answer needs is down or slow: HTTP 503 with a JSON body, and Retry-After when a
+    retry can succeed (a timeout, a dependency down); none when it cannot (a producer never built)."""
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: str, message: str, retry_after: int | None = 1) -> None:
         super().__init__(message)
-        self.error, self.message = error, message
+        self.error, self.message, self.retry_after = error, message, retry_after
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.error, "message": self.message}, status_code=503)
-
-
-def _field(loc: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in loc if p not in ("body", "path", "query")) or "body"
-
-
-def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
-    """A 422 in FastAPI's shape, for checks that depend on the deployment's config (e.g. max_k)."""
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", *field.split(".")), "msg": message, "input": value}]
-    )
+        headers = None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return JSONResponse({"error": self.error, "message": self.message}, status_code=503, headers=headers)
 
 
 api = FastAPI(
@@ -125,17 +119,24 @@ api = FastAPI(
     description="Candidates from four producers (the distilled student, the behavioural SASRec, teacher "
     "neighbours, popularity) under one contract, and a reference Mixer that blends them.",
 )
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
-    detail = [{k: e[k] for k in ("type", "loc", "msg", "input") if k in e} for e in errors]
-    return JSONResponse(
-        {"error": "invalid_request", "message": message, "detail": jsonable_encoder(detail)},
-        status_code=422,
-    )
+# the edge (serving/guard.py): body limits before parsing, the optional write token, one error shape
+guard.install(api, limits={"/v1/candidates:batch": MAX_BATCH_BODY_BYTES}, default_limit=MAX_BODY_BYTES)
+# what every POST route may answer besides 200 (FastAPI lists 422 itself, in its own shape: replaced)
+ERRORS = {
+    400: {"model": ErrorBody, "description": "the body is not UTF-8 JSON, or nested too deep"},
+    413: {"model": ErrorBody, "description": "the body is larger than the route's limit"},
+    422: {"model": ErrorBody, "description": "a field is invalid: `message` names it"},
+    500: {"model": ErrorBody},
+    503: {"model": ErrorBody, "description": "a dependency is down or slow; Retry-After when worth it"},
+}
+WRITE_ERRORS = {
+    **ERRORS,
+    401: {"model": ErrorBody, "description": "a write token is configured and the request lacks it"},
+    409: {
+        "model": ErrorBody,
+        "description": "the click cannot be placed in the sequence: `message` says why",
+    },
+}
 
 
 @api.exception_handler(Exception)
@@ -435,7 +436,7 @@ class Producer:
     @api.post(
         "/v1/candidates",
         response_model=CandidatesResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def candidates(self, body: CandidatesRequest):
         """Top-k candidates for one user from one producer (`producer`, default the deployment's)."""
@@ -451,7 +452,7 @@ class Producer:
     @api.post(
         "/v1/candidates:batch",
         response_model=BatchResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def candidates_batch(self, body: BatchRequest):
         """Several requests in one call: one feature read, one forward per model, one batched search per
@@ -523,7 +524,9 @@ class Producer:
                 rows = [i for i, n in enumerate(names) if n == name]
                 source = s.sources.get(name)
                 if source is None:
-                    gone = Unavailable("producer_unavailable", s.missing.get(name, f"{name} is not loaded"))
+                    gone = Unavailable(
+                        "producer_unavailable", s.missing.get(name, f"{name} is not loaded"), retry_after=None
+                    )
                     for i in rows:
                         out[i] = gone
                     continue
@@ -705,7 +708,7 @@ class Producer:
     @api.post(
         "/v1/mix",
         response_model=MixResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def mix(self, body: MixRequest):
         """Candidates of several producers for one user, asked in parallel under one time budget,
@@ -798,22 +801,31 @@ class Producer:
     @api.post(
         "/v1/events",
         response_model=EventResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=WRITE_ERRORS,
     )
     async def events(self, body: EventRequest):
-        """Append a click to the user's online sequence (Feast push `click_push`); the next /v1/candidates
-        sees it, whichever producer answers. Serialised per user inside this replica (serving/events.py
-        says what that means across replicas). event_type is accepted for the caller's bookkeeping; every
-        event appends."""
+        """Put a click into the user's online sequence (Feast push `click_push`), merged by its time, and
+        answer once it is read back from the store; the next /v1/candidates sees it, whichever producer
+        answers. Serialised per user inside this replica (serving/events.py says what that means across
+        replicas). event_type is accepted for the caller's bookkeeping; every event is a click.
+        422: a bad field (an unknown item, a time outside the deployment's bounds); 409: a click the
+        sequence cannot hold (older than all of its last N); 503 + Retry-After: the store failed or timed
+        out, the click may or may not be stored: retry (a click stored twice is merged twice)."""
         try:
             with self._lease() as s:
                 cfg = s.config
                 item = int(body.item_id)
+                now = datetime.now(UTC)
+                try:
+                    ts = check_event_time(
+                        body.event_timestamp or now, cfg.event_min_ts, cfg.event_max_future_s, now
+                    )
+                except ValueError as exc:
+                    raise invalid("event_timestamp", str(exc), str(body.event_timestamp)) from None
                 if not s.known_item(item) and not await self._in_an_index(s, item):
                     raise invalid(
                         "item_id", f"unknown item_id {item}: not in the catalogue or an index", item
                     )
-                ts = body.event_timestamp or datetime.now(UTC)
                 try:
                     seq = await _call(
                         self._pools.events,
@@ -825,9 +837,13 @@ class Producer:
                         ts,
                         s.sequence_len,
                     )
+                except Refused as exc:
+                    return guard.error(409, "event_refused", str(exc))
                 except Exception as exc:
                     log.warning("click push failed: %r", exc)
                     self._errors.inc(tags={"producer": "events", "kind": "event"})
+                    if not transient(exc):
+                        raise
                     raise Unavailable(
                         "feature_store_unavailable",
                         f"the click push failed ({_describe(exc)}); it may or may not be stored: retry",
@@ -863,7 +879,7 @@ class Producer:
     @api.get(
         "/v1/users/{user_id}/clicks",
         response_model=ClicksResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def clicks(self, user_id: Annotated[int, Path(ge=0, le=INT64_MAX)]):
         """The user's online click sequence, oldest first (what every producer reads); [] if unknown."""

@@ -132,8 +132,12 @@ def test_click_sequences_match_brute_force():
     expected = []
     for user, g in events.sort_values("event_timestamp").groupby("user_id", sort=True):
         items = g.item_id.tolist()
-        expected += [(user, items[max(0, k - 3) : k + 1]) for k in range(len(items))]
-    assert [(u, list(x)) for u, x in zip(table.user_id, table.item_ids, strict=True)] == expected
+        times = g.event_timestamp.tolist()
+        expected += [
+            (user, items[max(0, k - 3) : k + 1], times[max(0, k - 3) : k + 1]) for k in range(len(items))
+        ]
+    got = zip(table.user_id, table.item_ids, table.click_times, strict=True)
+    assert [(u, list(x), list(t)) for u, x, t in got] == expected, "ids and their click times, aligned"
 
 
 def test_timestamp_formats_and_parquet_input(tmp_path):

@@ -563,7 +563,8 @@ def _order_events(
 
 
 def click_sequences(events: pd.DataFrame, max_len: int) -> pa.Table:
-    """One CLICK_SEQUENCES row per event: the user's last `max_len` item ids up to and including it.
+    """One CLICK_SEQUENCES row per event: the user's last `max_len` item ids up to and including it, and
+    their click times (UTC microseconds).
 
     `events` has user_id, item_id, event_timestamp (int64 UTC microseconds or datetimes), each user's times
     unique; rows come out ordered by user, then time.
@@ -590,10 +591,14 @@ def click_sequences(events: pd.DataFrame, max_len: int) -> pa.Table:
         rows = np.repeat(np.arange(start, end), lens)  # the row each id belongs to
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens)
         values = items[rows - lengths[rows] + 1 + within]  # oldest first, ending at the row's own event
-        lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
+        times = t[rows - lengths[rows] + 1 + within]  # each of those clicks' time
+        list_offsets = pa.array(offsets.astype(np.int32))
+        lists = pa.ListArray.from_arrays(list_offsets, pa.array(values, pa.int64()))
+        time_lists = pa.ListArray.from_arrays(list_offsets, pa.array(times.astype(np.int64), pa.int64()))
         batches.append(
             pa.RecordBatch.from_arrays(
-                [pa.array(u[start:end], pa.int64()), _ts_array(t[start:end]), lists], schema=CLICK_SEQUENCES
+                [pa.array(u[start:end], pa.int64()), _ts_array(t[start:end]), lists, time_lists],
+                schema=CLICK_SEQUENCES,
             )
         )
         start = end
