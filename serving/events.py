@@ -32,6 +32,8 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
+from serving.online import online_lock
+
 PUSH_SOURCE = "click_push"  # feature_repo/features.py: the push source of user_click_sequence
 VIEW = "user_click_sequence"  # the feature view it feeds
 FEATURES = ("item_ids", "click_times")
@@ -163,15 +165,16 @@ def append_click(
     push_lock: AbstractContextManager = nullcontext(),
     attempts: int = 3,
 ) -> list[int]:
-    """Read the user's row, merge the click in by time, push it (under `push_lock`), read it back. Returns
+    """Read the user's row, merge the click in by time, push it, read it back (all under `push_lock`, the
+    store's lock: serving/online.py). Returns
     the stored sequence (oldest first). Refused: the click cannot be placed; NotConfirmed: overtaken
     `attempts` times. The caller serialises the user's calls (see ClickWriter)."""
     from feast.data_source import PushMode
 
     for _ in range(attempts):
-        stored = read_clicks(store, user_id)
-        new = merge(stored, item_id, event_timestamp, sequence_len)
         with push_lock:
+            stored = read_clicks(store, user_id)
+            new = merge(stored, item_id, event_timestamp, sequence_len)
             store.push(PUSH_SOURCE, click_row(user_id, new), to=PushMode.ONLINE)
             back = read_clicks(store, user_id)
         if back.item_ids == new.item_ids and back.times == new.times:
@@ -186,14 +189,13 @@ class ClickWriter:
 
     User locks are striped (user u takes lock hash(u) mod stripes: bounded memory, no eviction) and held
     for the whole read-modify-write, also when the caller stopped waiting (a timeout), so a late write
-    never interleaves with the next one. On sqlite every push and its read-back also take one process-wide
-    lock: Feast shares one sqlite connection between threads, and two threads' writes would share a
-    transaction.
+    never interleaves with the next one. On sqlite every read-modify-write also takes the store's lock
+    (serving/online.py): Feast shares one sqlite connection between threads; two threads' writes would
+    share a transaction, and a thread blocked on the connection can freeze the whole process.
     """
 
     def __init__(self, stripes: int = 1024) -> None:
         self._users = [threading.Lock() for _ in range(stripes)]
-        self._sqlite = threading.Lock()
 
     def lock(self, user_id: int) -> threading.Lock:
         return self._users[hash(int(user_id)) % len(self._users)]
@@ -202,6 +204,5 @@ class ClickWriter:
         self, store, user_id: int, item_id: int, event_timestamp: datetime, sequence_len: int
     ) -> list[int]:
         """append_click under the user's lock. Returns the new sequence (oldest first)."""
-        single_writer = self._sqlite if store.config.online_store.type == "sqlite" else nullcontext()
         with self.lock(user_id):
-            return append_click(store, user_id, item_id, event_timestamp, sequence_len, single_writer)
+            return append_click(store, user_id, item_id, event_timestamp, sequence_len, online_lock(store))

@@ -83,6 +83,7 @@ from serving.config import API_MAX_K, ProducerConfig
 from serving.events import ClickWriter, Refused, check_event_time, transient
 from serving.guard import invalid
 from serving.mixer import MixError, interleave, resolve_quotas
+from serving.online import read_sequences
 from serving.sources import (
     ModelSource,
     PopularSource,
@@ -93,7 +94,7 @@ from serving.sources import (
     popular_candidates,
 )
 from training.data import ItemTable, ModelInputs, build_inputs
-from vlmrec.features import online_sequences, open_store
+from vlmrec.features import open_store
 
 log = logging.getLogger("ray.serve")
 
@@ -173,9 +174,7 @@ def producer_input(
     store, user_id: int, recent: Sequence[int] | None, vocab: ItemTable, max_len: int
 ) -> np.ndarray:
     """One user's model input exactly as the Producer builds it from the online store. (max_len,) int64"""
-    return model_inputs(online_sequences(store, [int(user_id)]), [user_id], [recent], vocab, max_len)[1].ids[
-        0
-    ]
+    return model_inputs(read_sequences(store, [int(user_id)]), [user_id], [recent], vocab, max_len)[1].ids[0]
 
 
 # ----------------------------------------------------------------------------------- loaded state
@@ -225,7 +224,7 @@ class State:
         the one that pays for Feast's registry load. A feature store that is down now only logs (requests
         fall back until it answers)."""
         try:
-            online_sequences(self.store, [0])
+            read_sequences(self.store, [0])
         except Exception as exc:
             log.warning("feature store not readable at load: %r", exc)
 
@@ -479,7 +478,7 @@ class Producer:
     async def _read_features(self, s: State, users: Sequence[int], tag: str, timeout: float) -> Features:
         t0 = time.perf_counter()
         try:
-            stored = await _call(self._pools.features, timeout, online_sequences, s.store, sorted(set(users)))
+            stored = await _call(self._pools.features, timeout, read_sequences, s.store, sorted(set(users)))
             error = None
         except Exception as exc:
             log.warning("feature store read failed: %r", exc)
@@ -930,7 +929,7 @@ class Producer:
                 }
             reasons = [producers[cfg.producer]["reason"]] if producers[cfg.producer]["reason"] else []
             try:
-                await _call(self._pools.features, cfg.feature_timeout_s, online_sequences, s.store, [0])
+                await _call(self._pools.features, cfg.feature_timeout_s, read_sequences, s.store, [0])
             except Exception as exc:
                 reasons.append(f"feature store: {_describe(exc)}")
             default = producers[cfg.producer]
