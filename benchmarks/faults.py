@@ -9,7 +9,8 @@ and of the default `student`, and POST /v1/events. Faults, each `--seconds` long
     redis_stop    the Redis online store's redis-server is SIGSTOPped (then SIGCONT)
     slow_index    every index search takes 2 s more (Serve's local testing mode: the fault is patched into
                   the replica's process; the client calls go through the same route methods)
-    replica_kill  the replica's process is SIGKILLed (HTTP; Serve starts a new one)
+    replica_kill  the only replica's process is SIGKILLed (HTTP; Serve starts a new one and retries the
+                  requests it held); replica_kill_of_2: one of two replicas
 For each fault and call: requests during the fault, errors (non-200), fallbacks, p99 latency, and the
 seconds from the fault's end until that call answers normally again. tests/test_serving_faults.py runs
 the same harness with short faults and asserts the bounds.
@@ -91,10 +92,14 @@ class ClientLoop:
             t.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """Stop calling and wait for the calls in flight (a hanging call ends by its client timeout)."""
         self._stop.set()
         for t in self._threads:
             t.join(timeout=120)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def table(self, start: float, end: float) -> dict:
         """Per call: the requests in flight at any time during [start, end) (a request that hangs through
@@ -159,6 +164,7 @@ def run_fault(loop: ClientLoop, fault: Callable[[float], None], seconds: float, 
     fault(seconds)
     end = time.monotonic()
     time.sleep(tail_s)
+    loop.stop()  # calls still hanging are counted when they end
     return {
         "fault_s": round(end - start, 2),
         "before": loop.table(start - warm_s, start),
@@ -215,11 +221,12 @@ def kill_replica(app: str) -> Callable[[float], None]:
     """SIGKILL the app's replica process; the fault 'lasts' until Serve runs a new replica (or `seconds`)."""
 
     def fault(seconds: float) -> None:
-        (pid,) = replica_pids(app)
+        before = replica_pids(app)
+        pid = before[0]
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            if [p for p in replica_pids(app) if p != pid]:
+            if [p for p in replica_pids(app) if p not in before]:
                 return
             time.sleep(0.05)
 
@@ -252,20 +259,25 @@ def redis_server(workdir: Path):
         proc.wait(timeout=10)
 
 
-def deploy(config, env: dict[str, str] | None = None, name: str = "vlmrec-producer") -> str:
+def deploy(
+    config, env: dict[str, str] | None = None, name: str = "vlmrec-producer", replicas: int = 1
+) -> str:
     """The Producer over HTTP on 127.0.0.1 (a free port), `env` in its replica's environment -> url."""
     from ray import serve
 
+    from serving.config import REQUEST_TIMEOUT_S
     from serving.producer import Producer
     from tests.producer_world import free_port
     from vlmrec.raycluster import init_ray
 
     init_ray(num_cpus=2)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     options = {"runtime_env": {"env_vars": env}} if env else {}
     serve.run(
-        Producer.options(user_config=config.to_dict(), ray_actor_options=options).bind(),
+        Producer.options(
+            user_config=config.to_dict(), ray_actor_options=options, num_replicas=replicas
+        ).bind(),
         name=name,
         route_prefix="/",
     )
@@ -288,7 +300,11 @@ def production_timeouts(config):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=10.0, help="how long each fault lasts")
-    p.add_argument("--faults", nargs="+", default=["sqlite_lock", "redis_stop", "slow_index", "replica_kill"])
+    p.add_argument(
+        "--faults",
+        nargs="+",
+        default=["sqlite_lock", "redis_stop", "slow_index", "replica_kill", "replica_kill_of_2"],
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/faults.json")
     args = p.parse_args(argv)
 
@@ -325,10 +341,11 @@ def main(argv=None) -> dict:
                 time.sleep(0.2)
             with ClientLoop(local_sender(handle)) as loop:
                 table = run_fault(loop, slow_index(), args.seconds, 3, 5)
-        elif name == "replica_kill":
-            url = deploy(config)
+        elif name in ("replica_kill", "replica_kill_of_2"):  # the only replica, or one of two
+            url = deploy(config, replicas=2 if name.endswith("of_2") else 1)
+            time.sleep(2)  # both replicas answering
             with ClientLoop(http_sender(url, timeout=60)) as loop:
-                table = run_fault(loop, kill_replica("vlmrec-producer"), 120, 3, 5)
+                table = run_fault(loop, kill_replica("vlmrec-producer"), 120, 3, 10)
             serve.shutdown()
         else:
             raise SystemExit(f"unknown fault {name!r}")

@@ -20,6 +20,10 @@ from index.config import BACKENDS
 from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 
 API_MAX_K = 1000  # the hard bound of the API's `k` (request validation); max_k may only lower it
+# Serve's proxy gives up on a request after this long (http_options.request_timeout_s: HTTP 408), so a lost
+# replica costs its callers at most this, never an open-ended hang. Above the longest legitimate request
+# (a /v1/mix with the largest budget, 10 s); a caller that wants less sends `x-request-timeout-seconds`.
+REQUEST_TIMEOUT_S = 12.0
 # The producers one deployment serves (serving/sources.py): the request's `producer` names one of them.
 PRODUCERS = ("student", "sasrec", "similar", "popular")
 

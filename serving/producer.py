@@ -352,6 +352,12 @@ class _Ranked(NamedTuple):
     # Serve's default (5) is low for async handlers that mostly wait on I/O; beyond 32 requests in flight
     # Serve queues them before this replica (backpressure) instead of piling them into the thread pools.
     max_ongoing_requests=32,
+    # Beyond this many requests waiting at a proxy for a replica (none left, or all full), Serve answers 503
+    # at once instead of queueing more: a lost replica costs a bounded queue, not a pile-up of hanging calls.
+    max_queued_requests=64,
+    # check_health() below every 2 s; a replica whose event loop does not answer within 10 s is replaced.
+    health_check_period_s=2,
+    health_check_timeout_s=10,
     user_config={},  # {} = ProducerConfig() defaults; reconfigure() always runs, also on the first start
     graceful_shutdown_timeout_s=5,
 )
@@ -380,6 +386,15 @@ class Producer:
             description="Errors by kind: feature_store, index, index_refresh, event, internal, mix_dropped.",
             tag_keys=("producer", "kind"),
         )
+
+    async def check_health(self) -> None:
+        """Serve's health check: runs on the replica's event loop, so a loop that stopped answering (a
+        blocked call on it, a frozen process) fails it by the timeout and Serve replaces the replica. A
+        dependency that is down does not fail it (requests fall back or get a 503; /readyz reports it);
+        a dead index refresher does: the replica would serve a stale index forever."""
+        task = self._refresher
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the index refresh loop died: {task.exception()!r}")
 
     # -- configuration --------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from benchmarks.faults import (
     ClientLoop,
     deploy,
     http_sender,
+    kill_replica,
     lock_sqlite,
     production_timeouts,
     run_fault,
@@ -103,3 +104,21 @@ def test_redis_stopped_costs_only_its_calls(world, ray_local, redis_url, tmp_pat
         mp.undo()
     assert table["before"]["student"]["fallbacks"] == 0, table["before"]
     check_isolated(table, config.event_timeout_s)
+
+
+def test_losing_one_of_two_replicas_costs_no_request(world, ray_local):
+    """A replica's process SIGKILLed under load: Serve retries what it held on the other replica and
+    routes new requests there (with a single replica the requests wait for its replacement, at most the
+    proxy's request_timeout_s: benchmarks/faults.py measures both)."""
+    from ray import serve
+
+    url = deploy(production_timeouts(world.config), name="faults-replicas", replicas=2)
+    try:
+        with ClientLoop(http_sender(url)) as loop:
+            table = run_fault(loop, kill_replica("faults-replicas"), 60, 2, 3)
+    finally:
+        serve.shutdown()
+    for name in ("healthz", "popular", "student", "events"):
+        call = table[name]
+        assert call["requests"] > 0 and call["errors"] == 0, (name, call)
+        assert call["max_ms"] < 5000, (name, call)
