@@ -76,7 +76,7 @@ def test_schemas_and_tables(tmp_path):
     assert items["created_at"].iloc[0] == pd.Timestamp("2024-01-01", tz="UTC")
     assert summary.events_kept == 6 and summary.users == 2 and summary.items == 4
     assert summary.sequence_rows == 6 and summary.sequence_ids == 1 + 2 + 3 + 3 + 1 + 2
-    assert summary.sequence_bytes_estimate == 8 * summary.sequence_ids + 20 * 6
+    assert summary.sequence_bytes_estimate == 16 * summary.sequence_ids + 24 * 6
     assert summary.sequence_bytes_on_disk == ws.sequences.stat().st_size
     text = str(summary)
     assert "6 kept" in text and "max_len 3" in text and summary.to_dict()["users"] == 2
