@@ -192,3 +192,16 @@ def test_materialized_rows_carry_click_times(world, store):
     assert clicks.item_ids == e.item_id.tolist()
     assert clicks.times == [t.value // 1000 for t in e.event_timestamp]
     assert clicks.row_ts == e.event_timestamp.max().to_pydatetime() and T0 < clicks.row_ts
+
+
+def test_a_workspace_ingested_without_click_times_is_refused_saying_what_to_run(world, tmp_path):
+    """Click times come from ingest: an older workspace gets one clear message, not a Feast error."""
+    import pyarrow.parquet as pq
+
+    from vlmrec.workspace import Workspace
+
+    ws = Workspace(tmp_path / "old")
+    shutil.copytree(world.ws.root, ws.root)
+    pq.write_table(pq.read_table(ws.sequences).drop_columns(["click_times"]), ws.sequences)
+    with pytest.raises(FileNotFoundError, match="no click_times column.*vlmrec ingest"):
+        apply_and_materialize(ws)
