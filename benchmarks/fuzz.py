@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
@@ -92,8 +93,6 @@ def fuzz(
                 n_violations += 1
                 if len(violations) < 20:
                     violations.append({**where, "failure": str(exc)[:600]})
-
-        import random
 
         random.seed(round_seed)
         run()

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -98,15 +97,15 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
         }
         for e in errors[:20]
     ]
-    body = {"error": "invalid_request", "message": message, "detail": detail}
-    return JSONResponse(json.loads(json.dumps(body, allow_nan=False)), status_code=422)
+    # every value went through json_safe: Starlette's encoder (allow_nan=False) can always write it
+    return JSONResponse({"error": "invalid_request", "message": message, "detail": detail}, status_code=422)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """FastAPI's and Starlette's own errors in the documented shape. FastAPI answers 400 "There was an error
     parsing the body" for a body it cannot decode: not UTF-8, or nested deeper than its JSON parser goes."""
     if exc.status_code == 400:
-        message = "the body could not be parsed: it must be UTF-8 JSON, nested at most a few hundred levels"
+        message = "the body could not be parsed: it must be UTF-8 JSON, and not nested too deeply"
     else:
         message = str(exc.detail)
     code = HTTP_ERRORS.get(exc.status_code, f"http_{exc.status_code}")
