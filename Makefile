@@ -1,6 +1,7 @@
 # vlmrec: two set-up commands.
 #   make demo   create .venv if missing, run the whole pipeline on the built-in sample data
 #   make test   create .venv if missing, lint (ruff) and run the test suite
+#   make fuzz   schemathesis over the Producer's OpenAPI against a live local Producer (benchmarks/fuzz.py)
 # Both are idempotent: .venv is rebuilt only when pyproject.toml or constraints.txt change.
 
 PYTHON ?= python3
@@ -15,8 +16,10 @@ UI      ?=
 FORMAT  ?= sample
 WORKDIR ?= .vlmrec/$(FORMAT)
 PYTEST_ARGS ?=
+FUZZ_REQUESTS ?= 10000
+FUZZ_SECONDS  ?= 900
 
-.PHONY: demo test lint venv system-deps clean
+.PHONY: demo test lint venv system-deps clean fuzz
 
 venv: $(STAMP)
 
@@ -41,6 +44,12 @@ lint: venv
 
 test: venv system-deps lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# A Producer on 127.0.0.1 over a tiny world of its own, FUZZ_REQUESTS cases (valid and invalid by the schema),
+# at most FUZZ_SECONDS; writes benchmarks/results/fuzz.json (requests, 5xx, schema violations). Exits 1 on any.
+fuzz: venv
+	nice -n 5 $(PY) benchmarks/fuzz.py --requests $(FUZZ_REQUESTS) --seconds $(FUZZ_SECONDS) \
+		--out benchmarks/results/fuzz.json --strict
 
 demo: venv
 	$(VENV)/bin/vlmrec demo --workdir $(WORKDIR) --format $(FORMAT) $(if $(DATA),--data $(DATA),) $(if $(UI),--ui,)

@@ -44,7 +44,11 @@ user_click_sequence = FeatureView(
     name="user_click_sequence",
     entities=[user],
     ttl=timedelta(0),
-    schema=[Field(name="item_ids", dtype=Array(Int64), description="last N item ids, oldest first")],
+    schema=[
+        Field(name="item_ids", dtype=Array(Int64), description="last N item ids, oldest first"),
+        # not a model input (student_v1 leaves it out): the write path merges late clicks by time with it
+        Field(name="click_times", dtype=Array(Int64), description="their click times, UTC microseconds"),
+    ],
     source=click_push,
     online=True,
 )
@@ -74,7 +78,7 @@ item_metadata = FeatureView(
 
 student_v1 = FeatureService(
     name="student_v1",
-    features=[user_click_sequence],
+    features=[user_click_sequence[["item_ids"]]],
     description="The student's input: training (historical) and the Producer (online).",
 )
 item_vectors_v1 = FeatureService(

@@ -8,6 +8,8 @@ api.py      the HTTP contract: request and response models (docs/API.md)
 sources.py  the producers: student, sasrec, similar, popular (what each loads and how it ranks)
 mixer.py    the reference Mixer's quotas and de-duplicating interleave
 producer.py the deployment, its FastAPI routes (candidates, mix, events, clicks, probes), the model input
-events.py   click pushes to the Feast online store (read-modify-write, serialised per user)
+guard.py    the HTTP edge: body limits (413), the optional write token (401), one error shape for all
+events.py   click pushes to the Feast online store (merged by time, confirmed by a read-back, per user)
+online.py   online-store calls from thread pools (sqlite: one lock per store, or the replica can freeze)
 cli.py      `vlmrec serve`, and start()/stop() for the demo and tests
 """

@@ -8,7 +8,7 @@ One contract for every producer: a request names the producer (`producer`, defau
 from datetime import datetime
 from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from serving.config import API_MAX_K, PRODUCERS
 
@@ -16,8 +16,23 @@ INT64_MAX = 2**63 - 1
 MAX_RECENT = 1000  # recent_item_ids per request
 MAX_BATCH_REQUESTS = 256  # requests per /v1/candidates:batch call
 MAX_BUDGET_MS = 10_000.0  # the largest /v1/mix budget a request may ask for
+MAX_CATEGORIES = 256  # categories in one filter
+MAX_NAME = 256  # characters of a category or an event type
+# Request bodies are refused above these sizes before anything parses them (serving/guard.py, HTTP 413).
+# The largest valid single request (MAX_RECENT ids of 19 digits, MAX_CATEGORIES names) is about 90 kB;
+# a batch of MAX_BATCH_REQUESTS of them about 23 MB, so a batch of the largest requests must be split.
+MAX_BODY_BYTES = 1 << 20  # 1 MiB
+MAX_BATCH_BODY_BYTES = 8 << 20  # 8 MiB: /v1/candidates:batch
 
-Id = Annotated[int, Field(ge=0, le=INT64_MAX)]  # user and item ids are int64 >= 0 (Qdrant ids are unsigned)
+# Types are strict (a JSON true is not the integer 1, "no" is not a boolean, 5.0 is not an int) and
+# numbers finite: a request means exactly what it says or is refused naming the field.
+Int = Annotated[int, Field(strict=True)]
+Id = Annotated[
+    int, Field(strict=True, ge=0, le=INT64_MAX)
+]  # user and item ids: int64 >= 0 (Qdrant: unsigned)
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # an int is a float; a bool is not
+Bool = StrictBool
+Name = Annotated[str, Field(strict=True, max_length=MAX_NAME)]
 ProducerName = Literal["student", "sasrec", "similar", "popular"]
 assert set(get_args(ProducerName)) == set(PRODUCERS)
 
@@ -27,29 +42,30 @@ class Filters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     category: str | list[str] | None = None
-    available: StrictBool | None = None
+    available: Bool | None = None
 
     @field_validator("category", mode="before")
     @classmethod
     def _one_or_many(cls, v):  # one clear error instead of one per member of the union
-        if (
-            v is None
-            or isinstance(v, str)
-            or (isinstance(v, list) and v and all(isinstance(c, str) for c in v))
+        names = [v] if isinstance(v, str) else v
+        if v is not None and not (
+            isinstance(names, list) and names and all(isinstance(c, str) for c in names)
         ):
-            return v
-        raise ValueError("must be a string or a non-empty list of strings")
+            raise ValueError("must be a string or a non-empty list of strings")
+        if v is not None and (len(names) > MAX_CATEGORIES or any(len(c) > MAX_NAME for c in names)):
+            raise ValueError(f"at most {MAX_CATEGORIES} categories of at most {MAX_NAME} characters each")
+        return v
 
 
 class CandidatesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field must not be silently ignored
     user_id: Id
     producer: ProducerName | None = Field(None, description="default: the deployment's producer (student)")
-    k: int | None = Field(None, ge=1, le=API_MAX_K, description="default: the deployment's default_k")
+    k: Int | None = Field(None, ge=1, le=API_MAX_K, description="default: the deployment's default_k")
     recent_item_ids: list[Id] | None = Field(
         None, max_length=MAX_RECENT, description="clicks not yet in the feature store, oldest first"
     )
-    exclude_seen: bool = True
+    exclude_seen: Bool = True
     filters: Filters | None = None
 
 
@@ -84,13 +100,14 @@ class MixRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     user_id: Id
-    k: int | None = Field(None, ge=1, le=API_MAX_K, description="default: sum(quotas), else default_k")
+    k: Int | None = Field(None, ge=1, le=API_MAX_K, description="default: sum(quotas), else default_k")
     recent_item_ids: list[Id] | None = Field(None, max_length=MAX_RECENT)
-    exclude_seen: bool = True
+    exclude_seen: Bool = True
     filters: Filters | None = None
-    quotas: dict[ProducerName, Annotated[int, Field(ge=0, le=API_MAX_K)]] | None = None
-    weights: dict[ProducerName, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
-    budget_ms: float | None = Field(
+    quotas: dict[ProducerName, Annotated[Int, Field(ge=0, le=API_MAX_K)]] | None = None
+    # any finite weight >= 0: only their ratios count (serving/mixer.py scales them before use)
+    weights: dict[ProducerName, Annotated[Float, Field(ge=0)]] | None = None
+    budget_ms: Float | None = Field(
         None, gt=0, le=MAX_BUDGET_MS, description="default: the deployment's mix_budget_ms"
     )
 
@@ -123,12 +140,22 @@ class MixResponse(BaseModel):
     timings_ms: dict[str, float]  # feature, total
 
 
+def _iso_time(v):
+    """An event time is an ISO 8601 string (JSON has no time type): a number is refused, not read as an
+    epoch in some unit."""
+    if v is not None and not isinstance(v, str):
+        raise ValueError("must be an ISO 8601 time string, e.g. 2026-01-31T12:00:00Z")
+    return v
+
+
 class EventRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     user_id: Id
     item_id: Id
-    event_timestamp: datetime | None = None  # default: now (UTC); a naive time is taken as UTC
-    event_type: str = Field("click", max_length=64)
+    # default: now (UTC); a naive time is taken as UTC. Bounded by the deployment (ProducerConfig:
+    # event_min_time, event_max_future_s): a 422 outside, never a write.
+    event_timestamp: Annotated[datetime | None, BeforeValidator(_iso_time)] = None
+    event_type: Name = "click"
 
 
 class EventResponse(BaseModel):

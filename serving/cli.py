@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from index.config import BACKENDS
-from serving.config import PRODUCERS, ProducerConfig
+from serving.config import PRODUCERS, REQUEST_TIMEOUT_S, ProducerConfig
 from vlmrec.workspace import DEFAULT_WORKDIR
 
 APP_NAME = "vlmrec-producer"
@@ -49,7 +49,7 @@ def start(
         if getattr(config, name)
     }
     init_ray(num_cpus=num_cpus)
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
     serve.run(producer_app(replace(config, **absolute), replicas), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
 

@@ -20,6 +20,10 @@ from index.config import BACKENDS
 from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 
 API_MAX_K = 1000  # the hard bound of the API's `k` (request validation); max_k may only lower it
+# Serve's proxy gives up on a request after this long (http_options.request_timeout_s: HTTP 408), so a lost
+# replica costs its callers at most this, never an open-ended hang. Above the longest legitimate request
+# (a /v1/mix with the largest budget, 10 s); a caller that wants less sends `x-request-timeout-seconds`.
+REQUEST_TIMEOUT_S = 12.0
 # The producers one deployment serves (serving/sources.py): the request's `producer` names one of them.
 PRODUCERS = ("student", "sasrec", "similar", "popular")
 
@@ -67,6 +71,11 @@ class ProducerConfig:
     refresh_interval_s: float = (
         2.0  # Index.refresh() period: upserts / new versions reach a replica this fast
     )
+    # /v1/events accepts click times from event_min_time up to event_max_future_s ahead of the replica's
+    # clock (sender clock skew); outside them a 422. A time far off is a bug upstream, and on Redis one
+    # click stamped in year 9999 would make every later write of the user look late.
+    event_min_time: str = "2000-01-01T00:00:00+00:00"
+    event_max_future_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.index_backend not in BACKENDS:
@@ -83,6 +92,9 @@ class ProducerConfig:
             _utc(self.popular_until)  # raises ValueError naming the value
         if self.scoring_time is not None:
             _utc(self.scoring_time, "scoring_time")
+        _utc(self.event_min_time, "event_min_time")
+        if self.event_max_future_s < 0:
+            raise ValueError(f"event_max_future_s must be >= 0, got {self.event_max_future_s}")
         if not 1 <= self.max_k <= API_MAX_K:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:
@@ -144,6 +156,10 @@ class ProducerConfig:
     @property
     def popular_until_ts(self) -> datetime | None:
         return None if self.popular_until is None else _utc(self.popular_until)
+
+    @property
+    def event_min_ts(self) -> datetime:
+        return _utc(self.event_min_time, "event_min_time")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,62 +1,158 @@
-"""Click pushes: append one click to a user's ONLINE click sequence through Feast's push source.
+"""Click pushes: put one click into a user's ONLINE click sequence through Feast's push source, in time
+order, and confirm it was stored.
 
     writer = ClickWriter()                                        # one per process: it holds the locks
     seq = writer.append(store, user_id, item_id, ts, sequence_len=50)   # the new sequence, oldest first
 
-A Feast push writes whole rows, so appending is read (online_sequences) -> append -> keep the last N ->
-push `click_push` to the online store. Two concurrent clicks of one user would both read the same old
-sequence and one would be lost, so a user's read-modify-writes are serialised:
-- inside one replica by `ClickWriter` (striped threading locks, held for the whole read-modify-write);
-- across replicas they are NOT: route a user's events to one replica (a sticky route by user_id in the
-  gateway) or send them through a single writer (one replica of the events route, or a stream consumer
-  keyed by user). The sqlite online store serialises writes (one file lock) but not read-modify-writes.
+A Feast push writes whole rows, so a click is read -> merge -> push -> read back:
+- **Merge by time.** The row holds the last N item ids and each one's click time (`click_times`, UTC
+  microseconds). A click goes after every stored click not newer than it, so late and out-of-order clicks
+  land where they happened; the N newest are kept. A click older than all of a full sequence's N would
+  fall off at once: it is refused (`Refused`, HTTP 409), never acknowledged and lost.
+- **The row's timestamp.** Feast's Redis store skips a write whose event timestamp is not strictly newer
+  than the row it holds (the sqlite store overwrites). The row is written with the newest click time it
+  holds, or 1 microsecond after the stored row's when that is not newer (a late click merged behind the
+  newest one): every write of a sequence is newer than the one it read.
+- **Confirmed.** The row is read back; the push counts only when it holds exactly what was written. A
+  write some other writer overtook (another replica: see below) is merged again, up to `attempts` times,
+  then `NotConfirmed` (a transient error: HTTP 503 with Retry-After).
+- A user's read-modify-writes are serialised inside one replica by `ClickWriter` (striped threading locks,
+  held for the whole read-modify-write). Across replicas they are not: a concurrent writer with a newer
+  row overwrites, so route a user's events to one replica (sticky by user_id) or a single writer.
 The click goes to the online store only: training sees clicks when the event log is next ingested.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from contextlib import AbstractContextManager, nullcontext
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
-from vlmrec.features import online_sequences
+from serving.online import online_lock
 
 PUSH_SOURCE = "click_push"  # feature_repo/features.py: the push source of user_click_sequence
+VIEW = "user_click_sequence"  # the feature view it feeds
+FEATURES = ("item_ids", "click_times")
+ONE_US = timedelta(microseconds=1)
 
 
-class ClickWriter:
-    """Appends clicks, one read-modify-write per user at a time in this process.
-
-    User locks are striped (user u takes lock hash(u) mod stripes: bounded memory, no eviction) and held
-    for the whole read-modify-write, also when the caller stopped waiting (a timeout), so a late write
-    never interleaves with the next one. On sqlite every push also takes one process-wide lock: Feast
-    shares one sqlite connection between threads, and two threads' writes would share a transaction.
-    """
-
-    def __init__(self, stripes: int = 1024) -> None:
-        self._users = [threading.Lock() for _ in range(stripes)]
-        self._sqlite = threading.Lock()
-
-    def lock(self, user_id: int) -> threading.Lock:
-        return self._users[hash(int(user_id)) % len(self._users)]
-
-    def append(
-        self, store, user_id: int, item_id: int, event_timestamp: datetime, sequence_len: int
-    ) -> list[int]:
-        """append_click under the user's lock. Returns the new sequence (oldest first)."""
-        single_writer = self._sqlite if store.config.online_store.type == "sqlite" else nullcontext()
-        with self.lock(user_id):
-            return append_click(store, user_id, item_id, event_timestamp, sequence_len, single_writer)
+class Refused(ValueError):
+    """A click that cannot be placed in the sequence (a permanent answer: HTTP 409, not a retry)."""
 
 
-def click_row(user_id: int, event_timestamp: datetime, item_ids: list[int]) -> pd.DataFrame:
-    """The one-row frame `click_push` takes: user_id, event_timestamp (UTC), item_ids (oldest first)."""
-    ts = pd.Timestamp(event_timestamp)
-    ts = ts.tz_localize(UTC) if ts.tzinfo is None else ts.tz_convert(UTC)
+class NotConfirmed(RuntimeError):
+    """The read-back did not show the write (overtaken each time): transient, retry later."""
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failed push is worth retrying: a timeout, a connection or I/O error, a locked sqlite file,
+    a Redis connection / timeout / loading error, an overtaken write. Anything else is not (a bug or a bad
+    value): retrying would fail the same way."""
+    if isinstance(exc, (TimeoutError, ConnectionError, NotConfirmed, sqlite3.OperationalError)):
+        return True
+    if type(exc).__module__.startswith("redis") and type(exc).__name__ in (
+        "ConnectionError",
+        "TimeoutError",
+        "BusyLoadingError",
+        "TryAgainError",
+    ):
+        return True
+    return isinstance(exc, OSError)
+
+
+def utc(ts: datetime) -> datetime:
+    """A naive time is taken as UTC."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def to_us(ts: datetime) -> int:
+    """UTC microseconds since the epoch (what click_times holds)."""
+    return (utc(ts) - datetime(1970, 1, 1, tzinfo=UTC)) // ONE_US
+
+
+def from_us(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(us))
+
+
+def check_event_time(ts: datetime, earliest: datetime, max_future_s: float, now: datetime) -> datetime:
+    """The click's time in UTC, or ValueError saying which bound it breaks: not before `earliest` (the
+    deployment's epoch), not more than `max_future_s` ahead of `now` (clock skew)."""
+    ts = utc(ts)
+    if ts < earliest:
+        raise ValueError(f"{ts.isoformat()} is before the earliest accepted time {earliest.isoformat()}")
+    latest = now + timedelta(seconds=max_future_s)
+    if ts > latest:
+        raise ValueError(
+            f"{ts.isoformat()} is more than {max_future_s:g} s in the future (now {now.isoformat()})"
+        )
+    return ts
+
+
+@dataclass(frozen=True)
+class Clicks:
+    """A user's stored row: item ids and their click times (oldest first), the row's timestamp."""
+
+    item_ids: list[int]
+    times: list[int]  # UTC microseconds, aligned with item_ids
+    row_ts: datetime | None  # None: no row yet
+
+
+def read_clicks(store, user_id: int) -> Clicks:
+    """The user's row straight from the online store (the provider's read: the row timestamp to the
+    microsecond, which OnlineResponse rounds to seconds)."""
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    view = store.get_feature_view(VIEW, allow_registry_cache=True)
+    key = EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(user_id))])
+    ((ts, values),) = store._get_provider().online_read(
+        config=store.config, table=view, entity_keys=[key], requested_features=list(FEATURES)
+    )
+    if ts is None or not values:
+        return Clicks([], [], None)
+    ids = list(values["item_ids"].int64_list_val.val) if "item_ids" in values else []
+    times = list(values["click_times"].int64_list_val.val) if "click_times" in values else []
+    if len(times) != len(ids):
+        raise Refused(
+            f"user {user_id}'s stored sequence has no click times (it was materialized before they were "
+            "recorded): re-run `vlmrec ingest` and `vlmrec features` so clicks can be merged by time"
+        )
+    return Clicks(ids, times, utc(ts))
+
+
+def merge(stored: Clicks, item_id: int, ts: datetime, sequence_len: int) -> Clicks:
+    """The stored row with one click merged in by time (after every click not newer than it), the newest
+    `sequence_len` kept, and the timestamp to write it with (strictly newer than the stored row's)."""
+    at = to_us(ts)
+    pos = sum(1 for t in stored.times if t <= at)  # times are sorted: the clicks not newer than it
+    ids = [*stored.item_ids[:pos], int(item_id), *stored.item_ids[pos:]]
+    times = [*stored.times[:pos], at, *stored.times[pos:]]
+    if len(ids) > sequence_len and pos < len(ids) - sequence_len:
+        oldest = from_us(stored.times[len(stored.times) - sequence_len]).isoformat()
+        raise Refused(
+            f"the click at {utc(ts).isoformat()} is older than all of the user's last {sequence_len} clicks "
+            f"(the oldest kept is at {oldest}): it would not be in the sequence"
+        )
+    ids, times = ids[-sequence_len:], times[-sequence_len:]
+    row_ts = from_us(times[-1])
+    if stored.row_ts is not None and row_ts <= stored.row_ts:
+        row_ts = stored.row_ts + ONE_US
+    return Clicks(ids, times, row_ts)
+
+
+def click_row(user_id: int, clicks: Clicks) -> pd.DataFrame:
+    """The one-row frame `click_push` takes: user_id, event_timestamp (UTC), item_ids, click_times."""
     return pd.DataFrame(
-        {"user_id": [int(user_id)], "event_timestamp": [ts], "item_ids": [[int(i) for i in item_ids]]}
+        {
+            "user_id": [int(user_id)],
+            "event_timestamp": [pd.Timestamp(clicks.row_ts)],
+            "item_ids": [[int(i) for i in clicks.item_ids]],
+            "click_times": [[int(t) for t in clicks.times]],
+        }
     )
 
 
@@ -67,13 +163,46 @@ def append_click(
     event_timestamp: datetime,
     sequence_len: int,
     push_lock: AbstractContextManager = nullcontext(),
+    attempts: int = 3,
 ) -> list[int]:
-    """Read the user's online sequence, append the click, keep the last `sequence_len`, push it (under
-    `push_lock`). Returns the new sequence. The caller serialises the user's calls (see ClickWriter)."""
+    """Read the user's row, merge the click in by time, push it, read it back (all under `push_lock`, the
+    store's lock: serving/online.py). Returns
+    the stored sequence (oldest first). Refused: the click cannot be placed; NotConfirmed: overtaken
+    `attempts` times. The caller serialises the user's calls (see ClickWriter)."""
     from feast.data_source import PushMode
 
-    current = online_sequences(store, [int(user_id)])[int(user_id)]
-    new = [*current, int(item_id)][-sequence_len:]
-    with push_lock:
-        store.push(PUSH_SOURCE, click_row(user_id, event_timestamp, new), to=PushMode.ONLINE)
-    return new
+    for _ in range(attempts):
+        with push_lock:
+            stored = read_clicks(store, user_id)
+            new = merge(stored, item_id, event_timestamp, sequence_len)
+            store.push(PUSH_SOURCE, click_row(user_id, new), to=PushMode.ONLINE)
+            back = read_clicks(store, user_id)
+        if back.item_ids == new.item_ids and back.times == new.times:
+            return back.item_ids
+    raise NotConfirmed(
+        f"the click of user {user_id} was overtaken by other writes {attempts} times: not stored"
+    )
+
+
+class ClickWriter:
+    """Appends clicks, one read-modify-write per user at a time in this process.
+
+    User locks are striped (user u takes lock hash(u) mod stripes: bounded memory, no eviction) and held
+    for the whole read-modify-write, also when the caller stopped waiting (a timeout), so a late write
+    never interleaves with the next one. On sqlite every read-modify-write also takes the store's lock
+    (serving/online.py): Feast shares one sqlite connection between threads; two threads' writes would
+    share a transaction, and a thread blocked on the connection can freeze the whole process.
+    """
+
+    def __init__(self, stripes: int = 1024) -> None:
+        self._users = [threading.Lock() for _ in range(stripes)]
+
+    def lock(self, user_id: int) -> threading.Lock:
+        return self._users[hash(int(user_id)) % len(self._users)]
+
+    def append(
+        self, store, user_id: int, item_id: int, event_timestamp: datetime, sequence_len: int
+    ) -> list[int]:
+        """append_click under the user's lock. Returns the new sequence (oldest first)."""
+        with self.lock(user_id):
+            return append_click(store, user_id, item_id, event_timestamp, sequence_len, online_lock(store))

@@ -30,9 +30,16 @@ class MixError(ValueError):
 
 
 def apportion(k: int, weights: Mapping[str, float]) -> dict[str, int]:
-    """Quotas summing to k in proportion to weights (largest remainder; ties go to the earlier producer)."""
-    total = sum(weights.values())
-    exact = {p: k * w / total for p, w in weights.items()}
+    """Quotas summing to k in proportion to weights (largest remainder; ties go to the earlier producer).
+
+    Only the ratios count: the weights are divided by the largest first, so huge ones (1e308: their sum
+    overflows to inf) and tiny ones (their products underflow) give the same quotas as moderate ones."""
+    top = max(weights.values(), default=0.0)
+    if not (math.isfinite(top) and top > 0):
+        raise MixError("weights", "weights must be finite and at least one > 0")
+    scaled = {p: w / top for p, w in weights.items()}  # in [0, 1], the largest exactly 1
+    total = sum(scaled.values())  # in [1, len(weights)]
+    exact = {p: k * w / total for p, w in scaled.items()}
     quotas = {p: math.floor(x) for p, x in exact.items()}
     order = list(weights)
     by_remainder = sorted(order, key=lambda p: (-(exact[p] - quotas[p]), order.index(p)))
@@ -66,7 +73,7 @@ def resolve_quotas(
     if weights is None:
         weights = default_weights if default_weights is not None else dict.fromkeys(PRODUCERS, 1.0)
     weights = dict(weights)
-    if sum(weights.values()) <= 0:
+    if not any(w > 0 for w in weights.values()):
         raise MixError("weights", "at least one weight must be > 0")
     return k, {p: q for p, q in apportion(k, weights).items() if q > 0}
 

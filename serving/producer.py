@@ -51,20 +51,22 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path as FilePath
-from typing import Annotated, Any, NamedTuple
+from typing import Annotated, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
 from fastapi import FastAPI, Path, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from index.search import Index
+from serving import guard
 from serving.api import (
     INT64_MAX,
+    MAX_BATCH_BODY_BYTES,
+    MAX_BODY_BYTES,
     BatchRequest,
     BatchResponse,
     CandidatesRequest,
@@ -78,8 +80,10 @@ from serving.api import (
     MixResponse,
 )
 from serving.config import API_MAX_K, ProducerConfig
-from serving.events import ClickWriter
+from serving.events import ClickWriter, Refused, check_event_time, transient
+from serving.guard import invalid
 from serving.mixer import MixError, interleave, read_mix_weights, resolve_quotas
+from serving.online import read_sequences
 from serving.sources import (
     ModelSource,
     PopularSource,
@@ -90,7 +94,7 @@ from serving.sources import (
     popular_candidates,
 )
 from training.data import ItemTable, ModelInputs, build_inputs
-from vlmrec.features import online_sequences, open_store
+from vlmrec.features import open_store
 
 log = logging.getLogger("ray.serve")
 
@@ -99,25 +103,16 @@ MODEL_PRODUCERS = ("student", "sasrec")  # the producers that run a SeqRec forwa
 
 
 class Unavailable(Exception):
-    """A dependency an answer needs is down or slow: HTTP 503 with a JSON body."""
+    """A dependency an answer needs is down or slow: HTTP 503 with a JSON body, and Retry-After when a
+    retry can succeed (a timeout, a dependency down); none when it cannot (a producer never built)."""
 
-    def __init__(self, error: str, message: str) -> None:
+    def __init__(self, error: str, message: str, retry_after: int | None = 1) -> None:
         super().__init__(message)
-        self.error, self.message = error, message
+        self.error, self.message, self.retry_after = error, message, retry_after
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": self.error, "message": self.message}, status_code=503)
-
-
-def _field(loc: Sequence[Any]) -> str:
-    return ".".join(str(p) for p in loc if p not in ("body", "path", "query")) or "body"
-
-
-def invalid(field: str, message: str, value: Any = None) -> RequestValidationError:
-    """A 422 in FastAPI's shape, for checks that depend on the deployment's config (e.g. max_k)."""
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", *field.split(".")), "msg": message, "input": value}]
-    )
+        headers = None if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return JSONResponse({"error": self.error, "message": self.message}, status_code=503, headers=headers)
 
 
 api = FastAPI(
@@ -125,17 +120,24 @@ api = FastAPI(
     description="Candidates from four producers (the distilled student, the behavioural SASRec, teacher "
     "neighbours, popularity) under one contract, and a reference Mixer that blends them.",
 )
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    message = "; ".join(f"{_field(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
-    detail = [{k: e[k] for k in ("type", "loc", "msg", "input") if k in e} for e in errors]
-    return JSONResponse(
-        {"error": "invalid_request", "message": message, "detail": jsonable_encoder(detail)},
-        status_code=422,
-    )
+# the edge (serving/guard.py): body limits before parsing, the optional write token, one error shape
+guard.install(api, limits={"/v1/candidates:batch": MAX_BATCH_BODY_BYTES}, default_limit=MAX_BODY_BYTES)
+# what every POST route may answer besides 200 (FastAPI lists 422 itself, in its own shape: replaced)
+ERRORS = {
+    400: {"model": ErrorBody, "description": "the body is not UTF-8 JSON, or nested too deep"},
+    413: {"model": ErrorBody, "description": "the body is larger than the route's limit"},
+    422: {"model": ErrorBody, "description": "a field is invalid: `message` names it"},
+    500: {"model": ErrorBody},
+    503: {"model": ErrorBody, "description": "a dependency is down or slow; Retry-After when worth it"},
+}
+WRITE_ERRORS = {
+    **ERRORS,
+    401: {"model": ErrorBody, "description": "a write token is configured and the request lacks it"},
+    409: {
+        "model": ErrorBody,
+        "description": "the click cannot be placed in the sequence: `message` says why",
+    },
+}
 
 
 @api.exception_handler(Exception)
@@ -172,9 +174,7 @@ def producer_input(
     store, user_id: int, recent: Sequence[int] | None, vocab: ItemTable, max_len: int
 ) -> np.ndarray:
     """One user's model input exactly as the Producer builds it from the online store. (max_len,) int64"""
-    return model_inputs(online_sequences(store, [int(user_id)]), [user_id], [recent], vocab, max_len)[1].ids[
-        0
-    ]
+    return model_inputs(read_sequences(store, [int(user_id)]), [user_id], [recent], vocab, max_len)[1].ids[0]
 
 
 # ----------------------------------------------------------------------------------- loaded state
@@ -225,7 +225,7 @@ class State:
         the one that pays for Feast's registry load. A feature store that is down now only logs (requests
         fall back until it answers)."""
         try:
-            online_sequences(self.store, [0])
+            read_sequences(self.store, [0])
         except Exception as exc:
             log.warning("feature store not readable at load: %r", exc)
 
@@ -353,6 +353,12 @@ class _Ranked(NamedTuple):
     # Serve's default (5) is low for async handlers that mostly wait on I/O; beyond 32 requests in flight
     # Serve queues them before this replica (backpressure) instead of piling them into the thread pools.
     max_ongoing_requests=32,
+    # Beyond this many requests waiting at a proxy for a replica (none left, or all full), Serve answers 503
+    # at once instead of queueing more: a lost replica costs a bounded queue, not a pile-up of hanging calls.
+    max_queued_requests=64,
+    # check_health() below every 2 s; a replica whose event loop does not answer within 10 s is replaced.
+    health_check_period_s=2,
+    health_check_timeout_s=10,
     user_config={},  # {} = ProducerConfig() defaults; reconfigure() always runs, also on the first start
     graceful_shutdown_timeout_s=5,
 )
@@ -381,6 +387,15 @@ class Producer:
             description="Errors by kind: feature_store, index, index_refresh, event, internal, mix_dropped.",
             tag_keys=("producer", "kind"),
         )
+
+    async def check_health(self) -> None:
+        """Serve's health check: runs on the replica's event loop, so a loop that stopped answering (a
+        blocked call on it, a frozen process) fails it by the timeout and Serve replaces the replica. A
+        dependency that is down does not fail it (requests fall back or get a 503; /readyz reports it);
+        a dead index refresher does: the replica would serve a stale index forever."""
+        task = self._refresher
+        if task is not None and task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"the index refresh loop died: {task.exception()!r}")
 
     # -- configuration --------------------------------------------------------------------------------
 
@@ -436,7 +451,7 @@ class Producer:
     @api.post(
         "/v1/candidates",
         response_model=CandidatesResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def candidates(self, body: CandidatesRequest):
         """Top-k candidates for one user from one producer (`producer`, default the deployment's)."""
@@ -452,7 +467,7 @@ class Producer:
     @api.post(
         "/v1/candidates:batch",
         response_model=BatchResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def candidates_batch(self, body: BatchRequest):
         """Several requests in one call: one feature read, one forward per model, one batched search per
@@ -479,7 +494,7 @@ class Producer:
     async def _read_features(self, s: State, users: Sequence[int], tag: str, timeout: float) -> Features:
         t0 = time.perf_counter()
         try:
-            stored = await _call(self._pools.features, timeout, online_sequences, s.store, sorted(set(users)))
+            stored = await _call(self._pools.features, timeout, read_sequences, s.store, sorted(set(users)))
             error = None
         except Exception as exc:
             log.warning("feature store read failed: %r", exc)
@@ -524,7 +539,9 @@ class Producer:
                 rows = [i for i, n in enumerate(names) if n == name]
                 source = s.sources.get(name)
                 if source is None:
-                    gone = Unavailable("producer_unavailable", s.missing.get(name, f"{name} is not loaded"))
+                    gone = Unavailable(
+                        "producer_unavailable", s.missing.get(name, f"{name} is not loaded"), retry_after=None
+                    )
                     for i in rows:
                         out[i] = gone
                     continue
@@ -708,7 +725,7 @@ class Producer:
     @api.post(
         "/v1/mix",
         response_model=MixResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def mix(self, body: MixRequest):
         """Candidates of several producers for one user, asked in parallel under one time budget,
@@ -808,22 +825,31 @@ class Producer:
     @api.post(
         "/v1/events",
         response_model=EventResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=WRITE_ERRORS,
     )
     async def events(self, body: EventRequest):
-        """Append a click to the user's online sequence (Feast push `click_push`); the next /v1/candidates
-        sees it, whichever producer answers. Serialised per user inside this replica (serving/events.py
-        says what that means across replicas). event_type is accepted for the caller's bookkeeping; every
-        event appends."""
+        """Put a click into the user's online sequence (Feast push `click_push`), merged by its time, and
+        answer once it is read back from the store; the next /v1/candidates sees it, whichever producer
+        answers. Serialised per user inside this replica (serving/events.py says what that means across
+        replicas). event_type is accepted for the caller's bookkeeping; every event is a click.
+        422: a bad field (an unknown item, a time outside the deployment's bounds); 409: a click the
+        sequence cannot hold (older than all of its last N); 503 + Retry-After: the store failed or timed
+        out, the click may or may not be stored: retry (a click stored twice is merged twice)."""
         try:
             with self._lease() as s:
                 cfg = s.config
                 item = int(body.item_id)
+                now = datetime.now(UTC)
+                try:
+                    ts = check_event_time(
+                        body.event_timestamp or now, cfg.event_min_ts, cfg.event_max_future_s, now
+                    )
+                except ValueError as exc:
+                    raise invalid("event_timestamp", str(exc), str(body.event_timestamp)) from None
                 if not s.known_item(item) and not await self._in_an_index(s, item):
                     raise invalid(
                         "item_id", f"unknown item_id {item}: not in the catalogue or an index", item
                     )
-                ts = body.event_timestamp or datetime.now(UTC)
                 try:
                     seq = await _call(
                         self._pools.events,
@@ -835,9 +861,13 @@ class Producer:
                         ts,
                         s.sequence_len,
                     )
+                except Refused as exc:
+                    return guard.error(409, "event_refused", str(exc))
                 except Exception as exc:
                     log.warning("click push failed: %r", exc)
                     self._errors.inc(tags={"producer": "events", "kind": "event"})
+                    if not transient(exc):
+                        raise
                     raise Unavailable(
                         "feature_store_unavailable",
                         f"the click push failed ({_describe(exc)}); it may or may not be stored: retry",
@@ -873,7 +903,7 @@ class Producer:
     @api.get(
         "/v1/users/{user_id}/clicks",
         response_model=ClicksResponse,
-        responses={422: {"model": ErrorBody}, 503: {"model": ErrorBody}, 500: {"model": ErrorBody}},
+        responses=ERRORS,
     )
     async def clicks(self, user_id: Annotated[int, Path(ge=0, le=INT64_MAX)]):
         """The user's online click sequence, oldest first (what every producer reads); [] if unknown."""
@@ -924,7 +954,7 @@ class Producer:
                 }
             reasons = [producers[cfg.producer]["reason"]] if producers[cfg.producer]["reason"] else []
             try:
-                await _call(self._pools.features, cfg.feature_timeout_s, online_sequences, s.store, [0])
+                await _call(self._pools.features, cfg.feature_timeout_s, read_sequences, s.store, [0])
             except Exception as exc:
                 reasons.append(f"feature store: {_describe(exc)}")
             default = producers[cfg.producer]

@@ -113,16 +113,18 @@ def write_world(root: Path) -> World:
     rows, seqs = [], []
     for u in USERS:
         history: list[int] = []
+        times: list[int] = []
         for k in range(7):
             item = FIRST_ID + (u * 7 + k * 3) % N_ITEMS
             ts = T0 + pd.Timedelta(minutes=10 * k + u)
             history.append(item)
+            times.append(ts.value // 1000)  # UTC microseconds, as ingest writes click_times
             rows.append((u, item, ts))
-            seqs.append((u, ts, history[-SNAP_LEN:]))
+            seqs.append((u, ts, history[-SNAP_LEN:], times[-SNAP_LEN:]))
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
     events["event_type"] = "click"
     atomic_write_parquet(pa.Table.from_pandas(events, schema=schema.EVENTS, preserve_index=False), ws.events)
-    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids"])
+    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids", "click_times"])
     atomic_write_parquet(
         pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
     )

@@ -24,14 +24,16 @@ def write_tables(ws: Workspace, n_users: int = 6, n_events: int = 7, max_len: in
     rows, seqs = [], []
     for u in range(1, n_users + 1):
         history: list[int] = []
+        times: list[int] = []
         for k in range(n_events):
             item = 100 + (u * 7 + k * 3) % 11
             ts = T0 + pd.Timedelta(minutes=10 * k + u)
             history.append(item)
+            times.append(ts.value // 1000)  # UTC microseconds, as ingest writes click_times
             rows.append((u, item, ts))
-            seqs.append((u, ts, history[-max_len:]))
+            seqs.append((u, ts, history[-max_len:], times[-max_len:]))
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
-    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids"])
+    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids", "click_times"])
     atomic_write_parquet(
         pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
     )

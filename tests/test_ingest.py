@@ -76,7 +76,7 @@ def test_schemas_and_tables(tmp_path):
     assert items["created_at"].iloc[0] == pd.Timestamp("2024-01-01", tz="UTC")
     assert summary.events_kept == 6 and summary.users == 2 and summary.items == 4
     assert summary.sequence_rows == 6 and summary.sequence_ids == 1 + 2 + 3 + 3 + 1 + 2
-    assert summary.sequence_bytes_estimate == 8 * summary.sequence_ids + 20 * 6
+    assert summary.sequence_bytes_estimate == 16 * summary.sequence_ids + 24 * 6
     assert summary.sequence_bytes_on_disk == ws.sequences.stat().st_size
     text = str(summary)
     assert "6 kept" in text and "max_len 3" in text and summary.to_dict()["users"] == 2
@@ -132,8 +132,12 @@ def test_click_sequences_match_brute_force():
     expected = []
     for user, g in events.sort_values("event_timestamp").groupby("user_id", sort=True):
         items = g.item_id.tolist()
-        expected += [(user, items[max(0, k - 3) : k + 1]) for k in range(len(items))]
-    assert [(u, list(x)) for u, x in zip(table.user_id, table.item_ids, strict=True)] == expected
+        times = g.event_timestamp.tolist()
+        expected += [
+            (user, items[max(0, k - 3) : k + 1], times[max(0, k - 3) : k + 1]) for k in range(len(items))
+        ]
+    got = zip(table.user_id, table.item_ids, table.click_times, strict=True)
+    assert [(u, list(x), list(t)) for u, x, t in got] == expected, "ids and their click times, aligned"
 
 
 def test_timestamp_formats_and_parquet_input(tmp_path):

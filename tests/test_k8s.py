@@ -33,7 +33,7 @@ RAY_KINDS = ("RayJob", "RayService", "RayCluster")
 STAGES = ("infra", "data", "train", "index", "serve", "cron", "cluster")
 WORKSPACE = "/workspace"
 SECRET = "vlmrec-secrets"
-SECRET_KEYS = {"qdrant-api-key", "redis-password"}
+SECRET_KEYS = {"qdrant-api-key", "redis-password", "write-token"}
 CRD_SCHEMAS = Path(__file__).parent / "data" / "kuberay-v1.7.0-crds.json.gz"
 
 

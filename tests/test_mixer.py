@@ -88,3 +88,18 @@ def test_a_dropped_or_short_producer_leaves_its_slots_to_the_others():
     items, taken = interleave({"similar": ranked([3, 13])}, {"student": 1, "similar": 5}, 6)
     assert [c["item_id"] for c in items] == [3, 13] and taken == {"student": 0, "similar": 2}
     assert interleave({}, {"student": 2}, 2) == ([], {"student": 0})
+
+
+def test_huge_and_tiny_weights_give_the_ratios_quotas():
+    """Issue 16: {"weights": {"popular": 1e308}} was a 500 (the sum overflowed to inf, then floor(inf))."""
+    assert apportion(10, {"popular": 1e308}) == {"popular": 10}
+    assert apportion(10, {"student": 1.5e308, "popular": 0.5e308}) == {"student": 8, "popular": 2}
+    assert apportion(10, {"student": 3e-320, "popular": 1e-320}) == {"student": 8, "popular": 2}
+    assert resolve_quotas(4, None, {"student": 1e308, "similar": 1e308}, 100, 1000) == (
+        4,
+        {"student": 2, "similar": 2},
+    )
+    for weights in ({"student": float("inf")}, {"student": float("nan")}, {"student": 0.0}):
+        with pytest.raises(MixError) as err:
+            apportion(5, weights)
+        assert err.value.field == "weights"

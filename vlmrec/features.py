@@ -83,6 +83,11 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
     from feature_repo.features import OBJECTS, item_embedding, item_metadata, user_click_sequence
 
     start, end = _time_range([ws.sequences, ws.items, ws.embeddings])  # fails early when nothing was ingested
+    if "click_times" not in pq.read_schema(ws.sequences).names:  # written by ingest since issue 16
+        raise FileNotFoundError(
+            f"{ws.sequences} has no click_times column (written by an older vlmrec ingest): "
+            f"run `vlmrec ingest --workdir {ws.root}` again"
+        )
     write_store_config(ws, config)
     store = open_store(ws)
     t0 = time.perf_counter()

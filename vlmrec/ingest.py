@@ -25,7 +25,8 @@ the tie order is the input order (see `vlmrec.schema`).
 Storage of the click-sequence table (one snapshot per event; the knob is `max_len` = N):
     rows   = E (number of events)
     ids    = sum over users of sum_k min(k, N)  <=  N * E
-    bytes ~= 8 * ids + 20 * rows before compression (8 B per id; user id, timestamp, list offset per row)
+    bytes ~= 16 * ids + 24 * rows before compression (8 B per id and 8 per its click time; user id,
+              timestamp, two list offsets per row)
 Overlapping windows compress well on disk; the summary reports the estimate and the real file size.
 """
 
@@ -67,7 +68,7 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class IngestConfig:
-    max_len: int = 50  # N: item ids kept per click-sequence snapshot (storage ~ 8 B x N x events at most)
+    max_len: int = 50  # N: item ids kept per click-sequence snapshot (storage ~ 16 B x N x events at most)
     check_images: bool = True  # open every image; unreadable ones are nulled (text fallback) and counted
 
     def __post_init__(self) -> None:
@@ -94,7 +95,7 @@ class IngestSummary:
     max_len: int
     sequence_rows: int
     sequence_ids: int
-    sequence_bytes_estimate: int  # 8 * ids + 20 * rows, before compression
+    sequence_bytes_estimate: int  # 16 * ids + 24 * rows, before compression (ids and their click times)
     sequence_bytes_on_disk: int
     seconds: float
 
@@ -490,7 +491,7 @@ def ingest(
         max_len=config.max_len,
         sequence_rows=seq_table.num_rows,
         sequence_ids=n_ids,
-        sequence_bytes_estimate=8 * n_ids + 20 * seq_table.num_rows,
+        sequence_bytes_estimate=16 * n_ids + 24 * seq_table.num_rows,
         sequence_bytes_on_disk=ws.sequences.stat().st_size,
         seconds=round(time.perf_counter() - t0, 3),
     )
@@ -563,7 +564,8 @@ def _order_events(
 
 
 def click_sequences(events: pd.DataFrame, max_len: int) -> pa.Table:
-    """One CLICK_SEQUENCES row per event: the user's last `max_len` item ids up to and including it.
+    """One CLICK_SEQUENCES row per event: the user's last `max_len` item ids up to and including it, and
+    their click times (UTC microseconds).
 
     `events` has user_id, item_id, event_timestamp (int64 UTC microseconds or datetimes), each user's times
     unique; rows come out ordered by user, then time.
@@ -590,10 +592,14 @@ def click_sequences(events: pd.DataFrame, max_len: int) -> pa.Table:
         rows = np.repeat(np.arange(start, end), lens)  # the row each id belongs to
         within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens)
         values = items[rows - lengths[rows] + 1 + within]  # oldest first, ending at the row's own event
-        lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
+        times = t[rows - lengths[rows] + 1 + within]  # each of those clicks' time
+        list_offsets = pa.array(offsets.astype(np.int32))
+        lists = pa.ListArray.from_arrays(list_offsets, pa.array(values, pa.int64()))
+        time_lists = pa.ListArray.from_arrays(list_offsets, pa.array(times.astype(np.int64), pa.int64()))
         batches.append(
             pa.RecordBatch.from_arrays(
-                [pa.array(u[start:end], pa.int64()), _ts_array(t[start:end]), lists], schema=CLICK_SEQUENCES
+                [pa.array(u[start:end], pa.int64()), _ts_array(t[start:end]), lists, time_lists],
+                schema=CLICK_SEQUENCES,
             )
         )
         start = end

@@ -40,6 +40,9 @@ CLICK_SEQUENCES = pa.schema(
             "item_ids",
             pa.list_(pa.int64()),
         ),  # the last N item ids up to and including this event, oldest first
+        # each of those clicks' time (UTC microseconds since the epoch), aligned with item_ids: a late click
+        # pushed to the online store is merged into the sequence by time (serving/events.py)
+        ("click_times", pa.list_(pa.int64())),
     ]
 )
 
