@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from movielens import COMMON, sh  # benchmarks/ is on sys.path when this file runs as a script
+from movielens import COMMON, prepare_workspace, sh  # benchmarks/ is on sys.path when run as a script
 
 from training.train import FUSION_GRID, fusion_key
 from vlmrec.workspace import Workspace
@@ -139,14 +139,7 @@ def main() -> None:
     vlmrec = [str(Path(sys.executable).with_name("vlmrec"))]
     log = Path(args.out).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    if not ws.events.exists():
-        seconds["ingest"] = sh([*vlmrec, "ingest", "--format", "movielens", "--data", args.data,
-                                "--workdir", args.workdir, "--max-len", "200"], log)  # fmt: skip
-    if not ws.embeddings.exists():
-        seconds["embed"] = sh([*vlmrec, "embed", "--workdir", args.workdir], log)
-    if not (ws.root / "registry.db").exists():
-        seconds["features"] = sh([*vlmrec, "features", "--workdir", args.workdir], log)
+    seconds = prepare_workspace(vlmrec, args.data, args.workdir, log)
 
     budget = ["--epochs", str(args.epochs), "--patience", str(args.patience)]
     launch_only = args.only if args.launch_only is None else args.launch_only

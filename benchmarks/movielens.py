@@ -55,6 +55,20 @@ def sh(args: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def prepare_workspace(vlmrec: list[str], data: str, workdir: str, log: Path) -> dict[str, float]:
+    """ingest (max_len 200) -> embed -> features for the stages the workspace lacks; -> seconds per stage."""
+    ws = Workspace(workdir)
+    seconds: dict[str, float] = {}
+    if not ws.events.exists():
+        seconds["ingest"] = sh([*vlmrec, "ingest", "--format", "movielens", "--data", data,
+                                "--workdir", workdir, "--max-len", "200"], log)  # fmt: skip
+    if not ws.embeddings.exists():
+        seconds["embed"] = sh([*vlmrec, "embed", "--workdir", workdir], log)
+    if not (ws.root / "registry.db").exists():
+        seconds["features"] = sh([*vlmrec, "features", "--workdir", workdir], log)
+    return seconds
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="the movielens-small folder")
@@ -70,14 +84,7 @@ def main() -> None:
     vlmrec = [str(Path(sys.executable).with_name("vlmrec"))]
     log = Path(args.out).with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    if not ws.events.exists():
-        seconds["ingest"] = sh([*vlmrec, "ingest", "--format", "movielens", "--data", args.data,
-                                "--workdir", args.workdir, "--max-len", "200"], log)  # fmt: skip
-    if not ws.embeddings.exists():
-        seconds["embed"] = sh([*vlmrec, "embed", "--workdir", args.workdir], log)
-    if not (ws.root / "registry.db").exists():
-        seconds["features"] = sh([*vlmrec, "features", "--workdir", args.workdir], log)
+    seconds = prepare_workspace(vlmrec, args.data, args.workdir, log)
 
     for name in args.only:
         if args.retrain or not (ws.runs / name / "export" / "run.json").exists():
