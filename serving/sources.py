@@ -200,6 +200,17 @@ class ModelSource:
         self.index.close()
 
 
+def last_distinct(sequence: Sequence[int], n: int) -> list[int]:
+    """The last `n` distinct item ids of a click sequence (oldest first in), most recent first."""
+    out: list[int] = []
+    for item in reversed(sequence):
+        if int(item) not in out:
+            out.append(int(item))
+            if len(out) == n:
+                break
+    return out
+
+
 @dataclass(eq=False)
 class SimilarSource:
     """Teacher nearest neighbours of the last `last_n` distinct clicks (an index of raw teacher vectors)."""
@@ -214,14 +225,7 @@ class SimilarSource:
         return f"teacher:{self.index.teacher_id}"
 
     def last_clicks(self, sequence: Sequence[int]) -> list[int]:
-        """The last `last_n` distinct item ids of a click sequence (oldest first in), most recent first."""
-        out: list[int] = []
-        for item in reversed(sequence):
-            if int(item) not in out:
-                out.append(int(item))
-                if len(out) == self.last_n:
-                    break
-        return out
+        return last_distinct(sequence, self.last_n)
 
     @staticmethod
     def merge(hits: Sequence[Sequence[Hit]], k: int) -> list[Hit]:

@@ -30,7 +30,7 @@ import torch
 
 from serving.config import PRODUCERS
 from serving.mixer import apportion, interleave
-from serving.sources import SimilarSource
+from serving.sources import SimilarSource, last_distinct
 from training.data import ItemTable, build_inputs
 from training.item_age import added_days, to_days
 from training.model import SeqRec
@@ -111,7 +111,7 @@ def similar_lists(items: ItemTable, q: MixQueries, last_n: int, k: int) -> list[
     teacher = teacher / teacher.norm(dim=1, keepdim=True).clamp(min=1e-12)
     out = []
     for hist in q.histories:
-        clicks = SimilarSource(None, last_n, []).last_clicks(hist.tolist())  # type: ignore[arg-type]
+        clicks = last_distinct(hist.tolist(), last_n)
         s = teacher[torch.as_tensor(clicks)] @ teacher.T  # (c, n + 1)
         per_click = _top(s, [hist] * len(clicks), items, k)
         out.append(SimilarSource.merge(per_click, k))
