@@ -54,10 +54,18 @@ def check_isolated(table: dict, event_timeout_s: float) -> None:
     for call in (student, popular):  # answered, marked: popular items within the feature timeout
         assert call["errors"] == 0 and call["fallbacks"] > 0, call
         assert call["p99_ms"] < FALLBACK_P99_MS, call
+    # The fallbacks are the fault's: most student calls fell back during it, few before it. (Not none before:
+    # on a 2-core box running the suite, a healthy read can now and then outlast the 250 ms feature timeout.)
+    assert fallback_rate(student) >= 0.5, student
+    assert fallback_rate(table["before"]["student"]) <= 0.2, table["before"]
     assert set(events["statuses"]) <= {"200", "503"}, events  # a transient error, never a 500 or a hang
     assert events["max_ms"] < (event_timeout_s + 1.5) * 1e3, events
     for name in ("healthz", "student", "popular", "events"):
         assert table[name]["recover_s"] is not None and table[name]["recover_s"] < 3.0, (name, table[name])
+
+
+def fallback_rate(call: dict) -> float:
+    return call["fallbacks"] / max(call["requests"], 1)
 
 
 def warmed(url: str, deadline_s: float = 30.0) -> None:
@@ -89,7 +97,6 @@ def test_sqlite_locked_by_another_process_costs_only_its_calls(world, ray_local)
             table = run_fault(loop, lock_sqlite(world.ws.root / "online.db"), FAULT_S, 2, 4)
     finally:
         serve.shutdown()
-    assert table["before"]["student"]["fallbacks"] == 0, table["before"]
     check_isolated(table, config.event_timeout_s)
 
 
@@ -122,7 +129,6 @@ def test_redis_stopped_costs_only_its_calls(world, ray_local, redis_url, tmp_pat
         )  # SIGCONT, whatever happened: the session's redis-server serves other tests
         serve.shutdown()
         mp.undo()
-    assert table["before"]["student"]["fallbacks"] == 0, table["before"]
     check_isolated(table, config.event_timeout_s)
 
 
