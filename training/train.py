@@ -273,6 +273,10 @@ def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
     return export, info
 
 
+def epoch_seed_of(seed: int, epoch: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, epochs over its Ray Data shard, validation, checkpoints."""
     import ray.train
@@ -284,7 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
     train_cfg = TrainConfig.from_dict(config["train"])
     job = JobConfig.from_dict(config["job"])
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(train_cfg.seed + rank)
+    torch.manual_seed(train_cfg.seed + rank)  # the model's initial weights (the same on every rank after sync)
 
     model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
     criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"], config["held_out"])
@@ -301,10 +305,14 @@ def train_loop_per_worker(config: dict) -> None:
     # The buffer holds the whole shard (examples are a few KB): each epoch is a fresh permutation of it.
     buffer = max(4 * micro, config["shard_size"])
     while state["epoch"] < train_cfg.epochs and state["bad_epochs"] < train_cfg.patience:
+        # Every draw of an epoch (shuffle, dropout, negatives) comes from (seed, epoch, rank): an epoch that a
+        # failure interrupted is replayed exactly from the checkpoint before it.
+        epoch_seed = epoch_seed_of(train_cfg.seed, state["epoch"], rank)
+        torch.manual_seed(epoch_seed)
         t0, n_seq, losses = time.perf_counter(), 0, []
         ds_engine.train()
         for batch in shard.iter_torch_batches(
-            batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer
+            batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=epoch_seed
         ):
             x, y = batch["inputs"].to(device), batch["targets"].to(device)  # (B, T)
             width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
