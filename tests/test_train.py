@@ -172,3 +172,13 @@ def test_fusion_is_chosen_on_validation_and_saved_with_the_model(trained):
     assert json.loads((export / "run.json").read_text())["configs"]["model"] == model.cfg.to_dict()
     state = before.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # weights untouched
+
+
+def test_gradient_clipping_comes_from_the_train_config():
+    from training.engine import EngineConfig, ds_config
+
+    shipped = ds_config(EngineConfig(), 128, 1e-3, 0.0)
+    assert shipped["gradient_clipping"] == 1.0  # training/zero.json's
+    flags = train.TrainConfig.from_dict({"grad_clip": 0.0})
+    assert ds_config(EngineConfig(), 128, 1e-3, 0.0, grad_clip=flags.grad_clip)["gradient_clipping"] == 0.0
+    assert train.TrainConfig.from_dict({}).grad_clip == 1.0  # a run.json written before the flag existed

@@ -43,9 +43,15 @@ class EngineConfig(_Config):
 
 
 def ds_config(
-    engine: EngineConfig, batch_size: int, lr: float, weight_decay: float, world_size: int | None = None
+    engine: EngineConfig,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    world_size: int | None = None,
+    grad_clip: float | None = None,
 ) -> dict:
-    """The ZeRO JSON with batch size, lr and precision set from the configs (DeepSpeed fills no "auto")."""
+    """The ZeRO JSON with batch size, lr, precision (and gradient clipping, when given) set from the configs
+    (DeepSpeed fills no "auto")."""
     cfg = json.loads(Path(engine.zero_config).read_text())
     world = world_size or engine.num_workers
     micro = max(1, batch_size // world)
@@ -53,6 +59,8 @@ def ds_config(
     cfg["train_batch_size"] = micro * world * cfg.get("gradient_accumulation_steps", 1)
     cfg["optimizer"]["params"].update(lr=lr, weight_decay=weight_decay)
     cfg["bf16"] = {"enabled": engine.precision == "bf16"}
+    if grad_clip is not None:
+        cfg["gradient_clipping"] = float(grad_clip)  # 0.0: DeepSpeed clips nothing
     return cfg
 
 

@@ -288,7 +288,9 @@ def train_loop_per_worker(config: dict) -> None:
     train_cfg = TrainConfig.from_dict(config["train"])
     job = JobConfig.from_dict(config["job"])
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(train_cfg.seed + rank)  # the model's initial weights (the same on every rank after sync)
+    torch.manual_seed(
+        train_cfg.seed + rank
+    )  # the model's initial weights (the same on every rank after sync)
 
     model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
     criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"], config["held_out"])
@@ -388,7 +390,13 @@ def train(
         "loss": loss_cfg.to_dict(),
         "train": train_cfg.to_dict(),
         "job": job.to_dict(),
-        "ds": engine.ds_config(job.engine(), train_cfg.batch_size, train_cfg.lr, train_cfg.weight_decay),
+        "ds": engine.ds_config(
+            job.engine(),
+            train_cfg.batch_size,
+            train_cfg.lr,
+            train_cfg.weight_decay,
+            grad_clip=train_cfg.grad_clip,
+        ),
         "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
         "item_ids": np.concatenate([[-1], data.items.item_ids]),
         "target_counts": target_counts,
