@@ -26,7 +26,6 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +50,7 @@ from index.store import (
     server_search_params,
     upsert_logs,
 )
+from vlmrec.lease import Current
 from vlmrec.workspace import Workspace
 
 Hit = tuple[int, float]  # (item_id, score: cosine, or dot product for a dot-product version)
@@ -214,8 +214,6 @@ class _Replica:
 
     def __init__(self, shard, folder: Path, info: VersionInfo, applied: tuple[str, ...]):
         self.shard, self.folder, self.info, self.applied = shard, folder, info, applied
-        self.users = 0  # searches in flight
-        self.retired = False
 
     def close(self) -> None:
         try:
@@ -228,20 +226,13 @@ class EdgeIndex(Index):
     def __init__(self, root: Path, config: IndexConfig):
         self.layout, self.config = Layout(root), config
         self._params = edge_search_params(config)
-        self._lock = threading.Lock()  # guards the replica reference and its user counts
         self._refresh_lock = threading.Lock()  # one refresh at a time
         clean_stale(self.layout)
-        self._replica: _Replica | None = self._open_replica()
+        self._replica: Current[_Replica] = Current(self._open_replica(), _Replica.close, "index")
 
     @property
     def info(self) -> VersionInfo:
-        return self._current().info
-
-    def _current(self) -> _Replica:
-        r = self._replica
-        if r is None:
-            raise RuntimeError("index is closed")
-        return r
+        return self._replica.peek().info
 
     def _open_replica(self) -> _Replica:
         from qdrant_edge import EdgeShard
@@ -272,27 +263,6 @@ class EdgeIndex(Index):
             return _Replica(shard, folder, info, tuple(p.name for p in logs))
         raise RuntimeError(f"could not copy the current version of {self.layout.root}: it kept moving")
 
-    @contextmanager
-    def _use(self):
-        with self._lock:
-            r = self._current()
-            r.users += 1
-        try:
-            yield r
-        finally:
-            with self._lock:
-                r.users -= 1
-                done = r.retired and r.users == 0
-            if done:
-                r.close()
-
-    def _retire(self, r: _Replica) -> None:
-        with self._lock:
-            r.retired = True
-            done = r.users == 0
-        if done:
-            r.close()
-
     def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
         from qdrant_edge import Query, QueryBatchRequest, QueryRequest
 
@@ -306,7 +276,7 @@ class EdgeIndex(Index):
             )
             for v, q in zip(x, queries, strict=True)
         ]
-        with self._use() as r:
+        with self._replica.use() as r:
             if len(requests) == 1:
                 results = [r.shard.query(requests[0])]
             else:
@@ -316,23 +286,21 @@ class EdgeIndex(Index):
     def count(self) -> int:
         from qdrant_edge import CountRequest
 
-        with self._use() as r:
+        with self._replica.use() as r:
             return r.shard.count(CountRequest(exact=True))
 
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
-        with self._use() as r:
+        with self._replica.use() as r:
             records = r.shard.retrieve([int(i) for i in item_ids], False, [VECTOR])
         return {int(rec.id): np.asarray(rec.vector[VECTOR], dtype=np.float32) for rec in records}
 
     def refresh(self) -> bool:
         with self._refresh_lock:
-            r = self._current()
+            r = self._replica.peek()
             current = read_current(self.layout.root)
             if current is not None and current.version != r.info.version:
-                fresh = self._open_replica()  # build the new copy first
-                with self._lock:
-                    self._replica = fresh  # swap the reference
-                self._retire(r)  # close the old one once its searches are done
+                # build the new copy first, then swap; the old one closes once its searches are done
+                self._replica.swap(self._open_replica())
                 return True
             new = [p for p in upsert_logs(self.layout, r.info.version) if p.name not in set(r.applied)]
             for p in new:  # the replica owns its copy: replay onto it in place
@@ -342,10 +310,7 @@ class EdgeIndex(Index):
 
     def close(self) -> None:
         with self._refresh_lock:
-            with self._lock:
-                r, self._replica = self._replica, None
-            if r is not None:
-                self._retire(r)
+            self._replica.close()
 
 
 # -- server --------------------------------------------------------------------------------------------

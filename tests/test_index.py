@@ -286,18 +286,18 @@ def test_two_replicas_in_one_process_and_refresh_to_new_version(tmp_path, data):
     env = Env("edge", tmp_path)
     first = env.build(vecs, items)
     a, b = env.open(), env.open()
-    assert a._replica.folder != b._replica.folder
+    assert a._replica.peek().folder != b._replica.peek().folder
     q = user_queries(x, 1)[0]
     assert a.search(q, 10) == b.search(q, 10)
 
     x2 = unit(np.random.default_rng(11).normal(size=(N, D)))
     second = env.build(vector_table(x2), items)
-    old_folder = a._replica.folder
+    old_folder = a._replica.peek().folder
     assert a.refresh() is True and a.version == second.name and b.version == first.name
     assert not old_folder.exists()  # the old copy is closed and removed after the swap
     assert [i for i, _ in a.search(q, 10)] == exact_top(x2, q, 10)[0]
     assert [i for i, _ in b.search(q, 10)] == exact_top(x, q, 10)[0]
-    b_folder = b._replica.folder
+    b_folder = b._replica.peek().folder
     b.close()
     assert not b_folder.exists()
     assert a.search(q, 1)  # the other replica is unaffected
@@ -319,7 +319,7 @@ def test_stale_replicas_of_dead_pids_are_removed(tmp_path, data):
     foreign.mkdir()
     with env.open() as idx:
         assert not stale.exists() and foreign.exists()
-        assert idx._replica.folder.exists()
+        assert idx._replica.peek().folder.exists()
 
 
 def test_cli_build_then_upsert(tmp_path, data, capsys):
