@@ -83,6 +83,7 @@ class CandidatesResponse(BaseModel):
     fallback: str | None  # None, "unknown_user", "empty_sequence" or "feature_store_unavailable"
     warnings: list[str]
     timings_ms: dict[str, float]  # feature, model, search, total
+    batch_size: int = 1  # requests answered together with this one (one feature read, forward, search)
 
 
 class BatchRequest(BaseModel):

@@ -58,6 +58,10 @@ class ProducerConfig:
     # <workdir>/mix.json (equal weights when that file does not exist)
     mix_file: str | None = None
     default_k: int = 100  # candidates when a request gives no k
+    # Coalescing (serving/pipeline.py): concurrent single /v1/candidates requests answered together, one
+    # feature read, forward and search; a request waits only while an earlier batch runs, at most max_wait_ms.
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
     max_k: int = API_MAX_K  # the largest k this deployment accepts (<= API_MAX_K)
     # N, the length of the online click sequence a /v1/events push keeps; None = the model's max_len
     # (read from the export, so it is always known; the ingest snapshot length is not recorded anywhere).
@@ -99,6 +103,10 @@ class ProducerConfig:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:
             raise ValueError(f"default_k must be in 1..max_k ({self.max_k}), got {self.default_k}")
+        if not 1 <= self.max_batch <= 1024:
+            raise ValueError(f"max_batch must be in 1..1024, got {self.max_batch}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.sequence_len is not None and self.sequence_len < 1:
             raise ValueError(f"sequence_len must be >= 1 or None, got {self.sequence_len}")
         for name in (

@@ -24,6 +24,7 @@ The click goes to the online store only: training sees clicks when the event log
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from contextlib import AbstractContextManager, nullcontext
@@ -32,11 +33,14 @@ from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
+from serving.calls import Deps, Unavailable, describe
+from serving.guard import invalid
 from serving.online import online_lock
 
 PUSH_SOURCE = "click_push"  # feature_repo/features.py: the push source of user_click_sequence
 VIEW = "user_click_sequence"  # the feature view it feeds
 FEATURES = ("item_ids", "click_times")
+log = logging.getLogger("ray.serve")
 ONE_US = timedelta(microseconds=1)
 
 
@@ -206,3 +210,61 @@ class ClickWriter:
         """append_click under the user's lock. Returns the new sequence (oldest first)."""
         with self.lock(user_id):
             return append_click(store, user_id, item_id, event_timestamp, sequence_len, online_lock(store))
+
+
+async def record_click(s, deps: Deps, writer: ClickWriter, body) -> dict:
+    """POST /v1/events on a loaded State `s`: check the click (a known item, a time within the deployment's
+    bounds: else `invalid`, a 422 naming the field), append it through `writer` within event_timeout_s, and
+    answer once it is read back. Refused (409) when the sequence cannot hold it; Unavailable (503) when the
+    store failed transiently; any other failure propagates (a 500)."""
+    cfg = s.config
+    item = int(body.item_id)
+    now = datetime.now(UTC)
+    try:
+        ts = check_event_time(body.event_timestamp or now, cfg.event_min_ts, cfg.event_max_future_s, now)
+    except ValueError as exc:
+        raise invalid("event_timestamp", str(exc), str(body.event_timestamp)) from None
+    if not s.known_item(item) and not await _in_an_index(s, deps, item):
+        raise invalid("item_id", f"unknown item_id {item}: not in the catalogue or an index", item)
+    try:
+        seq = await deps.call(
+            "events",
+            writer.append,
+            s.store,
+            int(body.user_id),
+            item,
+            ts,
+            s.sequence_len,
+            timeout=cfg.event_timeout_s,
+        )
+    except Refused:
+        raise
+    except Exception as exc:
+        log.warning("click push failed: %r", exc)
+        deps.metrics.error("events", "event")
+        if not transient(exc):
+            raise
+        raise Unavailable(
+            "feature_store_unavailable",
+            f"the click push failed ({describe(exc)}); it may or may not be stored: retry",
+        ) from exc
+    return {
+        "user_id": int(body.user_id),
+        "item_id": item,
+        "sequence_length": len(seq),
+        "sequence_len_max": s.sequence_len,
+    }
+
+
+async def _in_an_index(s, deps: Deps, item: int) -> bool:
+    """An item upserted after load (cold start) is in an index but not yet in the catalogue copy."""
+    for index in s.indexes():
+        try:
+            found = await deps.call("search", index.get_vectors, [item], timeout=s.config.search_timeout_s)
+        except Exception as exc:
+            raise Unavailable(
+                "index_unavailable", f"could not check item_id {item} in the index ({describe(exc)})"
+            ) from exc
+        if found:
+            return True
+    return False

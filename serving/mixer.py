@@ -1,22 +1,33 @@
-"""The reference Mixer's arithmetic: quotas from weights, and the de-duplicating quota interleave.
+"""The reference Mixer: quotas from weights, every producer asked in parallel under one time budget, and the
+de-duplicating quota interleave.
 
     k, quotas = resolve_quotas(k=10, quotas=None, weights={"student": 3, "similar": 1}, default_k=100)
     # -> 10, {"student": 8, "similar": 2}
     items, taken = interleave({"student": [(7, .9), (3, .8)], "similar": [(3, .7), (5, .6)]}, quotas, k)
+    body = await blend(pipeline, request, k, quotas, budget_ms=150)    # what POST /v1/mix answers
 
-The route (`POST /v1/mix`, serving/producer.py) asks every producer with a quota for k candidates in
-parallel under one time budget, then calls `interleave` on the lists that came back. docs/API.md states the
-contract; everything here is deterministic, so the same answers always blend to the same list.
+`blend` reads the user's clicks once, asks every producer with a quota for k candidates through the
+Pipeline (serving/pipeline.py), drops those that fail or miss the budget, and interleaves the rest. docs/API.md
+states the contract; the arithmetic is deterministic, so the same answers always blend to the same list.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from serving.api import CandidatesRequest, MixRequest
+from serving.asks import read_features
+from serving.calls import Unavailable, describe, ms_since
 from serving.config import PRODUCERS
+
+if TYPE_CHECKING:
+    from serving.pipeline import Pipeline
 
 Hit = tuple[int, float]  # (item_id, the producer's score)
 
@@ -143,3 +154,69 @@ def read_mix_weights(path: Path) -> dict[str, float] | None:
     if unknown or not all(math.isfinite(w) and w >= 0 for w in clean.values()) or sum(clean.values()) <= 0:
         raise ValueError(f"{path}: weights must be >= 0 over {PRODUCERS}, not all 0; got {weights}")
     return clean
+
+
+async def blend(
+    pipeline: Pipeline, body: MixRequest, k: int, quotas: dict[str, int], budget_ms: float
+) -> dict:
+    """One user's candidates from every producer in `quotas`, asked in parallel within budget_ms, blended.
+    A producer that fails or misses the budget is dropped and named in `warnings`; its slots go to the
+    others. Unavailable only when no state is loaded."""
+    t_start = time.perf_counter()
+    deadline = t_start + budget_ms / 1e3
+    deps = pipeline.deps
+    with pipeline.lease() as s:
+        timeout = min(s.config.feature_timeout_s, budget_ms / 1e3)
+        features = await read_features(deps, s.store, [body.user_id], "mix", timeout)
+        shared = body.model_dump(include={"user_id", "recent_item_ids", "exclude_seen", "filters"})
+
+        async def ask(p: str):
+            t0 = time.perf_counter()
+            (result,) = await pipeline.answer([CandidatesRequest(**shared, producer=p, k=k)], features)
+            return result, ms_since(t0)
+
+        tasks = {p: asyncio.ensure_future(ask(p)) for p in quotas}
+        _, pending = await asyncio.wait(tasks.values(), timeout=max(0.0, deadline - time.perf_counter()))
+        for task in pending:
+            task.cancel()
+        lists, reports, warnings = {}, {}, []
+        for p, task in tasks.items():
+            report = {"status": "ok", "quota": quotas[p], "taken": 0, "returned": 0}
+            if task in pending:
+                report["status"] = "timeout"
+                warnings.append(f"{p}: no answer within the {budget_ms:g} ms budget: dropped")
+            elif task.exception() is not None:
+                report["status"] = "error"
+                warnings.append(f"{p}: failed ({describe(task.exception())}): dropped")
+            else:
+                result, ms = task.result()
+                report["ms"] = ms
+                if isinstance(result, Unavailable):
+                    report["status"] = "unavailable"
+                    warnings.append(f"{p}: {result.error}: {result.message}: dropped")
+                else:
+                    lists[p] = [(c["item_id"], c["score"]) for c in result["candidates"]]
+                    report.update(
+                        returned=len(lists[p]),
+                        fallback=result["fallback"],
+                        model_version=result["model_version"],
+                        index_version=result["index_version"],
+                    )
+                    warnings += [f"{p}: {w}" for w in result["warnings"]]
+            if report["status"] != "ok":
+                deps.metrics.error(p, "mix_dropped")
+            reports[p] = report
+        items, taken = interleave(lists, quotas, k)
+        for p, n in taken.items():
+            reports[p]["taken"] = n
+        if len(items) < k:
+            warnings.append(f"only {len(items)} distinct candidates for k={k}")
+        total = ms_since(t_start)
+        deps.metrics.stage("mix", "mix", total)
+        return {
+            "k": k,
+            "candidates": items,
+            "producers": reports,
+            "warnings": warnings,
+            "timings_ms": {"feature": features.ms, "total": total},
+        }

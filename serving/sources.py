@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,10 @@ import torch
 
 from index.config import IndexConfig
 from index.search import Hit, Index, open_index
+from serving.asks import Ask, Ranked
+from serving.calls import Deps, Unavailable, ms_since
 from serving.config import PRODUCERS, ProducerConfig
-from training.data import ItemTable
+from training.data import ItemTable, ModelInputs, build_inputs
 from training.item_age import bucket_ranges
 from training.model import WEIGHTS_FILE, SeqRec
 
@@ -192,6 +195,58 @@ class ModelSource:
         biases = [b for b, _ in buckets]
         return [self.merge_age(found[r * n : (r + 1) * n], biases, k) for r in range(len(vectors))]
 
+    def inputs(self, ask: Ask, rows: Sequence[int]) -> ModelInputs:
+        """The model input of `rows`: training's `build_inputs` over each row's clicks (stored + recent)."""
+        return build_inputs([ask.seqs[i] for i in rows], self.vocab, self.max_len)
+
+    async def rank(
+        self, deps: Deps, cfg: ProducerConfig, ask: Ask, rows: Sequence[int]
+    ) -> dict[int, Ranked | Unavailable]:
+        """One forward for every personalised row, one batched search; the others fall back."""
+        inputs = self.inputs(ask, rows)
+        out: dict[int, Ranked | Unavailable] = {}
+        personal: list[int] = []  # positions in rows
+        for j, i in enumerate(rows):
+            recent = np.asarray(ask.recents[i], np.int64)
+            unknown_recent = [int(x) for x in recent[self.vocab.index_of(recent) == 0]]
+            if unknown_recent:
+                ask.warnings[i].append(
+                    f"recent_item_ids: {len(unknown_recent)} ids unknown to the model were ignored: "
+                    f"{unknown_recent[:20]}"
+                )
+            n_stored_unknown = int(inputs.n_unknown[j]) - len(unknown_recent)
+            if n_stored_unknown > 0:
+                ask.warnings[i].append(f"{n_stored_unknown} stored clicks unknown to the model were ignored")
+            fallback = ask.fallback(i, bool(inputs.ids[j].any()))
+            if fallback is None:
+                personal.append(j)
+            else:
+                out[i] = Ranked(
+                    popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]), fallback
+                )
+        if not personal:
+            return out
+        vectors, model_ms = await deps.forward(self.name, self.user_vectors, inputs.ids[personal])
+        chosen = [rows[j] for j in personal]
+        t0 = time.perf_counter()
+        try:
+            found = await deps.search(
+                self.name,
+                self.search,
+                vectors,
+                max(ask.ks[i] for i in chosen),
+                [sorted(ask.seen[i]) for i in chosen],
+                [ask.filters[i] for i in chosen],
+                cfg.scoring_days(),
+                timeout=cfg.search_timeout_s,
+            )
+        except Unavailable as exc:
+            return out | dict.fromkeys(chosen, exc)
+        search_ms = ms_since(t0)
+        for n, i in enumerate(chosen):
+            out[i] = Ranked(found[n][: ask.ks[i]], None, model_ms, search_ms)
+        return out
+
     def warm_up(self) -> None:
         self.user_vectors(np.zeros((1, self.max_len), np.int64))
         self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)
@@ -240,6 +295,70 @@ class SimilarSource:
         ranked = sorted(best.items(), key=lambda kv: kv[1])
         return [(item, -key[0]) for item, key in ranked[:k]]
 
+    async def rank(
+        self, deps: Deps, cfg: ProducerConfig, ask: Ask, rows: Sequence[int]
+    ) -> dict[int, Ranked | Unavailable]:
+        """The teacher vectors of each row's last N distinct clicks (one lookup), one batched search with a
+        query per click, merged per row by each item's best score; rows without a known click fall back."""
+        out: dict[int, Ranked | Unavailable] = {}
+        clicks = {i: self.last_clicks(ask.seqs[i]) if ask.stored is not None else [] for i in rows}
+        wanted = sorted({c for i in rows for c in clicks[i]})
+        t0 = time.perf_counter()
+        vectors: dict[int, np.ndarray] = {}
+        if wanted:
+            try:
+                vectors = await deps.search(
+                    self.name, self.index.get_vectors, wanted, timeout=cfg.search_timeout_s
+                )
+            except Unavailable as exc:
+                down = exc
+                for i in rows:
+                    out[i] = (
+                        down
+                        if clicks[i]
+                        else Ranked(
+                            popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]),
+                            ask.fallback(i, False),
+                        )
+                    )
+                return out
+        queries: list[tuple[int, int]] = []  # (row, click)
+        for i in rows:
+            known = [c for c in clicks[i] if c in vectors]
+            unknown = [c for c in clicks[i] if c not in vectors]
+            if unknown:
+                ask.warnings[i].append(
+                    f"{len(unknown)} of the last {len(clicks[i])} clicks are not in the teacher index: "
+                    f"{unknown[:20]}"
+                )
+            fallback = ask.fallback(i, bool(known))
+            if fallback is None:
+                queries += [(i, c) for c in known]
+            else:
+                out[i] = Ranked(
+                    popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]), fallback
+                )
+        if not queries:
+            return out
+        chosen = list(dict.fromkeys(i for i, _ in queries))
+        try:
+            found = await deps.search(
+                self.name,
+                self.index.search_batch,
+                np.stack([vectors[c] for _, c in queries]),  # (Q, D)
+                max(ask.ks[i] for i in chosen),
+                [sorted(ask.seen[i]) for i, _ in queries],
+                [ask.filters[i] for i, _ in queries],
+                timeout=cfg.search_timeout_s,
+            )
+        except Unavailable as exc:
+            return out | dict.fromkeys(chosen, exc)
+        search_ms = ms_since(t0)
+        for i in chosen:
+            mine = [found[q] for q, (row, _) in enumerate(queries) if row == i]  # most recent click first
+            out[i] = Ranked(self.merge(mine, ask.ks[i]), None, 0.0, search_ms)
+        return out
+
     def warm_up(self) -> None:
         self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)
 
@@ -255,6 +374,16 @@ class PopularSource:
     model_version: str  # popular@<12 hex of the events file, half-life and cut>
     name: str = "popular"
     index: None = None
+
+    async def rank(
+        self, deps: Deps, cfg: ProducerConfig, ask: Ask, rows: Sequence[int]
+    ) -> dict[int, Ranked | Unavailable]:
+        """The ranking itself, filtered; personal only in what it excludes (seen items)."""
+        fallback = "feature_store_unavailable" if ask.stored is None else None
+        return {
+            i: Ranked(popular_candidates(self.items, ask.ks[i], ask.seen[i], ask.filters[i]), fallback)
+            for i in rows
+        }
 
     def warm_up(self) -> None:
         pass

@@ -32,8 +32,13 @@ import index.search
 import serving.producer as producer_mod
 from index.build import upsert_items
 from index.config import IndexConfig
+from serving.api import BatchRequest, CandidatesRequest, EventRequest, MixRequest
+from serving.asks import Ask, Features
 from serving.config import ProducerConfig
-from serving.producer import CandidatesRequest, EventRequest, producer_app, producer_input
+from serving.online import read_sequences
+from serving.producer import producer_app
+from serving.sources import ModelSource, SimilarSource
+from serving.state import load_state
 from tests.producer_world import (
     COLD_ID,
     FIRST_ID,
@@ -143,9 +148,43 @@ def test_http_candidates_exact_with_filters_and_seen(world, http):
     assert ids_of(r.json()) == world.exact_top(seen + recent, 5, exclude=seen + recent)[0]
 
 
+def test_http_concurrent_single_requests_are_coalesced_each_answered_as_alone(world, http):
+    """Through a real Serve deployment: concurrent /v1/candidates calls share batches (batch_size > 1 in
+    their answers), and each caller's list is the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [
+        {"user_id": u, "k": 3 + u % 4, "producer": p}
+        for u in (1, 2, 3, 4, UNKNOWN_USER)
+        for p in ("student", "sasrec", "similar", "popular")
+    ]
+    alone = [http.post("/v1/candidates", json=r).json() for r in reqs]
+
+    def ask(r):
+        with httpx.Client(base_url=str(http.base_url), timeout=30) as c:
+            return c.post("/v1/candidates", json=r).json()
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(ask, reqs * 4))
+    assert max(t["batch_size"] for t in together) > 1, "no batch formed under 16 concurrent clients"
+    for a, t in zip(alone * 4, together, strict=True):
+        assert ids_of(t) == ids_of(a) and t["fallback"] == a["fallback"] and t["producer"] == a["producer"]
+        np.testing.assert_allclose(scores_of(t), scores_of(a), rtol=1e-5, atol=1e-6)
+
+
 def test_skew_online_input_equals_offline_input(world):
-    """The Producer's model input (online store) == training's (point-in-time historical read)."""
-    store = open_store(world.ws)
+    """The Producer's model input (online store) == training's (point-in-time historical read). The online
+    side is the pipeline's own: the feature read, Ask.of and the source's inputs()."""
+    state = load_state(world.config)
+    store = state.store
+
+    def producer_input(store, u, extra, vocab, max_len):
+        features = Features(read_sequences(store, [u]), None, 0.0)
+        ask = Ask.of([CandidatesRequest(user_id=u, recent_item_ids=extra or None)], features, state.config)
+        student = state.sources["student"]
+        assert (student.vocab.item_ids == vocab.item_ids).all() and student.max_len == max_len
+        return student.inputs(ask, [0]).ids[0]
+
     last = world.events.groupby("user_id")["event_timestamp"].max().reset_index()
     last["event_timestamp"] += pd.Timedelta(seconds=1)
     offline = historical_sequences(store, last)
@@ -157,6 +196,7 @@ def test_skew_online_input_equals_offline_input(world):
             want = build_inputs([[*seq, *extra]], world.vocab, MAX_LEN).ids[0]
             np.testing.assert_array_equal(producer_input(store, u, extra, world.vocab, MAX_LEN), want)
             assert (want > 0).any()
+    state.close()
 
 
 def test_batch_equals_single_calls_in_order(world, http):
@@ -685,9 +725,7 @@ def test_index_down_is_a_json_503(world, local, monkeypatch):
 
     monkeypatch.setattr(index.search.EdgeIndex, "_search", slow)
     t0 = time.perf_counter()
-    status, body = call(
-        local, "candidates_batch", producer_mod.BatchRequest(requests=[CandidatesRequest(user_id=2)])
-    )
+    status, body = call(local, "candidates_batch", BatchRequest(requests=[CandidatesRequest(user_id=2)]))
     assert status == 503 and "timed out" in body["message"] and time.perf_counter() - t0 < 3.0
 
 
@@ -712,7 +750,7 @@ def test_internal_error_is_a_json_500_without_internals(local, monkeypatch):
     def boom(self, ids):
         raise RuntimeError("secret /internal/path")
 
-    monkeypatch.setattr(producer_mod.ModelSource, "user_vectors", boom)
+    monkeypatch.setattr(ModelSource, "user_vectors", boom)
     status, body = call(local, "candidates", CandidatesRequest(user_id=1))
     assert status == 500 and body == {
         "error": "internal_error",
@@ -723,7 +761,7 @@ def test_internal_error_is_a_json_500_without_internals(local, monkeypatch):
 def test_mix_drops_a_slow_and_a_failing_producer_but_answers(world, local, monkeypatch):
     """sasrec stuck past the budget, similar's index down: both dropped and named, their slots refilled
     by the others, within the budget."""
-    real = producer_mod.ModelSource.user_vectors
+    real = ModelSource.user_vectors
 
     def slow_sasrec(self, ids):
         if self.name == "sasrec":
@@ -733,12 +771,12 @@ def test_mix_drops_a_slow_and_a_failing_producer_but_answers(world, local, monke
     def broken(*args):
         raise ConnectionError("qdrant at 10.0.0.9 refused")
 
-    monkeypatch.setattr(producer_mod.ModelSource, "user_vectors", slow_sasrec)
-    monkeypatch.setattr(producer_mod.SimilarSource, "last_clicks", broken)  # fails before any wait
+    monkeypatch.setattr(ModelSource, "user_vectors", slow_sasrec)
+    monkeypatch.setattr(SimilarSource, "last_clicks", broken)  # fails before any wait
     quotas = {"student": 3, "sasrec": 3, "similar": 2, "popular": 2}
     t0 = time.perf_counter()
     # a budget this box meets even when busy; the stuck producer would take 5 s
-    status, body = call(local, "mix", producer_mod.MixRequest(user_id=1, quotas=quotas, budget_ms=1500))
+    status, body = call(local, "mix", MixRequest(user_id=1, quotas=quotas, budget_ms=1500))
     assert time.perf_counter() - t0 < 4.0, "the budget bounds the call"
     assert status == 200 and body["k"] == 10
     reports = body["producers"]

@@ -1,0 +1,178 @@
+"""The ranking path of /v1/candidates, its :batch and the Mixer, with no Ray in it: one feature read for a
+call's users, then each producer's own rank() (serving/sources.py: build inputs with training's function,
+forward, search, fallbacks) for its rows, all producers at once, then one response per request.
+
+    pipeline = Pipeline(Current(load_state(config), State.close, "model"), Deps(Pools.create()))
+    [answer] = await pipeline.answer([CandidatesRequest(user_id=1, k=10)])   # a dict, or Unavailable
+    answer = await pipeline.candidates(request)   # the same, coalesced with concurrent single requests
+
+Concurrent single requests are coalesced (`Coalescer`) into one answer() call: one feature read, one forward
+and one batched search per producer. A request waits only while an earlier batch is running, and at most
+`max_wait_ms`; a batch leaves at once when it holds `max_batch` requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Generic, TypeVar
+
+from serving.api import CandidatesRequest
+from serving.asks import Ask, Features, Ranked, read_features
+from serving.calls import Deps, Unavailable, ms_since
+from serving.sources import PopularSource, Source
+from serving.state import State
+from vlmrec.lease import Closed, Current
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Coalescer(Generic[T, R]):
+    """Single calls made concurrently -> one call of `run` on their list. Each caller gets exactly its own
+    answer (or the batch's exception); a caller that gives up (cancelled, timed out) leaves the batch running
+    for the others and is skipped if it had not started yet."""
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], Awaitable[list[R]]],
+        max_batch: int,
+        max_wait_s: float,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._on_batch = on_batch or (lambda n: None)
+        self._pending: list[tuple[T, asyncio.Future]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Task] = set()
+
+    async def submit(self, item: T) -> R:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if not self._running or len(self._pending) >= self.max_batch:
+            self._flush()  # nothing to wait for (no batch running), or a full batch
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._pending:
+            batch = [(i, f) for i, f in self._pending[: self.max_batch] if not f.done()]
+            del self._pending[: self.max_batch]
+            if batch:
+                task = asyncio.get_running_loop().create_task(self._answer(batch))
+                self._running.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if self._pending and not self._running:
+            self._flush()  # what waited for this batch goes now
+
+    async def _answer(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        self._on_batch(len(batch))
+        try:
+            results = await self._run([item for item, _ in batch])
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            if not fut.done():  # a caller that gave up: its future is cancelled
+                fut.set_result(result)
+
+
+class Pipeline:
+    """The candidates path over the current loaded State (leased for each call's whole length)."""
+
+    def __init__(self, current: Current[State], deps: Deps, max_batch: int = 32, max_wait_ms: float = 5.0):
+        self.current, self.deps = current, deps
+        self.coalescer: Coalescer[CandidatesRequest, dict | Unavailable] = Coalescer(
+            self.answer, max_batch, max_wait_ms / 1e3, deps.metrics.batch
+        )
+
+    async def candidates(self, request: CandidatesRequest) -> dict | Unavailable:
+        """One request's answer, computed in one batch with the single requests that arrive meanwhile."""
+        return await self.coalescer.submit(request)
+
+    async def answer(
+        self, requests: Sequence[CandidatesRequest], features: Features | None = None
+    ) -> list[dict | Unavailable]:
+        """A list of requests -> one response dict (or Unavailable) each, in order. `features`: the call's
+        online read when the caller made it already (the Mixer)."""
+        with self.lease() as s:
+            return await self._answer(s, requests, features)
+
+    @contextmanager
+    def lease(self) -> Iterator[State]:
+        """The current State for a call's whole length; Unavailable (not_ready) when none is loaded."""
+        use = self.current.use()
+        try:
+            s = use.__enter__()
+        except Closed:  # only here: a Closed raised by the call itself (an index) is not "not loaded"
+            raise Unavailable("not_ready", "the model is not loaded yet") from None
+        try:
+            yield s
+        finally:
+            use.__exit__(None, None, None)
+
+    async def _answer(
+        self, s: State, requests: Sequence[CandidatesRequest], features: Features | None
+    ) -> list[dict | Unavailable]:
+        cfg, t_start = s.config, time.perf_counter()
+        names = [r.producer or cfg.producer for r in requests]
+        if features is None:
+            tag = names[0] if len(set(names)) == 1 else "batch"
+            users = [int(r.user_id) for r in requests]
+            features = await read_features(self.deps, s.store, users, tag, cfg.feature_timeout_s)
+        ask = Ask.of(requests, features, cfg)
+        rows_of = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
+        loaded = {name: s.sources[name] for name in rows_of if name in s.sources}
+        ranked = await asyncio.gather(
+            *(source.rank(self.deps, cfg, ask, rows_of[name]) for name, source in loaded.items())
+        )
+        out: list[dict | Unavailable] = [Unavailable("internal", "")] * len(requests)
+        for name, rows in rows_of.items():
+            if name not in loaded:
+                gone = Unavailable(
+                    "producer_unavailable", s.missing.get(name, f"{name} is not loaded"), retry_after=None
+                )
+                for i in rows:
+                    out[i] = gone
+        for (name, source), by_row in zip(loaded.items(), ranked, strict=True):
+            for i in rows_of[name]:
+                r = by_row[i]
+                out[i] = r if isinstance(r, Unavailable) else self._response(source, ask, i, r, features)
+        total = ms_since(t_start)
+        for o in out:
+            if isinstance(o, dict):
+                o["timings_ms"]["total"] = total
+                o["batch_size"] = len(requests)
+        return out
+
+    def _response(self, source: Source, ask: Ask, i: int, r: Ranked, features: Features) -> dict:
+        k = ask.ks[i]
+        if len(r.hits) < k:
+            what = (
+                "items" if r.fallback is None and not isinstance(source, PopularSource) else "popular items"
+            )
+            ask.warnings[i].append(f"only {len(r.hits)} {what} qualify for k={k}")
+        self.deps.metrics.answered(source.name, r.fallback)
+        return {
+            "producer": source.name,
+            "model_version": source.model_version,
+            "index_version": None if source.index is None else source.index.version,
+            "candidates": [
+                {"item_id": int(item), "score": float(score), "rank": rank}
+                for rank, (item, score) in enumerate(r.hits, 1)
+            ],
+            "fallback": r.fallback,
+            "warnings": ask.warnings[i],
+            "timings_ms": {"feature": features.ms, "model": r.model_ms, "search": r.search_ms, "total": 0.0},
+        }
