@@ -291,3 +291,24 @@ def test_item_text():
     assert item_text("  Lamp ", None) == "Lamp"
     assert item_text("Lamp", "  ") == "Lamp"
     assert item_text("", "only text") == "only text"
+
+
+def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(sample_workspace, tmp_path):
+    """`vlmrec embed` batches texts of similar length (less padding); the file keeps the catalogue's order
+    and each item's vector is the one batching in catalogue order gives."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from vlmrec.embed import EmbedConfig, embed_catalogue
+    from vlmrec.workspace import Workspace
+
+    sorted_table = pq.read_table(sample_workspace.embeddings).to_pandas()  # the fixture's: sorted (default)
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "data").mkdir(parents=True)
+    shutil.copy(sample_workspace.items, ws.items)
+    embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1, sort_by_length=False))
+    plain = pq.read_table(ws.embeddings).to_pandas()
+    catalogue = pq.read_table(ws.items, columns=["item_id"]).column(0).to_pylist()
+    assert sorted_table["item_id"].tolist() == plain["item_id"].tolist() == catalogue
+    np.testing.assert_allclose(np.stack(sorted_table["vector"]), np.stack(plain["vector"]), atol=1e-5)

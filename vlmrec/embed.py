@@ -5,7 +5,7 @@
     vlmrec embed --teacher .vlmrec/sample/runs/teacher/export              # a teacher tuned by `vlmrec tune`
 
 Runs on Ray Data: `map_batches` over an actor pool (each actor loads the teacher once), batch size and pool
-size configurable, with Ray Data's progress bars. An item's vector fuses its image and text vectors; an item
+size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). An item's vector fuses its image and text vectors; an item
 without a usable image falls back to text and is counted. The teacher's model id travels with every vector.
 """
 
@@ -32,6 +32,9 @@ class EmbedConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     num_actors: int = 1  # teacher replicas in the Ray Data actor pool (each holds a model copy)
     batch_size: int = 64  # items per map_batches call
+    # Batches of texts of similar length: a batch is padded to its longest text, so the catalogue is cut
+    # into batches in order of text length (the output keeps the catalogue's order).
+    sort_by_length: bool = True
 
 
 def _load_image(uri):
@@ -87,6 +90,9 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
     # actor pool holds on a small machine.
     n_blocks = max(1, min(len(items) // config.batch_size, 4 * config.num_actors))
     columns = items[["item_id", "title", "text", "image_uri"]]
+    if config.sort_by_length:
+        lengths = [len(item_text(t, x)) for t, x in zip(columns["title"], columns["text"], strict=True)]
+        columns = columns.iloc[np.argsort(lengths, kind="stable")]
     ds = ray.data.from_pandas(
         [columns.iloc[idx] for idx in np.array_split(np.arange(len(columns)), n_blocks)]
     )
@@ -134,6 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-weight", type=float, default=d.image_weight)
     parser.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size)
     parser.add_argument("--num-actors", type=int, default=EmbedConfig.num_actors)
+    parser.add_argument(
+        "--no-sort-by-length",
+        dest="sort_by_length",
+        action="store_false",
+        help="batch in catalogue order (default: texts of similar length together)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> EmbedConfig:
@@ -146,7 +158,12 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         image_weight=args.image_weight,
         batch_size=args.batch_size,
     )
-    return EmbedConfig(teacher=teacher, num_actors=args.num_actors, batch_size=args.batch_size)
+    return EmbedConfig(
+        teacher=teacher,
+        num_actors=args.num_actors,
+        batch_size=args.batch_size,
+        sort_by_length=getattr(args, "sort_by_length", True),
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
