@@ -8,9 +8,13 @@ code, numpy = stacking the matrix), query p50/p99 for single user-like queries (
 vectors, normalised), plain and filtered to one category holding ~1 in 20 items, recall@100 against
 exact at the shipped hnsw_ef, and an ef sweep. Vectors: the real teacher embeddings when --vectors names
 a workspace (data/item_embeddings.parquet + data/items.parquet) or a vector parquet (titles and first
-genres then come from --data/movies.csv); else, and for sizes above the real catalogue, synthetic
-Gaussian clusters of the same dim. On the real vectors the sweep is also run with the graph forced
-(thresholds 1 KB), since the shipped config scans a 10k catalogue exactly. Runtime at 100k: a few minutes.
+genres then come from --data/movies.csv). Sizes above the real catalogue: `--synthetic real-like` (the default
+with real vectors) mixes two random real vectors and adds Gaussian noise (`real_like_set`), keeping the
+real vectors' anisotropic shape; `gaussian` (the default without) draws Gaussian clusters of the same dim.
+On the real vectors the sweep is also run with the graph forced (thresholds 1 KB), since the shipped config
+scans a 10k catalogue exactly. The shipped settings are IndexConfig()'s, HNSW chosen from each size
+(index.config.hnsw_for); each size records them, the build's peak RSS, and the query p99 over exact numpy's.
+Runtime: a few minutes at 100k; at 1M the build takes most of an hour on 2 cores.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import warnings
@@ -84,6 +89,39 @@ def synthetic_set(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, pd.DataFra
     return x, items, "synthetic"
 
 
+def real_like_set(real: tuple[np.ndarray, pd.DataFrame, str], n: int, noise: float = 0.3, seed: int = 0):
+    """n vectors like the real ones: unit(a * v_i + (1 - a) * v_j + noise * g / sqrt(D)), v_i, v_j random real
+    vectors, a ~ U(0.5, 1), g standard normal (noise is the expected norm of the noise term); the category of
+    v_i. Built in chunks."""
+    x_real, items_real, teacher = real
+    rng = np.random.default_rng(seed)
+    d = x_real.shape[1]
+    x = np.empty((n, d), np.float32)
+    parent = rng.integers(0, len(x_real), n)
+    for a in range(0, n, 100_000):
+        b = min(n, a + 100_000)
+        other = x_real[rng.integers(0, len(x_real), b - a)]
+        w = rng.uniform(0.5, 1.0, (b - a, 1)).astype(np.float32)
+        g = rng.normal(size=(b - a, d)).astype(np.float32) * (noise / np.sqrt(d))
+        x[a:b] = unit(w * x_real[parent[a:b]] + (1 - w) * other + g)
+    ids = np.arange(n)
+    items = pd.DataFrame(
+        {
+            "item_id": ids,
+            "title": "",
+            "category": items_real["category"].to_numpy()[parent],
+            "created_at": pd.Timestamp(0, tz="UTC"),
+        }
+    )
+    return x, items, f"{teacher} (real-like)"
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)
+
+
 def user_queries(x: np.ndarray, n: int, seed: int = 1) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return unit(x[rng.integers(0, len(x), (n, 5))].mean(1))  # (n, D)
@@ -126,15 +164,21 @@ def exact_search(x: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None)
     return top
 
 
-def bench_size(x, items, teacher, args, config: IndexConfig, real: bool) -> dict:
+def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dict:
     n, d = x.shape
+    real = source == "real"
     ids = items["item_id"].to_numpy()
-    vec = pd.DataFrame({"item_id": ids, "vector": list(x), "teacher_id": teacher})
+
+    def vec() -> pd.DataFrame:  # made when a build needs it: at 1M every copy is 1.5 GB
+        return pd.DataFrame({"item_id": ids, "vector": list(x), "teacher_id": teacher})
+
     shares = items["category"].value_counts(normalize=True)
     category = (shares - 0.05).abs().idxmin()  # the category closest to 1 in 20
     rows = np.flatnonzero(items["category"].to_numpy() == category)
     queries = user_queries(x, args.queries)
-    res = {"n": n, "dim": d, "source": "real" if real else "synthetic", "teacher_id": teacher}
+    shipped = config.for_size(n)
+    res = {"n": n, "dim": d, "source": source, "teacher_id": teacher}
+    res["settings"] = {k: getattr(shipped, k) for k in ("hnsw_m", "hnsw_ef_construct", "hnsw_ef")}
     res["filter"] = {"category": str(category), "share": round(float(shares[category]), 4)}
     print(
         f"\n== {n} x {d} ({res['source']}); filter category {category} ({shares[category]:.3f})", flush=True
@@ -148,8 +192,9 @@ def bench_size(x, items, teacher, args, config: IndexConfig, real: bool) -> dict
     exact["filtered"], res_q["exact_filtered"] = timed(exact_search(xm, ids, rows), queries)
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        v = build_index(vec, items, Path(tmp) / "edge", config)
+        v = build_index(vec(), items, Path(tmp) / "edge", config)
         res["build_s"]["edge"] = round(v.seconds, 2)
+        res["peak_rss_mb_after_build"] = peak_rss_mb()
         res["edge_indexed"] = v.indexed
         filt = {"category": str(category)}
         with open_index(Path(tmp) / "edge", config) as idx:
@@ -163,11 +208,12 @@ def bench_size(x, items, teacher, args, config: IndexConfig, real: bool) -> dict
             "edge": recall(got, exact["plain"]),
             "edge_filtered": recall(got_f, exact["filtered"]),
         }
+        res["p99_over_exact_p99"] = round(res_q["edge"]["p99"] / res_q["exact"]["p99"], 4)
         res["ef_sweep"] = ef_sweep(Path(tmp) / "edge", config, queries, exact["plain"])
         print(f"   edge build {v.seconds:.1f} s, indexed {v.indexed}; {res_q}; recall {res['recall_at_100']}")
         if real:  # the same vectors with a graph even at this size: the curve the threshold avoids
             forced = replace(config, full_scan_threshold_kb=1, indexing_threshold_kb=1)
-            v = build_index(vec, items, Path(tmp) / "graph", forced)
+            v = build_index(vec(), items, Path(tmp) / "graph", forced)
             res["forced_graph"] = {
                 "build_s": round(v.seconds, 2),
                 "ef_sweep": ef_sweep(Path(tmp) / "graph", forced, queries, exact["plain"]),
@@ -178,7 +224,7 @@ def bench_size(x, items, teacher, args, config: IndexConfig, real: bool) -> dict
 
         client = QdrantClient(":memory:")
         local = replace(config, backend="server")
-        v = build_index(vec, items, None, local, client=client)
+        v = build_index(vec(), items, None, local, client=client)
         res["build_s"]["local"] = round(v.seconds, 2)
         few = queries[: args.local_queries]
         with open_index(None, local, client=client) as idx:
@@ -214,6 +260,12 @@ def main() -> None:
     p.add_argument("--local-max", type=int, default=100_000, help="skip local mode above this size")
     p.add_argument("--local-queries", type=int, default=50, help="local mode is slow: fewer queries")
     p.add_argument("--dim", type=int, default=384, help="synthetic dim when there are no real vectors")
+    p.add_argument(
+        "--synthetic",
+        choices=["real-like", "gaussian"],
+        default=None,
+        help="vectors for sizes above the real catalogue (default: real-like with --vectors, else gaussian)",
+    )
     p.add_argument("--tmp", type=Path, default=None, help="where the Edge shards are built")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/search.json"))
     args = p.parse_args()
@@ -223,14 +275,21 @@ def main() -> None:
     real = real_set(args.vectors, args.data) if args.vectors else None
     results = []
     t0 = time.perf_counter()
+    synthetic = args.synthetic or ("real-like" if real is not None else "gaussian")
+    if synthetic == "real-like" and real is None:
+        raise SystemExit("--synthetic real-like needs --vectors")
     for n in args.sizes:
         if real is not None and n <= 1.1 * len(real[0]):  # "10000" on MovieLens means its 9,742 titles
             x, items, teacher = real[0][:n], real[1].iloc[:n], real[2]
-            results.append(bench_size(x, items, teacher, args, config, real=True))
+            results.append(bench_size(x, items, teacher, args, config, "real"))
+        elif synthetic == "real-like":
+            results.append(bench_size(*real_like_set(real, n), args, config, "real-like"))
         else:
             d = real[0].shape[1] if real is not None else args.dim
-            results.append(bench_size(*synthetic_set(n, d), args, config, real=False))
+            results.append(bench_size(*synthetic_set(n, d), args, config, "gaussian"))
     report = {
+        "command": "python benchmarks/search.py " + " ".join(sys.argv[1:]),
+        "load_average": list(os.getloadavg()),
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),

@@ -541,6 +541,7 @@ def build_index(
     t0 = time.perf_counter()
     points = points_table(load_vector_table(vectors), read_items(items))
     check_teacher(points, teacher_id, teacher_source)
+    config = config.for_size(points.num_rows)  # the HNSW settings left open, from the collection's size
     dim = len(points.column("vector")[0])
     info = VersionInfo(
         version=version_name(points, config),

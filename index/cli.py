@@ -54,6 +54,10 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         elif f.name == "backend":
             p.add_argument(flag, choices=BACKENDS, default=f.default)
+        elif f.name.startswith("hnsw_"):  # None: from the collection's size
+            p.add_argument(
+                flag, type=int, default=None, help="default: from the collection's size (hnsw_for)"
+            )
         else:
             kind = str if f.default is None else type(f.default)
             shown = "env QDRANT_URL" if f.name == "url" else f.default

@@ -6,10 +6,29 @@ QDRANT_API_KEY) is read once there, never here. Every build writes `to_dict()` n
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 BACKENDS = ("edge", "server")
 DISTANCES = ("cosine", "dot")
+
+
+# (collections up to this many items, hnsw m, ef_construct, search ef); the last row has no bound. Chosen so
+# that recall@100 against exact search stays high as a catalogue grows (docs/BENCHMARKS.md, search). The
+# beam is at least k x oversampling (top 100 x 2) where the graph is walked; below full_scan_threshold_kb
+# Qdrant scans exactly and the graph settings do not matter.
+HNSW_BY_SIZE: tuple[tuple[int | None, int, int, int], ...] = (
+    (50_000, 16, 100, 128),
+    (300_000, 16, 100, 512),
+    (None, 16, 128, 1024),
+)
+
+
+def hnsw_for(n: int) -> tuple[int, int, int]:
+    """(m, ef_construct, ef) for a collection of n items."""
+    for bound, m, ef_construct, ef in HNSW_BY_SIZE:
+        if bound is None or n <= bound:
+            return m, ef_construct, ef
+    raise AssertionError("HNSW_BY_SIZE ends with an unbounded row")
 
 
 @dataclass(frozen=True)
@@ -25,10 +44,11 @@ class IndexConfig:
     # items by the dot product of unnormalised id embeddings: a cosine index would re-rank them).
     distance: str = "cosine"
 
-    # HNSW graph: Qdrant's defaults; m 16 / ef_construct 100 gave recall@100 0.97 at ef 128 on the MiniLM
-    # MovieLens titles (STACK.md).
-    hnsw_m: int = 16
-    hnsw_ef_construct: int = 100
+    # HNSW graph (m, ef_construct) and search beam (ef): None = chosen from the collection's size when a
+    # version is built (`hnsw_for`, HNSW_BY_SIZE below; a replica searches a version with the beam its size
+    # gives), so recall holds as the catalogue grows. Any of them may be set to override.
+    hnsw_m: int | None = None
+    hnsw_ef_construct: int | None = None
     # Below this many KB of vectors in a segment (or matching a filter) Qdrant scans exactly instead of
     # walking the graph. 20,000 KB is about 13k items at 384-d float32 (5k at 1024-d), so a catalogue the
     # size of MovieLens (9,742 x 384 = 14,600 KB) is searched exactly: recall 1.0, no graph to build.
@@ -42,9 +62,7 @@ class IndexConfig:
     # is built that searches would then bypass (Qdrant's default is 10,000 KB). Tests set both tiny to
     # exercise the graph on small data.
     indexing_threshold_kb: int = 20_000
-    # Search-time beam; the benchmark sweeps it. With int8 + oversampling 2 at k = 100, ef 64 and 128 gave
-    # the same recall (0.9975, real vectors): the beam seems to be at least k x oversampling.
-    hnsw_ef: int = 128
+    hnsw_ef: int | None = None
 
     # int8 scalar quantisation (4x less RAM, faster scoring), always rescored with the float vectors.
     # Qdrant Edge does NOT rescore unless asked: oversampling 2 made an int8 full scan exact (recall 1.0)
@@ -63,8 +81,24 @@ class IndexConfig:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1 (the current version), got {self.keep_versions}")
-        if self.batch_size < 1 or self.hnsw_ef < 1 or self.hnsw_m < 2:
-            raise ValueError("batch_size, hnsw_ef must be >= 1 and hnsw_m >= 2")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name, low in (("hnsw_m", 2), ("hnsw_ef_construct", 4), ("hnsw_ef", 1)):
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(
+                    f"{name} must be >= {low} (or None: from the collection's size), got {value}"
+                )
+
+    def for_size(self, n: int) -> IndexConfig:
+        """This config with the HNSW settings left None chosen for a collection of n items."""
+        m, ef_construct, ef = hnsw_for(n)
+        return replace(
+            self,
+            hnsw_m=self.hnsw_m or m,
+            hnsw_ef_construct=self.hnsw_ef_construct or ef_construct,
+            hnsw_ef=self.hnsw_ef or ef,
+        )
 
     def to_dict(self) -> dict:
         """Every field but the api key (this dict is written next to each version)."""

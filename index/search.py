@@ -212,8 +212,9 @@ def _edge_filter(q: _Query):
 class _Replica:
     """A private copy of one version: its shard, folder, and the upsert log files already applied."""
 
-    def __init__(self, shard, folder: Path, info: VersionInfo, applied: tuple[str, ...]):
+    def __init__(self, shard, folder: Path, info: VersionInfo, applied: tuple[str, ...], params):
         self.shard, self.folder, self.info, self.applied = shard, folder, info, applied
+        self.params = params  # search params for this version's size
 
     def close(self) -> None:
         try:
@@ -225,7 +226,6 @@ class _Replica:
 class EdgeIndex(Index):
     def __init__(self, root: Path, config: IndexConfig):
         self.layout, self.config = Layout(root), config
-        self._params = edge_search_params(config)
         self._refresh_lock = threading.Lock()  # one refresh at a time
         clean_stale(self.layout)
         self._replica: Current[_Replica] = Current(self._open_replica(), _Replica.close, "index")
@@ -260,23 +260,24 @@ class EdgeIndex(Index):
                 shard.close()
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            return _Replica(shard, folder, info, tuple(p.name for p in logs))
+            params = edge_search_params(self.config.for_size(info.count))
+            return _Replica(shard, folder, info, tuple(p.name for p in logs), params)
         raise RuntimeError(f"could not copy the current version of {self.layout.root}: it kept moving")
 
     def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
         from qdrant_edge import Query, QueryBatchRequest, QueryRequest
 
-        requests = [
-            QueryRequest(
-                limit=k,
-                query=Query.Nearest(v.tolist(), using=VECTOR),
-                filter=_edge_filter(q),
-                params=self._params,
-                with_payload=False,
-            )
-            for v, q in zip(x, queries, strict=True)
-        ]
         with self._replica.use() as r:
+            requests = [
+                QueryRequest(
+                    limit=k,
+                    query=Query.Nearest(v.tolist(), using=VECTOR),
+                    filter=_edge_filter(q),
+                    params=r.params,
+                    with_payload=False,
+                )
+                for v, q in zip(x, queries, strict=True)
+            ]
             if len(requests) == 1:
                 results = [r.shard.query(requests[0])]
             else:
@@ -335,8 +336,7 @@ def _server_filter(q: _Query):
 class ServerIndex(Index):
     def __init__(self, client, config: IndexConfig, owns_client: bool):
         self.client, self.config, self._owns = client, config, owns_client
-        self._params = server_search_params(config)
-        self._target: tuple[str, VersionInfo] = self._resolve()  # swapped as one reference
+        self._target: tuple[str, VersionInfo, object] = self._resolve()  # swapped as one reference
 
     @property
     def collection(self) -> str:
@@ -346,16 +346,20 @@ class ServerIndex(Index):
     def info(self) -> VersionInfo:
         return self._target[1]
 
-    def _resolve(self) -> tuple[str, VersionInfo]:
+    def _resolve(self) -> tuple[str, VersionInfo, object]:
+        """The collection the alias names now, its VersionInfo and the search params for its size. Searches
+        go to that collection, not to the alias: a new version (another student's item space) must not be
+        searched before this replica's model is swapped with it."""
         name = current_collection(self.client, self.config.alias)
         if name is None:
             raise FileNotFoundError(f"no alias {self.config.alias!r} on the server: run `vlmrec index build`")
-        return name, collection_info(self.client, name)
+        info = collection_info(self.client, name)
+        return name, info, server_search_params(self.config.for_size(info.count))
 
     def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
         from qdrant_client import models
 
-        collection = self._target[0]
+        collection, _, params = self._target
         if len(x) == 1:
             res = self.client.query_points(
                 collection,
@@ -363,13 +367,13 @@ class ServerIndex(Index):
                 using=VECTOR,
                 limit=k,
                 query_filter=_server_filter(queries[0]),
-                search_params=self._params,
+                search_params=params,
             )
             responses = [res]
         else:
             requests = [
                 models.QueryRequest(
-                    query=v.tolist(), using=VECTOR, limit=k, filter=_server_filter(q), params=self._params
+                    query=v.tolist(), using=VECTOR, limit=k, filter=_server_filter(q), params=params
                 )
                 for v, q in zip(x, queries, strict=True)
             ]
@@ -387,7 +391,7 @@ class ServerIndex(Index):
         name = current_collection(self.client, self.config.alias)
         if name is None or name == self.collection:
             return False
-        self._target = (name, collection_info(self.client, name))
+        self._target = self._resolve()
         return True
 
     def close(self) -> None:

@@ -213,7 +213,8 @@ def read_log(path: Path) -> pa.Table:
 
 
 def edge_search_params(config):
-    """hnsw_ef, and int8 scores always rescored with the float vectors (Edge does not by default)."""
+    """hnsw_ef (set: `config.for_size(n)`), and int8 scores always rescored with the float vectors (Edge does
+    not by default)."""
     from qdrant_edge import QuantizationSearchParams, SearchParams
 
     quant = QuantizationSearchParams(rescore=True, oversampling=config.oversampling)

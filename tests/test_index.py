@@ -404,6 +404,40 @@ def test_config_round_trip_keeps_secrets_out():
         IndexConfig(backend="faiss")
 
 
+def test_hnsw_settings_follow_the_collection_size_unless_set():
+    from index.config import HNSW_BY_SIZE, hnsw_for
+
+    sizes = [1_000, 50_000, 50_001, 300_000, 300_001, 10_000_000]
+    settings = [hnsw_for(n) for n in sizes]
+    assert settings[0] == settings[1] != settings[2] and settings[-1] == HNSW_BY_SIZE[-1][1:]
+    for small, large in zip(settings, settings[1:], strict=False):  # never cheaper as the catalogue grows
+        assert all(a <= b for a, b in zip(small, large, strict=True))
+    assert all(ef >= 128 for *_, ef in settings)
+    chosen = IndexConfig().for_size(1_000_000)
+    assert (chosen.hnsw_m, chosen.hnsw_ef_construct, chosen.hnsw_ef) == hnsw_for(1_000_000)
+    pinned = IndexConfig(hnsw_ef=77).for_size(1_000_000)
+    assert pinned.hnsw_ef == 77 and pinned.hnsw_m == hnsw_for(1_000_000)[0]  # what is set stays set
+    with pytest.raises(ValueError, match="hnsw_m"):
+        IndexConfig(hnsw_m=1)
+
+
+def test_a_version_is_built_and_searched_with_the_settings_of_its_size(env, data):
+    from index.config import hnsw_for
+
+    x, vecs, items, _ = data
+    v = env.build(vecs, items)
+    m, ef_construct, ef = hnsw_for(v.count)
+    if env.backend == "edge":
+        written = json.loads((env.dir / "versions" / v.name / "meta.json").read_text())["config"]
+        with env.open() as idx:
+            assert idx._replica.peek().params.hnsw_ef == ef
+    else:
+        written = env.client.get_collection(f"items_{v.name}").config.metadata["config"]
+        with env.open() as idx:
+            assert idx._target[2].hnsw_ef == ef
+    assert (written["hnsw_m"], written["hnsw_ef_construct"], written["hnsw_ef"]) == (m, ef_construct, ef)
+
+
 def test_graph_and_quantisation_path(env, data):
     """Thresholds set tiny so even 2,000 points get an HNSW graph and int8 vectors: recall stays high and
     scores stay exact cosines (rescored)."""
