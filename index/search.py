@@ -95,6 +95,12 @@ def _parse(filters: dict | None, exclude: Sequence[int]) -> _Query:
     )
 
 
+def _unsigmoid(y: float) -> float:
+    """The inverse of Qdrant's scaled_fast_sigmoid, 0.5 * (x / (1 + |x|) + 1)."""
+    s = 2.0 * y - 1.0
+    return s / max(1.0 - abs(s), 1e-12)
+
+
 class Index(ABC):
     """The interface both backends share. Thread-safe for searches; call close() (or use `with`)."""
 
@@ -146,8 +152,36 @@ class Index(ABC):
             return []
         return self._search(x, int(k), [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)])
 
+    def recommend_batch(
+        self,
+        examples: Sequence[np.ndarray],
+        k: int,
+        exclude_ids: Sequence[Sequence[int]] | None = None,
+        filters: Sequence[dict | None] | None = None,
+    ) -> list[list[Hit]]:
+        """One query per row of examples ((m_i, D) vectors each): the items nearest to ANY of them, scored by
+        their best similarity to one of them (Qdrant's recommend query, best-score strategy), in one batch."""
+        groups = [np.asarray(g, dtype=np.float32).reshape(-1, self.dim) for g in examples]
+        if any(len(g) == 0 for g in groups):
+            raise ValueError("examples: every row needs at least one vector")
+        if not all(np.isfinite(g).all() for g in groups):
+            raise ValueError("examples: NaN or inf in a vector")
+        b = len(groups)
+        exclude_ids = [()] * b if exclude_ids is None else list(exclude_ids)
+        per_query = [None] * b if filters is None else list(filters)
+        if len(exclude_ids) != b or len(per_query) != b:
+            raise ValueError(f"exclude_ids / filters: need one per query ({b})")
+        if b == 0:
+            return []
+        parsed = [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)]
+        found = self._search(groups, int(k), parsed, recommend=True)
+        # Qdrant scores a best-score recommendation as scaled_fast_sigmoid(best similarity): undone here, so
+        # the score is the similarity itself (the ranking is the same)
+        return [[(item, _unsigmoid(score)) for item, score in hits] for hits in found]
+
     @abstractmethod
-    def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]: ...
+    def _search(self, x, k: int, queries: list[_Query], recommend: bool = False) -> list[list[Hit]]:
+        """x: (B, D) query vectors, or (recommend) B arrays of example vectors."""
 
     @abstractmethod
     def count(self) -> int:
@@ -264,14 +298,19 @@ class EdgeIndex(Index):
             return _Replica(shard, folder, info, tuple(p.name for p in logs), params)
         raise RuntimeError(f"could not copy the current version of {self.layout.root}: it kept moving")
 
-    def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
-        from qdrant_edge import Query, QueryBatchRequest, QueryRequest
+    def _search(self, x, k: int, queries: list[_Query], recommend: bool = False) -> list[list[Hit]]:
+        from qdrant_edge import Query, QueryBatchRequest, QueryRequest, RecommendQuery
+
+        def query(v):
+            if recommend:
+                return Query.RecommendBestScore(RecommendQuery([e.tolist() for e in v], []), using=VECTOR)
+            return Query.Nearest(v.tolist(), using=VECTOR)
 
         with self._replica.use() as r:
             requests = [
                 QueryRequest(
                     limit=k,
-                    query=Query.Nearest(v.tolist(), using=VECTOR),
+                    query=query(v),
                     filter=_edge_filter(q),
                     params=r.params,
                     with_payload=False,
@@ -356,14 +395,22 @@ class ServerIndex(Index):
         info = collection_info(self.client, name)
         return name, info, server_search_params(self.config.for_size(info.count))
 
-    def _search(self, x: np.ndarray, k: int, queries: list[_Query]) -> list[list[Hit]]:
+    def _search(self, x, k: int, queries: list[_Query], recommend: bool = False) -> list[list[Hit]]:
         from qdrant_client import models
+
+        def query(v):
+            if recommend:
+                best = models.RecommendStrategy.BEST_SCORE
+                return models.RecommendQuery(
+                    recommend=models.RecommendInput(positive=[e.tolist() for e in v], strategy=best)
+                )
+            return v.tolist()
 
         collection, _, params = self._target
         if len(x) == 1:
             res = self.client.query_points(
                 collection,
-                query=x[0].tolist(),
+                query=query(x[0]),
                 using=VECTOR,
                 limit=k,
                 query_filter=_server_filter(queries[0]),
@@ -373,7 +420,7 @@ class ServerIndex(Index):
         else:
             requests = [
                 models.QueryRequest(
-                    query=v.tolist(), using=VECTOR, limit=k, filter=_server_filter(q), params=params
+                    query=query(v), using=VECTOR, limit=k, filter=_server_filter(q), params=params
                 )
                 for v, q in zip(x, queries, strict=True)
             ]

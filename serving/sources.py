@@ -282,24 +282,12 @@ class SimilarSource:
     def last_clicks(self, sequence: Sequence[int]) -> list[int]:
         return last_distinct(sequence, self.last_n)
 
-    @staticmethod
-    def merge(hits: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
-        """One list per click (most recent first) -> each item's best score, best first; ties go to the
-        item found for the more recent click, then to its rank there."""
-        best: dict[int, tuple[float, int, int]] = {}
-        for j, result in enumerate(hits):
-            for r, (item, score) in enumerate(result):
-                key = (-score, j, r)
-                if item not in best or key < best[item]:
-                    best[item] = key
-        ranked = sorted(best.items(), key=lambda kv: kv[1])
-        return [(item, -key[0]) for item, key in ranked[:k]]
-
     async def rank(
         self, deps: Deps, cfg: ProducerConfig, ask: Ask, rows: Sequence[int]
     ) -> dict[int, Ranked | Unavailable]:
-        """The teacher vectors of each row's last N distinct clicks (one lookup), one batched search with a
-        query per click, merged per row by each item's best score; rows without a known click fall back."""
+        """The teacher vectors of each row's last N distinct clicks (one lookup), then one recommend query per
+        row (best-score strategy: each item scored by its best cosine to one of the clicks), all in one batch;
+        rows without a known click fall back."""
         out: dict[int, Ranked | Unavailable] = {}
         clicks = {i: self.last_clicks(ask.seqs[i]) if ask.stored is not None else [] for i in rows}
         wanted = sorted({c for i in rows for c in clicks[i]})
@@ -322,41 +310,40 @@ class SimilarSource:
                         )
                     )
                 return out
-        queries: list[tuple[int, int]] = []  # (row, click)
+        known: dict[int, list[int]] = {}  # personalised rows -> their clicks in the index
         for i in rows:
-            known = [c for c in clicks[i] if c in vectors]
+            mine = [c for c in clicks[i] if c in vectors]
             unknown = [c for c in clicks[i] if c not in vectors]
             if unknown:
                 ask.warnings[i].append(
                     f"{len(unknown)} of the last {len(clicks[i])} clicks are not in the teacher index: "
                     f"{unknown[:20]}"
                 )
-            fallback = ask.fallback(i, bool(known))
+            fallback = ask.fallback(i, bool(mine))
             if fallback is None:
-                queries += [(i, c) for c in known]
+                known[i] = mine
             else:
                 out[i] = Ranked(
                     popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]), fallback
                 )
-        if not queries:
+        if not known:
             return out
-        chosen = list(dict.fromkeys(i for i, _ in queries))
+        chosen = list(known)
         try:
             found = await deps.search(
                 self.name,
-                self.index.search_batch,
-                np.stack([vectors[c] for _, c in queries]),  # (Q, D)
+                self.index.recommend_batch,
+                [np.stack([vectors[c] for c in known[i]]) for i in chosen],  # (m_i, D) each
                 max(ask.ks[i] for i in chosen),
-                [sorted(ask.seen[i]) for i, _ in queries],
-                [ask.filters[i] for i, _ in queries],
+                [sorted(ask.seen[i]) for i in chosen],
+                [ask.filters[i] for i in chosen],
                 timeout=cfg.search_timeout_s,
             )
         except Unavailable as exc:
             return out | dict.fromkeys(chosen, exc)
         search_ms = ms_since(t0)
-        for i in chosen:
-            mine = [found[q] for q, (row, _) in enumerate(queries) if row == i]  # most recent click first
-            out[i] = Ranked(self.merge(mine, ask.ks[i]), None, 0.0, search_ms)
+        for n, i in enumerate(chosen):
+            out[i] = Ranked(found[n][: ask.ks[i]], None, 0.0, search_ms)
         return out
 
     def warm_up(self) -> None:

@@ -4,9 +4,9 @@
     vlmrec tune-mix --workdir .vlmrec/ml ... --test        # also scores producers and the chosen mix on test
 
 Offline and deterministic: every producer's top-k list is computed the way the Producer ranks it (student and
-sasrec: the export's own scores, history excluded; similar: teacher neighbours of the last N distinct
-clicks merged by best score, `SimilarSource.merge`; popular: the recency-weighted ranking of the events a
-model may learn from) and blended by the Mixer's own `interleave`. Validation queries are each user's last
+sasrec: the export's own scores, history excluded; similar: each item's best cosine to one of the last N
+distinct clicks, as the recommend query; popular: the recency-weighted ranking of the events a model may learn
+from) and blended by the Mixer's own `interleave`. Validation queries are each user's last
 learnable event before the cut (the training job's validation), cold = a target no training example holds;
 a launch split (`--cold launch`) removes the launched items' pre-cut events here too. The grid search keeps
 the weights with the best validation Recall@k whose cold Recall@k is at least `cold_floor` x similar's
@@ -30,7 +30,7 @@ import torch
 
 from serving.config import PRODUCERS
 from serving.mixer import apportion, interleave
-from serving.sources import SimilarSource, last_distinct
+from serving.sources import last_distinct
 from training.data import ItemTable, build_inputs
 from training.item_age import added_days, to_days
 from training.model import SeqRec
@@ -112,9 +112,8 @@ def similar_lists(items: ItemTable, q: MixQueries, last_n: int, k: int) -> list[
     out = []
     for hist in q.histories:
         clicks = last_distinct(hist.tolist(), last_n)
-        s = teacher[torch.as_tensor(clicks)] @ teacher.T  # (c, n + 1)
-        per_click = _top(s, [hist] * len(clicks), items, k)
-        out.append(SimilarSource.merge(per_click, k))
+        s = (teacher[torch.as_tensor(clicks)] @ teacher.T).max(0, keepdim=True).values  # (1, n + 1) best
+        out += _top(s, [hist], items, k)
     return out
 
 
