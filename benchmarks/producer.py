@@ -1,6 +1,6 @@
 """Producer latency, throughput and freshness over HTTP on 127.0.0.1, against a no-op Serve endpoint.
 
-    python benchmarks/producer.py --workdir .vlmrec/ml --run student-adapter --out benchmarks/results/producer.json
+    python benchmarks/producer.py --workdir .vlmrec/ml --out benchmarks/results/producer.json
 
 The workspace must hold the run's export (benchmarks/movielens.py trains it). The script builds an Edge
 index of the run's item vectors under <workdir>/bench-index/<run> (unless present), starts Ray Serve with
@@ -8,10 +8,12 @@ two applications behind one HTTP proxy: the real Producer (serving.cli.start) an
 deployment that validates the same request body and returns a fixed response of k candidates: the
 framework floor (proxy, routing, JSON). Then, for concurrency 1, 8 and 32 (closed loop: each client sends
 its next request when the last one returns), both endpoints get the same requests for random known users,
-k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come from its `timings_ms`.
+k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come from its `timings_ms`, the
+batches its coalescer formed from each answer's `batch_size`. Access logs are off for both endpoints.
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
 item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
-The load generator runs on the same machine (2 cores here): figures include its cost.
+Scale-out: the same c32 load against the Producer with 1 and 2 replicas (`--replicas`), each replica with
+its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost.
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the no-op endpoint's body type at runtime.
@@ -41,7 +43,7 @@ def noop_app(k: int):
     from fastapi import FastAPI
     from ray import serve
 
-    from serving.producer import CandidatesRequest
+    from serving.api import CandidatesRequest
 
     api = FastAPI()
     body = {
@@ -70,6 +72,7 @@ async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, se
     rng = np.random.default_rng(seed)
     picks = iter(rng.choice(users, size=n).tolist())
     lat, stages, errors = [], {"feature": [], "model": [], "search": [], "total": []}, 0
+    batches: list[int] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
 
     async def client(http: httpx.AsyncClient) -> None:
@@ -85,8 +88,11 @@ async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, se
             if not ok:
                 errors += 1
                 continue
-            for stage, ms in (r.json().get("timings_ms") or {}).items():
+            answer = r.json()
+            for stage, ms in (answer.get("timings_ms") or {}).items():
                 stages[stage].append(ms)
+            if "batch_size" in answer:
+                batches.append(answer["batch_size"])
 
     async with httpx.AsyncClient(limits=limits, timeout=30.0) as http:
         t0 = time.perf_counter()
@@ -97,6 +103,17 @@ async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, se
         "requests_per_s": len(lat) / wall,
         "errors": errors,
         "stages_ms": {s: percentiles(v) for s, v in stages.items() if v},
+        **({"batch_sizes": batch_summary(batches)} if batches else {}),
+    }
+
+
+def batch_summary(sizes: list[int]) -> dict:
+    """The coalescer's batches as the requests saw them: how many requests rode in a batch of each size."""
+    values, counts = np.unique(np.asarray(sizes), return_counts=True)
+    return {
+        "requests_by_batch_size": {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)},
+        "mean_per_request": float(np.mean(sizes)),
+        "max": int(np.max(sizes)),
     }
 
 
@@ -132,27 +149,30 @@ async def freshness(base: str, users: np.ndarray, trials: int, k: int) -> dict:
     }
 
 
-def producer_recall(base: str, ws: Workspace, export: Path, users: np.ndarray, k: int) -> dict:
+def producer_recall(base: str, config, export: Path, users: np.ndarray, k: int) -> dict:
     """Recall@k of the Producer's answer against the exact cosine top-k for the same user vector, computed
-    here from the export and the online store with the Producer's own input function (history excluded)."""
+    here from the export and the online store with the Producer's own path (serving.state's loaded
+    student, serving.asks' Ask, the source's inputs() and user_vectors(); history excluded)."""
     import httpx
-    import torch
 
-    from serving.producer import model_inputs
-    from training.data import ItemTable
-    from training.model import SeqRec
-    from vlmrec.features import online_sequences, open_store
+    from serving.api import CandidatesRequest
+    from serving.asks import Ask, Features
+    from serving.online import read_sequences
+    from serving.state import load_state
 
-    model = SeqRec.from_pretrained(export / "model").eval()
     table = pq.read_table(export / "item_vectors.parquet").to_pandas()
     ids = table["item_id"].to_numpy(np.int64)
     mat = np.stack(table["vector"].to_numpy()).astype(np.float32)
     mat /= np.linalg.norm(mat, axis=1, keepdims=True)
-    vocab = ItemTable(model.item_ids[1:].cpu().numpy())
-    stored = online_sequences(open_store(ws), [int(u) for u in users])
-    seqs, inputs = model_inputs(stored, users, [None] * len(users), vocab, model.cfg.max_len)
-    with torch.inference_mode():
-        vecs = model.user_vector(torch.as_tensor(inputs.ids)).float().numpy()
+    state = load_state(config)
+    try:
+        student = state.sources["student"]
+        features = Features(read_sequences(state.store, [int(u) for u in users]), None, 0.0)
+        ask = Ask.of([CandidatesRequest(user_id=int(u)) for u in users], features, config)
+        seqs = ask.seqs
+        vecs = student.user_vectors(student.inputs(ask, range(len(users))).ids)
+    finally:
+        state.close()
     recalls = []
     with httpx.Client(timeout=30.0) as http:
         for user, seq, vec in zip(users, seqs, vecs, strict=True):
@@ -169,12 +189,13 @@ def producer_recall(base: str, ws: Workspace, export: Path, users: np.ndarray, k
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".vlmrec/ml")
-    p.add_argument("--run", default="student-adapter")
+    p.add_argument("--run", default="student-hybrid-dropout-fusion", help="the student export to serve")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--requests", type=int, default=600, help="requests per endpoint and concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--freshness-trials", type=int, default=30)
+    p.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="scale-out: c32 per replica count")
     p.add_argument("--out", default="benchmarks/results/producer.json")
     args = p.parse_args()
 
@@ -205,9 +226,13 @@ def main() -> None:
             check=True,
         )
     users = np.unique(pq.read_table(ws.events, columns=["user_id"]).column(0).to_numpy())
-    base = start(ProducerConfig(workdir=args.workdir, run=args.run, index_dir=str(index_dir)), port=args.port)
+    loadavg = {"start": [round(x, 2) for x in os.getloadavg()]}
+    config = ProducerConfig(workdir=args.workdir, run=args.run, index_dir=str(index_dir))
+    base = start(config, port=args.port, access_log=False)
     try:
-        serve.run(noop_app(args.k), name="noop", route_prefix="/noop")
+        serve.run(
+            noop_app(args.k), name="noop", route_prefix="/noop", logging_config={"enable_access_log": False}
+        )
         targets = {"producer": f"{base}/v1/candidates", "noop": f"{base}/noop/v1/candidates"}
         for url in targets.values():  # warm-up: connections, lazy imports, first forward
             asyncio.run(load(url, users, 50, 4, args.k, seed=99))
@@ -224,16 +249,39 @@ def main() -> None:
                 )
             prod, noop = results[f"c{c}"]["producer"], results[f"c{c}"]["noop"]
             results[f"c{c}"]["ratio_p50"] = prod["latency_ms"]["p50"] / noop["latency_ms"]["p50"]
+            results[f"c{c}"]["ratio_p99"] = prod["latency_ms"]["p99"] / noop["latency_ms"]["p99"]
             results[f"c{c}"]["ratio_rps"] = prod["requests_per_s"] / noop["requests_per_s"]
         rng = np.random.default_rng(7)
-        recall = producer_recall(base, ws, export, rng.choice(users, 200, replace=False), args.k)
+        recall = producer_recall(base, config, export, rng.choice(users, 200, replace=False), args.k)
         print(f"Producer recall@{args.k} vs exact: {recall['mean_recall_at_k']:.4f}", flush=True)
         fresh = asyncio.run(freshness(base, rng.permutation(users), args.freshness_trials, args.k))
         print(
             f"freshness: event -> candidates p50 {fresh['event_to_candidates_ms']['p50']:.1f} ms", flush=True
         )
+        scale_out: dict[str, dict] = {}
+        for n in args.replicas:  # the same c32 load, the Producer with n replicas (each its own Edge copy)
+            stop()
+            base = start(config, port=args.port, replicas=n, access_log=False)
+            serve.run(
+                noop_app(args.k),
+                name="noop",
+                route_prefix="/noop",
+                logging_config={"enable_access_log": False},
+            )
+            url = f"{base}/v1/candidates"
+            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
+            r = asyncio.run(load(url, users, args.requests, 32, args.k, seed=32))
+            scale_out[str(n)] = r
+            print(
+                f"{n} replica(s), c32: {r['requests_per_s']:.0f} req/s, p99 {r['latency_ms']['p99']:.1f} ms"
+            )
+        if "1" in scale_out and "2" in scale_out:
+            scale_out["ratio_rps_2_over_1"] = (
+                scale_out["2"]["requests_per_s"] / scale_out["1"]["requests_per_s"]
+            )
     finally:
         stop()
+    loadavg["end"] = [round(x, 2) for x in os.getloadavg()]
     result = {
         "command": " ".join(["python", "benchmarks/producer.py", *sys.argv[1:]]),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
@@ -243,6 +291,10 @@ def main() -> None:
         "load": results,
         "producer_recall_vs_exact": recall,
         "freshness": fresh,
+        "scale_out_c32": scale_out,
+        "load_average": loadavg,
+        "access_log": False,
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -34,10 +34,11 @@ def start(
     port: int = 8000,
     replicas: int = 1,
     num_cpus: int | None = None,
+    access_log: bool = True,
 ) -> str:
     """Start Ray (if needed) and Serve's HTTP proxy on host:port, deploy the Producer, wait until it is
     running. Returns the base url. Relative paths in `config` are made absolute here (replicas may run
-    elsewhere)."""
+    elsewhere). access_log=False: no log line per request (benchmarks)."""
     from ray import serve
 
     from serving.producer import producer_app
@@ -49,8 +50,13 @@ def start(
         if getattr(config, name)
     }
     init_ray(num_cpus=num_cpus)
-    serve.start(http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S})
-    serve.run(producer_app(replace(config, **absolute), replicas), name=APP_NAME, route_prefix="/")
+    logging = {"enable_access_log": access_log}
+    serve.start(
+        http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S},
+        logging_config=logging,
+    )
+    app = producer_app(replace(config, **absolute), replicas)
+    serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging)
     return f"http://{host}:{port}"
 
 
