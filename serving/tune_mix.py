@@ -31,9 +31,9 @@ import torch
 from serving.config import PRODUCERS
 from serving.mixer import apportion, interleave
 from serving.sources import last_distinct
-from training.data import ItemTable, build_inputs
+from training.data import ItemTable
+from training.evaluate import export_scorer
 from training.item_age import added_days, to_days
-from training.model import SeqRec
 from training.split import SplitConfig, held_out_items, learnable_events
 from training.train import load_items, popular_items
 from vlmrec.workspace import Workspace
@@ -89,19 +89,13 @@ def validation_queries(
 
 
 def model_lists(export: Path, items: ItemTable, q: MixQueries, added_days: np.ndarray, k: int) -> list[list]:
-    """An export's top-k (raw id, score) per query, the history excluded, as the Producer ranks it."""
-    model = SeqRec.from_pretrained(export / "model")
-    vocab = ItemTable(model.item_ids[1:].numpy())
-    if not np.array_equal(vocab.item_ids, items.item_ids):
-        raise ValueError(f"{export}: item vocabulary differs from the workspace catalogue; retrain")
-    first = torch.as_tensor(added_days)
+    """An export's top-k (raw id, score) per query, the history excluded, as the Producer ranks it (the
+    scores evaluate uses: training.evaluate.export_scorer)."""
+    score = export_scorer(export, items, added_days)
     out = []
     for a in range(0, len(q.targets), 512):
         hist = q.histories[a : a + 512]
-        x = torch.as_tensor(build_inputs([items.raw_of(h) for h in hist], vocab, model.cfg.max_len).ids)
-        with torch.no_grad():
-            s = model.scores(x, torch.as_tensor(q.days[a : a + 512]), first)  # (b, n + 1)
-        out += _top(s, hist, items, k)
+        out += _top(score(hist, q.days[a : a + 512]), hist, items, k)
     return out
 
 

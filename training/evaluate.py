@@ -127,19 +127,25 @@ def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
         raise ValueError(
             f"{export_dir}: trained on teacher {run['teacher_id']}, but the workspace holds {data.teacher_id}"
         )
+    return export_scorer(export_dir, data.items, data.added_days), run
+
+
+def export_scorer(export_dir: Path, items: ItemTable, added_days: np.ndarray) -> Scorer:
+    """An export's scores of every catalogue item for histories (catalogue indices) at request times (days):
+    its own config rebuilds the model, inputs go through the shared build_inputs, item age (when the model
+    has it) from added_days. Refuses an export of another item vocabulary. (evaluate; tune-mix)"""
     model = SeqRec.from_pretrained(export_dir / "model")
     vocab = ItemTable(model.item_ids[1:].numpy())
-    if not np.array_equal(vocab.item_ids, data.items.item_ids):
+    if not np.array_equal(vocab.item_ids, items.item_ids):
         raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")
-    first = torch.as_tensor(data.added_days)
+    first = torch.as_tensor(added_days)
 
     def score(hist: list[np.ndarray], days: np.ndarray) -> torch.Tensor:
-        raw = [data.items.raw_of(h) for h in hist]
-        x = torch.as_tensor(build_inputs(raw, vocab, model.cfg.max_len).ids)
+        x = torch.as_tensor(build_inputs([items.raw_of(h) for h in hist], vocab, model.cfg.max_len).ids)
         with torch.no_grad():
-            return model.scores(x, torch.as_tensor(days), first)
+            return model.scores(x, torch.as_tensor(days), first)  # (B, n + 1)
 
-    return score, run
+    return score
 
 
 def evaluate_scorer(
