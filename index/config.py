@@ -18,8 +18,8 @@ DISTANCES = ("cosine", "dot")
 # Qdrant scans exactly and the graph settings do not matter.
 HNSW_BY_SIZE: tuple[tuple[int | None, int, int, int], ...] = (
     (50_000, 16, 100, 128),
-    (300_000, 16, 100, 512),
-    (None, 16, 128, 1024),
+    (300_000, 32, 100, 128),
+    (None, 32, 100, 1024),
 )
 
 
