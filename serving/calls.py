@@ -87,10 +87,6 @@ class Pools:
         sizes |= {f"model:{name}": 1 for name in MODEL_PRODUCERS}  # a stuck forward holds only its own
         return cls({n: ThreadPoolExecutor(s, thread_name_prefix=f"producer-{n}") for n, s in sizes.items()})
 
-    def shutdown(self) -> None:
-        for pool in self.pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
-
 
 @dataclass(frozen=True)
 class Deps:
