@@ -93,19 +93,32 @@ class Pipeline:
 
     def __init__(self, current: Current[State], deps: Deps, max_batch: int = 32, max_wait_ms: float = 5.0):
         self.current, self.deps = current, deps
-        self.coalescer: Coalescer[CandidatesRequest, dict | Unavailable] = Coalescer(
-            self.answer, max_batch, max_wait_ms / 1e3, deps.metrics.batch
+        self.coalescer: Coalescer[CandidatesRequest, dict | Exception] = Coalescer(
+            self._rows, max_batch, max_wait_ms / 1e3, deps.metrics.batch
         )
 
     async def candidates(self, request: CandidatesRequest) -> dict | Unavailable:
-        """One request's answer, computed in one batch with the single requests that arrive meanwhile."""
-        return await self.coalescer.submit(request)
+        """One request's answer, computed in one batch with the single requests that arrive meanwhile. A
+        producer that fails with an error (a bug, not an Unavailable) fails its own rows only: raised here."""
+        result = await self.coalescer.submit(request)
+        if isinstance(result, Exception) and not isinstance(result, Unavailable):
+            raise result
+        return result
 
     async def answer(
         self, requests: Sequence[CandidatesRequest], features: Features | None = None
     ) -> list[dict | Unavailable]:
-        """A list of requests -> one response dict (or Unavailable) each, in order. `features`: the call's
-        online read when the caller made it already (the Mixer)."""
+        """A list of requests -> one response dict (or Unavailable) each, in order; a producer's error is
+        raised. `features`: the call's online read when the caller made it already (the Mixer)."""
+        rows = await self._rows(requests, features)
+        failed = next((r for r in rows if isinstance(r, Exception) and not isinstance(r, Unavailable)), None)
+        if failed is not None:
+            raise failed
+        return rows
+
+    async def _rows(
+        self, requests: Sequence[CandidatesRequest], features: Features | None = None
+    ) -> list[dict | Exception]:
         with self.lease() as s:
             return await self._answer(s, requests, features)
 
@@ -124,7 +137,7 @@ class Pipeline:
 
     async def _answer(
         self, s: State, requests: Sequence[CandidatesRequest], features: Features | None
-    ) -> list[dict | Unavailable]:
+    ) -> list[dict | Exception]:
         cfg, t_start = s.config, time.perf_counter()
         names = [r.producer or cfg.producer for r in requests]
         if features is None:
@@ -134,10 +147,11 @@ class Pipeline:
         ask = Ask.of(requests, features, cfg)
         rows_of = {name: [i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)}
         loaded = {name: s.sources[name] for name in rows_of if name in s.sources}
-        ranked = await asyncio.gather(
-            *(source.rank(self.deps, cfg, ask, rows_of[name]) for name, source in loaded.items())
+        ranked = await asyncio.gather(  # a producer's error stays with its own rows
+            *(source.rank(self.deps, cfg, ask, rows_of[name]) for name, source in loaded.items()),
+            return_exceptions=True,
         )
-        out: list[dict | Unavailable] = [Unavailable("internal", "")] * len(requests)
+        out: list[dict | Exception] = [Unavailable("internal", "")] * len(requests)
         for name, rows in rows_of.items():
             if name not in loaded:
                 gone = Unavailable(
@@ -146,6 +160,12 @@ class Pipeline:
                 for i in rows:
                     out[i] = gone
         for (name, source), by_row in zip(loaded.items(), ranked, strict=True):
+            if isinstance(by_row, BaseException):
+                if not isinstance(by_row, Exception):  # a cancellation: not a producer's error
+                    raise by_row
+                for i in rows_of[name]:
+                    out[i] = by_row
+                continue
             for i in rows_of[name]:
                 r = by_row[i]
                 out[i] = r if isinstance(r, Unavailable) else self._response(source, ask, i, r, features)

@@ -193,3 +193,25 @@ def test_a_caller_that_times_out_leaves_the_others_their_answers(pipeline, monke
 
     want = asyncio.run(alone())
     assert [strip(x) for x in (first, *others)] == [strip(w) for w in want]
+
+
+def test_a_producer_that_fails_fails_only_its_own_callers_in_a_batch(pipeline, monkeypatch):
+    from serving.sources import SimilarSource
+
+    async def broken(self, deps, cfg, ask, rows):
+        raise RuntimeError("a bug in similar")
+
+    monkeypatch.setattr(SimilarSource, "rank", broken)
+
+    async def main():
+        return await asyncio.gather(*(pipeline.candidates(r) for r in MIXED), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert max(r["batch_size"] for r in results if isinstance(r, dict)) > 1
+    for req, r in zip(MIXED, results, strict=True):
+        if req.producer == "similar":
+            assert isinstance(r, RuntimeError)
+        else:
+            assert isinstance(r, dict) and r["producer"] == (req.producer or "student"), (req, r)
+    with pytest.raises(RuntimeError):  # the :batch path (and the Mixer) still see the error
+        asyncio.run(pipeline.answer(MIXED))
