@@ -261,13 +261,7 @@ def main() -> None:
         scale_out: dict[str, dict] = {}
         for n in args.replicas:  # the same c32 load, the Producer with n replicas (each its own Edge copy)
             stop()
-            base = start(config, port=args.port, replicas=n, access_log=False)
-            serve.run(
-                noop_app(args.k),
-                name="noop",
-                route_prefix="/noop",
-                logging_config={"enable_access_log": False},
-            )
+            base = start(config, port=args.port, replicas=n, access_log=False)  # the no-op is not needed here
             url = f"{base}/v1/candidates"
             asyncio.run(load(url, users, 50, 4, args.k, seed=99))
             r = asyncio.run(load(url, users, args.requests, 32, args.k, seed=32))

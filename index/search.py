@@ -95,6 +95,17 @@ def _parse(filters: dict | None, exclude: Sequence[int]) -> _Query:
     )
 
 
+def _queries(
+    b: int, exclude_ids: Sequence[Sequence[int]] | None, filters: dict | Sequence[dict | None] | None
+) -> list[_Query]:
+    """One parsed query per row: exclude_ids one sequence per row; filters one dict for all or one per row."""
+    exclude_ids = [()] * b if exclude_ids is None else list(exclude_ids)
+    per_query = filters if isinstance(filters, (list, tuple)) else [filters] * b
+    if len(exclude_ids) != b or len(per_query) != b:
+        raise ValueError(f"exclude_ids / filters: need one per query ({b})")
+    return [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)]
+
+
 def _unsigmoid(y: float) -> float:
     """The inverse of Qdrant's scaled_fast_sigmoid, 0.5 * (x / (1 + |x|) + 1)."""
     s = 2.0 * y - 1.0
@@ -143,38 +154,28 @@ class Index(ABC):
             raise ValueError(f"vectors: expected shape (B, {self.dim}), got {x.shape}")
         if not np.isfinite(x).all():
             raise ValueError("vectors: NaN or inf in the query")
-        b = len(x)
-        exclude_ids = [()] * b if exclude_ids is None else list(exclude_ids)
-        per_query = filters if isinstance(filters, (list, tuple)) else [filters] * b
-        if len(exclude_ids) != b or len(per_query) != b:
-            raise ValueError(f"exclude_ids / filters: need one per query ({b})")
-        if b == 0:
-            return []
-        return self._search(x, int(k), [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)])
+        queries = _queries(len(x), exclude_ids, filters)
+        return self._search(x, int(k), queries) if queries else []
 
     def recommend_batch(
         self,
         examples: Sequence[np.ndarray],
         k: int,
         exclude_ids: Sequence[Sequence[int]] | None = None,
-        filters: Sequence[dict | None] | None = None,
+        filters: dict | Sequence[dict | None] | None = None,
     ) -> list[list[Hit]]:
         """One query per row of examples ((m_i, D) vectors each): the items nearest to ANY of them, scored by
-        their best similarity to one of them (Qdrant's recommend query, best-score strategy), in one batch."""
+        their best similarity to one of them (Qdrant's recommend query, best-score strategy), in one batch.
+        exclude_ids and filters as in search_batch."""
         groups = [np.asarray(g, dtype=np.float32).reshape(-1, self.dim) for g in examples]
         if any(len(g) == 0 for g in groups):
             raise ValueError("examples: every row needs at least one vector")
         if not all(np.isfinite(g).all() for g in groups):
             raise ValueError("examples: NaN or inf in a vector")
-        b = len(groups)
-        exclude_ids = [()] * b if exclude_ids is None else list(exclude_ids)
-        per_query = [None] * b if filters is None else list(filters)
-        if len(exclude_ids) != b or len(per_query) != b:
-            raise ValueError(f"exclude_ids / filters: need one per query ({b})")
-        if b == 0:
+        queries = _queries(len(groups), exclude_ids, filters)
+        if not queries:
             return []
-        parsed = [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)]
-        found = self._search(groups, int(k), parsed, recommend=True)
+        found = self._search(groups, int(k), queries, recommend=True)
         # Qdrant scores a best-score recommendation as scaled_fast_sigmoid(best similarity): undone here, so
         # the score is the similarity itself (the ranking is the same)
         return [[(item, _unsigmoid(score)) for item, score in hits] for hits in found]
@@ -385,11 +386,11 @@ class ServerIndex(Index):
     def info(self) -> VersionInfo:
         return self._target[1]
 
-    def _resolve(self) -> tuple[str, VersionInfo, object]:
-        """The collection the alias names now, its VersionInfo and the search params for its size. Searches
-        go to that collection, not to the alias: a new version (another student's item space) must not be
-        searched before this replica's model is swapped with it."""
-        name = current_collection(self.client, self.config.alias)
+    def _resolve(self, name: str | None = None) -> tuple[str, VersionInfo, object]:
+        """The collection the alias names now (or `name`, just read from it), its VersionInfo and the search
+        params for its size. Searches go to that collection, not to the alias: a new version (another
+        student's item space) must not be searched before this replica's model is swapped with it."""
+        name = name or current_collection(self.client, self.config.alias)
         if name is None:
             raise FileNotFoundError(f"no alias {self.config.alias!r} on the server: run `vlmrec index build`")
         info = collection_info(self.client, name)
@@ -438,7 +439,7 @@ class ServerIndex(Index):
         name = current_collection(self.client, self.config.alias)
         if name is None or name == self.collection:
             return False
-        self._target = self._resolve()
+        self._target = self._resolve(name)
         return True
 
     def close(self) -> None:

@@ -74,6 +74,11 @@ def popular_candidates(
     return out
 
 
+def popular_row(popular: Sequence[PopularItem], ask: Ask, i: int, fallback: str | None) -> Ranked:
+    """Row i of a call answered from a popular ranking (its k, seen items and filters), marked `fallback`."""
+    return Ranked(popular_candidates(popular, ask.ks[i], ask.seen[i], ask.filters[i]), fallback)
+
+
 def with_metadata(rows: Sequence[dict], catalogue: Path, vectors: Path | None) -> list[PopularItem]:
     """[{item_id, score}] joined with the category (items.parquet) and availability (the vector table's
     optional `available`, else True, as the index builder assumes): what filters on popular items need."""
@@ -221,9 +226,7 @@ class ModelSource:
             if fallback is None:
                 personal.append(j)
             else:
-                out[i] = Ranked(
-                    popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]), fallback
-                )
+                out[i] = popular_row(self.fallback, ask, i, fallback)
         if not personal:
             return out
         vectors, model_ms = await deps.forward(self.name, self.user_vectors, inputs.ids[personal])
@@ -298,18 +301,11 @@ class SimilarSource:
                 vectors = await deps.search(
                     self.name, self.index.get_vectors, wanted, timeout=cfg.search_timeout_s
                 )
-            except Unavailable as exc:
-                down = exc
-                for i in rows:
-                    out[i] = (
-                        down
-                        if clicks[i]
-                        else Ranked(
-                            popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]),
-                            ask.fallback(i, False),
-                        )
-                    )
-                return out
+            except Unavailable as exc:  # rows with clicks need the index; the others fall back as always
+                return {
+                    i: exc if clicks[i] else popular_row(self.fallback, ask, i, ask.fallback(i, False))
+                    for i in rows
+                }
         known: dict[int, list[int]] = {}  # personalised rows -> their clicks in the index
         for i in rows:
             mine = [c for c in clicks[i] if c in vectors]
@@ -323,9 +319,7 @@ class SimilarSource:
             if fallback is None:
                 known[i] = mine
             else:
-                out[i] = Ranked(
-                    popular_candidates(self.fallback, ask.ks[i], ask.seen[i], ask.filters[i]), fallback
-                )
+                out[i] = popular_row(self.fallback, ask, i, fallback)
         if not known:
             return out
         chosen = list(known)
@@ -367,10 +361,7 @@ class PopularSource:
     ) -> dict[int, Ranked | Unavailable]:
         """The ranking itself, filtered; personal only in what it excludes (seen items)."""
         fallback = "feature_store_unavailable" if ask.stored is None else None
-        return {
-            i: Ranked(popular_candidates(self.items, ask.ks[i], ask.seen[i], ask.filters[i]), fallback)
-            for i in rows
-        }
+        return {i: popular_row(self.items, ask, i, fallback) for i in rows}
 
     def warm_up(self) -> None:
         pass
