@@ -189,7 +189,7 @@ def producer_recall(base: str, config, export: Path, users: np.ndarray, k: int) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".vlmrec/ml")
-    p.add_argument("--run", default="student-hybrid-dropout-fusion", help="the student export to serve")
+    p.add_argument("--run", default="student-hybrid-age-fusion", help="the student export to serve")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--requests", type=int, default=600, help="requests per endpoint and concurrency")

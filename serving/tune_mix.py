@@ -9,8 +9,12 @@ distinct clicks, as the recommend query; popular: the recency-weighted ranking o
 from) and blended by the Mixer's own `interleave`. Validation queries are each user's last
 learnable event before the cut (the training job's validation), cold = a target no training example holds;
 a launch split (`--cold launch`) removes the launched items' pre-cut events here too. The grid search keeps
-the weights with the best validation Recall@k whose cold Recall@k is at least `cold_floor` x similar's
-alone, and writes them to <workdir>/mix.json: the Producer's `/v1/mix` default (serving/config.py).
+the weights with the best validation Recall@k whose cold Recall@k is not *significantly* below `cold_floor` x
+similar's alone (one-sided binomial test at `cold_alpha`: a validation set with a handful of cold targets
+cannot tell 1 hit from 2, and a floor read to the hit chose `similar` alone); a blend is kept over the best
+single producer only if it beats it significantly on the same queries (exact McNemar at `blend_alpha`: a
+few queries' gain on 522 did not hold on test). It writes them to <workdir>/mix.json: the Producer's
+`/v1/mix` default (serving/config.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +53,13 @@ class MixTuneConfig(SplitConfig):
     student_run: str = "student"
     sasrec_run: str = "sasrec"
     k: int = 100  # the Mixer's list length that Recall@k is measured at
-    cold_floor: float = 0.5  # the mix's cold Recall@k must reach this share of similar's alone
+    cold_floor: float = 0.5  # the mix's cold Recall@k must reach this share of similar's alone ...
+    cold_alpha: float = (
+        0.05  # ... or not be below it with one-sided binomial p < cold_alpha (1.0: read exactly)
+    )
+    blend_alpha: float = (
+        0.05  # a blend replaces the best single producer only if it beats it at p < this (1.0: any)
+    )
     similar_last_n: int = 3  # ProducerConfig.similar_last_n
     popular_half_life_days: float = 7.0  # ProducerConfig.popular_half_life_days
 
@@ -162,11 +173,14 @@ def producer_lists(
 
 
 def search_weights(lists: dict[str, list], targets: np.ndarray, cold: np.ndarray, cfg: MixTuneConfig) -> dict:
-    """Every WEIGHT_GRID combination (distinct quotas once): Recall@k on all and cold targets; the best
-    all-target recall whose cold recall reaches cold_floor x similar's alone (ties: the earlier combination)."""
+    """Every WEIGHT_GRID combination (distinct quotas once): Recall@k on all and cold targets. Among those whose
+    cold recall meets the floor (`meets_floor`): the best all-target recall (ties: the earlier one), unless it
+    is a blend that does not beat the best single producer significantly (`beats`): then that producer."""
     alone = {p: recall(lists[p], targets) for p in PRODUCERS}
     floor = cfg.cold_floor * alone["similar"][cold].mean() if cold.any() else 0.0
+    n_cold = int(cold.sum())
     tried: dict[tuple, dict] = {}
+    hits: dict[tuple, np.ndarray] = {}
     for combo in itertools.product(WEIGHT_GRID, repeat=len(PRODUCERS)):
         if not any(combo):
             continue
@@ -175,24 +189,58 @@ def search_weights(lists: dict[str, list], targets: np.ndarray, cold: np.ndarray
         key = tuple(sorted(quotas.items()))
         if key in tried:
             continue
-        hit = recall(mixed(lists, quotas, cfg.k), targets)
+        hit = hits[key] = recall(mixed(lists, quotas, cfg.k), targets)
         tried[key] = {
             "weights": weights,
             "quotas": quotas,
             "recall_all": float(hit.mean()),
             "recall_cold": float(hit[cold].mean()) if cold.any() else None,
+            "meets_floor": meets_floor(int(hit[cold].sum()), n_cold, floor, cfg.cold_alpha),
         }
-    ok = [t for t in tried.values() if t["recall_cold"] is None or t["recall_cold"] >= floor]
-    best = max(ok or tried.values(), key=lambda t: t["recall_all"])
+    ok = [key for key, t in tried.items() if t["meets_floor"]] or list(tried)
+    best = max(ok, key=lambda key: tried[key]["recall_all"])
+    singles = [key for key in ok if len(key) == 1]
+    single = max(singles, key=lambda key: tried[key]["recall_all"]) if singles else best
+    blend_p = mcnemar_p(hits[best], hits[single])
     return {
-        "chosen": best,
+        "chosen": tried[best] if blend_p < cfg.blend_alpha else tried[single],
+        "best_blend": {**tried[best], "p_vs_best_single": blend_p},
         "cold_floor_recall": floor,
+        "cold_alpha": cfg.cold_alpha,
+        "n_meeting_floor": len(ok),
         "producers": {
             p: {"recall_all": float(v.mean()), "recall_cold": float(v[cold].mean()) if cold.any() else None}
             for p, v in alone.items()
         },
         "n_tried": len(tried),
     }
+
+
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """One-sided exact McNemar p-value that hits `a` beat hits `b` on the same queries (1.0 when equal)."""
+    wins, losses = int((a > b).sum()), int((a < b).sum())
+    return 1.0 if wins <= losses else 1.0 - binomial_cdf(wins - 1, wins + losses, 0.5)
+
+
+def meets_floor(hits: int, n: int, floor: float, alpha: float) -> bool:
+    """hits of n cold targets reach `floor`, or are not significantly below it: P(X <= hits) >= alpha for
+    X ~ Binomial(n, floor). alpha 1.0 reads the floor exactly."""
+    if n == 0 or hits >= floor * n:
+        return True
+    return alpha < 1.0 and binomial_cdf(hits, n, floor) >= alpha
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(X <= k) for X ~ Binomial(n, p), 0 < p < 1 (log space: n may be thousands)."""
+    log_pmf = (
+        math.lgamma(n + 1)
+        - math.lgamma(i + 1)
+        - math.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    )
+    return min(1.0, sum(math.exp(x) for x in log_pmf))
 
 
 def held_out_figures(ws: Workspace, cfg: MixTuneConfig, quotas: dict[str, int]) -> dict:

@@ -343,14 +343,15 @@ def test_the_default_student_is_the_validated_choice_and_the_demo_trains_it(monk
     from vlmrec import demo
 
     model, loss, cfg = _configs(["--name", "student"])
-    assert (model.use_id_embedding, model.id_dropout, loss.negative_pool, cfg.tune_fusion) == (
+    assert (model.use_id_embedding, model.id_dropout, model.item_age, loss.negative_pool, cfg.tune_fusion) == (
         True,
         0.5,
+        True,
         "trained",
         True,
     )
     baseline, _, base_cfg = _configs(["--name", "sasrec", "--item-space", "id"])
-    assert not baseline.use_id_embedding and not base_cfg.tune_fusion  # the id baseline stays plain SASRec
+    assert not baseline.use_id_embedding and not baseline.item_age and not base_cfg.tune_fusion  # plain SASRec
     result = json.loads((Path(__file__).parents[1] / "benchmarks/results/cold.json").read_text())
     flags = result["runs"][result["default_model"]]["flags"]
     assert _configs(["--name", "x", *flags]) == _configs(["--name", "x", *SHAPE])  # the same config

@@ -535,6 +535,7 @@ STUDENT_DEFAULTS = {
     "use_id_embedding": True,  # the hybrid ...
     "id_dropout": 0.5,  # ... with id dropout: content alone ranks half the items of every batch
     "negative_pool": "trained",  # items nobody clicked are never pushed away
+    "item_age": True,  # how long the item has been in the catalogue at the request's time, on the item side
     "tune_fusion": True,  # the last clicks' item vectors in the query, weight chosen on validation
 }
 
