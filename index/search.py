@@ -185,8 +185,16 @@ class Index(ABC):
         """x: (B, D) query vectors, or (recommend) B arrays of example vectors."""
 
     @abstractmethod
-    def count(self) -> int:
-        """Points in the version searched (upserts included)."""
+    def count(self, filters: dict | None = None) -> int:
+        """Points in the version searched (upserts included), those matching `filters` when given (the
+        keys of search_batch's filters)."""
+
+    @property
+    def changes(self) -> object | None:
+        """A value that differs whenever the points searched may have changed (a new version, applied
+        upserts), for callers that cache what they counted; None when this process cannot tell (a server's
+        collection takes upserts from elsewhere)."""
+        return None
 
     @abstractmethod
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
@@ -324,11 +332,17 @@ class EdgeIndex(Index):
                 results = r.shard.query_batch(QueryBatchRequest(requests))
         return [[(int(p.id), float(p.score)) for p in res] for res in results]
 
-    def count(self) -> int:
+    def count(self, filters: dict | None = None) -> int:
         from qdrant_edge import CountRequest
 
+        where = None if filters is None else _edge_filter(_parse(filters, ()))
         with self._replica.use() as r:
-            return r.shard.count(CountRequest(exact=True))
+            return r.shard.count(CountRequest(exact=True, filter=where))
+
+    @property
+    def changes(self) -> object:
+        r = self._replica.peek()
+        return r.info.version, id(r), len(r.applied)  # a new copy, or upserts replayed onto this one
 
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
         with self._replica.use() as r:
@@ -428,8 +442,9 @@ class ServerIndex(Index):
             responses = self.client.query_batch_points(collection, requests=requests)
         return [[(int(p.id), float(p.score)) for p in r.points] for r in responses]
 
-    def count(self) -> int:
-        return self.client.count(self.collection, exact=True).count
+    def count(self, filters: dict | None = None) -> int:
+        where = None if filters is None else _server_filter(_parse(filters, ()))
+        return self.client.count(self.collection, count_filter=where, exact=True).count
 
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
         records = self.client.retrieve(self.collection, [int(i) for i in item_ids], with_vectors=[VECTOR])

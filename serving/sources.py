@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -145,6 +146,7 @@ class ModelSource:
     fallback: list[PopularItem]  # the export's popular.json
     vocab: ItemTable = field(init=False)
     max_len: int = field(init=False)
+    _live: tuple[tuple, frozenset[int], bool] | None = field(default=None, init=False)  # live_buckets' count
 
     def __post_init__(self) -> None:
         self.vocab = ItemTable(self.model.item_ids[1:].cpu().numpy())
@@ -152,24 +154,58 @@ class ModelSource:
 
     def user_vectors(self, ids: np.ndarray) -> np.ndarray:
         """(B, max_len) model input -> (B, D) user vectors. Left padding is trimmed (the model's output does
-        not depend on it)."""
-        width = max(int((ids > 0).sum(1).max()), 1) if len(ids) else 1
+        not depend on it): rows go in groups of similar length (`length_groups`), each as wide as its
+        longest, so one long history does not make a batch of short ones pay its width."""
+        lengths = (ids > 0).sum(1)
+        out = np.empty((len(ids), self.model.cfg.out_dim), np.float32)
         with torch.inference_mode():
-            return self.model.user_vector(torch.as_tensor(ids[:, -width:])).float().numpy()
+            for rows in length_groups(lengths):
+                width = max(int(lengths[rows].max()), 1)
+                out[rows] = self.model.user_vector(torch.as_tensor(ids[rows, -width:])).float().numpy()
+        return out
 
     @property
     def item_age(self) -> bool:
         return self.model.cfg.item_age
 
-    def age_queries(self, request_days: float) -> list[tuple[float, dict[str, float]]]:
+    def age_queries(self, request_days: float) -> list[tuple[float, dict[str, float] | None]]:
         """Item-age models: one (score added, created_at range in epoch seconds) per age bucket at the
-        request time. A search per bucket, each hit's score plus its bucket's, merged (`merge_age`), is the
-        exact top-k of the model's own scores (user . item + age score; training.item_age)."""
+        request time that holds any item (`live_buckets`; the range None when one bucket holds every
+        item). A search per bucket, each hit's score plus its bucket's, merged (`merge_age`), is the exact
+        top-k of the model's own scores (user . item + age score; training.item_age)."""
         bias = self.model.age_bias.detach().cpu().numpy()
+        live, whole = self.live_buckets(request_days)
         return [
-            (float(bias[b]), {op: v * 86400.0 for op, v in rng.items()})
+            (float(bias[b]), None if whole else _seconds(rng))
             for b, rng in sorted(bucket_ranges(request_days).items())
+            if live is None or b in live
         ]
+
+    def live_buckets(self, request_days: float) -> tuple[frozenset[int] | None, bool]:
+        """The age buckets any indexed item falls in at some time of the request's minute, and whether one
+        bucket holds them all; counted once a minute and again whenever the index changes
+        (`Index.changes`). (None, False): search every bucket, the index cannot tell. A bucket is counted
+        over the union of its ranges across the minute, so one called empty is empty at every time of it,
+        and a lone live bucket that counts every point holds each of them all minute."""
+        changes = self.index.changes
+        if changes is None:
+            return None, False
+        minute = math.floor(request_days * MINUTES_PER_DAY)
+        key = (changes, minute)
+        cached = self._live
+        if cached is None or cached[0] != key:
+            start, end = (
+                bucket_ranges(minute / MINUTES_PER_DAY),
+                bucket_ranges((minute + 1) / MINUTES_PER_DAY),
+            )
+            counts = {
+                b: self.index.count({"created_at": _seconds(_lower(start[b]) | _upper(end[b]))})
+                for b in start
+            }
+            live = frozenset(b for b, n in counts.items() if n > 0)
+            whole = len(live) == 1 and counts[next(iter(live))] == self.index.count()
+            self._live = cached = (key, live, whole)
+        return cached[1], cached[2]
 
     @staticmethod
     def merge_age(hits: Sequence[Sequence[Hit]], biases: Sequence[float], k: int) -> list[Hit]:
@@ -195,7 +231,7 @@ class ModelSource:
             np.repeat(vectors, n, axis=0),
             k,
             [e for e in excludes for _ in buckets],
-            [{**(f or {}), "created_at": rng} for f in filters for _, rng in buckets],
+            [f if rng is None else {**(f or {}), "created_at": rng} for f in filters for _, rng in buckets],
         )
         biases = [b for b, _ in buckets]
         return [self.merge_age(found[r * n : (r + 1) * n], biases, k) for r in range(len(vectors))]
@@ -256,6 +292,38 @@ class ModelSource:
 
     def close(self) -> None:
         self.index.close()
+
+
+MINUTES_PER_DAY = 1440
+
+
+def _seconds(days_range: dict[str, float]) -> dict[str, float]:
+    """A created_at range in training.item_age days -> the index payload's epoch seconds."""
+    return {op: v * 86400.0 for op, v in days_range.items()}
+
+
+def _lower(rng: dict[str, float]) -> dict[str, float]:
+    return {op: v for op, v in rng.items() if op in ("gt", "gte")}
+
+
+def _upper(rng: dict[str, float]) -> dict[str, float]:
+    return {op: v for op, v in rng.items() if op in ("lt", "lte")}
+
+
+def length_groups(lengths: np.ndarray, ratio: float = 1.5, floor: int = 16) -> list[np.ndarray]:
+    """Row indices grouped by sequence length: sorted, a new group when a length passes `ratio` x the
+    group's shortest (lengths up to `floor` are one group). Attention costs a row the square of its group's
+    width, so similar lengths together cost little more than each alone, and groups stay few."""
+    order = np.argsort(lengths, kind="stable")
+    groups: list[list[int]] = []
+    start = None
+    for i in order:
+        n = int(lengths[i])
+        if start is None or n > max(start * ratio, floor):
+            groups.append([])
+            start = n
+        groups[-1].append(int(i))
+    return [np.asarray(g) for g in groups]
 
 
 def last_distinct(sequence: Sequence[int], n: int) -> list[int]:
@@ -393,7 +461,7 @@ def load_model_source(name: str, run: str, export: Path, index: Index, cfg: Prod
     """A SeqRec export + an open index, checked against each other. Closes nothing: the caller owns index."""
     run_info = json.loads((export / "run.json").read_text())
     check_export_teacher(export, run_info)
-    model = SeqRec.from_pretrained(export / "model")
+    model = SeqRec.from_pretrained(export / "model").serving()
     if index.teacher_id != run_info.get("teacher_id"):
         raise ValueError(
             f"teacher mismatch: the export {export} was trained on {run_info.get('teacher_id')!r} but "

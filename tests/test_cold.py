@@ -301,20 +301,72 @@ def test_serving_ranks_by_the_models_own_scores_with_item_age(tmp_path, backend)
     client = QdrantClient(":memory:") if backend == "server" else None
     build_index(frame, catalogue, None if client else tmp_path / "index", config, client=client)
     src = ModelSource("student", model, open_index(tmp_path / "index", config, client=client), "v", [])
-    request = to_days([now])[0]
     expected_scores = model.scores  # the offline path: evaluate and validation rank by this
     added = torch.as_tensor(added_days(catalogue, table))
-    for seq in ([500, 501, 530], [510, 520, 503, 504, 505, 506], [559]):
-        x = build_inputs([seq], table, 6).ids
-        with torch.no_grad():
-            s = expected_scores(torch.as_tensor(x), torch.tensor([request]), added)[0]
-        s[0] = -torch.inf
-        s[torch.as_tensor(table.index_of(seq))] = -torch.inf  # the history excluded, as serving does
-        top = torch.topk(s, k)
-        want = table.raw_of(top.indices.numpy()).tolist()
-        (got,) = src.search(src.user_vectors(x), k, [seq], [None], request)  # what the Producer calls
-        assert [i for i, _ in got] == want
-        np.testing.assert_allclose([sc for _, sc in got], top.values.numpy(), atol=1e-4)
+    # now: every bucket holds items; +100 days: the five youngest are empty (skipped); +10 years: one
+    # bucket holds every item (searched without a range)
+    live = {0: set(range(8)), 100: {5, 6, 7}, 3650: {7}}
+    for shift, buckets in live.items():
+        request = to_days([now + pd.Timedelta(days=shift)])[0]
+        if backend == "edge":
+            assert src.live_buckets(request) == (buckets, buckets == {7})
+        else:
+            assert src.live_buckets(request) == (None, False)  # a server's points change elsewhere
+        for seq in ([500, 501, 530], [510, 520, 503, 504, 505, 506], [559]):
+            x = build_inputs([seq], table, 6).ids
+            with torch.no_grad():
+                s = expected_scores(torch.as_tensor(x), torch.tensor([request]), added)[0]
+            s[0] = -torch.inf
+            s[torch.as_tensor(table.index_of(seq))] = -torch.inf  # the history excluded, as serving does
+            top = torch.topk(s, k)
+            want = table.raw_of(top.indices.numpy()).tolist()
+            (got,) = src.search(src.user_vectors(x), k, [seq], [None], request)  # what the Producer calls
+            assert [i for i, _ in got] == want
+            np.testing.assert_allclose([sc for _, sc in got], top.values.numpy(), atol=1e-4)
+    src.close()
+
+
+def test_an_upserted_item_revives_its_empty_age_bucket_at_once(tmp_path):
+    """live_buckets caches its counts for a minute, but an upsert changes Index.changes: an item added a
+    moment ago is served from its own (until then empty) bucket on the next search."""
+    from index.build import build_index, upsert_items
+    from index.config import IndexConfig
+    from index.search import open_index
+    from serving.sources import ModelSource
+
+    n, d = 30, 8
+    rng = np.random.default_rng(1)
+    ids = np.arange(1, n + 1)
+    now = pd.Timestamp("2025-06-01 12:00", tz="UTC")
+    catalogue = pd.DataFrame(
+        {"item_id": ids, "title": "t", "category": "c", "created_at": now - pd.Timedelta(days=4000)}
+    )
+    table = ItemTable(ids, rng.normal(size=(n, D)).astype(np.float32))
+    model = SeqRec(
+        ModelConfig(n_items=n, teacher_dim=D, d_model=d, max_len=4, item_age=True), table.teacher_matrix()
+    )
+    model.eval()
+    vectors = model.item_vectors()[1:].detach().numpy()
+    config = IndexConfig(quantization=False)
+    frame = pd.DataFrame({"item_id": ids, "vector": list(vectors), "teacher_id": "t"})
+    build_index(frame, catalogue, tmp_path / "index", config)
+    src = ModelSource("student", model, open_index(tmp_path / "index", config), "v", [])
+    request = to_days([now])[0]
+    query = vectors[:1]
+    assert src.live_buckets(request) == ({7}, True)
+    new = pd.DataFrame(
+        {"item_id": [999], "title": "new", "category": "c", "created_at": now - pd.Timedelta(hours=2)}
+    )
+    upsert_items(
+        pd.DataFrame({"item_id": [999], "vector": [query[0]], "teacher_id": "t"}),
+        new,
+        tmp_path / "index",
+        config,
+    )
+    assert src.index.refresh()
+    assert src.live_buckets(request) == ({1, 7}, False)  # the same minute, counted again
+    got = src.search(query, 3, [[]], [None], request)[0]
+    assert 999 in [i for i, _ in got]
     src.close()
 
 
@@ -343,7 +395,13 @@ def test_the_default_student_is_the_validated_choice_and_the_demo_trains_it(monk
     from vlmrec import demo
 
     model, loss, cfg = _configs(["--name", "student"])
-    assert (model.use_id_embedding, model.id_dropout, model.item_age, loss.negative_pool, cfg.tune_fusion) == (
+    assert (
+        model.use_id_embedding,
+        model.id_dropout,
+        model.item_age,
+        loss.negative_pool,
+        cfg.tune_fusion,
+    ) == (
         True,
         0.5,
         True,
@@ -351,7 +409,9 @@ def test_the_default_student_is_the_validated_choice_and_the_demo_trains_it(monk
         True,
     )
     baseline, _, base_cfg = _configs(["--name", "sasrec", "--item-space", "id"])
-    assert not baseline.use_id_embedding and not baseline.item_age and not base_cfg.tune_fusion  # plain SASRec
+    assert (
+        not baseline.use_id_embedding and not baseline.item_age and not base_cfg.tune_fusion
+    )  # plain SASRec
     result = json.loads((Path(__file__).parents[1] / "benchmarks/results/cold.json").read_text())
     flags = result["runs"][result["default_model"]]["flags"]
     assert _configs(["--name", "x", *flags]) == _configs(["--name", "x", *SHAPE])  # the same config

@@ -60,6 +60,54 @@ def test_causal_and_padding_invariant(space, hybrid):
 
 
 @pytest.mark.parametrize("space,hybrid", SPACES)
+@pytest.mark.parametrize("norm_first", [True, False])
+def test_the_serving_forward_is_the_training_forward(space, hybrid, norm_first):
+    """user_vector's shortcuts (the last block computes the last query only; serving() looks every item's
+    content input up instead of recomputing it) give the full encoder's last position, and train() drops
+    the looked-up table so that a model that trains again never reads stale inputs."""
+    model = make_model(space, hybrid, norm_first=norm_first, n_blocks=3).eval()
+    seq = torch.tensor([[0, 0, 3, 7, 1, 9, 4, 2], [0, 0, 0, 0, 0, 0, 0, 5], [0] * 8])
+    full = model.encode(seq)[:, -1]
+    torch.testing.assert_close(model.encode(seq, last_only=True)[:, -1], full, rtol=1e-5, atol=1e-6)
+    plain = model.user_vector(seq)
+    torch.testing.assert_close(model.serving().user_vector(seq), plain, rtol=1e-5, atol=1e-6)
+    assert not model.training
+    model.train()
+    with torch.no_grad():  # a training step moves the weights
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    moved = model.encode(seq)[:, -1]
+    torch.testing.assert_close(model.encode(seq, last_only=True)[:, -1], moved, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(moved, full)
+
+
+def test_serving_groups_rows_by_length_and_answers_as_one_batch():
+    from serving.sources import length_groups
+
+    lengths = np.array([200, 3, 17, 16, 40, 0, 26, 60, 199, 1])
+    groups = length_groups(lengths)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))  # every row once
+    for g in groups:
+        span = lengths[g]
+        assert span.max() <= max(1.5 * span.min(), 16)
+    assert [lengths[g].tolist() for g in groups] == [[0, 1, 3, 16], [17], [26], [40, 60], [199, 200]]
+    # the grouped forward (each group as wide as its longest) answers what one padded batch answers
+    from types import SimpleNamespace
+
+    from serving.sources import ModelSource
+
+    model = make_model("adapter", True).serving()
+    rng = np.random.default_rng(0)
+    ids = np.zeros((6, 8), np.int64)
+    for row, n in enumerate([8, 1, 0, 3, 7, 2]):
+        ids[row, 8 - n :] = rng.integers(1, N + 1, n)
+    grouped = ModelSource.user_vectors(SimpleNamespace(model=model), ids)
+    with torch.inference_mode():
+        np.testing.assert_allclose(grouped, model.user_vector(torch.as_tensor(ids)).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("space,hybrid", SPACES)
 def test_save_load_identical(space, hybrid, tmp_path):
     model = make_model(space, hybrid)
     with torch.no_grad():  # move every parameter off its initial value, zero-initialised ones included

@@ -134,7 +134,7 @@ def export_scorer(export_dir: Path, items: ItemTable, added_days: np.ndarray) ->
     """An export's scores of every catalogue item for histories (catalogue indices) at request times (days):
     its own config rebuilds the model, inputs go through the shared build_inputs, item age (when the model
     has it) from added_days. Refuses an export of another item vocabulary. (evaluate; tune-mix)"""
-    model = SeqRec.from_pretrained(export_dir / "model")
+    model = SeqRec.from_pretrained(export_dir / "model").serving()
     vocab = ItemTable(model.item_ids[1:].numpy())
     if not np.array_equal(vocab.item_ids, items.item_ids):
         raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")

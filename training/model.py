@@ -54,15 +54,19 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
-        B, T, D = x.shape  # (B, T, D); allowed (B, 1, T, T) True = may attend
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
+        """(B, T, D); allowed (B, 1, T, T) True = may attend -> (B, T, D), or (B, 1, D) for the last
+        position's query alone (`last_only`: what a user vector needs from the last block)."""
+        B, T, D = x.shape
         q, k, v = (
             self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         )  # (B, H, T, Dh)
+        if last_only:
+            q, allowed = q[:, :, -1:], allowed[:, :, -1:]
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.out(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+        return self.out(y.transpose(1, 2).reshape(B, q.shape[2], D))  # (B, T or 1, D)
 
 
 class Block(nn.Module):
@@ -80,11 +84,13 @@ class Block(nn.Module):
             nn.Linear(d, d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d), nn.Dropout(cfg.dropout)
         )
 
-    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor, last_only: bool = False) -> Tensor:
+        """(B, T, d) -> (B, T, d), or (B, 1, d): the last position only (keys and values still see all)."""
+        here = x[:, -1:] if last_only else x
         if self.norm_first:
-            x = x + self.attn(self.attn_norm(x), allowed)
+            x = here + self.attn(self.attn_norm(x), allowed, last_only)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + self.attn(x, allowed))
+        x = self.attn_norm(here + self.attn(x, allowed, last_only))
         return self.ffn_norm(x + self.ffn(x))
 
 
@@ -149,6 +155,7 @@ class SeqRec(nn.Module):
         if cfg.item_age:
             self.age_bias = nn.Parameter(torch.zeros(N_AGE_BUCKETS))  # score added per age bucket
         self._init_weights()
+        self._inputs: Tensor | None = None  # serving(): every item's content input, computed once
 
     def _init_weights(self) -> None:
         # pmixer/SASRec.pytorch: xavier-normal for every matrix; it matters for the id baseline.
@@ -213,17 +220,36 @@ class SeqRec(nn.Module):
 
     # ---- encoder -------------------------------------------------------------------------------------
 
+    def serving(self) -> SeqRec:
+        """Eval mode, with every item's content input computed once for all requests (the same function of
+        the weights, looked up instead of recomputed per position). For a model whose weights no longer
+        change (serving, evaluation); train() drops it."""
+        self.eval()
+        if self.cfg.item_space != "id":
+            with torch.no_grad():
+                self._inputs = self.in_proj(self.content_vectors(self.teacher))  # (n + 1, d)
+        return self
+
+    def train(self, mode: bool = True) -> SeqRec:
+        if mode:
+            self._inputs = None
+        return super().train(mode)
+
     def _embed(self, seq: Tensor, id_keep: Tensor | None = None) -> Tensor:
         if self.cfg.item_space == "id":
             x = self.id_emb(seq)  # (B, T, d)
         else:
-            x = self.in_proj(self.content_vectors(self.teacher[seq]))  # (B, T, d)
+            if self._inputs is not None and not self.training:
+                x = self._inputs[seq]  # serving(): the same rows, computed once
+            else:
+                x = self.in_proj(self.content_vectors(self.teacher[seq]))  # (B, T, d)
             if self.cfg.use_id_embedding:
                 x = x + self._id_part(self.id_in, seq, id_keep)
         return x * math.sqrt(self.cfg.d_model)
 
-    def encode(self, seq: Tensor, id_keep: Tensor | None = None) -> Tensor:
-        """(B, T) left-padded indices, T <= max_len -> (B, T, out_dim) the prediction at every position."""
+    def encode(self, seq: Tensor, id_keep: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """(B, T) left-padded indices, T <= max_len -> (B, T, out_dim) the prediction at every position;
+        `last_only`: (B, 1, out_dim), the last position's alone (the last block computes no other query)."""
         B, T = seq.shape
         if T > self.cfg.max_len:
             raise ValueError(
@@ -235,17 +261,18 @@ class SeqRec(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()  # (T, T)
         eye = torch.eye(T, dtype=torch.bool, device=seq.device)
         allowed = (causal & (real.unsqueeze(1) | eye)).unsqueeze(1)  # (B, 1, T, T) padding attends to itself
-        for block in self.blocks:
-            x = block(x, allowed) * real.unsqueeze(-1)  # (B, T, d)
-        h = self.head(self.final_norm(x))  # (B, T, out_dim)
+        for n, block in enumerate(self.blocks, 1):
+            x = block(x, allowed, last_only and n == len(self.blocks))  # (B, T, d), or (B, 1, d) last
+            x = x * real[:, -x.shape[1] :].unsqueeze(-1)
+        h = self.head(self.final_norm(x))  # (B, T or 1, out_dim)
         if self.cfg.is_content:
             h = F.normalize(h, dim=-1)
-        return h * real.unsqueeze(-1)
+        return h * real[:, -h.shape[1] :].unsqueeze(-1)
 
     def user_vector(self, seq: Tensor) -> Tensor:
         """(B, T) -> (B, out_dim) the prediction after the last click, fused with the last clicks' item
         vectors when cfg.fusion_weight > 0 (what serving and evaluation query with). All padding gives 0."""
-        h = self.encode(seq)[:, -1]  # (B, out_dim)
+        h = self.encode(seq, last_only=True)[:, -1]  # (B, out_dim)
         if not self.cfg.fusion_weight:
             return h
         recent = seq[:, -self.cfg.fusion_last :]  # (B, m) left-padded: the last m clicks, 0 = none
