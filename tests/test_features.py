@@ -8,6 +8,7 @@ import pytest
 
 from vlmrec import schema
 from vlmrec.features import (
+    STUDENT_SERVICE,
     FeaturesConfig,
     apply_and_materialize,
     historical_sequences,
@@ -69,6 +70,12 @@ def check_store(ws: Workspace, events: pd.DataFrame, max_len: int = 4) -> None:
     users = sorted(events["user_id"].unique())
     online = online_sequences(store, [*users, 999])
     assert online[999] == [], "an unknown user has an empty sequence"
+    # the direct online_read is Feast's own online path: the same sequences as get_online_features
+    resp = store.get_online_features(
+        features=store.get_feature_service(STUDENT_SERVICE),
+        entity_rows=[{"user_id": int(u)} for u in [*users, 999]],
+    ).to_dict()
+    assert online == {int(u): list(v or []) for u, v in zip(resp["user_id"], resp["item_ids"], strict=True)}
     # The skew test: for the same user and time ("now", after their last click) offline == online.
     last = events.groupby("user_id")["event_timestamp"].max().reset_index()
     last["event_timestamp"] += pd.Timedelta(seconds=1)

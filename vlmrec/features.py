@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -114,15 +116,47 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
 def online_sequences(store, user_ids: Sequence[int]) -> dict[int, list[int]]:
     """Each user's current click sequence (oldest first) from the online store; [] for an unknown user.
 
-    The feature service comes from the registry cache: without it every call re-reads the registry
-    (about 3 ms of a 4 ms read, benchmarks/foundation.py)."""
+    Read through the online store's own `online_read` on the student service's feature view, resolved
+    from the registry once per store (`SequenceReader`): Feast's get_online_features rebuilds the service's
+    views from registry protos on every call, most of a small read's time (benchmarks/foundation.py). A
+    test holds the two reads equal."""
     if not user_ids:
         return {}
-    resp = store.get_online_features(
-        features=store.get_feature_service(STUDENT_SERVICE, allow_cache=True),
-        entity_rows=[{"user_id": int(u)} for u in user_ids],
-    ).to_dict()
-    return {int(u): list(s or []) for u, s in zip(resp["user_id"], resp["item_ids"], strict=True)}
+    with _READERS_GUARD:
+        reader = _READERS.get(store)
+        if reader is None:
+            reader = _READERS[store] = SequenceReader(store)
+    return reader(user_ids)
+
+
+class SequenceReader:
+    """The student service's click sequences straight from the online store, its view resolved once."""
+
+    def __init__(self, store) -> None:
+        projections = store.get_feature_service(STUDENT_SERVICE, allow_cache=True).feature_view_projections
+        views = [p for p in projections if "item_ids" in {f.name for f in p.features}]
+        if len(views) != 1:
+            raise ValueError(f"feature service {STUDENT_SERVICE} must read item_ids from one view")
+        self.view = store.get_feature_view(views[0].name)
+        self.join_key = self.view.entity_columns[0].name
+        self.store = store
+        self.online = store._get_provider().online_store  # Feast's OnlineStore interface
+
+    def __call__(self, user_ids: Sequence[int]) -> dict[int, list[int]]:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        users = [int(u) for u in user_ids]
+        keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=u)]) for u in users]
+        rows = self.online.online_read(self.store.config, self.view, keys, ["item_ids"])
+        return {
+            u: list(values["item_ids"].int64_list_val.val) if values and "item_ids" in values else []
+            for u, (_, values) in zip(users, rows, strict=True)
+        }
+
+
+_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FeatureStore -> its SequenceReader
+_READERS_GUARD = threading.Lock()
 
 
 def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
