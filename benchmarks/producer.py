@@ -13,7 +13,9 @@ batches its coalescer formed from each answer's `batch_size`. Access logs are of
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
 item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
 Scale-out: the same c32 load against the Producer with 1 and 2 replicas (`--replicas`), each replica with
-its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost.
+its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost,
+and each point says where a request's CPU went (`cpu_ms_per_request`: replicas, proxy, load generator,
+other; from /proc, so the machine must be otherwise idle).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the no-op endpoint's body type at runtime.
@@ -105,6 +107,35 @@ async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, se
         "stages_ms": {s: percentiles(v) for s, v in stages.items() if v},
         **({"batch_sizes": batch_summary(batches)} if batches else {}),
     }
+
+
+def cpu_seconds() -> dict[int, tuple[float, str]]:
+    """CPU seconds (user + system) and command line of every process on this machine (Linux /proc)."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        out[int(pid)] = ((int(stat[11]) + int(stat[12])) / tick, cmd)
+    return out
+
+
+def cpu_per_request(before: dict, after: dict, n: int) -> dict[str, float]:
+    """Where one request's CPU went between two cpu_seconds() snapshots, ms: the serving replicas, the
+    HTTP proxy, this load generator, everything else (Ray's own processes, the OS)."""
+    groups = {"replica": 0.0, "proxy": 0.0, "load_generator": 0.0, "other": 0.0}
+    for pid, (cpu, cmd) in after.items():
+        spent = cpu - before.get(pid, (0.0, ""))[0]
+        group = (
+            "replica" if "ServeReplica" in cmd
+            else "proxy" if "ProxyActor" in cmd
+            else "load_generator" if pid == os.getpid()
+            else "other"
+        )  # fmt: skip
+        groups[group] += spent
+    return {g: round(v / n * 1000, 3) for g, v in groups.items()}
 
 
 def batch_summary(sizes: list[int]) -> dict:
@@ -239,7 +270,9 @@ def main() -> None:
         results: dict[str, dict] = {}
         for c in args.concurrency:
             for name, url in targets.items():
+                before = cpu_seconds()
                 r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c))
+                r["cpu_ms_per_request"] = cpu_per_request(before, cpu_seconds(), args.requests)
                 results.setdefault(f"c{c}", {})[name] = r
                 lat = r["latency_ms"]
                 print(

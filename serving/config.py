@@ -62,6 +62,9 @@ class ProducerConfig:
     # feature read, forward and search; a request waits only while an earlier batch runs, at most max_wait_ms.
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
+    # add synchronisation and take cores from the proxy and the other replicas.
+    torch_threads: int = 1
     max_k: int = API_MAX_K  # the largest k this deployment accepts (<= API_MAX_K)
     # N, the length of the online click sequence a /v1/events push keeps; None = the model's max_len
     # (read from the export, so it is always known; the ingest snapshot length is not recorded anywhere).
@@ -105,6 +108,8 @@ class ProducerConfig:
             raise ValueError(f"default_k must be in 1..max_k ({self.max_k}), got {self.default_k}")
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch must be in 1..1024, got {self.max_batch}")
+        if not 1 <= self.torch_threads <= 256:
+            raise ValueError(f"torch_threads must be in 1..256, got {self.torch_threads}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.sequence_len is not None and self.sequence_len < 1:

@@ -49,6 +49,7 @@ from dataclasses import fields, replace
 from pathlib import Path as FilePath
 from typing import Annotated
 
+import torch
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -60,6 +61,7 @@ from serving.api import (
     INT64_MAX,
     MAX_BATCH_BODY_BYTES,
     MAX_BODY_BYTES,
+    Answer,
     BatchRequest,
     BatchResponse,
     CandidatesRequest,
@@ -205,6 +207,7 @@ class Producer:
         keep using the old state meanwhile and it closes when they finish. A bad config (the default
         producer cannot load) raises: Serve keeps the old replicas' state / marks the update failed."""
         config = ProducerConfig.from_dict(user_config)
+        torch.set_num_threads(config.torch_threads)
         fresh = await asyncio.to_thread(load_state, config)
         self._state.swap(fresh)
         self._pipeline.coalescer.max_batch = config.max_batch
@@ -250,7 +253,7 @@ class Producer:
             return exc.response()
         except Exception:
             return self._internal("candidates")
-        return result.response() if isinstance(result, Unavailable) else JSONResponse(result)
+        return result.response() if isinstance(result, Unavailable) else Answer(result)
 
     @api.post("/v1/candidates:batch", response_model=BatchResponse, responses=ERRORS)
     async def candidates_batch(self, body: BatchRequest):
@@ -265,7 +268,7 @@ class Producer:
         except Exception:
             return self._internal("candidates:batch")
         failed = next((r for r in results if isinstance(r, Unavailable)), None)
-        return failed.response() if failed else JSONResponse({"responses": results})
+        return failed.response() if failed else Answer({"responses": results})
 
     def _check_k(self, requests: Sequence[CandidatesRequest], prefix: str) -> None:
         """k <= this deployment's max_k (the request model already bounds it by API_MAX_K)."""
@@ -292,9 +295,7 @@ class Producer:
         if k > cfg.max_k:
             raise invalid("k", f"Input should be less than or equal to {cfg.max_k}", k)
         try:
-            return JSONResponse(
-                await blend(self._pipeline, body, k, quotas, body.budget_ms or cfg.mix_budget_ms)
-            )
+            return Answer(await blend(self._pipeline, body, k, quotas, body.budget_ms or cfg.mix_budget_ms))
         except Unavailable as exc:
             return exc.response()
         except Exception:

@@ -53,7 +53,7 @@ from tests.producer_world import (
     write_world,
 )
 from training.data import build_inputs
-from vlmrec.features import historical_sequences, online_sequences, open_store
+from vlmrec.features import SequenceReader, historical_sequences, online_sequences, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -678,7 +678,7 @@ def test_feature_store_slow_falls_back_within_the_timeout(world, local, monkeypa
     def stuck(self, *args, **kwargs):
         time.sleep(4)
 
-    monkeypatch.setattr(FeatureStore, "get_online_features", stuck)
+    monkeypatch.setattr(SequenceReader, "__call__", stuck)
     t0 = time.perf_counter()
     status, body = call(
         local, "candidates", CandidatesRequest(user_id=1, k=5, recent_item_ids=[world.popular[0]])
@@ -696,7 +696,7 @@ def test_feature_store_error_falls_back_and_readyz_says_why(world, local, monkey
     def down(self, *args, **kwargs):
         raise ConnectionError("redis://10.0.0.1:6379 refused")
 
-    monkeypatch.setattr(FeatureStore, "get_online_features", down)
+    monkeypatch.setattr(SequenceReader, "__call__", down)
     status, body = call(local, "candidates", CandidatesRequest(user_id=1, k=3))
     assert (
         status == 200
