@@ -12,8 +12,8 @@ k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come 
 batches its coalescer formed from each answer's `batch_size`. Access logs are off for both endpoints.
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
 item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
-Scale-out: the same c32 load against the Producer with 1 and 2 replicas (`--replicas`), each replica with
-its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost,
+Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
+each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost,
 and each point says where a request's CPU went (`cpu_ms_per_request`: replicas, proxy, load generator,
 other; from /proc, so the machine must be otherwise idle).
 """
@@ -40,7 +40,7 @@ def percentiles(ms: list[float]) -> dict[str, float]:
     return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)), "n": len(a)}
 
 
-def noop_app(k: int):
+def noop_app(k: int, replicas: int = 1):
     """The floor: same route and body validation as the Producer, a constant answer, no work."""
     from fastapi import FastAPI
     from ray import serve
@@ -64,7 +64,7 @@ def noop_app(k: int):
         async def candidates(self, request: CandidatesRequest) -> dict:
             return body
 
-    return Noop.bind()
+    return Noop.options(num_replicas=replicas).bind()
 
 
 async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, seed: int) -> dict:
@@ -292,15 +292,34 @@ def main() -> None:
             f"freshness: event -> candidates p50 {fresh['event_to_candidates_ms']['p50']:.1f} ms", flush=True
         )
         scale_out: dict[str, dict] = {}
-        for n in args.replicas:  # the same c32 load, the Producer with n replicas (each its own Edge copy)
+        scale_noop: dict[str, dict] = {}
+        for (
+            n
+        ) in args.replicas:  # the same c32 load, Producer and no-op with n replicas each (own Edge copies)
             stop()
-            base = start(config, port=args.port, replicas=n, access_log=False)  # the no-op is not needed here
-            url = f"{base}/v1/candidates"
-            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
-            r = asyncio.run(load(url, users, args.requests, 32, args.k, seed=32))
-            scale_out[str(n)] = r
-            print(
-                f"{n} replica(s), c32: {r['requests_per_s']:.0f} req/s, p99 {r['latency_ms']['p99']:.1f} ms"
+            base = start(config, port=args.port, replicas=n, access_log=False)
+            serve.run(
+                noop_app(args.k, n),
+                name="noop",
+                route_prefix="/noop",
+                logging_config={"enable_access_log": False},
+            )
+            for name, url, out in (
+                ("producer", f"{base}/v1/candidates", scale_out),
+                ("noop", f"{base}/noop/v1/candidates", scale_noop),
+            ):
+                asyncio.run(load(url, users, 50, 4, args.k, seed=99))
+                before = cpu_seconds()
+                r = asyncio.run(load(url, users, args.requests, 32, args.k, seed=32))
+                r["cpu_ms_per_request"] = cpu_per_request(before, cpu_seconds(), args.requests)
+                out[str(n)] = r
+                print(
+                    f"{n} replica(s) {name:>8}, c32: {r['requests_per_s']:.0f} req/s, "
+                    f"p99 {r['latency_ms']['p99']:.1f} ms",
+                    flush=True,
+                )
+            scale_noop[f"ratio_rps_producer_over_noop_{n}"] = (
+                scale_out[str(n)]["requests_per_s"] / scale_noop[str(n)]["requests_per_s"]
             )
         if "1" in scale_out and "2" in scale_out:
             scale_out["ratio_rps_2_over_1"] = (
@@ -319,6 +338,7 @@ def main() -> None:
         "producer_recall_vs_exact": recall,
         "freshness": fresh,
         "scale_out_c32": scale_out,
+        "scale_out_c32_noop": scale_noop,
         "load_average": loadavg,
         "access_log": False,
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
