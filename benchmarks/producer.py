@@ -64,7 +64,8 @@ def noop_app(k: int, replicas: int = 1):
         async def candidates(self, request: CandidatesRequest) -> dict:
             return body
 
-    return Noop.options(num_replicas=replicas).bind()
+    # no CPU reserved: its replicas fit beside the Producer's on a small local cluster (Ray schedules by it)
+    return Noop.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}).bind()
 
 
 async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, seed: int) -> dict:
