@@ -5,10 +5,12 @@ One contract for every producer: a request names the producer (`producer`, defau
 """
 
 # No `from __future__ import annotations`: FastAPI resolves these models' annotations at route registration.
+import uuid
 from datetime import datetime
 from typing import Annotated, Literal, get_args
 
 import orjson
+from fastapi import Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
@@ -71,6 +73,18 @@ class CandidatesRequest(BaseModel):
     filters: Filters | None = None
 
 
+REQUEST_ID_HEADER = "X-Request-ID"
+# A request's id: its X-Request-ID header (the caller's, else the one Serve's HTTP proxy adds and returns),
+# written in the answer and the exposure log
+RequestId = Annotated[
+    str | None, Header(alias=REQUEST_ID_HEADER, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+]
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
 class Candidate(BaseModel):
     item_id: int
     score: float  # the producer's own score (cosine, or dot product for sasrec, or popularity)
@@ -86,6 +100,9 @@ class CandidatesResponse(BaseModel):
     warnings: list[str]
     timings_ms: dict[str, float]  # feature, model, search, total
     batch_size: int = 1  # requests answered together with this one (one feature read, forward, search)
+    request_id: (
+        str  # the caller's X-Request-ID, else a new one (":batch": "<id>.<i>"); the exposure log's key
+    )
 
 
 class BatchRequest(BaseModel):
@@ -141,6 +158,7 @@ class MixResponse(BaseModel):
     producers: dict[str, ProducerReport]
     warnings: list[str]  # every dropped producer is named here
     timings_ms: dict[str, float]  # feature, total
+    request_id: str  # the caller's X-Request-ID, else a new one; the exposure log's key
 
 
 def _iso_time(v):

@@ -59,6 +59,7 @@ class Metrics(Protocol):
     def error(self, producer: str, kind: str) -> None: ...
     def answered(self, producer: str, fallback: str | None) -> None: ...
     def batch(self, size: int) -> None: ...
+    def exposures(self, outcome: str, n: int) -> None: ...
 
 
 class NoMetrics:
@@ -72,6 +73,9 @@ class NoMetrics:
         pass
 
     def batch(self, size: int) -> None:
+        pass
+
+    def exposures(self, outcome: str, n: int) -> None:
         pass
 
 

@@ -49,6 +49,8 @@ def start(
         for name in ("workdir", "model_path", "index_dir", "sasrec_index_dir", "similar_index_dir")
         if getattr(config, name)
     }
+    if config.exposure_path and "://" not in config.exposure_path:  # "" = off; a URI stays as it is
+        absolute["exposure_path"] = str(Path(config.exposure_path).absolute())
     init_ray(num_cpus=num_cpus)
     logging = {"enable_access_log": access_log}
     serve.start(

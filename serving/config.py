@@ -62,6 +62,11 @@ class ProducerConfig:
     # feature read, forward and search; a request waits only while an earlier batch runs, at most max_wait_ms.
     max_batch: int = 32
     max_wait_ms: float = 5.0
+    # The exposure log (serving/exposures.py): one record per answer. None = <workdir>/exposures; an
+    # object-store URI (s3://bucket/exposures) in Kubernetes; "" = off.
+    exposure_path: str | None = None
+    exposure_queue: int = 10_000  # records waiting for the writer; beyond, dropped and counted
+    exposure_flush_s: float = 1.0  # how often the writer writes a file (per hour partition)
     # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
     # add synchronisation and take cores from the proxy and the other replicas.
     torch_threads: int = 1
@@ -108,6 +113,10 @@ class ProducerConfig:
             raise ValueError(f"default_k must be in 1..max_k ({self.max_k}), got {self.default_k}")
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch must be in 1..1024, got {self.max_batch}")
+        if not 1 <= self.exposure_queue <= 10_000_000:
+            raise ValueError(f"exposure_queue must be in 1..10000000, got {self.exposure_queue}")
+        if not 0 < self.exposure_flush_s <= 3600:
+            raise ValueError(f"exposure_flush_s must be in (0, 3600], got {self.exposure_flush_s}")
         if not 1 <= self.torch_threads <= 256:
             raise ValueError(f"torch_threads must be in 1..256, got {self.torch_threads}")
         if self.max_wait_ms < 0:
@@ -160,6 +169,13 @@ class ProducerConfig:
     @property
     def mix_path(self) -> Path:
         return Path(self.mix_file) if self.mix_file else self.workspace.root / "mix.json"
+
+    @property
+    def exposures_at(self) -> str | None:
+        """Where the exposure log goes; None when it is off."""
+        if self.exposure_path == "":
+            return None
+        return self.exposure_path or str(self.workspace.root / "exposures")
 
     def scoring_days(self) -> float:
         """The time item age is scored at: scoring_time, else now (training.item_age days)."""

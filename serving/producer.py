@@ -72,11 +72,14 @@ from serving.api import (
     EventResponse,
     MixRequest,
     MixResponse,
+    RequestId,
+    new_request_id,
 )
 from serving.asks import read_features
 from serving.calls import Deps, Pools, Unavailable
 from serving.config import API_MAX_K, ProducerConfig
 from serving.events import ClickWriter, Refused, record_click
+from serving.exposures import Exposure, ExposureLog
 from serving.guard import invalid
 from serving.mixer import MixError, blend, resolve_quotas
 from serving.pipeline import Pipeline
@@ -145,6 +148,11 @@ class _RayMetrics:
             description="Errors by kind: feature_store, index, index_refresh, event, internal, mix_dropped.",
             tag_keys=("producer", "kind"),
         )
+        self._exposures = Counter(
+            "vlmrec_producer_exposures",
+            description="Exposure log records by outcome: written, dropped (queue full), failed (write error).",
+            tag_keys=("outcome",),
+        )
         self._batch = Histogram(
             "vlmrec_producer_batch_size",
             description="Requests answered together by one feature read, forward and search (coalesced).",
@@ -162,6 +170,9 @@ class _RayMetrics:
 
     def batch(self, size: int) -> None:
         self._batch.observe(size)
+
+    def exposures(self, outcome: str, n: int) -> None:
+        self._exposures.inc(n, tags={"outcome": outcome})
 
 
 # Everything the Producer's methods use is defined above: @serve.ingress pickles the class when it is
@@ -190,6 +201,12 @@ class Producer:
         self._pipeline = Pipeline(self._state, self._deps)
         self._clicks = ClickWriter()  # per-user locks outlive hot swaps
         self._refresher: asyncio.Task | None = None
+        self._exposures: ExposureLog | None = None  # reconfigure() opens it where the config says
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown: the exposure log writes what it still holds."""
+        if self._exposures is not None:
+            self._exposures.close()
 
     async def check_health(self) -> None:
         """Serve's health check: runs on the replica's event loop, so a loop that stopped answering (a
@@ -210,12 +227,35 @@ class Producer:
         torch.set_num_threads(config.torch_threads)
         fresh = await asyncio.to_thread(load_state, config)
         self._state.swap(fresh)
+        await asyncio.to_thread(self._open_exposures, config)
         self._pipeline.coalescer.max_batch = config.max_batch
         self._pipeline.coalescer.max_wait_s = config.max_wait_ms / 1e3
         if self._refresher is None or self._refresher.done():
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
         versions = {n: s.model_version for n, s in fresh.sources.items()}
         log.info("producers %s (default %s); missing %s", versions, config.producer, sorted(fresh.missing))
+
+    def _open_exposures(self, config: ProducerConfig) -> None:
+        """The exposure log the config asks for: kept when unchanged, else a new one opened before the old
+        one closes (it writes what it holds)."""
+        old, where = self._exposures, config.exposures_at
+        settings = (where, config.exposure_queue, config.exposure_flush_s)
+        if old is not None and (old.path, old.queue_size, old.flush_s) == settings:
+            return
+        self._exposures = (
+            None
+            if where is None
+            else ExposureLog(
+                where, config.exposure_queue, config.exposure_flush_s, on_count=self._deps.metrics.exposures
+            )
+        )
+        if old is not None:
+            old.close()
+
+    def _expose(self, request_id: str, user_id: int, endpoint: str, answer: dict) -> None:
+        answer["request_id"] = request_id
+        if self._exposures is not None:
+            self._exposures.record(Exposure.of_answer(request_id, user_id, endpoint, answer))
 
     async def _refresh_loop(self) -> None:
         """Index.refresh() of every index every refresh_interval_s: upserts and new versions reach this
@@ -244,8 +284,10 @@ class Producer:
     # -- candidates -----------------------------------------------------------------------------------
 
     @api.post("/v1/candidates", response_model=CandidatesResponse, responses=ERRORS)
-    async def candidates(self, body: CandidatesRequest):
-        """Top-k candidates for one user from one producer (`producer`, default the deployment's)."""
+    async def candidates(self, body: CandidatesRequest, x_request_id: RequestId = None):
+        """Top-k candidates for one user from one producer (`producer`, default the deployment's). The
+        answer carries a request_id (the X-Request-ID header: the caller's, else the one Serve's proxy
+        made, which it also returns; a new one without a proxy) and is logged as an exposure."""
         self._check_k([body], "")
         try:
             result = await self._pipeline.candidates(body)
@@ -253,10 +295,14 @@ class Producer:
             return exc.response()
         except Exception:
             return self._internal("candidates")
-        return result.response() if isinstance(result, Unavailable) else Answer(result)
+        if isinstance(result, Unavailable):
+            return result.response()
+        rid = x_request_id or new_request_id()
+        self._expose(rid, body.user_id, "candidates", result)
+        return Answer(result)
 
     @api.post("/v1/candidates:batch", response_model=BatchResponse, responses=ERRORS)
-    async def candidates_batch(self, body: BatchRequest):
+    async def candidates_batch(self, body: BatchRequest, x_request_id: RequestId = None):
         """Several requests in one call: one feature read, one forward per model, one batched search per
         producer. Responses come in request order; if any of them cannot be answered (an index down, a
         producer missing) the whole call is a 503."""
@@ -268,7 +314,12 @@ class Producer:
         except Exception:
             return self._internal("candidates:batch")
         failed = next((r for r in results if isinstance(r, Unavailable)), None)
-        return failed.response() if failed else Answer({"responses": results})
+        if failed:
+            return failed.response()
+        rid = x_request_id or new_request_id()
+        for i, (request, result) in enumerate(zip(body.requests, results, strict=True)):
+            self._expose(f"{rid}.{i}", request.user_id, "batch", result)  # one exposure per answer
+        return Answer({"responses": results})
 
     def _check_k(self, requests: Sequence[CandidatesRequest], prefix: str) -> None:
         """k <= this deployment's max_k (the request model already bounds it by API_MAX_K)."""
@@ -278,7 +329,7 @@ class Producer:
                 raise invalid(prefix.format(i=i) + "k", f"Input should be less than or equal to {max_k}", r.k)
 
     @api.post("/v1/mix", response_model=MixResponse, responses=ERRORS)
-    async def mix(self, body: MixRequest):
+    async def mix(self, body: MixRequest, x_request_id: RequestId = None):
         """Candidates of several producers for one user, asked in parallel under one time budget,
         de-duplicated and interleaved by quota (serving/mixer.py). A producer that fails or misses the
         budget is dropped and named in `warnings`; its slots go to the others. Never a failed request
@@ -295,11 +346,14 @@ class Producer:
         if k > cfg.max_k:
             raise invalid("k", f"Input should be less than or equal to {cfg.max_k}", k)
         try:
-            return Answer(await blend(self._pipeline, body, k, quotas, body.budget_ms or cfg.mix_budget_ms))
+            answer = await blend(self._pipeline, body, k, quotas, body.budget_ms or cfg.mix_budget_ms)
         except Unavailable as exc:
             return exc.response()
         except Exception:
             return self._internal("mix")
+        rid = x_request_id or new_request_id()
+        self._expose(rid, body.user_id, "mix", answer)
+        return Answer(answer)
 
     # -- events ---------------------------------------------------------------------------------------
 

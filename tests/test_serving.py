@@ -18,6 +18,7 @@ import json
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -215,6 +216,63 @@ def test_batch_equals_single_calls_in_order(world, http):
         assert ids_of(got) == ids_of(single) and got["fallback"] == single["fallback"]
         np.testing.assert_allclose(scores_of(got), scores_of(single), atol=1e-5)
     assert http.post("/v1/candidates:batch", json={"requests": []}).json() == {"responses": []}
+
+
+def test_every_answer_has_a_request_id_and_one_exposure_record(world, http):
+    """Issue 18: the caller's X-Request-ID (else a new one) in the answer and its header; one exposure per
+    answered request (:batch: one per answer), holding exactly the items served."""
+    from serving.exposures import read_exposures
+
+    tag = uuid.uuid4().hex[:8]
+    answers = {}
+    for n, user in enumerate([1, 3, UNKNOWN_USER]):
+        r = http.post(
+            "/v1/candidates", json={"user_id": user, "k": 5}, headers={"X-Request-ID": f"{tag}-c{n}"}
+        )
+        assert r.status_code == 200 and r.json()["request_id"] == r.headers["X-Request-ID"] == f"{tag}-c{n}"
+        answers[f"{tag}-c{n}"] = (user, r.json())
+    r = http.post("/v1/candidates", json={"user_id": 1, "k": 4})
+    own = r.json()["request_id"]
+    assert own and r.headers["X-Request-ID"] == own  # none given: the one Serve's proxy made and returns
+    answers[own] = (1, r.json())
+    r = http.post("/v1/candidates:batch", json={"requests": [{"user_id": 1, "k": 2}, {"user_id": 3, "k": 3}]},
+                  headers={"X-Request-ID": f"{tag}-b"})  # fmt: skip
+    for i, (user, got) in enumerate(zip([1, 3], r.json()["responses"], strict=True)):
+        assert got["request_id"] == f"{tag}-b.{i}"
+        answers[f"{tag}-b.{i}"] = (user, got)
+    r = http.post("/v1/mix", json={"user_id": 3, "k": 6}, headers={"X-Request-ID": f"{tag}-m"})
+    assert r.status_code == 200 and r.json()["request_id"] == f"{tag}-m"
+    mix = r.json()
+    bad = http.post("/v1/candidates", json={"user_id": 1}, headers={"X-Request-ID": "no spaces allowed"})
+    assert bad.status_code == 422 and "x-request-id" in bad.json()["message"].lower()
+
+    want = {*answers, f"{tag}-m"}
+    deadline = time.monotonic() + 15  # the writer flushes every exposure_flush_s (1 s)
+    while True:
+        table = read_exposures(str(world.ws.root / "exposures"))
+        rows = {r["request_id"]: r for r in table.to_pylist() if r["request_id"] in want}
+        if len(rows) == len(want) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert set(rows) == want  # one record per answered request, nothing for the 422
+    assert sum(r in want for r in table["request_id"].to_pylist()) == len(want)  # exactly one each
+    for rid, (user, got) in answers.items():
+        row = rows[rid]
+        assert (
+            row["user_id"] == user
+            and row["producer"] == got["producer"]
+            and row["fallback"] == got["fallback"]
+        )
+        assert row["model_version"] == got["model_version"] and row["index_version"] == got["index_version"]
+        assert [(i["item_id"], i["rank"]) for i in row["items"]] == [
+            (c["item_id"], c["rank"]) for c in got["candidates"]
+        ]
+        assert row["endpoint"] == ("batch" if ".b" in rid or "-b." in rid else "candidates")
+    m = rows[f"{tag}-m"]
+    assert m["endpoint"] == "mix" and m["producer"] == "mix"
+    assert [(i["item_id"], i["producer"]) for i in m["items"]] == [
+        (c["item_id"], c["producer"]) for c in mix["candidates"]
+    ]
 
 
 # ---------------------------------------------------------------------------------- bad input, fallbacks
