@@ -157,7 +157,6 @@ class ExposureLog:
     ) -> None:
         self.path, self.queue_size = str(path), queue_size
         self.fs, self.root, self.local = _filesystem(self.path)
-        self.fs.create_dir(self.root, recursive=True)
         self.flush_s, self.flush_rows = flush_s, flush_rows
         self._queue: queue.Queue[Exposure] = queue.Queue(maxsize=queue_size)
         self._on_count = on_count or (lambda outcome, n: None)
