@@ -68,7 +68,9 @@ def noop_app(k: int, replicas: int = 1):
     return Noop.options(num_replicas=replicas, ray_actor_options={"num_cpus": 0}).bind()
 
 
-async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, seed: int) -> dict:
+async def load(
+    url: str, users: np.ndarray, n: int, concurrency: int, k: int, seed: int, keep_latencies: bool = False
+) -> dict:
     """Closed-loop load: `concurrency` clients, n requests in all. -> latency percentiles, rps, stage times."""
     import httpx
 
@@ -107,6 +109,7 @@ async def load(url: str, users: np.ndarray, n: int, concurrency: int, k: int, se
         "errors": errors,
         "stages_ms": {s: percentiles(v) for s, v in stages.items() if v},
         **({"batch_sizes": batch_summary(batches)} if batches else {}),
+        **({"latencies_ms": lat} if keep_latencies else {}),
     }
 
 
@@ -218,6 +221,35 @@ def producer_recall(base: str, config, export: Path, users: np.ndarray, k: int) 
     return {"users": len(recalls), "mean_recall_at_k": float(np.mean(recalls)), "min": float(np.min(recalls))}
 
 
+def exposure_log_cost(config, args, users: np.ndarray) -> dict:
+    """The Producer with its exposure log off, then on (one record per answer, serving/exposures.py), the
+    same loads back to back, twice each in alternation: p50/p99 per setting and the on/off p99 ratio."""
+    from dataclasses import replace
+
+    from serving.cli import start, stop
+
+    out: dict[str, dict] = {}
+    for c in (1, 32):
+        runs: dict[str, list[float]] = {"off": [], "on": []}
+        for setting in ("off", "on", "off", "on"):
+            stop()
+            cfg = replace(config, exposure_path="" if setting == "off" else None)
+            base = start(cfg, port=args.port, access_log=False)
+            url = f"{base}/v1/candidates"
+            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
+            t0 = time.perf_counter()
+            r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c, keep_latencies=True))
+            runs[setting] += r.pop("latencies_ms")
+            print(f"exposure log {setting:>3}, c{c}: p99 {r['latency_ms']['p99']:.1f} ms "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+        point = {setting: percentiles(ms) for setting, ms in runs.items()}
+        point["p99_ratio"] = point["on"]["p99"] / point["off"]["p99"]
+        point["p50_ratio"] = point["on"]["p50"] / point["off"]["p50"]
+        out[f"c{c}"] = point
+    stop()
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".vlmrec/ml")
@@ -292,6 +324,7 @@ def main() -> None:
         print(
             f"freshness: event -> candidates p50 {fresh['event_to_candidates_ms']['p50']:.1f} ms", flush=True
         )
+        exposure_log = exposure_log_cost(config, args, users)
         scale_out: dict[str, dict] = {}
         scale_noop: dict[str, dict] = {}
         for (
@@ -340,6 +373,7 @@ def main() -> None:
         "freshness": fresh,
         "scale_out_c32": scale_out,
         "scale_out_c32_noop": scale_noop,
+        "exposure_log": exposure_log,
         "load_average": loadavg,
         "access_log": False,
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
