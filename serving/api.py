@@ -76,8 +76,9 @@ class CandidatesRequest(BaseModel):
 REQUEST_ID_HEADER = "X-Request-ID"
 # A request's id: its X-Request-ID header (the caller's, else the one Serve's HTTP proxy adds and returns),
 # written in the answer and the exposure log
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
 RequestId = Annotated[
-    str | None, Header(alias=REQUEST_ID_HEADER, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    str | None, Header(alias=REQUEST_ID_HEADER, min_length=1, max_length=128, pattern=REQUEST_ID_PATTERN)
 ]
 
 
@@ -176,7 +177,10 @@ class EventRequest(BaseModel):
     # default: now (UTC); a naive time is taken as UTC. Bounded by the deployment (ProducerConfig:
     # event_min_time, event_max_future_s): a 422 outside, never a write.
     event_timestamp: Annotated[datetime | None, BeforeValidator(_iso_time)] = None
-    event_type: Name = "click"
+    event_type: Name = "click"  # one of the deployment's event_types (click, add_to_cart, purchase)
+    # the answer it followed (its request_id) and the item's place in it: the exposure log's join keys
+    request_id: Annotated[str, Field(min_length=1, max_length=128, pattern=REQUEST_ID_PATTERN)] | None = None
+    position: Int | None = Field(None, ge=1, le=API_MAX_K)
 
 
 class EventResponse(BaseModel):

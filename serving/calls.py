@@ -60,6 +60,7 @@ class Metrics(Protocol):
     def answered(self, producer: str, fallback: str | None) -> None: ...
     def batch(self, size: int) -> None: ...
     def exposures(self, outcome: str, n: int) -> None: ...
+    def logged_events(self, outcome: str, n: int) -> None: ...
 
 
 class NoMetrics:
@@ -76,6 +77,9 @@ class NoMetrics:
         pass
 
     def exposures(self, outcome: str, n: int) -> None:
+        pass
+
+    def logged_events(self, outcome: str, n: int) -> None:
         pass
 
 

@@ -65,8 +65,12 @@ class ProducerConfig:
     # The exposure log (serving/exposures.py): one record per answer. None = <workdir>/exposures; an
     # object-store URI (s3://bucket/exposures) in Kubernetes; "" = off.
     exposure_path: str | None = None
-    exposure_queue: int = 10_000  # records waiting for the writer; beyond, dropped and counted
-    exposure_flush_s: float = 1.0  # how often the writer writes a file (per hour partition)
+    # The event log (serving/events.py): every accepted /v1/events, the ingest layout plus request_id and
+    # position. None = <workdir>/data/events_log (`vlmrec ingest --logged` folds it in); "" = off.
+    event_log_path: str | None = None
+    event_types: tuple[str, ...] = ("click", "add_to_cart", "purchase")  # what /v1/events accepts
+    log_queue: int = 10_000  # records waiting for a log's writer; beyond, dropped and counted
+    log_flush_s: float = 1.0  # how often a log's writer writes a file (per hour partition)
     # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
     # add synchronisation and take cores from the proxy and the other replicas.
     torch_threads: int = 1
@@ -113,10 +117,12 @@ class ProducerConfig:
             raise ValueError(f"default_k must be in 1..max_k ({self.max_k}), got {self.default_k}")
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch must be in 1..1024, got {self.max_batch}")
-        if not 1 <= self.exposure_queue <= 10_000_000:
-            raise ValueError(f"exposure_queue must be in 1..10000000, got {self.exposure_queue}")
-        if not 0 < self.exposure_flush_s <= 3600:
-            raise ValueError(f"exposure_flush_s must be in (0, 3600], got {self.exposure_flush_s}")
+        if not 1 <= self.log_queue <= 10_000_000:
+            raise ValueError(f"log_queue must be in 1..10000000, got {self.log_queue}")
+        if not 0 < self.log_flush_s <= 3600:
+            raise ValueError(f"log_flush_s must be in (0, 3600], got {self.log_flush_s}")
+        if not self.event_types or not all(isinstance(t, str) and t for t in self.event_types):
+            raise ValueError(f"event_types must be non-empty names, got {self.event_types!r}")
         if not 1 <= self.torch_threads <= 256:
             raise ValueError(f"torch_threads must be in 1..256, got {self.torch_threads}")
         if self.max_wait_ms < 0:
@@ -175,7 +181,14 @@ class ProducerConfig:
         """Where the exposure log goes; None when it is off."""
         if self.exposure_path == "":
             return None
-        return self.exposure_path or str(self.workspace.root / "exposures")
+        return self.exposure_path or str(self.workspace.exposures)
+
+    @property
+    def event_log_at(self) -> str | None:
+        """Where the event log goes; None when it is off."""
+        if self.event_log_path == "":
+            return None
+        return self.event_log_path or str(self.workspace.events_log)
 
     def scoring_days(self) -> float:
         """The time item age is scored at: scoring_time, else now (training.item_age days)."""
@@ -200,6 +213,8 @@ class ProducerConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"ProducerConfig: unknown keys {unknown}")
+        if isinstance(d.get("event_types"), list):  # YAML / JSON lists
+            d["event_types"] = tuple(d["event_types"])
         return cls(**d)
 
 

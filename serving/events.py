@@ -19,7 +19,8 @@ A Feast push writes whole rows, so a click is read -> merge -> push -> read back
 - A user's read-modify-writes are serialised inside one replica by `ClickWriter` (striped threading locks,
   held for the whole read-modify-write). Across replicas they are not: a concurrent writer with a newer
   row overwrites, so route a user's events to one replica (sticky by user_id) or a single writer.
-The click goes to the online store only: training sees clicks when the event log is next ingested.
+The event also goes to the event log (`event_log`: data/events_log/, the ingest layout plus request_id and
+position); training sees it once `vlmrec ingest --logged` folds that log into data/events.parquet.
 """
 
 from __future__ import annotations
@@ -30,12 +31,16 @@ import threading
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import pandas as pd
+import pyarrow as pa
 
 from serving.calls import Deps, Unavailable, describe
 from serving.guard import invalid
 from serving.online import online_lock
+from serving.parquet_log import PartitionedLog
+from vlmrec.schema import EVENTS_LOG
 
 PUSH_SOURCE = "click_push"  # feature_repo/features.py: the push source of user_click_sequence
 VIEW = "user_click_sequence"  # the feature view it feeds
@@ -212,14 +217,17 @@ class ClickWriter:
             return append_click(store, user_id, item_id, event_timestamp, sequence_len, online_lock(store))
 
 
-async def record_click(s, deps: Deps, writer: ClickWriter, body) -> dict:
-    """POST /v1/events on a loaded State `s`: check the click (a known item, a time within the deployment's
-    bounds: else `invalid`, a 422 naming the field), append it through `writer` within event_timeout_s, and
-    answer once it is read back. Refused (409) when the sequence cannot hold it; Unavailable (503) when the
-    store failed transiently; any other failure propagates (a 500)."""
+async def record_click(s, deps: Deps, writer: ClickWriter, body, log: PartitionedLog | None = None) -> dict:
+    """POST /v1/events on a loaded State `s`: check the event (one of the deployment's event types, a known
+    item, a time within its bounds: else `invalid`, a 422 naming the field), append it through `writer`
+    within event_timeout_s, answer once it is read back, and add it to the event `log` (the offline events
+    the next training reads, with its request_id and position). Refused (409) when the sequence cannot hold
+    it; Unavailable (503) when the store failed transiently; any other failure propagates (a 500)."""
     cfg = s.config
     item = int(body.item_id)
     now = datetime.now(UTC)
+    if body.event_type not in cfg.event_types:
+        raise invalid("event_type", f"must be one of {list(cfg.event_types)}", body.event_type)
     try:
         ts = check_event_time(body.event_timestamp or now, cfg.event_min_ts, cfg.event_max_future_s, now)
     except ValueError as exc:
@@ -248,12 +256,34 @@ async def record_click(s, deps: Deps, writer: ClickWriter, body) -> dict:
             "feature_store_unavailable",
             f"the click push failed ({describe(exc)}); it may or may not be stored: retry",
         ) from exc
+    if log is not None:
+        log.record(LoggedEvent(int(body.user_id), item, ts, body.event_type, body.request_id, body.position))
     return {
         "user_id": int(body.user_id),
         "item_id": item,
         "sequence_length": len(seq),
         "sequence_len_max": s.sequence_len,
     }
+
+
+class LoggedEvent(NamedTuple):
+    """One accepted event as the event log keeps it (vlmrec.schema.EVENTS_LOG)."""
+
+    user_id: int
+    item_id: int
+    event_timestamp: datetime
+    event_type: str
+    request_id: str | None
+    position: int | None
+
+
+def event_log(path: str, queue_size: int = 10_000, flush_s: float = 1.0, **kw) -> PartitionedLog[LoggedEvent]:
+    """The writer of accepted events under `path` (hour partitions by event time)."""
+
+    def to_table(rows: list[LoggedEvent]) -> pa.Table:
+        return pa.Table.from_pylist([r._asdict() for r in rows], schema=EVENTS_LOG)
+
+    return PartitionedLog(path, to_table, lambda r: r.event_timestamp, queue_size, flush_s, **kw)
 
 
 async def _in_an_index(s, deps: Deps, item: int) -> bool:

@@ -78,10 +78,11 @@ from serving.api import (
 from serving.asks import read_features
 from serving.calls import Deps, Pools, Unavailable
 from serving.config import API_MAX_K, ProducerConfig
-from serving.events import ClickWriter, Refused, record_click
-from serving.exposures import Exposure, ExposureLog
+from serving.events import ClickWriter, LoggedEvent, Refused, event_log, record_click
+from serving.exposures import Exposure, exposure_log
 from serving.guard import invalid
 from serving.mixer import MixError, blend, resolve_quotas
+from serving.parquet_log import PartitionedLog
 from serving.pipeline import Pipeline
 from serving.sources import index_config  # noqa: F401  (re-exported: the search settings a replica uses)
 from serving.state import State, load_state, readiness
@@ -149,9 +150,10 @@ class _RayMetrics:
             tag_keys=("producer", "kind"),
         )
         self._exposures = Counter(
-            "vlmrec_producer_exposures",
-            description="Exposure log records by outcome: written, dropped (queue full), failed (write error).",
-            tag_keys=("outcome",),
+            "vlmrec_producer_logged",
+            description="Exposure and event log records by log and outcome: written, dropped (queue full), "
+            "failed (write error).",
+            tag_keys=("log", "outcome"),
         )
         self._batch = Histogram(
             "vlmrec_producer_batch_size",
@@ -172,7 +174,10 @@ class _RayMetrics:
         self._batch.observe(size)
 
     def exposures(self, outcome: str, n: int) -> None:
-        self._exposures.inc(n, tags={"outcome": outcome})
+        self._exposures.inc(n, tags={"outcome": outcome, "log": "exposures"})
+
+    def logged_events(self, outcome: str, n: int) -> None:
+        self._exposures.inc(n, tags={"outcome": outcome, "log": "events"})
 
 
 # Everything the Producer's methods use is defined above: @serve.ingress pickles the class when it is
@@ -201,12 +206,15 @@ class Producer:
         self._pipeline = Pipeline(self._state, self._deps)
         self._clicks = ClickWriter()  # per-user locks outlive hot swaps
         self._refresher: asyncio.Task | None = None
-        self._exposures: ExposureLog | None = None  # reconfigure() opens it where the config says
+        # the exposure and event logs: reconfigure() opens them where the config says
+        self._exposures: PartitionedLog[Exposure] | None = None
+        self._events: PartitionedLog[LoggedEvent] | None = None
 
     def __del__(self) -> None:
-        """Serve's graceful shutdown: the exposure log writes what it still holds."""
-        if self._exposures is not None:
-            self._exposures.close()
+        """Serve's graceful shutdown: the exposure and event logs write what they still hold."""
+        for open_log in (self._exposures, self._events):
+            if open_log is not None:
+                open_log.close()
 
     async def check_health(self) -> None:
         """Serve's health check: runs on the replica's event loop, so a loop that stopped answering (a
@@ -227,7 +235,7 @@ class Producer:
         torch.set_num_threads(config.torch_threads)
         fresh = await asyncio.to_thread(load_state, config)
         self._state.swap(fresh)
-        await asyncio.to_thread(self._open_exposures, config)
+        await asyncio.to_thread(self._open_logs, config)
         self._pipeline.coalescer.max_batch = config.max_batch
         self._pipeline.coalescer.max_wait_s = config.max_wait_ms / 1e3
         if self._refresher is None or self._refresher.done():
@@ -235,22 +243,32 @@ class Producer:
         versions = {n: s.model_version for n, s in fresh.sources.items()}
         log.info("producers %s (default %s); missing %s", versions, config.producer, sorted(fresh.missing))
 
-    def _open_exposures(self, config: ProducerConfig) -> None:
-        """The exposure log the config asks for: kept when unchanged, else a new one opened before the old
-        one closes (it writes what it holds)."""
-        old, where = self._exposures, config.exposures_at
-        settings = (where, config.exposure_queue, config.exposure_flush_s)
-        if old is not None and (old.path, old.queue_size, old.flush_s) == settings:
-            return
-        self._exposures = (
-            None
-            if where is None
-            else ExposureLog(
-                where, config.exposure_queue, config.exposure_flush_s, on_count=self._deps.metrics.exposures
+    def _open_logs(self, config: ProducerConfig) -> None:
+        """The exposure and event logs the config asks for: each kept when unchanged, else a new one opened
+        before the old one closes (it writes what it holds)."""
+        for attr, where, make in (
+            ("_exposures", config.exposures_at, exposure_log),
+            ("_events", config.event_log_at, event_log),
+        ):
+            old = getattr(self, attr)
+            if old is not None and (old.path, old.queue_size, old.flush_s) == (
+                where,
+                config.log_queue,
+                config.log_flush_s,
+            ):
+                continue
+            on_count = (
+                self._deps.metrics.exposures if attr == "_exposures" else self._deps.metrics.logged_events
             )
-        )
-        if old is not None:
-            old.close()
+            setattr(
+                self,
+                attr,
+                None
+                if where is None
+                else make(where, config.log_queue, config.log_flush_s, on_count=on_count),
+            )
+            if old is not None:
+                old.close()
 
     def _expose(self, request_id: str, user_id: int, endpoint: str, answer: dict) -> None:
         answer["request_id"] = request_id
@@ -362,13 +380,14 @@ class Producer:
         """Put a click into the user's online sequence (Feast push `click_push`), merged by its time, and
         answer once it is read back from the store; the next /v1/candidates sees it, whichever producer
         answers. Serialised per user inside this replica (serving/events.py says what that means across
-        replicas). event_type is accepted for the caller's bookkeeping; every event is a click.
+        replicas). Every accepted event type goes into the sequence; each event also goes to the event
+        log with its request_id and position (the answer it followed).
         422: a bad field (an unknown item, a time outside the deployment's bounds); 409: a click the
         sequence cannot hold (older than all of its last N); 503 + Retry-After: the store failed or timed
         out, the click may or may not be stored: retry (a click stored twice is merged twice)."""
         try:
             with self._pipeline.lease() as s:
-                return JSONResponse(await record_click(s, self._deps, self._clicks, body))
+                return JSONResponse(await record_click(s, self._deps, self._clicks, body, self._events))
         except Refused as exc:
             return guard.error(409, "event_refused", str(exc))
         except Unavailable as exc:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from serving.exposures import Exposure, ExposureLog, read_exposures, to_table
+from serving.exposures import Exposure, exposure_log, read_exposures, to_table
 
 
 def exposure(n: int, t: datetime | None = None) -> Exposure:
@@ -33,7 +33,7 @@ def exposure(n: int, t: datetime | None = None) -> Exposure:
 
 def test_every_record_is_written_once_in_its_hour_partition(tmp_path):
     counts: list[tuple[str, int]] = []
-    log = ExposureLog(str(tmp_path / "exp"), flush_s=0.05, on_count=lambda o, n: counts.append((o, n)))
+    log = exposure_log(str(tmp_path / "exp"), flush_s=0.05, on_count=lambda o, n: counts.append((o, n)))
     now = datetime(2026, 11, 30, 7, 59, 59, tzinfo=UTC)
     for n in range(10):
         log.record(exposure(n, now + timedelta(seconds=n % 2)))  # two hours
@@ -53,7 +53,7 @@ def test_every_record_is_written_once_in_its_hour_partition(tmp_path):
 
 def test_a_full_queue_drops_and_counts_never_blocks(tmp_path):
     counts: list[tuple[str, int]] = []
-    log = ExposureLog(
+    log = exposure_log(
         str(tmp_path / "exp"),
         queue_size=5,
         flush_s=0.01,
@@ -75,7 +75,7 @@ def test_a_full_queue_drops_and_counts_never_blocks(tmp_path):
 
 
 def test_a_write_that_fails_is_counted_not_raised(tmp_path):
-    log = ExposureLog(str(tmp_path / "exp"), flush_s=0.05)
+    log = exposure_log(str(tmp_path / "exp"), flush_s=0.05)
     log.fs = _Broken(log.fs)
     log.record(exposure(1))
     log.close()
@@ -99,8 +99,8 @@ def test_a_killed_writer_leaves_only_complete_files(tmp_path):
         import sys, time
         sys.path.insert(0, {str(Path(__file__).parents[1])!r})
         from tests.test_exposures import exposure
-        from serving.exposures import ExposureLog
-        log = ExposureLog({str(root)!r}, flush_s=0.01, flush_rows=2000)
+        from serving.exposures import exposure_log
+        log = exposure_log({str(root)!r}, flush_s=0.01, flush_rows=2000)
         n = 0
         while True:
             for _ in range(500):

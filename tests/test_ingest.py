@@ -427,3 +427,42 @@ def test_cli_main_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as failed:
         ing.main(["--format", "movielens", "--workdir", str(tmp_path / "ws")])
     assert failed.value.code == 2 and "needs --data" in capsys.readouterr().err
+
+
+def test_logged_events_fold_into_events_and_sequences_once(tmp_path):
+    """Issue 18: what /v1/events accepted (the event log, serving/events.py) joins the offline events the
+    next training reads, each log file once; events on items the catalogue lacks are left out and counted;
+    a partial (hidden) file is skipped."""
+    from datetime import UTC, datetime
+
+    from serving.events import LoggedEvent, event_log
+
+    ws = Workspace(tmp_path / "ws")
+    ingest(_events(), _catalogue(), ws, IngestConfig(max_len=3))
+    before = _read(ws.events)
+    log = event_log(str(ws.events_log), flush_s=0.01)
+    t = datetime(2024, 3, 3, 9, tzinfo=UTC)
+    log.record(LoggedEvent(2, 12, t, "purchase", "req-1", 3))
+    log.record(LoggedEvent(2, 11, t.replace(hour=10), "click", "req-2", 1))
+    log.record(LoggedEvent(1, 99, t, "click", None, None))  # not in the catalogue (yet)
+    log.close()
+    hour = next(ws.events_log.glob("hour=*"))
+    (hour / ".part-crashed-000001.parquet.tmp").write_bytes(b"PAR1 half")
+    out = ing.fold_logged(ws, max_len=3)
+    assert out["events_added"] == 2 and out["unknown_items_left_out"] == 1 and out["log_files"] == 2
+    events = _read(ws.events)
+    assert len(events) == len(before) + 2 and events.event_timestamp.is_monotonic_increasing
+    assert events.iloc[-2:][["user_id", "item_id", "event_type"]].values.tolist() == [
+        [2, 12, "purchase"],
+        [2, 11, "click"],
+    ]
+    seq = _read(ws.sequences)
+    assert list(seq[seq.user_id == 2].item_ids.iloc[-1]) == [13, 12, 11]  # the online sequence's source
+    again = ing.fold_logged(ws, max_len=3)
+    assert again["events_added"] == 0 and again["log_files"] == 0 and len(_read(ws.events)) == len(events)
+    # the CLI: `vlmrec ingest --logged`
+    later = event_log(str(ws.events_log), flush_s=0.01)
+    later.record(LoggedEvent(1, 13, t.replace(hour=11), "add_to_cart", "req-3", 2))
+    later.close()
+    assert ing.main(["--logged", "--workdir", str(ws.root), "--max-len", "3"]) == 0
+    assert len(_read(ws.events)) == len(events) + 1

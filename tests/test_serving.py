@@ -247,7 +247,7 @@ def test_every_answer_has_a_request_id_and_one_exposure_record(world, http):
     assert bad.status_code == 422 and "x-request-id" in bad.json()["message"].lower()
 
     want = {*answers, f"{tag}-m"}
-    deadline = time.monotonic() + 15  # the writer flushes every exposure_flush_s (1 s)
+    deadline = time.monotonic() + 15  # the writer flushes every log_flush_s (1 s)
     while True:
         table = read_exposures(str(world.ws.root / "exposures"))
         rows = {r["request_id"]: r for r in table.to_pylist() if r["request_id"] in want}
@@ -325,6 +325,13 @@ BAD = [
     ),
     ("/v1/events", {"user_id": 1, "item_id": FIRST_ID, "event_timestamp": 1700000000}, "event_timestamp"),
     ("/v1/events", {"user_id": 1, "item_id": FIRST_ID, "event_timestamp": "yesterday"}, "event_timestamp"),
+    (
+        "/v1/events",
+        {"user_id": 1, "item_id": FIRST_ID, "event_type": "wishlist"},
+        "event_type",
+    ),  # not configured
+    ("/v1/events", {"user_id": 1, "item_id": FIRST_ID, "position": 0}, "position"),
+    ("/v1/events", {"user_id": 1, "item_id": FIRST_ID, "request_id": "has spaces"}, "request_id"),
 ]
 
 
@@ -619,6 +626,35 @@ def test_concurrent_clicks_of_one_user_are_not_lost(world, http):
     assert sorted(final[-20:]) == clicks, "every concurrent click is in the sequence"
     assert final[:4] == stored[-4:]
     assert sorted(lengths) == [min(len(stored) + i, MAX_LEN) for i in range(1, 21)], "one append at a time"
+
+
+def test_events_are_kept_with_the_answer_they_followed_in_the_event_log(world, http):
+    """Issue 18: an event names the answer it followed (request_id, position) and its type; every accepted
+    one is in the event log (data/events_log, read by `vlmrec ingest --logged`), tied to its exposure."""
+    from serving.exposures import read_exposures
+    from serving.parquet_log import read_log
+    from vlmrec.schema import EVENTS_LOG
+
+    u = 2
+    answer = http.post("/v1/candidates", json={"user_id": u, "k": 5}).json()
+    rid, shown = answer["request_id"], answer["candidates"][2]["item_id"]
+    r = http.post(
+        "/v1/events",
+        json={"user_id": u, "item_id": shown, "event_type": "add_to_cart", "request_id": rid, "position": 3},
+    )
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 15  # both writers flush every log_flush_s (1 s)
+    while time.monotonic() < deadline:
+        logged = read_log(str(world.ws.events_log), EVENTS_LOG).to_pylist()
+        mine = [e for e in logged if e["request_id"] == rid]
+        exposed = [x for x in read_exposures(str(world.ws.exposures)).to_pylist() if x["request_id"] == rid]
+        if mine and exposed:
+            break
+        time.sleep(0.2)
+    assert [(e["user_id"], e["item_id"], e["event_type"], e["position"]) for e in mine] == [
+        (u, shown, "add_to_cart", 3)
+    ]
+    assert exposed[0]["items"][2]["item_id"] == shown  # position 3 of the answer it followed
 
 
 def test_late_events_are_merged_by_time_or_refused_saying_why(http):

@@ -497,6 +497,63 @@ def ingest(
     )
 
 
+FOLDED = b"vlmrec.folded"  # events.parquet metadata: the event-log files already in it (json list)
+
+
+def fold_logged(ws: Workspace, max_len: int) -> dict:
+    """`vlmrec ingest --logged`: the events the Producer accepted (data/events_log/, serving/events.py) into
+    data/events.parquet and the click sequences, each log file once (the files folded are recorded in the
+    events file itself, so a fold is written whole or not at all, and a second one adds nothing). Events on
+    items the catalogue does not hold yet are left out and counted (ingest the catalogue first). Run
+    `vlmrec features` after it: Feast's offline and online stores then see them."""
+    import json
+
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    from vlmrec.schema import EVENTS_LOG
+
+    events = pq.read_table(ws.events)
+    folded = set(json.loads((events.schema.metadata or {}).get(FOLDED, b"[]")))
+    files = []
+    if ws.events_log.exists():  # hidden ('.') files are partial writes: skipped
+        files = [f for f in ds.dataset(ws.events_log, format="parquet").files]
+    rel = {f: str(Path(f).relative_to(ws.events_log)) for f in files}
+    files = [f for f in files if rel[f] not in folded]
+    logged = (
+        ds.dataset(files, format="parquet", schema=EVENTS_LOG).to_table()
+        if files
+        else EVENTS_LOG.empty_table()
+    )
+    catalogue = pq.read_table(ws.items, columns=["item_id"])["item_id"]
+    known = logged.filter(pc.is_in(logged["item_id"], catalogue)).select(EVENTS.names).cast(EVENTS)
+    both = pa.concat_tables([events.select(EVENTS.names).cast(EVENTS), known]).to_pandas()
+    ts = _timestamps(both["event_timestamp"], "events", "'event_timestamp'")[0]
+    ordered, moved = _order_events(
+        both["user_id"].to_numpy(np.int64), both["item_id"].to_numpy(np.int64), ts,
+        both["event_type"].to_numpy(dtype=object),
+    )  # fmt: skip
+    table = pa.Table.from_arrays(
+        [
+            pa.array(ordered["user_id"].to_numpy(), pa.int64()),
+            pa.array(ordered["item_id"].to_numpy(), pa.int64()),
+            _ts_array(ordered["ts"].to_numpy()),
+            pa.array(ordered["event_type"].to_numpy(dtype=object), pa.string()),
+        ],
+        schema=EVENTS,
+    ).replace_schema_metadata({FOLDED: json.dumps(sorted(folded | set(rel[f] for f in files)))})
+    sequences = click_sequences(ordered.rename(columns={"ts": "event_timestamp"}), max_len)
+    atomic_write_parquet(table, ws.events)
+    atomic_write_parquet(sequences, ws.sequences)
+    return {
+        "log_files": len(files),
+        "events_added": known.num_rows,
+        "unknown_items_left_out": logged.num_rows - known.num_rows,
+        "timestamp_ties_moved": moved,
+        "events": table.num_rows,
+    }
+
+
 def _prepare_items(
     df: pd.DataFrame, source: str, filled: dict[str, int]
 ) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -676,13 +733,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="do not open the images (faster; a broken image is then only found by embed)",
     )
     parser.add_argument("--seed", type=int, default=SampleConfig.seed, help="sample seed (--format sample)")
+    parser.add_argument(
+        "--logged",
+        action="store_true",
+        help="fold the Producer's event log (<workdir>/data/events_log) into the workspace's events instead",
+    )
     return parser
 
 
-def run(args: argparse.Namespace) -> IngestSummary:
+def run(args: argparse.Namespace) -> IngestSummary | dict:
     """Load the inputs the flags name, ingest them, print the summary. Raises IngestError on bad input."""
     ws = Workspace(args.workdir)
     config = IngestConfig(max_len=args.max_len, check_images=args.check_images)
+    if getattr(args, "logged", False):
+        if not ws.events.exists():
+            raise IngestError(f"no events at {ws.events}: ingest a dataset first")
+        folded = fold_logged(ws, config.max_len)
+        print(f"ingest --logged -> {ws.events}: {folded}; run `vlmrec features --workdir {ws.root}` next")
+        return folded
     if args.format == "table":
         if args.events is None or args.catalogue is None:
             raise IngestError("--format table needs --events and --catalogue")

@@ -19,6 +19,9 @@ EVENTS = pa.schema(
         ("event_type", pa.string()),
     ]
 )
+# data/events_log/: what the Producer's /v1/events accepted, the same columns plus what ties an event to the
+# answer it followed (serving/exposures.py): the answer's request_id and the item's 1-based position in it
+EVENTS_LOG = pa.schema([*EVENTS, ("request_id", pa.string()), ("position", pa.int32())])
 
 ITEMS = pa.schema(
     [

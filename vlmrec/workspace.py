@@ -2,6 +2,7 @@
 
     <workdir>/
       data/events.parquet            user_id, item_id, event_timestamp, event_type      (ingest)
+      data/events_log/hour=<h>/      the same + request_id, position: served events    (the Producer)
       data/items.parquet             item_id, title, text, category, image_uri, created_at, event_timestamp
       data/click_sequences.parquet   user_id, event_timestamp, item_ids, click_times    (ingest)
       data/item_embeddings.parquet   item_id, event_timestamp, vector, teacher_id       (embed)
@@ -10,6 +11,7 @@
       index/                         index versions and the current pointer             (index)
       indexes/<name>/                the same for the other producers: indexes/<run> of a run's
                                      export (e.g. sasrec), indexes/teacher of the raw teacher vectors
+      exposures/hour=<h>/            what the Producer served, one record per answer   (the Producer)
 
 The Feast definitions in feature_repo/ name their sources relative to this folder, which is the repo_path
 of the FeatureStore that `vlmrec features` builds.
@@ -43,6 +45,14 @@ class Workspace:
     @property
     def events(self) -> Path:
         return self.data / "events.parquet"
+
+    @property
+    def events_log(self) -> Path:
+        return self.data / "events_log"
+
+    @property
+    def exposures(self) -> Path:
+        return self.root / "exposures"
 
     @property
     def items(self) -> Path:
