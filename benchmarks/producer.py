@@ -223,16 +223,17 @@ def producer_recall(base: str, config, export: Path, users: np.ndarray, k: int) 
 
 def exposure_log_cost(config, args, users: np.ndarray) -> dict:
     """The Producer with its exposure log off, then on (one record per answer, serving/exposures.py), the
-    same loads back to back, twice each in alternation: p50/p99 per setting and the on/off p99 ratio."""
+    same loads back to back, three times each in alternation, the log switched by a config update of the
+    same replica (reconfigure): p50/p99 per setting over all its requests and the on/off ratios."""
     from dataclasses import replace
 
     from serving.cli import start, stop
 
     out: dict[str, dict] = {}
+    stop()
     for c in (1, 32):
         runs: dict[str, list[float]] = {"off": [], "on": []}
-        for setting in ("off", "on", "off", "on"):
-            stop()
+        for setting in ("off", "on") * 3:
             cfg = replace(config, exposure_path="" if setting == "off" else None)
             base = start(cfg, port=args.port, access_log=False)
             url = f"{base}/v1/candidates"

@@ -92,24 +92,37 @@ class Exposure:
 
 
 def to_table(records: Sequence[Exposure]) -> pa.Table:
-    return pa.table(
-        {
-            "request_id": [r.request_id for r in records],
-            "time": [r.time for r in records],
-            "user_id": [r.user_id for r in records],
-            "arm": [r.arm for r in records],
-            "endpoint": [r.endpoint for r in records],
-            "producer": [r.producer for r in records],
-            "model_version": [r.model_version for r in records],
-            "index_version": [r.index_version for r in records],
-            "fallback": [r.fallback for r in records],
-            "items": [
-                [{"item_id": i, "rank": k, "score": s, "producer": p} for i, k, s, p in r.items]
-                for r in records
+    """Exposures -> one table (SCHEMA), the items built column by column (the writer thread's work)."""
+    item_ids: list[int] = []
+    ranks: list[int] = []
+    scores: list[float] = []
+    producers: list[str | None] = []
+    offsets = [0]
+    for r in records:
+        for item_id, rank, score, producer in r.items:
+            item_ids.append(item_id)
+            ranks.append(rank)
+            scores.append(score)
+            producers.append(producer)
+        offsets.append(len(item_ids))
+    items = pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()),
+        pa.StructArray.from_arrays(
+            [
+                pa.array(item_ids, pa.int64()),
+                pa.array(ranks, pa.int32()),
+                pa.array(scores, pa.float32()),
+                pa.array(producers, pa.string()),
             ],
-        },
-        schema=SCHEMA,
+            fields=list(ITEM),
+        ),
     )
+    columns = {
+        name: pa.array([getattr(r, name) for r in records], SCHEMA.field(name).type)
+        for name in SCHEMA.names
+        if name != "items"
+    }
+    return pa.table({**columns, "items": items}, schema=SCHEMA)
 
 
 def exposure_log(path: str, queue_size: int = 10_000, flush_s: float = 1.0, **kw) -> PartitionedLog[Exposure]:
