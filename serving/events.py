@@ -217,10 +217,12 @@ class ClickWriter:
             return append_click(store, user_id, item_id, event_timestamp, sequence_len, online_lock(store))
 
 
-async def record_click(s, deps: Deps, writer: ClickWriter, body, log: PartitionedLog | None = None) -> dict:
+async def record_click(
+    s, deps: Deps, writer: ClickWriter, body, logged: PartitionedLog | None = None
+) -> dict:
     """POST /v1/events on a loaded State `s`: check the event (one of the deployment's event types, a known
     item, a time within its bounds: else `invalid`, a 422 naming the field), append it through `writer`
-    within event_timeout_s, answer once it is read back, and add it to the event `log` (the offline events
+    within event_timeout_s, answer once it is read back, and add it to the event log `logged` (the offline events
     the next training reads, with its request_id and position). Refused (409) when the sequence cannot hold
     it; Unavailable (503) when the store failed transiently; any other failure propagates (a 500)."""
     cfg = s.config
@@ -256,8 +258,10 @@ async def record_click(s, deps: Deps, writer: ClickWriter, body, log: Partitione
             "feature_store_unavailable",
             f"the click push failed ({describe(exc)}); it may or may not be stored: retry",
         ) from exc
-    if log is not None:
-        log.record(LoggedEvent(int(body.user_id), item, ts, body.event_type, body.request_id, body.position))
+    if logged is not None:
+        logged.record(
+            LoggedEvent(int(body.user_id), item, ts, body.event_type, body.request_id, body.position)
+        )
     return {
         "user_id": int(body.user_id),
         "item_id": item,

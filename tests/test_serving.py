@@ -635,7 +635,7 @@ def test_events_are_kept_with_the_answer_they_followed_in_the_event_log(world, h
     from serving.parquet_log import read_log
     from vlmrec.schema import EVENTS_LOG
 
-    u = 2
+    u = 5  # the event tests above already moved this user's online sequence
     answer = http.post("/v1/candidates", json={"user_id": u, "k": 5}).json()
     rid, shown = answer["request_id"], answer["candidates"][2]["item_id"]
     r = http.post(
