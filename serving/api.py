@@ -101,6 +101,7 @@ class CandidatesResponse(BaseModel):
     warnings: list[str]
     timings_ms: dict[str, float]  # feature, model, search, total
     batch_size: int = 1  # requests answered together with this one (one feature read, forward, search)
+    arm: str | None = None  # the experiment arm that answered (None: no experiment, or a named producer)
     request_id: (
         str  # the caller's X-Request-ID, else a new one (":batch": "<id>.<i>"); the exposure log's key
     )

@@ -71,6 +71,9 @@ class ProducerConfig:
     event_types: tuple[str, ...] = ("click", "add_to_cart", "purchase")  # what /v1/events accepts
     log_queue: int = 10_000  # records waiting for a log's writer; beyond, dropped and counted
     log_flush_s: float = 1.0  # how often a log's writer writes a file (per hour partition)
+    # An A/B experiment over this deployment's default traffic (serving/experiments.py): {name, arms: [{name,
+    # producer, share, run?}], salt?, force?}. None = no experiment.
+    experiment: dict | None = None
     # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
     # add synchronisation and take cores from the proxy and the other replicas.
     torch_threads: int = 1
@@ -117,6 +120,10 @@ class ProducerConfig:
             raise ValueError(f"default_k must be in 1..max_k ({self.max_k}), got {self.default_k}")
         if not 1 <= self.max_batch <= 1024:
             raise ValueError(f"max_batch must be in 1..1024, got {self.max_batch}")
+        if self.experiment is not None:
+            from serving.experiments import Experiment
+
+            Experiment.from_dict(self.experiment)  # a bad experiment is a bad config: refused here
         if not 1 <= self.log_queue <= 10_000_000:
             raise ValueError(f"log_queue must be in 1..10000000, got {self.log_queue}")
         if not 0 < self.log_flush_s <= 3600:

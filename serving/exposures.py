@@ -87,7 +87,7 @@ class Exposure:
             index_version=versions[1],
             fallback=fallback,
             items=[(int(i), int(r), float(sc), p) for i, r, sc, p in items],
-            arm=arm,
+            arm=arm if arm is not None else answer.get("arm"),
         )
 
 

@@ -139,7 +139,8 @@ class Pipeline:
         self, s: State, requests: Sequence[CandidatesRequest], features: Features | None
     ) -> list[dict | Exception]:
         cfg, t_start = s.config, time.perf_counter()
-        names = [r.producer or cfg.producer for r in requests]
+        routes = [s.route(r) for r in requests]  # (sources key, arm): an experiment's user gets their arm
+        names = [key for key, _ in routes]
         if features is None:
             tag = names[0] if len(set(names)) == 1 else "batch"
             users = [int(r.user_id) for r in requests]
@@ -168,7 +169,11 @@ class Pipeline:
                 continue
             for i in rows_of[name]:
                 r = by_row[i]
-                out[i] = r if isinstance(r, Unavailable) else self._response(source, ask, i, r, features)
+                out[i] = (
+                    r
+                    if isinstance(r, Unavailable)
+                    else self._response(source, ask, i, r, features, routes[i][1])
+                )
         total = ms_since(t_start)
         for o in out:
             if isinstance(o, dict):
@@ -176,7 +181,9 @@ class Pipeline:
                 o["batch_size"] = len(requests)
         return out
 
-    def _response(self, source: Source, ask: Ask, i: int, r: Ranked, features: Features) -> dict:
+    def _response(
+        self, source: Source, ask: Ask, i: int, r: Ranked, features: Features, arm: str | None = None
+    ) -> dict:
         k = ask.ks[i]
         if len(r.hits) < k:
             what = (
@@ -193,6 +200,7 @@ class Pipeline:
                 for rank, (item, score) in enumerate(r.hits, 1)
             ],
             "fallback": r.fallback,
+            "arm": arm,
             "warnings": ask.warnings[i],
             "timings_ms": {"feature": features.ms, "model": r.model_ms, "search": r.search_ms, "total": 0.0},
         }

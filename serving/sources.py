@@ -40,6 +40,7 @@ from index.search import Hit, Index, open_index
 from serving.asks import Ask, Ranked
 from serving.calls import Deps, Unavailable, ms_since
 from serving.config import PRODUCERS, ProducerConfig
+from serving.experiments import Experiment
 from training.data import ItemTable, ModelInputs, build_inputs
 from training.item_age import bucket_ranges
 from training.model import WEIGHTS_FILE, SeqRec
@@ -543,6 +544,13 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
         "similar": similar,
     }
     assert set(loaders) == set(PRODUCERS)
+    arms = Experiment.from_dict(cfg.experiment).arms if cfg.experiment else ()
+    for arm in arms:  # another run of student / sasrec, with its own index (indexes/<run>): it must load
+        if arm.run is not None:
+            loaders[arm.key] = lambda arm=arm: model(
+                arm.producer, arm.run, ws.runs / arm.run / "export", ws.named_index(arm.run), arm.run
+            )
+    required = {cfg.producer, *(a.key for a in arms)}
     try:
         for name, load in loaders.items():
             n_open = len(opened)
@@ -554,7 +562,7 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
                 for index in opened[n_open:]:
                     index.close()
                 del opened[n_open:]
-                if name == cfg.producer:
+                if name in required:
                     raise
                 # our own messages say what is missing and the command that builds it; anything else
                 # (a corrupt file, a library error) is named by type only: the replica log has the rest

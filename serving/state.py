@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from index.search import Index
 from serving.calls import Deps, describe
 from serving.config import ProducerConfig
+from serving.experiments import Experiment
 from serving.mixer import read_mix_weights
 from serving.online import read_sequences
 from serving.sources import ModelSource, Source, load_sources
@@ -46,6 +47,18 @@ class State:
         )
         self.catalogue_ids = np.unique(catalogue.astype(np.int64))  # sorted: known ids for /v1/events
         self.mix_weights = read_mix_weights(config.mix_path)  # /v1/mix's default blend (None: equal)
+        self.experiment = Experiment.from_dict(config.experiment) if config.experiment else None
+
+    def route(self, request) -> tuple[str, str | None]:
+        """(the sources key that answers a request, its experiment arm): a request naming its producer
+        gets that producer, outside any experiment; the others are the experiment's (their user's arm)
+        or the deployment's default producer's."""
+        if request.producer is not None:
+            return request.producer, None
+        if self.experiment is None:
+            return self.config.producer, None
+        arm = self.experiment.assign(int(request.user_id))
+        return arm.key, arm.name
 
     @property
     def default(self) -> Source:

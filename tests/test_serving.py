@@ -31,7 +31,7 @@ from feast import FeatureStore
 
 import index.search
 import serving.producer as producer_mod
-from index.build import upsert_items
+from index.build import build_index, upsert_items
 from index.config import IndexConfig
 from serving.api import BatchRequest, CandidatesRequest, EventRequest, MixRequest
 from serving.asks import Ask, Features
@@ -47,6 +47,7 @@ from tests.producer_world import (
     N_ITEMS,
     TEACHER,
     UNKNOWN_USER,
+    USERS,
     World,
     available,
     category,
@@ -54,6 +55,7 @@ from tests.producer_world import (
     write_world,
 )
 from training.data import build_inputs
+from training.model import SeqRec
 from vlmrec.features import SequenceReader, historical_sequences, online_sequences, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -216,6 +218,91 @@ def test_batch_equals_single_calls_in_order(world, http):
         assert ids_of(got) == ids_of(single) and got["fallback"] == single["fallback"]
         np.testing.assert_allclose(scores_of(got), scores_of(single), atol=1e-5)
     assert http.post("/v1/candidates:batch", json={"requests": []}).json() == {"responses": []}
+
+
+def second_student_run(world, name: str = "student-b") -> None:
+    """Another student run beside the world's, with its own index (indexes/<run>, as `index build --run`)."""
+    export = world.ws.runs / name / "export"
+    if (export / "run.json").exists():
+        return
+    torch.manual_seed(2)
+    model = SeqRec(
+        world.model.cfg, teacher=world.vocab.teacher_matrix(), item_ids=world.model.item_ids.numpy()
+    )
+    torch.nn.init.normal_(model.adapter[-1].weight, std=0.3)
+    model.save_pretrained(export / "model")
+    with torch.no_grad():
+        vectors = SeqRec.from_pretrained(export / "model").item_vectors()[1:].numpy()
+    frame = pd.DataFrame({"item_id": world.vocab.item_ids, "vector": list(vectors), "teacher_id": TEACHER})
+    frame.to_parquet(export / "item_vectors.parquet")
+    shutil.copy(world.export / "popular.json", export / "popular.json")
+    (export / "run.json").write_text(json.dumps({"name": name, "teacher_id": TEACHER, "configs": {}}))
+    build_index(
+        export / "item_vectors.parquet",
+        world.ws.items,
+        world.ws.named_index(name),
+        IndexConfig(quantization=False),
+    )
+
+
+# Here, before the local-mode tests: redeploying needs the Producer class to pickle, which they stop.
+def test_two_student_runs_serve_side_by_side_as_arms_of_an_experiment(world, http):
+    """Issue 18: an experiment's arms, each a producer and a run, in one deployment; every default-traffic
+    answer names its user's arm (sticky, forced users pinned) and comes from that arm's run; a request naming
+    its producer stays outside; the exposure log records the arm."""
+    from serving.cli import start
+    from serving.experiments import Experiment
+    from serving.exposures import read_exposures
+
+    second_student_run(world)
+    experiment = {
+        "name": "student-b-test",
+        "arms": [
+            {"name": "control", "producer": "student", "share": 0.5},
+            {"name": "b", "producer": "student", "run": "student-b", "share": 0.5},
+        ],
+        "force": {1: "b", 2: "control"},
+    }
+    port = http.base_url.port
+    start(replace(world.config, experiment=experiment), port=port)  # a config update of the running app
+    try:
+        exp = Experiment.from_dict(experiment)
+        arms, rids = {}, {}
+        for u in USERS:
+            got = http.post("/v1/candidates", json={"user_id": u, "k": 5}).json()
+            arm = exp.assign(u).name
+            assert got["arm"] == arm and got["producer"] == "student"
+            assert got["model_version"].startswith("student-b@" if arm == "b" else "student@"), got
+            assert http.post("/v1/candidates", json={"user_id": u, "k": 5}).json()["arm"] == arm  # sticky
+            arms[u], rids[got["request_id"]] = arm, arm
+        assert arms[1] == "b" and arms[2] == "control"  # forced
+        b = http.post("/v1/candidates", json={"user_id": 1, "k": 5}).json()
+        named = http.post("/v1/candidates", json={"user_id": 1, "k": 5, "producer": "student"}).json()
+        assert named["arm"] is None and named["model_version"].startswith(
+            "student@"
+        )  # outside the experiment
+        assert ids_of(named) != ids_of(b)  # the two runs rank differently
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            logged = {r["request_id"]: r["arm"] for r in read_exposures(str(world.ws.exposures)).to_pylist()}
+            if set(rids) <= set(logged):
+                break
+            time.sleep(0.2)
+        assert {rid: logged.get(rid) for rid in rids} == rids
+    finally:
+        start(world.config, port=port)
+    assert http.post("/v1/candidates", json={"user_id": 1, "k": 5}).json()["arm"] is None
+
+
+def test_an_experiment_arm_that_cannot_load_is_a_bad_config(world):
+    bad = {"name": "x", "arms": [{"name": "a", "producer": "student", "run": "no-such-run", "share": 1.0}]}
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        load_state(replace(world.config, experiment=bad))
+    with pytest.raises(ValueError, match="sum to 1"):
+        replace(
+            world.config,
+            experiment={"name": "x", "arms": [{"name": "a", "producer": "student", "share": 0.4}]},
+        )
 
 
 def test_every_answer_has_a_request_id_and_one_exposure_record(world, http):

@@ -1,0 +1,99 @@
+"""A/B experiments: arms of one deployment, each a producer and its model run, and who sees which.
+
+    experiment = Experiment.from_dict({"name": "student-v2", "arms": [
+        {"name": "control", "producer": "student", "share": 0.5},
+        {"name": "v2", "producer": "student", "run": "student-v2", "share": 0.5}]})
+    arm = experiment.assign(user_id)          # sticky: the same user, the same arm, on every replica
+
+A user's arm is a salted hash of their id (blake2b of "<salt>:<user_id>", salt = the experiment's name
+unless given), read as a number in [0, 1) and placed on the arms' cumulative shares: uniform, sticky, and
+independent across experiments with different salts. `force` pins users to an arm (debugging). An arm
+with a `run` serves that run's export with its own index (`indexes/<run>`, built by `vlmrec index build
+--run <run>`), loaded beside the deployment's: two student runs side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+
+from serving.config import PRODUCERS
+
+MODEL_PRODUCERS = ("student", "sasrec")  # the producers an arm may give another run
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    producer: str  # one of serving.config.PRODUCERS
+    share: float  # of the experiment's users, 0..1; the arms' shares sum to 1
+    run: str | None = None  # student / sasrec: this run's export instead of the deployment's
+
+    @property
+    def key(self) -> str:
+        """The State.sources key of what it serves: the producer itself, or the arm's own run of it."""
+        return self.producer if self.run is None else f"arm:{self.name}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    arms: tuple[Arm, ...]
+    salt: str | None = None  # default: the name (a new salt reshuffles users)
+    force: dict[int, str] = field(default_factory=dict)  # user_id -> arm name (debugging)
+
+    def __post_init__(self) -> None:
+        names = [a.name for a in self.arms]
+        if not self.name or not self.arms:
+            raise ValueError("experiment: a name and at least one arm")
+        if len(set(names)) != len(names):
+            raise ValueError(f"experiment.arms: arm names must be unique, got {names}")
+        for a in self.arms:
+            if a.producer not in PRODUCERS:
+                raise ValueError(
+                    f"experiment.arms.{a.name}.producer: one of {list(PRODUCERS)}, got {a.producer!r}"
+                )
+            if a.run is not None and a.producer not in MODEL_PRODUCERS:
+                raise ValueError(f"experiment.arms.{a.name}.run: only {list(MODEL_PRODUCERS)} take a run")
+            if not (isinstance(a.share, (int, float)) and math.isfinite(a.share) and 0 <= a.share <= 1):
+                raise ValueError(f"experiment.arms.{a.name}.share: a number in [0, 1], got {a.share!r}")
+        if abs(sum(a.share for a in self.arms) - 1.0) > 1e-9:
+            raise ValueError(f"experiment.arms: shares must sum to 1, got {sum(a.share for a in self.arms)}")
+        unknown = sorted(set(self.force.values()) - set(names))
+        if unknown:
+            raise ValueError(f"experiment.force: unknown arms {unknown}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Experiment:
+        """From a Serve user_config's `experiment` mapping (see the module docstring)."""
+        if not isinstance(d, dict):
+            raise ValueError("experiment: a mapping with name and arms")
+        extra = sorted(set(d) - {"name", "arms", "salt", "force"})
+        if extra:
+            raise ValueError(f"experiment: unknown keys {extra}")
+        arms = []
+        for i, a in enumerate(d.get("arms") or ()):
+            if not isinstance(a, dict) or set(a) - {"name", "producer", "share", "run"} or "name" not in a:
+                raise ValueError(f"experiment.arms.{i}: a mapping of name, producer, share and optional run")
+            arms.append(Arm(str(a["name"]), str(a.get("producer", "")), a.get("share", -1), a.get("run")))
+        force = {int(u): str(arm) for u, arm in (d.get("force") or {}).items()}
+        return cls(str(d.get("name", "")), tuple(arms), d.get("salt"), force)
+
+    def position(self, user_id: int) -> float:
+        """The user's place in [0, 1): the first 8 bytes of blake2b("<salt>:<user_id>") over 2**64."""
+        salt = self.name if self.salt is None else self.salt
+        digest = hashlib.blake2b(f"{salt}:{int(user_id)}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2.0**64
+
+    def assign(self, user_id: int) -> Arm:
+        """The user's arm: a forced one, else the arm whose cumulative share interval holds their place."""
+        forced = self.force.get(int(user_id))
+        if forced is not None:
+            return next(a for a in self.arms if a.name == forced)
+        u, edge = self.position(user_id), 0.0
+        for arm in self.arms:
+            edge += arm.share
+            if u < edge:
+                return arm
+        return next(a for a in reversed(self.arms) if a.share > 0)  # float rounding at the very top
