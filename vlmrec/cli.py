@@ -1,6 +1,6 @@
 """The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
 
-vlmrec ingest | embed | features | train | tune | evaluate | tune-mix | index | serve | ui | demo   --help for each
+vlmrec ingest | embed | features | train | tune | evaluate | tune-mix | index | serve | replay | report | ui | demo
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ STAGES: dict[str, tuple[str, str]] = {
     "tune": ("training.tune_teacher", "fine-tune the teacher on catalogue and click pairs (LoRA, LiT)"),
     "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
     "tune-mix": ("serving.tune_mix", "choose the Mixer's default weights on validation (writes mix.json)"),
+    "replay": (
+        "serving.replay",
+        "stream held-out events through a live Producer (candidates, then the event)",
+    ),
+    "report": ("serving.report", "per-arm figures from the exposure and event logs (JSON, markdown, plot)"),
     "index": ("index.cli", "build a Qdrant index version from item vectors, or upsert new items"),
     "serve": ("serving.cli", "serve the Producer (Ray Serve): POST /v1/candidates"),
     "ui": ("ui.cli", "the demo page (Streamlit): every producer's candidates side by side, clicks"),

@@ -38,8 +38,11 @@ class FeaturesConfig:
     online_store: str = (
         "sqlite"  # "sqlite" (embedded) or "redis" (REDIS_CONNECTION_STRING in the environment)
     )
+    until: str | None = None  # ISO time: materialize rows up to it only (None: everything)
 
     def __post_init__(self) -> None:
+        if self.until is not None:
+            _until(self.until)  # a bad time is refused before anything is applied
         if self.online_store not in STORE_TEMPLATES:
             raise ValueError(
                 f"online_store must be one of {sorted(STORE_TEMPLATES)}, got {self.online_store!r}"
@@ -80,11 +83,21 @@ def _time_range(paths: Sequence[Path]) -> tuple[datetime, datetime]:
     )
 
 
+def _until(value: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"--until must be an ISO 8601 time, got {value!r}") from None
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t
+
+
 def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig()) -> dict:
     """feast apply + materialize over the whole time range of the sources. Returns timings."""
     from feature_repo.features import OBJECTS, item_embedding, item_metadata, user_click_sequence
 
     start, end = _time_range([ws.sequences, ws.items, ws.embeddings])  # fails early when nothing was ingested
+    if config.until is not None:  # the online store as of that time (a replay of what came after)
+        end = min(end, _until(config.until))
     if "click_times" not in pq.read_schema(ws.sequences).names:  # written by ingest since issue 16
         raise FileNotFoundError(
             f"{ws.sequences} has no click_times column (written by an older vlmrec ingest): "
@@ -194,10 +207,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--online-store", choices=sorted(STORE_TEMPLATES), default=FeaturesConfig.online_store
     )
+    parser.add_argument(
+        "--until",
+        default=None,
+        help="materialize rows up to this ISO time only (the online store as of a split's cut, for replay)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
-    report = apply_and_materialize(Workspace(args.workdir), FeaturesConfig(online_store=args.online_store))
+    config = FeaturesConfig(online_store=args.online_store, until=getattr(args, "until", None))
+    report = apply_and_materialize(Workspace(args.workdir), config)
     print(
         f"features: applied to {args.workdir}, materialized {', '.join(report['views'])} "
         f"into {report['online_store']} in {report['materialize_s']:.1f}s"
