@@ -6,7 +6,8 @@
 Joins the exposure log (serving/exposures.py: one record per answer) and the event log (serving/events.py:
 every accepted /v1/events, with the request_id and position of the answer it followed), per arm:
 - requests, users, impressions (items shown);
-- CTR: clicks tied to an answer of the arm (the event's request_id) per impression and per request;
+- CTR: clicks on an answer of the arm (events naming its request_id and a position in it) per impression
+  and per request;
 - hit rate@k: the share of answers whose user's next event (the first one after the answer, of any type)
   is one of the answer's first k items;
 - coverage: distinct items served / catalogue items; cold share: served items with no event before the
@@ -104,7 +105,9 @@ def per_user_table(
     exp = exposures.copy()
     exp["arm"] = exp["arm"].fillna(NO_ARM)
     exp["impressions"] = exp["items"].map(len)
-    clicks = events[events["event_type"].isin(cfg.click_types) & events["request_id"].notna()]
+    # a click on an answer: an event of a click type naming the answer and a position in it (shown)
+    tied = events["request_id"].notna() & events["position"].notna()
+    clicks = events[events["event_type"].isin(cfg.click_types) & tied]
     per_request = clicks.groupby("request_id").size()
     exp["clicks"] = exp["request_id"].map(per_request).fillna(0).astype(int)
     # the user's next event after each answer (any type), from the event log
