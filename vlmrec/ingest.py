@@ -443,15 +443,7 @@ def ingest(
     image_counts = _check_images(items, cat_df, config.check_images)
 
     # build every table, then write (nothing is written unless all of the above passed)
-    events_table = pa.Table.from_arrays(
-        [
-            pa.array(ordered["user_id"].to_numpy(), pa.int64()),
-            pa.array(ordered["item_id"].to_numpy(), pa.int64()),
-            _ts_array(ordered["ts"].to_numpy()),
-            pa.array(ordered["event_type"].to_numpy(dtype=object), pa.string()),
-        ],
-        schema=EVENTS,
-    )
+    events_table = _events_table(ordered)
     items = items.sort_values("item_id", kind="stable")
     created_us = items["created_at"].to_numpy()
     items_table = pa.Table.from_arrays(
@@ -533,15 +525,9 @@ def fold_logged(ws: Workspace, max_len: int) -> dict:
         both["user_id"].to_numpy(np.int64), both["item_id"].to_numpy(np.int64), ts,
         both["event_type"].to_numpy(dtype=object),
     )  # fmt: skip
-    table = pa.Table.from_arrays(
-        [
-            pa.array(ordered["user_id"].to_numpy(), pa.int64()),
-            pa.array(ordered["item_id"].to_numpy(), pa.int64()),
-            _ts_array(ordered["ts"].to_numpy()),
-            pa.array(ordered["event_type"].to_numpy(dtype=object), pa.string()),
-        ],
-        schema=EVENTS,
-    ).replace_schema_metadata({FOLDED: json.dumps(sorted(folded | set(rel[f] for f in files)))})
+    table = _events_table(ordered).replace_schema_metadata(
+        {FOLDED: json.dumps(sorted(folded | set(rel[f] for f in files)))}
+    )
     sequences = click_sequences(ordered.rename(columns={"ts": "event_timestamp"}), max_len)
     atomic_write_parquet(table, ws.events)
     atomic_write_parquet(sequences, ws.sequences)
@@ -661,6 +647,19 @@ def click_sequences(events: pd.DataFrame, max_len: int) -> pa.Table:
         )
         start = end
     return pa.Table.from_batches(batches, schema=CLICK_SEQUENCES)
+
+
+def _events_table(ordered: pd.DataFrame) -> pa.Table:
+    """_order_events' frame (user_id, item_id, ts in UTC microseconds, event_type) as EVENTS."""
+    return pa.Table.from_arrays(
+        [
+            pa.array(ordered["user_id"].to_numpy(), pa.int64()),
+            pa.array(ordered["item_id"].to_numpy(), pa.int64()),
+            _ts_array(ordered["ts"].to_numpy()),
+            pa.array(ordered["event_type"].to_numpy(dtype=object), pa.string()),
+        ],
+        schema=EVENTS,
+    )
 
 
 def _ts_array(us: np.ndarray) -> pa.Array:
