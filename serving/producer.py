@@ -422,14 +422,26 @@ class Producer:
 
     @api.get("/readyz", responses={503: {"description": "not ready: `reasons` says why"}})
     async def readyz(self):
-        """Readiness: the default producer loaded and its index answering (a 1-NN probe search), the feature
-        store readable. `producers`: each producer's own readiness (a missing sibling does not make the
-        replica unready: requests naming it get a 503 producer_unavailable)."""
+        """Readiness: the default producer (and an experiment's arms) loaded and its index answering (a 1-NN
+        probe search), the feature store readable. `producers`: each producer's own readiness (a missing
+        sibling does not make the replica unready: requests naming it get a 503 producer_unavailable);
+        `logs`: the exposure and event logs' counts."""
         try:
             with self._pipeline.lease() as s:
                 body = await readiness(s, self._deps)
         except Unavailable:
             return JSONResponse({"ready": False, "reasons": ["model not loaded"]}, status_code=503)
+        body["logs"] = {  # the exposure and event logs: where, and what they wrote, dropped, failed
+            name: None
+            if open_log is None
+            else {
+                "path": open_log.path,
+                "written": open_log.written,
+                "dropped": open_log.dropped,
+                "failed": open_log.failed,
+            }
+            for name, open_log in (("exposures", self._exposures), ("events", self._events))
+        }
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     def _internal(self, where: str) -> JSONResponse:

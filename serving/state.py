@@ -122,7 +122,15 @@ async def readiness(s: State, deps: Deps) -> dict:
             "index_version": None if source.index is None else source.index.version,
             "reason": reason,
         }
-    reasons = [producers[cfg.producer]["reason"]] if producers[cfg.producer]["reason"] else []
+    # the default producer, and every arm of an experiment (default traffic goes to them), must answer
+    serving = dict.fromkeys(
+        [cfg.producer, *(a.key for a in s.experiment.arms)] if s.experiment else [cfg.producer]
+    )
+    reasons = [
+        why if name == cfg.producer else f"{name}: {why}"  # an arm's reason names it
+        for name in serving
+        if (why := producers[name]["reason"])
+    ]
     try:
         await deps.call("features", read_sequences, s.store, [0], timeout=cfg.feature_timeout_s)
     except Exception as exc:

@@ -267,6 +267,8 @@ def test_two_student_runs_serve_side_by_side_as_arms_of_an_experiment(world, htt
     start(replace(world.config, experiment=experiment), port=port)  # a config update of the running app
     try:
         exp = Experiment.from_dict(experiment)
+        ready = http.get("/readyz").json()  # the arm's own run is a producer of its own, and must be ready
+        assert ready["ready"] and ready["producers"]["arm:b"]["model_version"].startswith("student-b@")
         arms, rids = {}, {}
         for u in USERS:
             got = http.post("/v1/candidates", json={"user_id": u, "k": 5}).json()
@@ -777,6 +779,9 @@ def test_probes(http):
     assert sorted(producers) == ["popular", "sasrec", "similar", "student"]
     assert all(p["ready"] and p["reason"] is None for p in producers.values())
     assert producers["popular"]["index_version"] is None and producers["similar"]["index_version"]
+    logs = r.json()["logs"]  # where the exposure and event logs go, and their counts
+    assert logs["exposures"]["path"].endswith("exposures") and logs["events"]["path"].endswith("events_log")
+    assert logs["exposures"]["dropped"] == logs["exposures"]["failed"] == 0
 
 
 # ------------------------------------------------------------------------------------- config and CLI
