@@ -161,6 +161,7 @@ class MixResponse(BaseModel):
     warnings: list[str]  # every dropped producer is named here
     timings_ms: dict[str, float]  # feature, total
     request_id: str  # the caller's X-Request-ID, else a new one; the exposure log's key
+    arm: str | None = None  # a Mixer experiment's arm whose weights made the blend (None: no such arm)
 
 
 def _iso_time(v):

@@ -5,6 +5,9 @@
         {"name": "v2", "producer": "student", "run": "student-v2", "share": 0.5}]})
     arm = experiment.assign(user_id)          # sticky: the same user, the same arm, on every replica
 
+Producer arms split /v1/candidates' default traffic; Mixer arms (`weights`, no producer) split the
+default blend of /v1/mix (requests that give neither quotas nor weights).
+
 A user's arm is a salted hash of their id (blake2b of "<salt>:<user_id>", salt = the experiment's name
 unless given), read as a number in [0, 1) and placed on the arms' cumulative shares: uniform, sticky, and
 independent across experiments with different salts. `force` pins users to an arm (debugging). An arm
@@ -25,14 +28,24 @@ MODEL_PRODUCERS = ("student", "sasrec")  # the producers an arm may give another
 
 @dataclass(frozen=True)
 class Arm:
+    """A producer arm (`producer`, optionally another `run` of it) answers /v1/candidates' default traffic;
+    a Mixer arm (`weights`) is the default blend of /v1/mix requests that give neither quotas nor weights."""
+
     name: str
-    producer: str  # one of serving.config.PRODUCERS
+    producer: str | None  # one of serving.config.PRODUCERS (a producer arm)
     share: float  # of the experiment's users, 0..1; the arms' shares sum to 1
     run: str | None = None  # student / sasrec: this run's export instead of the deployment's
+    weights: dict[str, float] | None = None  # a Mixer arm: its blend over PRODUCERS
+
+    @property
+    def kind(self) -> str:
+        return "mix" if self.weights is not None else "candidates"
 
     @property
     def key(self) -> str:
         """The State.sources key of what it serves: the producer itself, or the arm's own run of it."""
+        if self.producer is None:
+            raise ValueError(f"arm {self.name}: a Mixer arm serves no single producer")
         return self.producer if self.run is None else f"arm:{self.name}"
 
 
@@ -49,7 +62,23 @@ class Experiment:
             raise ValueError("experiment: a name and at least one arm")
         if len(set(names)) != len(names):
             raise ValueError(f"experiment.arms: arm names must be unique, got {names}")
+        if len({a.kind for a in self.arms}) > 1:
+            raise ValueError("experiment.arms: all producer arms or all Mixer (weights) arms, not both")
         for a in self.arms:
+            if a.weights is not None:
+                if a.producer is not None or a.run is not None:
+                    raise ValueError(f"experiment.arms.{a.name}: a Mixer arm has weights, no producer or run")
+                bad = sorted(set(a.weights) - set(PRODUCERS))
+                values = list(a.weights.values())
+                if (
+                    bad
+                    or not all(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0 for w in values)
+                    or not sum(values) > 0
+                ):
+                    raise ValueError(
+                        f"experiment.arms.{a.name}.weights: >= 0 over {list(PRODUCERS)}, not all 0; got {a.weights}"
+                    )
+                continue
             if a.producer not in PRODUCERS:
                 raise ValueError(
                     f"experiment.arms.{a.name}.producer: one of {list(PRODUCERS)}, got {a.producer!r}"
@@ -74,9 +103,27 @@ class Experiment:
             raise ValueError(f"experiment: unknown keys {extra}")
         arms = []
         for i, a in enumerate(d.get("arms") or ()):
-            if not isinstance(a, dict) or set(a) - {"name", "producer", "share", "run"} or "name" not in a:
-                raise ValueError(f"experiment.arms.{i}: a mapping of name, producer, share and optional run")
-            arms.append(Arm(str(a["name"]), str(a.get("producer", "")), a.get("share", -1), a.get("run")))
+            if (
+                not isinstance(a, dict)
+                or set(a) - {"name", "producer", "share", "run", "weights"}
+                or "name" not in a
+            ):
+                raise ValueError(
+                    f"experiment.arms.{i}: a mapping of name, share and producer (optional run) or weights"
+                )
+            weights = a.get("weights")
+            if weights is not None and not isinstance(weights, dict):
+                raise ValueError(f"experiment.arms.{i}.weights: a mapping of producer to weight")
+            producer = a.get("producer")
+            arms.append(
+                Arm(
+                    str(a["name"]),
+                    None if producer is None and weights is not None else str(producer or ""),
+                    a.get("share", -1),
+                    a.get("run"),
+                    None if weights is None else {str(k): v for k, v in weights.items()},
+                )
+            )
         force = {int(u): str(arm) for u, arm in (d.get("force") or {}).items()}
         return cls(str(d.get("name", "")), tuple(arms), d.get("salt"), force)
 
@@ -85,6 +132,11 @@ class Experiment:
         salt = self.name if self.salt is None else self.salt
         digest = hashlib.blake2b(f"{salt}:{int(user_id)}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") / 2.0**64
+
+    @property
+    def kind(self) -> str:
+        """What the experiment splits: "candidates" (producer arms) or "mix" (Mixer arms)."""
+        return self.arms[0].kind
 
     def assign(self, user_id: int) -> Arm:
         """The user's arm: a forced one, else the arm whose cumulative share interval holds their place."""

@@ -355,6 +355,16 @@ class Producer:
         state = self._state.peek() if self._state.loaded else None
         cfg = state.config if state else ProducerConfig()
         default_weights = state.mix_weights if state else None
+        arm = None  # a Mixer experiment: the user's arm's weights are the default blend
+        if (
+            state
+            and state.experiment
+            and state.experiment.kind == "mix"
+            and body.quotas is None
+            and body.weights is None
+        ):
+            arm = state.experiment.assign(int(body.user_id))
+            default_weights = arm.weights
         try:
             k, quotas = resolve_quotas(
                 body.k, body.quotas, body.weights, cfg.default_k, cfg.max_k, default_weights
@@ -370,6 +380,7 @@ class Producer:
         except Exception:
             return self._internal("mix")
         rid = x_request_id or new_request_id()
+        answer["arm"] = None if arm is None else arm.name
         self._expose(rid, body.user_id, "mix", answer)
         return Answer(answer)
 

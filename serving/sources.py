@@ -544,7 +544,8 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
         "similar": similar,
     }
     assert set(loaders) == set(PRODUCERS)
-    arms = Experiment.from_dict(cfg.experiment).arms if cfg.experiment else ()
+    experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
+    arms = experiment.arms if experiment and experiment.kind == "candidates" else ()
     for arm in arms:  # another run of student / sasrec, with its own index (indexes/<run>): it must load
         if arm.run is not None:
             loaders[arm.key] = lambda arm=arm: model(

@@ -49,13 +49,18 @@ class State:
         self.mix_weights = read_mix_weights(config.mix_path)  # /v1/mix's default blend (None: equal)
         self.experiment = Experiment.from_dict(config.experiment) if config.experiment else None
 
+    @property
+    def candidates_experiment(self) -> bool:
+        """An experiment of producer arms (a Mixer experiment splits /v1/mix only)."""
+        return self.experiment is not None and self.experiment.kind == "candidates"
+
     def route(self, request) -> tuple[str, str | None]:
         """(the sources key that answers a request, its experiment arm): a request naming its producer
         gets that producer, outside any experiment; the others are the experiment's (their user's arm)
         or the deployment's default producer's."""
         if request.producer is not None:
             return request.producer, None
-        if self.experiment is None:
+        if not self.candidates_experiment:
             return self.config.producer, None
         arm = self.experiment.assign(int(request.user_id))
         return arm.key, arm.name
@@ -124,7 +129,7 @@ async def readiness(s: State, deps: Deps) -> dict:
         }
     # the default producer, and every arm of an experiment (default traffic goes to them), must answer
     serving = dict.fromkeys(
-        [cfg.producer, *(a.key for a in s.experiment.arms)] if s.experiment else [cfg.producer]
+        [cfg.producer, *(a.key for a in s.experiment.arms)] if s.candidates_experiment else [cfg.producer]
     )
     reasons = [
         why if name == cfg.producer else f"{name}: {why}"  # an arm's reason names it

@@ -60,3 +60,32 @@ def test_a_forced_user_gets_the_forced_arm_and_zero_shares_get_nobody():
 def test_bad_experiments_are_refused_naming_the_field(config, message):
     with pytest.raises(ValueError, match=message):
         Experiment.from_dict(config)
+
+
+def test_mixer_arms_split_the_default_blend_and_do_not_mix_with_producer_arms():
+    exp = Experiment.from_dict(
+        {
+            "name": "blend",
+            "arms": [
+                {"name": "tuned", "share": 0.5, "weights": {"student": 2, "sasrec": 1}},
+                {"name": "popular", "share": 0.5, "weights": {"popular": 1}},
+            ],
+        }
+    )
+    assert exp.kind == "mix" and exp.assign(1).weights in ({"student": 2, "sasrec": 1}, {"popular": 1})
+    with pytest.raises(ValueError, match="no single producer"):
+        _ = exp.arms[0].key
+    both = {"name": "e", "arms": [{"name": "a", "producer": "student", "share": 0.5},
+                                  {"name": "b", "weights": {"popular": 1}, "share": 0.5}]}  # fmt: skip
+    with pytest.raises(ValueError, match="not both"):
+        Experiment.from_dict(both)
+    for weights in ({"bert": 1}, {"student": -1}, {"student": 0}, {"student": float("nan")}):
+        with pytest.raises(ValueError, match="weights"):
+            Experiment.from_dict({"name": "e", "arms": [{"name": "a", "share": 1, "weights": weights}]})
+    with pytest.raises(ValueError, match="no producer or run"):
+        Experiment.from_dict(
+            {
+                "name": "e",
+                "arms": [{"name": "a", "share": 1, "producer": "student", "weights": {"popular": 1}}],
+            }
+        )

@@ -296,6 +296,35 @@ def test_two_student_runs_serve_side_by_side_as_arms_of_an_experiment(world, htt
     assert http.post("/v1/candidates", json={"user_id": 1, "k": 5}).json()["arm"] is None
 
 
+def test_mixer_arms_choose_the_default_blend_of_each_users_mix(world, http):
+    """Issue 18: a Mixer experiment: /v1/mix requests without quotas or weights get their user's arm's
+    weights (named in the answer and the exposure); requests that give weights stay outside it."""
+    from serving.cli import start
+    from serving.experiments import Experiment
+
+    experiment = {
+        "name": "blend-test",
+        "arms": [
+            {"name": "popular-only", "share": 0.5, "weights": {"popular": 1}},
+            {"name": "student-only", "share": 0.5, "weights": {"student": 1}},
+        ],
+        "force": {1: "popular-only", 2: "student-only"},
+    }
+    port = http.base_url.port
+    start(replace(world.config, experiment=experiment), port=port)
+    try:
+        exp = Experiment.from_dict(experiment)
+        for u in USERS:
+            got = http.post("/v1/mix", json={"user_id": u, "k": 6}).json()
+            arm = exp.assign(u)
+            assert got["arm"] == arm.name and {c["producer"] for c in got["candidates"]} == set(arm.weights)
+            assert http.post("/v1/candidates", json={"user_id": u, "k": 3}).json()["arm"] is None  # mix only
+        own = http.post("/v1/mix", json={"user_id": 1, "k": 4, "weights": {"sasrec": 1}}).json()
+        assert own["arm"] is None and {c["producer"] for c in own["candidates"]} == {"sasrec"}
+    finally:
+        start(world.config, port=port)
+
+
 def test_an_experiment_arm_that_cannot_load_is_a_bad_config(world):
     bad = {"name": "x", "arms": [{"name": "a", "producer": "student", "run": "no-such-run", "share": 1.0}]}
     with pytest.raises(FileNotFoundError, match="no-such-run"):
