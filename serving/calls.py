@@ -59,8 +59,7 @@ class Metrics(Protocol):
     def error(self, producer: str, kind: str) -> None: ...
     def answered(self, producer: str, fallback: str | None) -> None: ...
     def batch(self, size: int) -> None: ...
-    def exposures(self, outcome: str, n: int) -> None: ...
-    def logged_events(self, outcome: str, n: int) -> None: ...
+    def logged(self, log: str, outcome: str, n: int) -> None: ...
 
 
 class NoMetrics:
@@ -76,10 +75,7 @@ class NoMetrics:
     def batch(self, size: int) -> None:
         pass
 
-    def exposures(self, outcome: str, n: int) -> None:
-        pass
-
-    def logged_events(self, outcome: str, n: int) -> None:
+    def logged(self, log: str, outcome: str, n: int) -> None:
         pass
 
 

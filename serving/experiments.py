@@ -149,3 +149,10 @@ class Experiment:
             if u < edge:
                 return arm
         return next(a for a in reversed(self.arms) if a.share > 0)  # float rounding at the very top
+
+
+def default_traffic_keys(default_producer: str, experiment: Experiment | None) -> list[str]:
+    """The sources that answer /v1/candidates' default traffic: the default producer, and every arm of a
+    producer experiment (State.sources keys). They must load and be ready."""
+    arms = experiment.arms if experiment is not None and experiment.kind == "candidates" else ()
+    return list(dict.fromkeys([default_producer, *(a.key for a in arms)]))

@@ -55,11 +55,10 @@ class Exposure:
     arm: str | None = None
 
     @classmethod
-    def of_answer(
-        cls, request_id: str, user_id: int, endpoint: str, answer: dict, arm: str | None = None
-    ) -> Exposure:
+    def of_answer(cls, request_id: str, user_id: int, endpoint: str, answer: dict) -> Exposure:
         """From a candidates answer (serving/pipeline.py) or a Mixer answer (serving/mixer.py: each item
-        with the producer whose slot it fills, versions as `producer=version` joined by ',')."""
+        with the producer whose slot it fills, versions as `producer=version` joined by ','), with the
+        experiment arm the answer names."""
         if "producers" in answer:  # the Mixer
             ok = {p: r for p, r in answer["producers"].items() if r["status"] == "ok"}
             producer = "mix"
@@ -87,7 +86,7 @@ class Exposure:
             index_version=versions[1],
             fallback=fallback,
             items=[(int(i), int(r), float(sc), p) for i, r, sc, p in items],
-            arm=arm if arm is not None else answer.get("arm"),
+            arm=answer.get("arm"),
         )
 
 

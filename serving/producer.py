@@ -43,6 +43,7 @@ Blocking calls (Feast, Qdrant, torch) run in small per-dependency thread pools, 
 # No `from __future__ import annotations` here: @serve.ingress re-registers the routes on a copy of the
 # class, where FastAPI cannot resolve string annotations and took the request model for a query parameter.
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import fields, replace
@@ -78,7 +79,7 @@ from serving.api import (
 from serving.asks import read_features
 from serving.calls import Deps, Pools, Unavailable
 from serving.config import API_MAX_K, ProducerConfig
-from serving.events import ClickWriter, LoggedEvent, Refused, event_log, record_click
+from serving.events import ClickWriter, Refused, event_log, record_click
 from serving.exposures import Exposure, exposure_log
 from serving.guard import invalid
 from serving.mixer import MixError, blend, resolve_quotas
@@ -89,6 +90,7 @@ from serving.state import State, load_state, readiness
 from vlmrec.lease import Current
 
 log = logging.getLogger("ray.serve")
+LOGS = {"exposures": exposure_log, "events": event_log}  # the replica's logs, by name: how each is opened
 
 api = FastAPI(
     title="vlmrec Producer",
@@ -149,7 +151,7 @@ class _RayMetrics:
             description="Errors by kind: feature_store, index, index_refresh, event, internal, mix_dropped.",
             tag_keys=("producer", "kind"),
         )
-        self._exposures = Counter(
+        self._logged = Counter(
             "vlmrec_producer_logged",
             description="Exposure and event log records by log and outcome: written, dropped (queue full), "
             "failed (write error).",
@@ -173,11 +175,8 @@ class _RayMetrics:
     def batch(self, size: int) -> None:
         self._batch.observe(size)
 
-    def exposures(self, outcome: str, n: int) -> None:
-        self._exposures.inc(n, tags={"outcome": outcome, "log": "exposures"})
-
-    def logged_events(self, outcome: str, n: int) -> None:
-        self._exposures.inc(n, tags={"outcome": outcome, "log": "events"})
+    def logged(self, log: str, outcome: str, n: int) -> None:
+        self._logged.inc(n, tags={"log": log, "outcome": outcome})
 
 
 # Everything the Producer's methods use is defined above: @serve.ingress pickles the class when it is
@@ -206,13 +205,12 @@ class Producer:
         self._pipeline = Pipeline(self._state, self._deps)
         self._clicks = ClickWriter()  # per-user locks outlive hot swaps
         self._refresher: asyncio.Task | None = None
-        # the exposure and event logs: reconfigure() opens them where the config says
-        self._exposures: PartitionedLog[Exposure] | None = None
-        self._events: PartitionedLog[LoggedEvent] | None = None
+        # the exposure and event logs ("exposures", "events"): reconfigure() opens them where the config says
+        self._logs: dict[str, PartitionedLog | None] = dict.fromkeys(LOGS)
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: the exposure and event logs write what they still hold."""
-        for open_log in (self._exposures, self._events):
+        for open_log in self._logs.values():
             if open_log is not None:
                 open_log.close()
 
@@ -246,34 +244,20 @@ class Producer:
     def _open_logs(self, config: ProducerConfig) -> None:
         """The exposure and event logs the config asks for: each kept when unchanged, else a new one opened
         before the old one closes (it writes what it holds)."""
-        for attr, where, make in (
-            ("_exposures", config.exposures_at, exposure_log),
-            ("_events", config.event_log_at, event_log),
-        ):
-            old = getattr(self, attr)
-            if old is not None and (old.path, old.queue_size, old.flush_s) == (
-                where,
-                config.log_queue,
-                config.log_flush_s,
-            ):
+        for name, where in (("exposures", config.exposures_at), ("events", config.event_log_at)):
+            old = self._logs[name]
+            wanted = (where, config.log_queue, config.log_flush_s)
+            if old is not None and (old.path, old.queue_size, old.flush_s) == wanted:
                 continue
-            on_count = (
-                self._deps.metrics.exposures if attr == "_exposures" else self._deps.metrics.logged_events
-            )
-            setattr(
-                self,
-                attr,
-                None
-                if where is None
-                else make(where, config.log_queue, config.log_flush_s, on_count=on_count),
-            )
+            on_count = functools.partial(self._deps.metrics.logged, name)
+            self._logs[name] = None if where is None else LOGS[name](*wanted, on_count=on_count)
             if old is not None:
                 old.close()
 
     def _expose(self, request_id: str, user_id: int, endpoint: str, answer: dict) -> None:
         answer["request_id"] = request_id
-        if self._exposures is not None:
-            self._exposures.record(Exposure.of_answer(request_id, user_id, endpoint, answer))
+        if self._logs["exposures"] is not None:
+            self._logs["exposures"].record(Exposure.of_answer(request_id, user_id, endpoint, answer))
 
     async def _refresh_loop(self) -> None:
         """Index.refresh() of every index every refresh_interval_s: upserts and new versions reach this
@@ -355,15 +339,8 @@ class Producer:
         state = self._state.peek() if self._state.loaded else None
         cfg = state.config if state else ProducerConfig()
         default_weights = state.mix_weights if state else None
-        arm = None  # a Mixer experiment: the user's arm's weights are the default blend
-        if (
-            state
-            and state.experiment
-            and state.experiment.kind == "mix"
-            and body.quotas is None
-            and body.weights is None
-        ):
-            arm = state.experiment.assign(int(body.user_id))
+        arm = state.mix_arm(body) if state else None  # a Mixer experiment's arm: its weights blend
+        if arm is not None:
             default_weights = arm.weights
         try:
             k, quotas = resolve_quotas(
@@ -398,7 +375,9 @@ class Producer:
         out, the click may or may not be stored: retry (a click stored twice is merged twice)."""
         try:
             with self._pipeline.lease() as s:
-                return JSONResponse(await record_click(s, self._deps, self._clicks, body, self._events))
+                return JSONResponse(
+                    await record_click(s, self._deps, self._clicks, body, self._logs["events"])
+                )
         except Refused as exc:
             return guard.error(409, "event_refused", str(exc))
         except Unavailable as exc:
@@ -451,7 +430,7 @@ class Producer:
                 "dropped": open_log.dropped,
                 "failed": open_log.failed,
             }
-            for name, open_log in (("exposures", self._exposures), ("events", self._events))
+            for name, open_log in self._logs.items()
         }
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 

@@ -98,7 +98,7 @@ def srm_test(users_per_arm: dict[str, int], shares: dict[str, float]) -> dict:
     return {"chi2": chi2, "p": chi2_sf(chi2, len(arms) - 1), "expected_shares": expected}
 
 
-def per_user_table(
+def per_answer_table(
     exposures: pd.DataFrame, events: pd.DataFrame, first_seen: pd.Series, cfg: ReportConfig
 ) -> pd.DataFrame:
     """One row per answer: arm, user, impressions, clicks tied to it, next-event hit, cold items served."""
@@ -169,7 +169,7 @@ def report(cfg: ReportConfig) -> dict:
     )
     first_seen = offline.groupby("item_id")["event_timestamp"].min()
     catalogue = pq.read_table(ws.items, columns=["item_id"]).num_rows if ws.items.exists() else 0
-    rows = per_user_table(exposures, events, first_seen, cfg)
+    rows = per_answer_table(exposures, events, first_seen, cfg)
     rng = np.random.default_rng(cfg.seed)
     arms: dict[str, dict] = {}
     for arm, part in rows.groupby("arm"):

@@ -40,7 +40,7 @@ from index.search import Hit, Index, open_index
 from serving.asks import Ask, Ranked
 from serving.calls import Deps, Unavailable, ms_since
 from serving.config import PRODUCERS, ProducerConfig
-from serving.experiments import Experiment
+from serving.experiments import Experiment, default_traffic_keys
 from training.data import ItemTable, ModelInputs, build_inputs
 from training.item_age import bucket_ranges
 from training.model import WEIGHTS_FILE, SeqRec
@@ -545,13 +545,12 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
     }
     assert set(loaders) == set(PRODUCERS)
     experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
-    arms = experiment.arms if experiment and experiment.kind == "candidates" else ()
-    for arm in arms:  # another run of student / sasrec, with its own index (indexes/<run>): it must load
+    for arm in experiment.arms if experiment else ():  # another run of student / sasrec, its own index
         if arm.run is not None:
             loaders[arm.key] = lambda arm=arm: model(
                 arm.producer, arm.run, ws.runs / arm.run / "export", ws.named_index(arm.run), arm.run
             )
-    required = {cfg.producer, *(a.key for a in arms)}
+    required = set(default_traffic_keys(cfg.producer, experiment))  # these must load
     try:
         for name, load in loaders.items():
             n_open = len(opened)

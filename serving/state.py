@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from index.search import Index
 from serving.calls import Deps, describe
 from serving.config import ProducerConfig
-from serving.experiments import Experiment
+from serving.experiments import Arm, Experiment, default_traffic_keys
 from serving.mixer import read_mix_weights
 from serving.online import read_sequences
 from serving.sources import ModelSource, Source, load_sources
@@ -49,21 +49,23 @@ class State:
         self.mix_weights = read_mix_weights(config.mix_path)  # /v1/mix's default blend (None: equal)
         self.experiment = Experiment.from_dict(config.experiment) if config.experiment else None
 
-    @property
-    def candidates_experiment(self) -> bool:
-        """An experiment of producer arms (a Mixer experiment splits /v1/mix only)."""
-        return self.experiment is not None and self.experiment.kind == "candidates"
-
     def route(self, request) -> tuple[str, str | None]:
         """(the sources key that answers a request, its experiment arm): a request naming its producer
         gets that producer, outside any experiment; the others are the experiment's (their user's arm)
         or the deployment's default producer's."""
         if request.producer is not None:
             return request.producer, None
-        if not self.candidates_experiment:
+        if self.experiment is None or self.experiment.kind != "candidates":
             return self.config.producer, None
         arm = self.experiment.assign(int(request.user_id))
         return arm.key, arm.name
+
+    def mix_arm(self, request) -> Arm | None:
+        """A Mixer experiment's arm for a /v1/mix request that gives neither quotas nor weights (its weights
+        are the default blend); None otherwise."""
+        if self.experiment is None or self.experiment.kind != "mix" or request.quotas or request.weights:
+            return None
+        return self.experiment.assign(int(request.user_id))
 
     @property
     def default(self) -> Source:
@@ -128,9 +130,7 @@ async def readiness(s: State, deps: Deps) -> dict:
             "reason": reason,
         }
     # the default producer, and every arm of an experiment (default traffic goes to them), must answer
-    serving = dict.fromkeys(
-        [cfg.producer, *(a.key for a in s.experiment.arms)] if s.candidates_experiment else [cfg.producer]
-    )
+    serving = default_traffic_keys(cfg.producer, s.experiment)
     reasons = [
         why if name == cfg.producer else f"{name}: {why}"  # an arm's reason names it
         for name in serving
