@@ -509,7 +509,7 @@ def fold_logged(ws: Workspace, max_len: int) -> dict:
     folded = set(json.loads((events.schema.metadata or {}).get(FOLDED, b"[]")))
     files = []
     if ws.events_log.exists():  # hidden ('.') files are partial writes: skipped
-        files = [f for f in ds.dataset(ws.events_log, format="parquet").files]
+        files = list(ds.dataset(ws.events_log, format="parquet").files)
     rel = {f: str(Path(f).relative_to(ws.events_log)) for f in files}
     files = [f for f in files if rel[f] not in folded]
     logged = (
