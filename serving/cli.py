@@ -15,6 +15,7 @@ RAY_ADDRESS (vlmrec.raycluster: a running cluster, else a local one).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import threading
@@ -38,10 +39,8 @@ def start(
 ) -> str:
     """Start Ray (if needed) and Serve's HTTP proxy on host:port, deploy the Producer, wait until it is
     running. Returns the base url. Relative paths in `config` are made absolute here (replicas may run
-    elsewhere). access_log=False: no log line per request (benchmarks)."""
-    from ray import serve
-
-    from serving.producer import producer_app
+    elsewhere). access_log=False: no log line per request (benchmarks). The applied config is written to
+    <workdir>/serve.json: `vlmrec refresh` changes its user_config and deploys it again (in place)."""
     from vlmrec.raycluster import init_ray
 
     absolute = {
@@ -51,15 +50,66 @@ def start(
     }
     if config.exposure_path and "://" not in config.exposure_path:  # "" = off; a URI stays as it is
         absolute["exposure_path"] = str(Path(config.exposure_path).absolute())
+    config = replace(config, **absolute)
     init_ray(num_cpus=num_cpus)
-    logging = {"enable_access_log": access_log}
-    serve.start(
-        http_options={"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S},
-        logging_config=logging,
-    )
-    app = producer_app(replace(config, **absolute), replicas)
-    serve.run(app, name=APP_NAME, route_prefix="/", logging_config=logging)
+    applied = serve_config(config, host, port, replicas, access_log)
+    deploy(applied)
+    write_serve_config(applied, config.workspace.serve_config)
     return f"http://{host}:{port}"
+
+
+def serve_config(
+    config: ProducerConfig, host: str, port: int, replicas: int = 1, access_log: bool = True
+) -> dict:
+    """The Producer as a `serve deploy` config, the shape of the RayService's serveConfigV2
+    (k8s/base/producer-rayservice.yaml): Serve imports serving.producer:app and hands user_config to
+    Producer.reconfigure()."""
+    return {
+        "http_options": {"host": host, "port": port, "request_timeout_s": REQUEST_TIMEOUT_S},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "serving.producer:app",
+                "logging_config": {"enable_access_log": access_log},
+                "deployments": [
+                    {"name": "Producer", "num_replicas": replicas, "user_config": config.to_dict()}
+                ],
+            }
+        ],
+    }
+
+
+def producer_user_config(applied: dict) -> dict:
+    """The Producer's user_config in a `serve deploy` config."""
+    (app,) = (a for a in applied["applications"] if a["name"] == APP_NAME)
+    (producer,) = (d for d in app["deployments"] if d["name"] == "Producer")
+    return producer["user_config"]
+
+
+def deploy(applied: dict, timeout_s: float = 600.0) -> None:
+    """Apply a `serve deploy` config to this Ray cluster's Serve (started if needed; what `serve deploy`
+    and KubeRay send to the dashboard) and wait until the application runs. Declarative, so a config that
+    changes only user_config (or num_replicas) is applied in place: Serve calls Producer.reconfigure() on
+    each live replica, which loads the new state beside the old one and swaps it; no replica restarts and
+    no request fails. Raises RuntimeError when the deployment fails (the message is Serve's)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client  # the client `serve deploy`'s REST handler uses
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(applied)
+    serve.start(http_options=applied["http_options"])
+    client = _get_global_client()
+    client.deploy_apps(schema)
+    client._wait_for_application_running(APP_NAME, timeout_s=int(timeout_s))
+
+
+def write_serve_config(applied: dict, path: Path) -> None:
+    """Write the applied config beside the workspace (build new, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(applied, indent=2))
+    tmp.replace(path)
 
 
 def stop() -> None:

@@ -64,7 +64,11 @@ class EvalData:
 def load_eval_data(ws: Workspace, split: SplitConfig) -> EvalData:
     items, teacher_id = load_items(ws, need_teacher=False)
     events = pq.read_table(ws.events).to_pandas()
-    s = temporal_split(events, split.train_fraction) if split.split == "temporal" else leave_one_out(events)
+    if split.split == "temporal":
+        cut = split.cut_count(np.sort(events["event_timestamp"].to_numpy(), kind="stable"))
+        s = temporal_split(events, cut=cut)
+    else:
+        s = leave_one_out(events)
     q = s.test
     targets = items.index_of(q.targets)
     histories = [h[h > 0] for h in (items.index_of(x) for x in q.histories)]

@@ -238,14 +238,14 @@ def leave_one_out(events: pd.DataFrame) -> Split:
     return Split(train, _queries(*v[:3], items, v[3]), _queries(*t[:3], items, t[3]), 0)
 
 
-def temporal_split(events: pd.DataFrame, train_fraction: float = 0.8) -> Split:
+def temporal_split(events: pd.DataFrame, train_fraction: float = 0.8, cut: int | None = None) -> Split:
     """Global time cut: events sorted by time (ties keep frame order), the first floor(train_fraction * N)
-    are train. Every later event is a test query whose history is ALL the user's earlier events (train and
+    (or `cut`) are train. Every later event is a test query whose history is ALL the user's earlier events (train and
     earlier test); a query with an empty history is skipped and counted. For validation, split `train`
     again. `train` keeps the frame's columns and order of time."""
     order = np.argsort(events["event_timestamp"].to_numpy(), kind="stable")
     ordered = events.iloc[order].reset_index(drop=True)
-    cut = int(np.floor(train_fraction * len(ordered)))
+    cut = int(np.floor(train_fraction * len(ordered))) if cut is None else cut
     train = ordered.iloc[:cut].reset_index(drop=True)
     users = ordered["user_id"].to_numpy(np.int64)
     items = ordered["item_id"].to_numpy(np.int64)

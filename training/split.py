@@ -42,6 +42,9 @@ class SplitConfig(_Config):
 
     split: SplitName = "temporal"  # temporal: global time cut; loo: last event test, second-last validation
     train_fraction: float = 0.8  # temporal split: the share of events (by time) that is train
+    # temporal split: events before this ISO time are train (replaces train_fraction; `vlmrec refresh`
+    # holds out the most recent window this way)
+    cut_time: str | None = None
     cold: ColdMode = "natural"  # launch: hold launched items out of everything models learn from
     launch_fraction: float = (
         0.1  # share of the items with train events that is launched (both modes report it)
@@ -59,6 +62,10 @@ class SplitConfig(_Config):
             raise ValueError(f"launch_fraction must be in [0, 1), got {self.launch_fraction}")
         if self.cold == "launch" and self.split != "temporal":
             raise ValueError("cold='launch' needs split='temporal' (a launch is after a time cut)")
+        if self.cut_time is not None:
+            if self.split != "temporal":
+                raise ValueError("cut_time needs split='temporal'")
+            self.cut_timestamp()  # raises ValueError naming the value
         if self.cold == "launch" and self.launch_fraction <= 0:
             raise ValueError("cold='launch' needs launch_fraction > 0")
 
@@ -69,6 +76,23 @@ class SplitConfig(_Config):
             return cls.from_dict(run["split"])
         job = run["configs"]["job"]
         return cls(split=job["split"], train_fraction=job["train_fraction"])
+
+    def cut_timestamp(self) -> pd.Timestamp:
+        """cut_time as a UTC timestamp (naive = UTC)."""
+        try:
+            ts = pd.Timestamp(self.cut_time)
+        except (TypeError, ValueError):
+            raise ValueError(f"cut_time must be an ISO 8601 time, got {self.cut_time!r}") from None
+        return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+    def cut_count(self, times: np.ndarray) -> int:
+        """How many of the events at `times` (sorted ascending) are train: floor(train_fraction * N), or
+        those before cut_time."""
+        if self.cut_time is None:
+            return int(np.floor(self.train_fraction * len(times)))
+        cut = self.cut_timestamp().tz_convert(None).to_datetime64()
+        stamps = pd.to_datetime(times, utc=True).tz_convert(None).to_numpy()
+        return int(np.searchsorted(stamps, cut, side="left"))
 
     def split_config(self) -> SplitConfig:
         """Just the split's fields (configs that extend this one carry more)."""
@@ -81,6 +105,7 @@ class SplitConfig(_Config):
             else "natural"
         )
         cut = f" {self.train_fraction:g}" if self.split == "temporal" else ""
+        cut = f" before {self.cut_time}" if self.cut_time is not None else cut
         return f"{self.split}{cut}, cold {cold}"
 
 
@@ -97,7 +122,7 @@ def after_cut(events: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
 def _cut(events: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if cfg.split == "temporal":
         order = np.argsort(events["event_timestamp"].to_numpy(), kind="stable")
-        cut = int(np.floor(cfg.train_fraction * len(events)))
+        cut = cfg.cut_count(events["event_timestamp"].to_numpy()[order])
         parts = events.iloc[order[:cut]], events.iloc[order[cut:]]
     else:
         ordered = events.sort_values(["user_id", "event_timestamp"], kind="stable")

@@ -432,6 +432,10 @@ def train(
         },
         "data": {
             "train_events": len(data.train_events),
+            # the newest event the run learnt from: `vlmrec refresh` scores it only on events after this
+            "trained_until": _iso(data.train_events["event_timestamp"].max())
+            if len(data.train_events)
+            else None,
             "train_examples": len(data.inputs),
             "valid_queries": len(data.valid_inputs),
             "items": data.items.n_items,
@@ -468,6 +472,12 @@ def _fit_vocabulary(model_cfg: ModelConfig, data: TrainingData) -> ModelConfig:
     """The vocabulary and teacher size come from the data, not from flags."""
     dim = data.items.teacher.shape[1] if model_cfg.is_content else 0
     return dataclasses.replace(model_cfg, n_items=data.items.n_items, teacher_dim=dim)
+
+
+def _iso(ts) -> str:
+    """A time as ISO 8601 UTC (naive = UTC)."""
+    t = pd.Timestamp(ts)
+    return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).isoformat()
 
 
 def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData) -> SeqRec:

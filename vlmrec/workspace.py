@@ -78,6 +78,11 @@ class Workspace:
     def index(self) -> Path:
         return self.root / "index"
 
+    @property
+    def serve_config(self) -> Path:
+        """The `serve deploy` config `vlmrec serve` applied last (serving/cli.py); `vlmrec refresh` edits it."""
+        return self.root / "serve.json"
+
     def named_index(self, name: str) -> Path:
         """indexes/<name>: a run's own index (`vlmrec index build --run NAME`) or the teacher's."""
         return self.root / "indexes" / name
