@@ -41,10 +41,18 @@ class ReplayConfig(SplitConfig):
     rate: float = 0.0  # events per second; 0 = as fast as the Producer answers
     event_type: str = "click"  # the type posted for every event; "dataset" keeps each event's own
     timeout_s: float = 30.0
+    # a parquet of events to stream instead (user_id, item_id, event_timestamp, event_type?): traffic the
+    # workspace has never seen, e.g. the days after what was ingested (`vlmrec refresh` then folds it in)
+    events: str | None = None
 
 
-def held_out_events(ws: Workspace, cfg: SplitConfig, limit: int):
-    """The split's events after the cut, oldest first, at most `limit`."""
+def held_out_events(ws: Workspace, cfg: SplitConfig, limit: int, source: str | None = None):
+    """The split's events after the cut (or every event of `source`), oldest first, at most `limit`."""
+    if source is not None:
+        events = pq.read_table(source).to_pandas()
+        if "event_type" not in events:
+            events["event_type"] = "click"
+        return events.sort_values("event_timestamp", kind="stable").head(limit).reset_index(drop=True)
     events = pq.read_table(ws.events).to_pandas()
     return after_cut(events, cfg).head(limit)
 
@@ -54,7 +62,7 @@ def replay(cfg: ReplayConfig, stop=lambda: False) -> dict:
     import httpx
 
     ws = Workspace(cfg.workdir)
-    events = held_out_events(ws, cfg.split_config(), cfg.max_events)
+    events = held_out_events(ws, cfg.split_config(), cfg.max_events, cfg.events)
     outcomes: Counter[str] = Counter()
     arms: Counter[str] = Counter()
     shown = 0

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 OVERLAYS = ("dev", "prod")
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # the oldest (sleep lifecycle hooks) and newest validated
-RAY_KINDS = ("RayJob", "RayService", "RayCluster")
+RAY_KINDS = ("RayJob", "RayService", "RayCluster", "RayCronJob")
 STAGES = ("infra", "data", "train", "index", "serve", "cron", "cluster")
 WORKSPACE = "/workspace"
 SECRET = "vlmrec-secrets"
@@ -67,6 +67,7 @@ def ray_cluster_spec(doc: dict) -> dict | None:
         "RayJob": lambda s: s.get("rayClusterSpec"),
         "RayService": lambda s: s.get("rayClusterConfig"),
         "RayCluster": lambda s: s,
+        "RayCronJob": lambda s: s["jobTemplate"].get("rayClusterSpec"),
     }.get(doc["kind"], lambda s: None)(doc.get("spec", {}))
 
 
@@ -90,8 +91,9 @@ def pod_templates(doc: dict) -> list[tuple[str, dict, dict]]:
         add("head", cluster["headGroupSpec"]["template"], {**ray, "ray.io/node-type": "head"})
         for group in cluster.get("workerGroupSpecs", []):
             add(group["groupName"], group["template"], {**ray, "ray.io/node-type": "worker"})
-    if kind == "RayJob" and "submitterPodTemplate" in spec:
-        add("submitter", spec["submitterPodTemplate"])
+    job = spec.get("jobTemplate", {}) if kind == "RayCronJob" else spec if kind == "RayJob" else {}
+    if "submitterPodTemplate" in job:
+        add("submitter", job["submitterPodTemplate"])
     return out
 
 
@@ -245,6 +247,39 @@ def test_training_entrypoint_parses_and_fits_the_workers(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_nightly_refresh_runs_vlmrec_refresh_against_the_producer_with_only_that_right(overlay):
+    """Issue 18: the RayCronJob's driver runs `vlmrec refresh` unchanged; its head's service account may
+    get and patch the one RayService it swaps, and is the only Ray pod with a token."""
+    docs = render(overlay)
+    cron = one(docs, "RayCronJob")
+    job = cron["spec"]["jobTemplate"]
+    args = parse_command(shlex.split(job["entrypoint"]))
+    assert args.stage == "refresh" and args.workdir == Path(WORKSPACE)
+    kind, name = args.swap.split("/")
+    assert kind == "rayservice" and name == one(docs, "RayService")["metadata"]["name"]
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    account = head["serviceAccountName"]
+    assert head["automountServiceAccountToken"] is True
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding" and d["subjects"][0]["name"] == account]
+    role = one(docs, "Role", binding["roleRef"]["name"])
+    assert role["rules"] == [
+        {
+            "apiGroups": ["ray.io"],
+            "resources": ["rayservices"],
+            "resourceNames": [name],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    mounted = [w for d in docs for w, _, pod in pod_templates(d) if pod.get("automountServiceAccountToken")]
+    assert mounted == [f"RayCronJob/{cron['metadata']['name']}:head"]
+    workers = job["rayClusterSpec"]["workerGroupSpecs"]  # training fits as in the training job
+    assert (
+        sum(quantity(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"]) for g in workers)
+        >= 3
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_serve_config_imports_the_producer_and_builds_its_config(overlay):
     from ray.serve import Application
 
@@ -392,9 +427,11 @@ def uses(container: dict, labels: dict) -> tuple[bool, bool]:
     text = " ".join(argv)
     ray = labels.get("ray.io/is-ray-node") == "yes" and container["name"].startswith("ray-")
     feast = ray or argv[:3] == ["vlmrec", "features", "--workdir"] or "feast -c" in text
-    qdrant = (ray and labels.get("app.kubernetes.io/component") in ("producer", "ray-cluster")) or (
-        "--backend server" in text
-    )
+    head = labels.get("ray.io/node-type") == "head"
+    component = labels.get("app.kubernetes.io/component")
+    qdrant = (
+        ray and (component in ("producer", "ray-cluster") or (component, head) == ("refresh", True))
+    ) or ("--backend server" in text)
     return feast, qdrant
 
 
@@ -533,7 +570,7 @@ def test_network_policies_expose_only_the_producer(overlay):
             ]
     # the data clients are exactly the Ray pods and the Jobs (the RayJob's submitter needs no data)
     assert data_clients and all(
-        re.match(r"(RayJob|RayService|RayCluster|Job|CronJob)/", w) for w in data_clients
+        re.match(r"(RayJob|RayCronJob|RayService|RayCluster|Job|CronJob)/", w) for w in data_clients
     )
     for doc in docs:
         for where, c, _, labels in containers(doc):

@@ -134,20 +134,31 @@ def model_scorer(export_dir: Path, data: EvalData) -> tuple[Scorer, dict]:
     return export_scorer(export_dir, data.items, data.added_days), run
 
 
-def export_scorer(export_dir: Path, items: ItemTable, added_days: np.ndarray) -> Scorer:
+def export_scorer(
+    export_dir: Path, items: ItemTable, added_days: np.ndarray, foreign_vocabulary: bool = False
+) -> Scorer:
     """An export's scores of every catalogue item for histories (catalogue indices) at request times (days):
     its own config rebuilds the model, inputs go through the shared build_inputs, item age (when the model
-    has it) from added_days. Refuses an export of another item vocabulary. (evaluate; tune-mix)"""
+    has it) from added_days. Refuses an export of another item vocabulary (evaluate; tune-mix) unless
+    foreign_vocabulary: then it scores the items it knows and -inf the rest, clicks on items it does not
+    know are dropped from its inputs, as while it served (`vlmrec refresh`: the serving run vs the new one)."""
     model = SeqRec.from_pretrained(export_dir / "model").serving()
     vocab = ItemTable(model.item_ids[1:].numpy())
-    if not np.array_equal(vocab.item_ids, items.item_ids):
+    same = np.array_equal(vocab.item_ids, items.item_ids)
+    if not same and not foreign_vocabulary:
         raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")
-    first = torch.as_tensor(added_days)
+    columns = np.concatenate([[0], items.index_of(vocab.item_ids)])  # (m + 1,) catalogue index per row
+    first = torch.as_tensor(added_days if same else added_days[columns])
 
     def score(hist: list[np.ndarray], days: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(build_inputs([items.raw_of(h) for h in hist], vocab, model.cfg.max_len).ids)
         with torch.no_grad():
-            return model.scores(x, torch.as_tensor(days), first)  # (B, n + 1)
+            s = model.scores(x, torch.as_tensor(days), first)  # (B, m + 1)
+        if same:
+            return s
+        out = torch.full((len(hist), items.n_items + 1), -torch.inf)
+        out[:, torch.as_tensor(columns[1:])] = s[:, 1:]  # items gone from the catalogue land on 0 (masked)
+        return out
 
     return score
 

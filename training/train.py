@@ -293,6 +293,8 @@ def train_loop_per_worker(config: dict) -> None:
     )  # the model's initial weights (the same on every rank after sync)
 
     model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
+    if config["init_from"]:  # a checkpoint of this run (resume, below) still wins
+        warm_start(model, SeqRec.from_pretrained(Path(config["init_from"]) / "model"))
     criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"], config["held_out"])
     ds_engine = engine.initialize(model, config["ds"], job.use_gpu)
     device = ds_engine.device
@@ -358,9 +360,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def train(
-    job: JobConfig, model_cfg: ModelConfig, loss_cfg: LossConfig, train_cfg: TrainConfig
+    job: JobConfig,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    train_cfg: TrainConfig,
+    init_from: Path | None = None,
 ) -> tuple[Path, dict]:
-    """Prepare data from Feast, fit with Ray Train + DeepSpeed, export the best epoch. -> (export dir, run info)"""
+    """Prepare data from Feast, fit with Ray Train + DeepSpeed, export the best epoch. -> (export dir, run info)
+    init_from: an export whose weights start the run where the shapes agree (warm_start; `vlmrec refresh`)."""
     import ray
 
     from vlmrec.raycluster import init_ray
@@ -407,7 +414,15 @@ def train(
         "valid_targets": data.valid_targets,
         "valid_users": data.valid_users,
         "valid_days": data.valid_days,
+        "init_from": None if init_from is None else str(Path(init_from).absolute()),
     }
+    warm = None  # what the warm start copies (each worker does the same before its first epoch)
+    if init_from is not None:
+        fresh = SeqRec(model_cfg, teacher=loop_config["teacher"], item_ids=loop_config["item_ids"])
+        warm = {
+            "from": str(init_from),
+            **warm_start(fresh, SeqRec.from_pretrained(Path(init_from) / "model")),
+        }
     t0 = time.perf_counter()
     result = engine.fit(
         train_loop_per_worker, loop_config, {"train": dataset}, ws.runs / job.name, job.engine(), "val_ndcg10"
@@ -446,6 +461,7 @@ def train(
         "last": result.metrics,
         "kept_checkpoints": history,
         "timing_s": {"prepare": round(prepare_s, 2), "fit": round(fit_s, 2)},
+        "warm_start": warm,
     }
     export_dir = export(ws, job, model, data, info)
     return export_dir, info
@@ -478,6 +494,34 @@ def _iso(ts) -> str:
     """A time as ISO 8601 UTC (naive = UTC)."""
     t = pd.Timestamp(ts)
     return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).isoformat()
+
+
+ITEM_ROWS = ("id_emb.weight", "id_in.weight", "id_out.weight")  # one row per vocabulary item (0 = padding)
+
+
+def warm_start(model: SeqRec, source: SeqRec) -> dict:
+    """Copy `source`'s weights into `model` where they fit: every parameter of the same name and shape, and
+    the per-item rows of items both vocabularies hold (matched by item id; new items keep their fresh
+    rows). Buffers (the vocabulary, teacher vectors) stay the new data's. -> {copied, items_matched, skipped}"""
+    mine, theirs = model.state_dict(), source.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+    copied, skipped = [], []
+    new_ids, old_ids = model.item_ids.numpy(), source.item_ids.numpy()
+    where = {int(i): r for r, i in enumerate(old_ids) if r > 0}
+    rows = np.array([[r, where[int(i)]] for r, i in enumerate(new_ids) if r > 0 and int(i) in where])
+    with torch.no_grad():
+        for name in sorted(params):
+            if name not in theirs:
+                skipped.append(name)
+            elif name in ITEM_ROWS and theirs[name].shape[1:] == mine[name].shape[1:] and len(rows):
+                mine[name][torch.as_tensor(rows[:, 0])] = theirs[name][torch.as_tensor(rows[:, 1])]
+                copied.append(name)
+            elif theirs[name].shape == mine[name].shape and name not in ITEM_ROWS:
+                mine[name].copy_(theirs[name])
+                copied.append(name)
+            else:
+                skipped.append(name)
+    return {"copied": len(copied), "items_matched": int(len(rows)), "skipped": skipped}
 
 
 def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData) -> SeqRec:

@@ -1,6 +1,6 @@
 """The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
 
-vlmrec ingest | embed | features | train | tune | evaluate | tune-mix | index | serve | replay | report | ui | demo
+vlmrec ingest | embed | features | train | tune | evaluate | tune-mix | index | serve | replay | report | refresh | ui | demo
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ STAGES: dict[str, tuple[str, str]] = {
     "replay": (
         "serving.replay",
         "stream held-out events through a live Producer (candidates, then the event)",
+    ),
+    "refresh": (
+        "vlmrec.refresh",
+        "the daily loop: logged events in, retrain, gate on the newest window, new index, hot swap",
     ),
     "report": ("serving.report", "per-arm figures from the exposure and event logs (JSON, markdown, plot)"),
     "index": ("index.cli", "build a Qdrant index version from item vectors, or upsert new items"),
