@@ -211,6 +211,11 @@ def test_ray_version_is_the_ray_pin(overlay):
             assert ray_cluster_spec(doc)["authOptions"] == {"mode": "token"}
 
 
+def entrypoint_commands(entrypoint: str) -> list[list[str]]:
+    """A RayJob entrypoint (Ray runs it with a shell): its commands joined by &&."""
+    return [shlex.split(part) for part in entrypoint.split("&&")]
+
+
 def parse_command(argv: list[str]):
     """Parse a container command with the real CLI it calls (argparse exits 2 on a bad flag)."""
     from vlmrec.cli import STAGES as CLI_STAGES
@@ -233,8 +238,13 @@ def test_training_entrypoint_parses_and_fits_the_workers(overlay):
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     assert spec["backoffLimit"] >= 1 and yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
-    args = parse_command(shlex.split(spec["entrypoint"]))
-    assert args.stage == "train" and args.workdir == WORKSPACE
+    trained = [parse_command(argv) for argv in entrypoint_commands(spec["entrypoint"])]
+    assert [a.stage for a in trained] == ["train", "train"] and {a.workdir for a in trained} == {WORKSPACE}
+    assert [(a.name, a.item_space) for a in trained] == [
+        ("student", "adapter"),
+        ("sasrec", "id"),
+    ]  # both served
+    args = trained[0]
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
     limits = [
         (g["maxReplicas"], g["template"]["spec"]["containers"][0]["resources"]["limits"]) for g in workers
@@ -360,7 +370,7 @@ def test_job_commands_parse_with_the_real_clis(overlay):
     from feast.cli.cli import cli as feast_cli
 
     commands = job_commands(render(overlay))
-    assert len(commands) == 8
+    assert len(commands) == 10
     for where, argv in commands:
         if argv[:2] == ["/bin/sh", "-c"]:  # feast materialize-incremental "$(date ...)"
             (fmt,) = re.findall(r'"\$\(date -u \+([^)]+)\)"', argv[2])
@@ -382,7 +392,7 @@ def test_run_name_and_alias_agree_across_training_index_serving_and_cron(overlay
     from training.new_items import OUT_NAME
 
     docs = render(overlay)
-    run = parse_command(shlex.split(one(docs, "RayJob")["spec"]["entrypoint"])).name
+    run = parse_command(entrypoint_commands(one(docs, "RayJob")["spec"]["entrypoint"])[0]).name
     user_config = serve_config(one(docs, "RayService"))["applications"][0]["deployments"][0]["user_config"]
     assert user_config["run"] == run
     alias = user_config["index_alias"]
@@ -397,6 +407,40 @@ def test_run_name_and_alias_agree_across_training_index_serving_and_cron(overlay
     assert vectors.run == run and Path(vectors.workdir) == Path(WORKSPACE)
     assert (upsert.backend, upsert.alias) == ("server", alias)
     assert upsert.vectors == Path(WORKSPACE, "runs", run, OUT_NAME)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_producer_searches_an_index_some_job_builds_from_a_run_the_rayjob_trains(overlay):
+    """Issue 19: in Kubernetes each producer with an index (student, sasrec, similar) finds its alias: the
+    Producer's search settings (serving/sources.py) against what the index Job's builds write (index/cli.py),
+    and each model index's vectors come from a run the training RayJob exports."""
+    from index.cli import EXPORT_NAME, config_from_args
+    from serving.config import PRODUCERS, ProducerConfig
+    from serving.sources import index_config
+    from vlmrec.workspace import Workspace
+
+    docs = render(overlay)
+    user_config = serve_config(one(docs, "RayService"))["applications"][0]["deployments"][0]["user_config"]
+    producer = ProducerConfig.from_dict(user_config)
+    named = {"student": None, "sasrec": producer.sasrec_run, "similar": "teacher"}
+    assert set(named) == set(PRODUCERS) - {"popular"}  # popular reads the events, no index
+    searched = {p: index_config(producer, name).alias for p, name in named.items()}
+    built = {}
+    for _, argv in job_commands(docs):
+        if argv[:3] == ["vlmrec", "index", "build"]:
+            args = parse_command(argv)
+            ws = Workspace(Path(WORKSPACE))  # what default_vectors picks, without looking at the disk
+            vectors = args.vectors or (
+                ws.embeddings if args.teacher else ws.runs / args.run / "export" / EXPORT_NAME
+            )
+            built[config_from_args(args, vectors).alias] = vectors
+    assert set(searched.values()) <= set(built), (searched, sorted(built))
+    trained = {
+        parse_command(argv).name for argv in entrypoint_commands(one(docs, "RayJob")["spec"]["entrypoint"])
+    }
+    for p in ("student", "sasrec"):
+        run = built[searched[p]].parent.parent.name  # runs/<run>/export/item_vectors.parquet
+        assert run in trained and run == (producer.run if p == "student" else producer.sasrec_run), p
 
 
 @cache
