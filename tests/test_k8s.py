@@ -33,7 +33,7 @@ RAY_KINDS = ("RayJob", "RayService", "RayCluster", "RayCronJob")
 STAGES = ("infra", "data", "train", "index", "serve", "cron", "cluster")
 WORKSPACE = "/workspace"
 SECRET = "vlmrec-secrets"
-SECRET_KEYS = {"qdrant-api-key", "redis-password", "write-token"}
+SECRET_KEYS = {"qdrant-api-key", "qdrant-read-only-api-key", "redis-password", "write-token"}
 CRD_SCHEMAS = Path(__file__).parent / "data" / "kuberay-v1.7.0-crds.json.gz"
 
 
@@ -687,3 +687,100 @@ def test_deploy_guide_names_every_stage_and_the_upgrade_paths():
     for overlay in OVERLAYS:
         assert f"k8s/overlays/{overlay}" in deploy
     assert "index_alias" in deploy and "NewCluster" in deploy and "reconfigure" in deploy
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_pods_mount_shared_memory_and_the_rayservice_sets_no_ignored_fields(overlay):
+    """Issue 19: Ray's object store (and torch's data workers) need a real /dev/shm, not the container
+    runtime's 64 MB default; KubeRay >= 1.1 no longer reads the RayService's two *UnhealthySecondThreshold
+    fields."""
+    docs = render(overlay)
+    ray_pods = [
+        (w, pod) for d in docs for w, labels, pod in pod_templates(d) if labels.get("ray.io/is-ray-node")
+    ]
+    assert ray_pods
+    for where, pod in ray_pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for c in pod["containers"]:
+            (shm,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+            assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory", where
+    spec = one(docs, "RayService")["spec"]
+    assert not {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"} & set(spec)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_redis_refuses_writes_at_three_quarters_of_its_limit_instead_of_being_killed(overlay, tmp_path):
+    """Issue 19: the rendered Redis command, run by a real redis-server with a small limit: maxmemory is 3/4
+    of limits.memory and a write beyond it is refused (noeviction), nothing evicted."""
+    import shutil
+    import socket
+    import time
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        pytest.fail("redis-server is not installed: run `make test`")
+    statefulset = one(render(overlay), "StatefulSet", "vlmrec-redis")
+    (c,) = statefulset["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MEMORY_LIMIT_MIB"]["valueFrom"]["resourceFieldRef"] == {
+        "containerName": c["name"], "resource": "limits.memory", "divisor": "1Mi"
+    }  # fmt: skip
+    assert c["command"] == ["sh", "-c"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = c["args"][0].replace("/data", str(tmp_path)) + f" --port {port} --bind 127.0.0.1 --save ''"
+    script = script.replace("exec redis-server", f"exec {redis_server}")
+    proc = subprocess.Popen(
+        ["sh", "-c", script], env={"MEMORY_LIMIT_MIB": "8", "REDIS_PASSWORD": "pw", "PATH": "/usr/bin:/bin"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(port=port, password="pw")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+        assert int(client.config_get("maxmemory")["maxmemory"]) == 6 * 1024 * 1024  # 3/4 of 8 MiB
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        with pytest.raises(redis.exceptions.ResponseError, match="OOM|maxmemory"):
+            for i in range(100):
+                client.set(f"k{i}", b"x" * 256 * 1024)
+        assert client.get("k0") is not None  # nothing was evicted
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_producer_holds_qdrants_read_only_key_and_only_writers_hold_the_full_one(overlay):
+    """Issue 19: Qdrant gets both keys; the Producer's replicas search with the read-only one; the full key
+    goes only to what builds or upserts an index (the index Job, new items, the refresh driver, the
+    interactive cluster)."""
+    docs = render(overlay)
+    holders = {}
+    for doc in docs:
+        for where, c, _, labels in containers(doc):
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+                if ref.get("key", "").startswith("qdrant-"):
+                    holders.setdefault(ref["key"], set()).add(
+                        (labels.get("app.kubernetes.io/component"), e["name"])
+                    )
+    assert {("qdrant", "QDRANT__SERVICE__API_KEY")} < holders["qdrant-api-key"]
+    assert holders["qdrant-read-only-api-key"] == {
+        ("qdrant", "QDRANT__SERVICE__READ_ONLY_API_KEY"), ("producer", "QDRANT_API_KEY")
+    }  # fmt: skip
+    assert {comp for comp, _ in holders["qdrant-api-key"]} <= {
+        "qdrant",
+        "index",
+        "new-items",
+        "refresh",
+        "ray-cluster",
+    }
