@@ -54,6 +54,33 @@ def test_examples_hold_only_earlier_clicks(sample_workspace):
     assert (queries["event_timestamp"] <= cut).all()  # nothing from after the training cut
 
 
+def test_loo_validates_on_the_second_last_event_and_trains_on_every_earlier_one(sample_workspace):
+    """The SASRec protocol: with --split loo the last event is test, the second-last validation (never a
+    training target), and every event before it is a training target (none held back for validation)."""
+    ws = sample_workspace
+    events = pq.read_table(ws.events).to_pandas()
+    split = SplitConfig(split="loo")
+    learnable = learnable_events(events, split)
+    queries, valid = train.example_queries(learnable, 8, train.split_validation(events, split))
+    ordered = events.sort_values(["user_id", "event_timestamp"], kind="stable")
+    second_last = ordered[ordered.groupby("user_id").cumcount(ascending=False) == 1]
+    assert valid[["user_id", "event_timestamp", "item_id"]].values.tolist() == (
+        second_last[["user_id", "event_timestamp", "item_id"]].values.tolist()
+    )
+    several = learnable.groupby("user_id")["item_id"].transform("size") >= 2  # a target needs a click before
+    last_train = learnable[several].sort_values("event_timestamp").groupby("user_id").tail(1)
+    ends = set(zip(queries["user_id"], queries["event_timestamp"], strict=True))
+    assert all(
+        (u, t) in ends for u, t in zip(last_train["user_id"], last_train["event_timestamp"], strict=True)
+    )
+    assert not set(zip(valid["user_id"], valid["event_timestamp"], strict=True)) & ends
+    data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root), split="loo"), max_len=8)
+    assert (
+        len(data.valid_targets)
+        == (second_last.groupby("user_id").size().index.isin(learnable["user_id"])).sum()
+    )
+
+
 def test_export_reloads_with_identical_scores(trained):
     ws, _ = trained
     export = ws.runs / "student" / "export"

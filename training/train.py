@@ -41,7 +41,7 @@ from training.data import ItemTable, build_inputs
 from training.item_age import added_days, to_days
 from training.metrics import metrics_from_ranks, rank_of_target
 from training.model import SeqRec
-from training.split import SplitConfig, held_out_items, learnable_events
+from training.split import SplitConfig, after_cut, held_out_items, learnable_events
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
 
 
@@ -108,20 +108,37 @@ def load_items(ws: Workspace, need_teacher: bool = True) -> tuple[ItemTable, str
     return ItemTable.from_frame(table), str(teacher_ids[0])
 
 
-def example_queries(train: pd.DataFrame, max_len: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def example_queries(
+    train: pd.DataFrame, max_len: int, validation: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training queries, validation queries): each a frame of (user_id, event_timestamp, item_id) target events.
 
-    Validation: each user's last training event (users with >= 2). Training: windows of max_len targets
-    from the end of the rest, so every other event is a target exactly once (all-position training).
+    Validation: `validation` when the split holds its own validation events (loo: each user's second-last
+    event, the SASRec protocol), else each user's last training event (users with >= 2), then not trained
+    on. Training: windows of max_len targets from the end of the rest, so every other event is a target
+    exactly once (all-position training).
     """
+    cols = ["user_id", "event_timestamp", "item_id"]
     ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
     pos = ordered.groupby("user_id").cumcount().to_numpy()
     n = ordered.groupby("user_id")["item_id"].transform("size").to_numpy()
-    valid = (pos == n - 1) & (n >= 2)
-    last_train = np.where(n >= 2, n - 2, n - 1)  # index of each user's last training target
+    if validation is None:
+        valid_rows = ordered.loc[(pos == n - 1) & (n >= 2), cols]
+        last_train = np.where(n >= 2, n - 2, n - 1)  # index of each user's last training target
+    else:
+        valid_rows = validation.sort_values(["user_id", "event_timestamp"], kind="stable")[cols]
+        last_train = n - 1
     is_end = (pos >= 1) & (pos <= last_train) & ((last_train - pos) % max_len == 0)
-    cols = ["user_id", "event_timestamp", "item_id"]
-    return ordered.loc[is_end, cols].reset_index(drop=True), ordered.loc[valid, cols].reset_index(drop=True)
+    return ordered.loc[is_end, cols].reset_index(drop=True), valid_rows.reset_index(drop=True)
+
+
+def split_validation(events: pd.DataFrame, split: SplitConfig) -> pd.DataFrame | None:
+    """The validation events a split holds out itself: loo's second-last event of each user (the test
+    target is the last); None for temporal (validation then comes from the training events)."""
+    if split.split != "loo":
+        return None
+    rest = after_cut(events, split).sort_values(["user_id", "event_timestamp"], kind="stable")
+    return rest[rest.groupby("user_id").cumcount(ascending=False) == 1]
 
 
 def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool = True) -> TrainingData:
@@ -134,7 +151,7 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool
     split = job.split_config()
     train = learnable_events(events, split)
     held_out_raw = held_out_items(events, split)
-    queries, valid = example_queries(train, max_len)
+    queries, valid = example_queries(train, max_len, split_validation(events, split))
     store = open_store(ws)
     hist = historical_sequences(store, pd.concat([queries, valid], ignore_index=True))["item_ids"].tolist()
     kept = max((len(h) for h in hist), default=0)
