@@ -1,12 +1,19 @@
 """The `vlmrec` command: one subcommand per stage, each a thin shell over a `python -m` module.
 
+vlmrec [--log-level INFO] [--log-format text|json] [--version] STAGE ...
 vlmrec ingest | embed | features | train | tune | evaluate | tune-mix | index | serve | replay | report | refresh | ui | demo
+
+A stage's result goes to stdout; logs (levels, timestamps) to stderr, as JSON lines with --log-format json
+(or VLMREC_LOG_FORMAT=json, what the Kubernetes jobs set) for a cluster's log collector.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -35,9 +42,60 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("vlmrec")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception, when one is logged)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """The root logger to stderr at `level`, as text or JSON lines; noisy libraries one level quieter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if fmt == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the named stage's module is imported (so `vlmrec --help` stays fast)."""
     parser = argparse.ArgumentParser(prog="vlmrec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vlmrec {version()}")
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="INFO", help="logs at this level and above"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("VLMREC_LOG_FORMAT", "text"),
+        help="stderr logs as text or JSON lines (default: env VLMREC_LOG_FORMAT, else text)",
+    )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (module, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -49,8 +107,9 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage = argv[0] if argv and argv[0] in STAGES else None
+    stage = next((a for a in argv if a in STAGES), None)
     args = build_parser(stage).parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
     try:
         importlib.import_module(args._module).run(args)
     except (ValueError, FileNotFoundError) as err:  # bad input: a clear message, never a traceback

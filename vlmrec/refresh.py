@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 import time
@@ -37,6 +38,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
+
+log = logging.getLogger("vlmrec.refresh")
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,13 @@ def refresh(cfg: RefreshConfig) -> dict:
     target = None if cfg.swap == "none" else rollout_target(cfg.swap, ws.root, cfg.namespace)
     user_config = target.user_config() if target else ProducerConfig(workdir=str(ws.root)).to_dict()
     producer = ProducerConfig.from_dict(user_config)
+    if not (producer.export_dir / "run.json").exists():
+        raise FileNotFoundError(f"the serving run {producer.run!r} has no export ({producer.export_dir})")
     serving_run = json.loads((producer.export_dir / "run.json").read_text())
     t0 = time.perf_counter()
     out: dict = {"serving_run": producer.run, "config": cfg.__dict__ | {}, "started": _now()}
     out["folded"] = fold_logged(ws, snapshot_len(ws))
+    log.info("1/6 folded the logged events: %s", out["folded"])
 
     cut = window_start(ws, serving_run, cfg.window_days)
     new = cfg.name or f"{re.sub(r'-[0-9]{14}$', '', producer.run)}-{datetime.now(UTC):%Y%m%d%H%M%S}"
@@ -86,6 +92,7 @@ def refresh(cfg: RefreshConfig) -> dict:
     data = gate_data(ws, cut)
     out["window_queries"] = int(len(data.targets))
     out["window_skipped_no_history"] = int(data.n_skipped)  # a user's first event: nothing to ask with
+    log.info("2/6 window: %d queries after %s (serving %s)", len(data.targets), cut, producer.run)
     if len(data.targets) < cfg.min_queries:
         out["decision"] = (
             f"skipped: {len(data.targets)} queries after {cut} (< min_queries {cfg.min_queries})"
@@ -94,7 +101,9 @@ def refresh(cfg: RefreshConfig) -> dict:
 
     export, info = retrain(ws, serving_run, producer.export_dir, new, cut, cfg)
     out["trained"] = {"best": info["best"], "data": info["data"], "warm_start": info.get("warm_start")}
+    log.info("3/6 trained %s: best epoch %s", new, info["best"].get("epoch"))
     out["gate"] = gate(data, producer.export_dir, export, cfg.margin)
+    log.info("4/6 gate: %s", out["gate"]["reason"])
     if not out["gate"]["promote"]:
         out["decision"] = "kept: " + out["gate"]["reason"]
         return _finish(ws, out, t0, name=new)
@@ -102,6 +111,7 @@ def refresh(cfg: RefreshConfig) -> dict:
     new_config = promote_config(ws, producer, new)
     out["index"] = build_run_index(ws, producer, new)
     preflight(new_config)
+    log.info("5/6 index %s built; the new state loads", out["index"]["name"])
     if target is None:
         out["decision"] = "promotable; not swapped (--swap none)"
         out["user_config"] = new_config.to_dict()
@@ -109,6 +119,7 @@ def refresh(cfg: RefreshConfig) -> dict:
     target.apply(new_config.to_dict())
     out["swap"] = {"target": cfg.swap, "polls": wait_until_serving(target, new, cfg.timeout_s)}
     out["decision"] = f"promoted: {new} serves (was {producer.run})"
+    log.info("6/6 %s", out["decision"])
     return _finish(ws, out, t0, name=new)
 
 
