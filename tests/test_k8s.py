@@ -35,6 +35,7 @@ WORKSPACE = "/workspace"
 SECRET = "vlmrec-secrets"
 SECRET_KEYS = {"qdrant-api-key", "qdrant-read-only-api-key", "redis-password", "write-token"}
 CRD_SCHEMAS = Path(__file__).parent / "data" / "kuberay-v1.7.0-crds.json.gz"
+PODMONITOR_SCHEMA = Path(__file__).parent / "data" / "prometheus-operator-v0.93.0-podmonitor.json.gz"
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -153,7 +154,7 @@ def test_overlay_renders_every_stage(overlay):
 def test_builtin_kinds_pass_the_kubernetes_schemas(overlay):
     import kubernetes_validate
 
-    builtin = [d for d in render(overlay) if d["kind"] not in RAY_KINDS]
+    builtin = [d for d in render(overlay) if d["kind"] not in (*RAY_KINDS, "PodMonitor")]
     for version in K8S_VERSIONS:
         for doc in builtin:
             kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError
@@ -298,6 +299,10 @@ def test_serve_config_imports_the_producer_and_builds_its_config(overlay):
     service = one(render(overlay), "RayService")
     assert service["spec"]["upgradeStrategy"]["type"] == "NewCluster"
     config = serve_config(service)
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)  # what KubeRay sends to the dashboard: Serve's own schema
+    assert config["logging_config"]["encoding"] == "JSON"  # one JSON object per log line
     (app,) = config["applications"]
     module, attr = app["import_path"].split(":")
     assert isinstance(getattr(importlib.import_module(module), attr), Application)
@@ -598,13 +603,16 @@ def test_network_policies_expose_only_the_producer(overlay):
     data_clients = {w for w, labels in pods if labels.get("vlmrec/data-client") == "true"}
     for where, labels in pods:
         component = labels.get("app.kubernetes.io/component")
-        for port in (6379, 6333, 8000, 8265, 10001):
+        for port in (6379, 6333, 8000, 8080, 8265, 10001):
             for source in allowed_sources(docs, labels, port):
                 outside = source == {} or "namespaceSelector" in source or "ipBlock" in source
                 if source == {}:
                     assert component == "producer" and port == 8000, f"{where}:{port} open to all"
                 elif outside:
                     ns = source["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+                    if ns == "monitoring":  # Prometheus scrapes the Producer's metrics port, nothing else
+                        assert component == "producer" and port == 8080, f"{where}:{port}"
+                        continue
                     assert ns == "kuberay-system" and labels.get("ray.io/node-type") == "head", where
                     assert port in (8265, 8000), f"{where}:{port}"
         if component in ("redis", "qdrant"):
@@ -766,7 +774,7 @@ def test_the_producer_holds_qdrants_read_only_key_and_only_writers_hold_the_full
     docs = render(overlay)
     holders = {}
     for doc in docs:
-        for where, c, _, labels in containers(doc):
+        for _where, c, _, labels in containers(doc):
             for e in c.get("env", []):
                 ref = e.get("valueFrom", {}).get("secretKeyRef", {})
                 if ref.get("key", "").startswith("qdrant-"):
@@ -784,3 +792,32 @@ def test_the_producer_holds_qdrants_read_only_key_and_only_writers_hold_the_full
         "refresh",
         "ray-cluster",
     }
+
+
+def test_prod_scrapes_the_producers_metrics_from_the_monitoring_namespace():
+    """Issue 19: prod's PodMonitor (valid against the Prometheus Operator's CRD schema) selects the Producer's
+    Ray pods, whose containers declare the port it scrapes and whose Ray exports metrics there; the
+    NetworkPolicies let the monitoring namespace reach that port (and only that one). dev has no monitoring."""
+    import jsonschema
+
+    vendored = json.loads(gzip.decompress(PODMONITOR_SCHEMA.read_bytes()))
+    docs = render("prod")
+    monitor = one(docs, "PodMonitor")
+    jsonschema.Draft7Validator(vendored["schemas"]["PodMonitor"]).validate(monitor)
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    service = one(docs, "RayService")
+    pods = [(w, labels, pod) for w, labels, pod in pod_templates(service)]
+    selected = [(w, pod) for w, labels, pod in pods if selector.items() <= labels.items()]
+    assert {w.split(":")[-1] for w, _ in selected} == {"head", "producer"}  # every Ray pod of the Producer
+    cluster = ray_cluster_spec(service)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        (c,) = group["template"]["spec"]["containers"]
+        port = {p["name"]: p["containerPort"] for p in c["ports"]}[endpoint["port"]]
+        assert group["rayStartParams"]["metrics-export-port"] == str(port)
+        labels = {**group["template"]["metadata"]["labels"], "ray.io/is-ray-node": "yes"}
+        sources = allowed_sources(docs, labels, port)
+        assert {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+        } in sources
+    assert not [d for d in render("dev") if d["kind"] == "PodMonitor"]

@@ -202,6 +202,43 @@ def test_skew_online_input_equals_offline_input(world):
     state.close()
 
 
+def test_the_producers_metrics_endpoint_has_request_counters_and_latency_histograms(world, http):
+    """Issue 19: what a Prometheus scrape of a Producer's node gets (Ray's metrics endpoint, the port a
+    PodMonitor scrapes in Kubernetes): Serve's request counter and latency histogram, and the Producer's own
+    answer counter, stage latency histogram and batch sizes, tagged by producer."""
+    import ray
+
+    for u in USERS:
+        assert http.post("/v1/candidates", json={"user_id": u, "k": 5}).status_code == 200
+    port = ray.nodes()[0]["MetricsExportPort"]
+    wanted = {
+        "ray_serve_num_http_requests_total",
+        "ray_serve_http_request_latency_ms_bucket",
+        "ray_vlmrec_producer_requests_total",
+        "ray_vlmrec_producer_stage_ms_bucket",
+        "ray_vlmrec_producer_batch_size_bucket",
+    }
+    deadline, found = time.monotonic() + 60, set()  # Ray exports its metrics every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+        found = {line.split("{")[0] for line in samples} & wanted
+        if found == wanted or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert found == wanted, sorted(wanted - found)
+    answered = [line for line in samples if line.startswith("ray_vlmrec_producer_requests_total{")]
+    assert any(
+        'producer="student"' in line and float(line.rsplit(" ", 1)[1]) >= len(USERS) for line in answered
+    )
+    stages = {
+        line.split('stage="')[1].split('"')[0]
+        for line in samples
+        if "vlmrec_producer_stage_ms_bucket" in line
+    }
+    assert {"feature", "model", "search"} <= stages, stages
+
+
 def test_batch_equals_single_calls_in_order(world, http):
     reqs = [
         {"user_id": 1, "k": 7},
