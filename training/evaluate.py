@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
+from tqdm.auto import tqdm
 
 from training.data import ItemTable, build_inputs
 from training.item_age import added_days, to_days
@@ -185,7 +186,8 @@ def scorer_ranks(
     n = data.items.n_items
     ranks = np.zeros(len(data.targets), np.int64)
     rng = np.random.default_rng(seed)
-    for a in range(0, len(ranks), chunk):
+    steps = range(0, len(ranks), chunk)
+    for a in tqdm(steps, desc=f"rank ({protocol})", unit="chunk", mininterval=2.0, leave=False, disable=None):
         hist = data.histories[a : a + chunk]
         s = score(hist, data.days[a : a + chunk])  # (q, n + 1)
         t = data.targets[a : a + chunk]

@@ -297,6 +297,7 @@ def epoch_seed_of(seed: int, epoch: int, rank: int) -> int:
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DeepSpeed engine, epochs over its Ray Data shard, validation, checkpoints."""
     import ray.train
+    from ray.experimental import tqdm_ray
 
     from training.losses import SeqRecLoss
 
@@ -332,6 +333,12 @@ def train_loop_per_worker(config: dict) -> None:
         torch.manual_seed(epoch_seed)
         t0, n_seq, losses = time.perf_counter(), 0, []
         ds_engine.train()
+        # rank 0's progress through its shard, drawn by the driver (Ray's distributed tqdm)
+        bar = (
+            tqdm_ray.tqdm(desc=f"epoch {state['epoch'] + 1}", total=config["shard_size"] // micro)
+            if rank == 0
+            else None
+        )
         for batch in shard.iter_torch_batches(
             batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=epoch_seed
         ):
@@ -345,6 +352,10 @@ def train_loop_per_worker(config: dict) -> None:
             ds_engine.step()
             losses.append(loss.item())
             n_seq += len(x)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
         seconds = time.perf_counter() - t0
         ndcg = validation_ndcg(
             ds_engine.module,
