@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from vlmrec.schema import EVENTS_LOG
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
 
 NO_ARM = "(none)"  # answers outside any experiment
+
+log = logging.getLogger("serving.report")
 
 
 @dataclass(frozen=True)
@@ -301,7 +304,10 @@ def run(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(r, indent=2, default=float))
     out.with_suffix(".md").write_text(markdown(r))
-    plot(r, out.with_suffix(".png"))
+    try:
+        plot(r, out.with_suffix(".png"))
+    except ImportError:  # matplotlib comes with vlmrec[train]; a serving image reports without the plot
+        log.warning("no plot: matplotlib is not installed (pip install 'vlmrec[train]')")
     print(markdown(r))
     print(f"report: wrote {out.with_suffix('.json')}, .md, .png")
     return r

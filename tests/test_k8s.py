@@ -660,7 +660,8 @@ def test_dockerfile_pins_its_base_and_installs_under_the_constraints():
     assert re.search(rf"download\.pytorch\.org/whl/cpu torch=={re.escape(torch)}$", text, re.M), "CPU build"
     (cuda,) = re.findall(r"^FROM base AS torch-cuda\nRUN python -m pip install (.+)$", text, re.M)
     assert cuda == f"torch=={torch}", "the CUDA build of the same version, from PyPI"
-    assert re.search(r"pip install -c constraints\.txt \.", text)
+    assert re.search(r'pip install -c constraints\.txt "\.\[\$\{EXTRAS\}\]"', text)
+    assert re.search(r"^ARG EXTRAS=serve$", text, re.M)  # the default image: no training-only package
     code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "torchvision" not in code.replace('! python -c "import torchvision"', "")  # only the refusal
     assert re.search(r"^USER 1000:1000$", text, re.M) and text.rstrip().splitlines()[-1].startswith("CMD")
