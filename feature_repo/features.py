@@ -91,18 +91,3 @@ item_catalog_v1 = FeatureService(
     features=[item_metadata],
     description="What a page shows about an item.",
 )
-
-OBJECTS = [
-    user,
-    item,
-    click_sequence_source,
-    click_push,
-    item_embedding_source,
-    item_metadata_source,
-    user_click_sequence,
-    item_embedding,
-    item_metadata,
-    student_v1,
-    item_vectors_v1,
-    item_catalog_v1,
-]

@@ -1,7 +1,18 @@
-"""`vlmrec features`: apply the Feast definitions to a workspace and materialize the online store.
+"""`vlmrec features`: make a workspace a Feast repository, `feast apply` it and materialize the online store.
 
     vlmrec features --workdir .vlmrec/sample                    # sqlite online store (embedded default)
     REDIS_CONNECTION_STRING=127.0.0.1:6379 vlmrec features --online-store redis
+    vlmrec features --workdir W --until 2016-03-22T08:26:02Z   # the online store as of a time (replays)
+
+The workspace then holds what the Feast CLI expects of a repository: feature_store.yaml (from
+feature_repo/), feature_definitions.py (imports the definitions of the installed package feature_repo, so one
+set of definitions serves every workspace; source paths are relative to the workspace) and a .feastignore
+that keeps every sub-folder (runs/, indexes/, data/, ...) out of `feast plan` / `feast apply`. So
+`feast -c W plan`, `feast -c W apply` and `feast -c W materialize-incremental <now>` work there, and this
+command is a thin wrapper doing the same through Feast's API: apply (`feast apply`), then
+`materialize_incremental` up to now (each view from where its last materialization ended; a view's first
+materialization covers its sources, which Feast's would start a year back for a ttl-0 view), or, with
+--until, materialize everything up to that time (an explicit range: what a replay resets the store to).
 
 Also the two readers of the student's feature service, used by training (historical, point-in-time) and the
 Producer (online): the same FeatureService `student_v1`, so the two paths cannot drift.
@@ -10,6 +21,7 @@ Producer (online): the same FeatureService `student_v1`, so the two paths cannot
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import threading
 import time
@@ -25,6 +37,13 @@ import pyarrow.parquet as pq
 from vlmrec.workspace import Workspace
 
 REPO_DIR = Path(__file__).resolve().parent.parent / "feature_repo"
+REPO_FILE = "feature_definitions.py"  # the workspace's Feast definitions: the installed package's
+REPO_SHIM = (
+    '"""This workspace\'s Feast definitions (written by `vlmrec features`): the installed feature_repo package\'s,\n'
+    'so `feast plan` / `feast apply` here see exactly what vlmrec applies."""\n\n'
+    "from feature_repo.features import *  # noqa: F403\n"
+)
+FEASTIGNORE = "# every sub-folder: runs/, indexes/, data/, ... hold no Feast definitions (written by vlmrec features)\n*/\n"
 STORE_TEMPLATES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
 STUDENT_SERVICE = "student_v1"
 ITEM_VECTORS_SERVICE = "item_vectors_v1"
@@ -91,38 +110,66 @@ def _until(value: str) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t
 
 
+def write_repo(ws: Workspace, config: FeaturesConfig) -> None:
+    """The workspace as a Feast repository: feature_store.yaml, the definitions module, .feastignore."""
+    write_store_config(ws, config)
+    (ws.root / REPO_FILE).write_text(REPO_SHIM)
+    (ws.root / ".feastignore").write_text(FEASTIGNORE)
+
+
+def feast_apply(ws: Workspace) -> None:
+    """`feast apply` through Feast's API, as its CLI calls it (the repository on sys.path to import the
+    definitions module; Feast changes the working directory: both restored here)."""
+    import sys
+
+    from feast.repo_config import load_repo_config
+    from feast.repo_operations import apply_total
+
+    cwd, path = Path.cwd(), list(sys.path)
+    sys.path.append(str(ws.root.absolute()))
+    try:
+        apply_total(load_repo_config(ws.root, ws.feature_store_yaml), ws.root, skip_source_validation=False)
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+
+
 def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig()) -> dict:
-    """feast apply + materialize over the whole time range of the sources. Returns timings."""
-    from feature_repo.features import OBJECTS, item_embedding, item_metadata, user_click_sequence
+    """feast apply, then materialize_incremental up to now (or everything up to config.until). Returns
+    timings."""
+    from feature_repo.features import item_embedding, item_metadata, user_click_sequence
 
     start, end = _time_range([ws.sequences, ws.items, ws.embeddings])  # fails early when nothing was ingested
-    if config.until is not None:  # the online store as of that time (a replay of what came after)
-        end = min(end, _until(config.until))
     if "click_times" not in pq.read_schema(ws.sequences).names:  # written by ingest since issue 16
         raise FileNotFoundError(
             f"{ws.sequences} has no click_times column (written by an older vlmrec ingest): "
             f"run `vlmrec ingest --workdir {ws.root}` again"
         )
-    write_store_config(ws, config)
-    store = open_store(ws)
+    write_repo(ws, config)
     t0 = time.perf_counter()
-    views = [user_click_sequence, item_metadata]
-    if ws.embeddings.exists():
-        views.append(item_embedding)
-        objects = OBJECTS
-    else:  # embeddings come later (vlmrec embed): apply what has data now
-        objects = [
-            o for o in OBJECTS if getattr(o, "name", None) not in {"item_embedding", "item_vectors_v1"}
-        ]
-    store.apply(objects)
+    feast_apply(ws)
     t_apply = time.perf_counter() - t0
+    store = open_store(ws)
+    views = [user_click_sequence, item_metadata] + ([item_embedding] if ws.embeddings.exists() else [])
+    names = [v.name for v in views]  # embeddings come later (vlmrec embed): the views that have data now
     t0 = time.perf_counter()
-    store.materialize(start_date=start, end_date=end, feature_views=[v.name for v in views])
+    if config.until is not None:  # the online store as of that time (a replay of what came after)
+        store.materialize(start_date=start, end_date=min(end, _until(config.until)), feature_views=names)
+    else:  # later rows only: each view from where its last materialization ended, up to now
+        now = datetime.now(UTC)
+        # A view never materialized has no such end, and Feast then starts a ttl-0 view a year back, which
+        # would skip older data (MovieLens is 1996-2018): its first materialization covers the sources.
+        first = [n for n in names if store.get_feature_view(n).most_recent_end_time is None]
+        if first:
+            store.materialize(start_date=start, end_date=max(end, now), feature_views=first)
+        if later := [n for n in names if n not in first]:
+            store.materialize_incremental(end_date=now, feature_views=later)
     return {
         "online_store": config.online_store,
-        "views": [v.name for v in views],
+        "views": names,
         "apply_s": round(t_apply, 3),
         "materialize_s": round(time.perf_counter() - t0, 3),
+        "mode": "until" if config.until is not None else "incremental",
     }
 
 

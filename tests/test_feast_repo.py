@@ -1,0 +1,79 @@
+"""A workspace is a Feast repository the Feast CLI drives (issue 19): `vlmrec features` writes
+feature_store.yaml, the definitions module and a .feastignore, applies and materializes; then Feast's own
+`feast plan`, `feast apply` and `feast materialize-incremental` work there, and the online store they fill is
+the one the Producer reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from vlmrec.cli import main as vlmrec
+from vlmrec.features import online_sequences, open_store
+from vlmrec.sample import SampleConfig, generate_sample
+from vlmrec.workspace import Workspace
+
+FEAST = [str(Path(sys.executable).with_name("feast"))]
+
+
+def feast(ws: Workspace, *args: str) -> str:
+    done = subprocess.run([*FEAST, "-c", str(ws.root), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> tuple[Workspace, pd.DataFrame, Path]:
+    root = tmp_path_factory.mktemp("feast")
+    paths = generate_sample(root / "raw", SampleConfig(seed=11, n_users=12, n_items=20, mean_events=6))
+    events = pd.read_csv(paths.events)
+    ws = Workspace(root / "ws")
+    args = ["--catalogue", str(paths.catalogue), "--workdir", str(ws.root), "--max-len", "8"]
+    assert vlmrec(["ingest", "--events", str(paths.events), *args]) == 0
+    assert vlmrec(["features", "--workdir", str(ws.root)]) == 0
+    return ws, events, paths.catalogue
+
+
+def test_the_workspace_is_a_feast_repository_that_feast_plan_and_apply_accept(ws):
+    ws, _, _ = ws
+    for name in ("feature_store.yaml", "feature_definitions.py", ".feastignore"):
+        assert (ws.root / name).is_file(), name
+    # a training run's folder holds Python that must never be imported as feature definitions
+    # (DeepSpeed copies zero_to_fp32.py into checkpoints): .feastignore keeps every sub-folder out
+    poison = ws.runs / "student" / "ray" / "checkpoint_0" / "zero_to_fp32.py"
+    poison.parent.mkdir(parents=True)
+    poison.write_text("raise SystemExit('feast imported a checkpoint script')\n")
+    plan = feast(ws, "plan")
+    assert "user_click_sequence" in plan or "No changes" in plan or "no changes" in plan.lower()
+    feast(ws, "apply")
+    views = feast(ws, "feature-views", "list")
+    assert {"user_click_sequence", "item_metadata", "item_embedding"} <= set(views.split())
+    services = feast(ws, "feature-services", "list")
+    assert "student_v1" in services
+
+
+def test_feast_materialize_incremental_moves_new_clicks_into_the_store_the_producer_reads(ws):
+    ws, events, catalogue = ws
+    user = int(events["user_id"].iloc[0])
+    before = online_sequences(open_store(ws), [user])[user]
+    assert before  # `vlmrec features` materialized the sources' history on its first run
+    # a later click of that user arrives through a new ingest (sources rewritten with one more row)
+    # (stamped now: an incremental materialization takes rows after the last one's end, i.e. new traffic)
+    new_item = int(events.loc[events["item_id"] != before[-1], "item_id"].iloc[0])
+    later = pd.DataFrame({"user_id": [user], "item_id": [new_item],
+                          "event_timestamp": [datetime.now(UTC).isoformat()]})  # fmt: skip
+    grown = pd.concat([events[["user_id", "item_id", "event_timestamp"]], later], ignore_index=True)
+    grown.to_csv(ws.root / "grown.csv", index=False)
+    args = ["--catalogue", str(catalogue), "--workdir", str(ws.root), "--max-len", "8"]
+    assert vlmrec(["ingest", "--events", str(ws.root / "grown.csv"), *args]) == 0
+    assert online_sequences(open_store(ws), [user])[user] == before  # not materialized yet
+    # the views with data (nothing is embedded in this workspace; k8s's CronJob runs it after `vlmrec embed`)
+    end = (datetime.now(UTC) + timedelta(minutes=1)).isoformat(timespec="seconds")
+    feast(ws, "materialize-incremental", "-v", "user_click_sequence", "-v", "item_metadata", end)
+    after = online_sequences(open_store(ws), [user])[user]
+    assert after == ([*before, new_item])[-8:]
