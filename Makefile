@@ -33,9 +33,11 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 # redis-server for the Feast Redis online-store tests (tests start their own on 127.0.0.1);
+# postgresql for Feast's SQL registry test (tests/conftest.py starts a server of its own);
 # chromium + chromium-driver for the demo page's browser test (Selenium is given Debian's driver).
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)
+	@ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql >/dev/null)
 	@(command -v chromium >/dev/null && command -v chromedriver >/dev/null) || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 lint: venv

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,65 @@ def redis_url(tmp_path_factory):
     yield f"127.0.0.1:{port}"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def postgres_binaries() -> Path | None:
+    """The folder of Debian's PostgreSQL server binaries (not on PATH: /usr/lib/postgresql/<major>/bin)."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name)
+    )
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL server on 127.0.0.1 with a database `feast` (make test installs Debian's
+    postgresql when missing); a SQLAlchemy URL to it. As root, the server runs as the package's `postgres`
+    user (PostgreSQL refuses to run as root)."""
+    import pwd
+
+    bin_dir = postgres_binaries()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL is not installed: run `make test` (it installs Debian's postgresql)")
+    import tempfile
+
+    # not under pytest's tmp folder: it is private to root, and the server may run as `postgres`
+    root = Path(tempfile.mkdtemp(prefix="vlmrec-postgres-"))
+    data, sockets = root / "data", root / "sockets"
+    sockets.mkdir()
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam("postgres")
+        for path in (root, sockets):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "vlmrec", "--auth=trust", "-E", "UTF8"],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    proc = subprocess.Popen(
+        [*as_user, str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(sockets)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    import psycopg
+
+    deadline = time.time() + 30
+    while True:
+        try:
+            with psycopg.connect(f"postgresql://vlmrec@127.0.0.1:{port}/postgres", autocommit=True) as conn:
+                conn.execute("CREATE DATABASE feast")
+            break
+        except psycopg.OperationalError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("PostgreSQL did not start")
+            time.sleep(0.2)
+    yield f"postgresql+psycopg://vlmrec@127.0.0.1:{port}/feast"
+    proc.terminate()
+    proc.wait(timeout=30)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

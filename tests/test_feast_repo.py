@@ -77,3 +77,42 @@ def test_feast_materialize_incremental_moves_new_clicks_into_the_store_the_produ
     feast(ws, "materialize-incremental", "-v", "user_click_sequence", "-v", "item_metadata", end)
     after = online_sequences(open_store(ws), [user])[user]
     assert after == ([*before, new_item])[-8:]
+
+
+def test_the_sql_registry_on_a_real_postgresql_serves_apply_the_cli_and_a_second_reader(
+    tmp_path, postgres_url, monkeypatch
+):
+    """Issue 19: `vlmrec features --registry sql` keeps the registry in PostgreSQL (FEAST_REGISTRY_URL; no
+    registry.db in the workspace): Feast's tables hold the definitions, the Feast CLI reads them, and a
+    second process's FeatureStore (a Producer replica) reads the online store through them."""
+    import psycopg
+
+    paths = generate_sample(tmp_path / "raw", SampleConfig(seed=12, n_users=10, n_items=15, mean_events=5))
+    ws = Workspace(tmp_path / "ws")
+    args = ["--catalogue", str(paths.catalogue), "--workdir", str(ws.root), "--max-len", "8"]
+    assert vlmrec(["ingest", "--events", str(paths.events), *args]) == 0
+    monkeypatch.delenv("FEAST_REGISTRY_URL", raising=False)
+    assert vlmrec(["features", "--workdir", str(ws.root), "--registry", "sql"]) == 2  # names what is missing
+    monkeypatch.setenv("FEAST_REGISTRY_URL", postgres_url)
+    assert vlmrec(["features", "--workdir", str(ws.root), "--registry", "sql"]) == 0
+    assert "${FEAST_REGISTRY_URL}" in ws.feature_store_yaml.read_text()  # the URL (a secret) is not written
+    assert not (ws.root / "registry.db").exists()
+    with psycopg.connect(postgres_url.replace("+psycopg", "")) as conn:
+        views = {r[0] for r in conn.execute("SELECT feature_view_name FROM feature_views")}
+        services = {r[0] for r in conn.execute("SELECT feature_service_name FROM feature_services")}
+    assert {"user_click_sequence", "item_metadata"} <= views and "student_v1" in services
+    assert "user_click_sequence" in feast(ws, "feature-views", "list")  # the CLI, through the same registry
+    events = pd.read_csv(paths.events)
+    users = sorted(int(u) for u in events["user_id"].unique())[:5]
+    reader = subprocess.run(  # another process, as a replica would: the registry comes from PostgreSQL
+        [sys.executable, "-c", "import json, sys; from vlmrec.features import online_sequences, open_store; "
+         "from vlmrec.workspace import Workspace; "
+         f"print(json.dumps(online_sequences(open_store(Workspace({str(ws.root)!r})), {users})))"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert reader.returncode == 0, reader.stderr[-2000:]
+    import json
+
+    seen = {int(k): v for k, v in json.loads(reader.stdout.strip().splitlines()[-1]).items()}
+    for u in users:
+        assert seen[u] == events[events.user_id == u]["item_id"].tolist()[-8:]

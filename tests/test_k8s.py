@@ -33,7 +33,13 @@ RAY_KINDS = ("RayJob", "RayService", "RayCluster", "RayCronJob")
 STAGES = ("infra", "data", "train", "index", "serve", "cron", "cluster")
 WORKSPACE = "/workspace"
 SECRET = "vlmrec-secrets"
-SECRET_KEYS = {"qdrant-api-key", "qdrant-read-only-api-key", "redis-password", "write-token"}
+SECRET_KEYS = {
+    "feast-registry-url",
+    "qdrant-api-key",
+    "qdrant-read-only-api-key",
+    "redis-password",
+    "write-token",
+}
 CRD_SCHEMAS = Path(__file__).parent / "data" / "kuberay-v1.7.0-crds.json.gz"
 PODMONITOR_SCHEMA = Path(__file__).parent / "data" / "prometheus-operator-v0.93.0-podmonitor.json.gz"
 
@@ -487,7 +493,7 @@ def uses(container: dict, labels: dict) -> tuple[bool, bool]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_environment_variable_names_match_what_the_code_reads(overlay):
     read = env_names_read_by_the_code()
-    assert {"QDRANT_URL", "QDRANT_API_KEY", "REDIS_CONNECTION_STRING"} <= read  # the code still reads them
+    assert {"QDRANT_URL", "QDRANT_API_KEY", "REDIS_CONNECTION_STRING", "FEAST_REGISTRY_URL"} <= read
     docs = render(overlay)
     checked, all_refs = 0, set()
     for doc in docs:
@@ -498,11 +504,14 @@ def test_environment_variable_names_match_what_the_code_reads(overlay):
             refs = {r for e in env.values() for r in re.findall(r"\$\(([A-Z_]+)\)", e.get("value", ""))}
             assert refs <= set(env), f"{where}: $({sorted(refs - set(env))}) undefined"
             all_refs |= refs
-            ours = {e["name"] for e in c.get("env", []) if e["name"].startswith(("QDRANT_", "REDIS_"))}
+            ours = {
+                e["name"] for e in c.get("env", []) if e["name"].startswith(("QDRANT_", "REDIS_", "FEAST_"))
+            }
             assert ours <= read | refs, f"{where}: {sorted(ours - read - refs)} are read by no code"
             feast, qdrant = uses(c, labels)
-            if feast:
-                assert "REDIS_CONNECTION_STRING" in env, where
+            if feast:  # the online store, and the registry (the SQL one: docs/DEPLOY.md)
+                assert {"REDIS_CONNECTION_STRING", "FEAST_REGISTRY_URL"} <= set(env), where
+                assert env["FEAST_REGISTRY_URL"]["valueFrom"]["secretKeyRef"]["key"] == "feast-registry-url"
             if qdrant:
                 assert {"QDRANT_URL", "QDRANT_API_KEY"} <= set(env), where
                 assert env["QDRANT_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == SECRET
@@ -638,11 +647,20 @@ def test_cluster_feature_store_is_the_redis_template_on_the_workspace():
 
     store = yaml.safe_load((REPO_DIR / STORE_TEMPLATES["redis"]).read_text())
     assert store["online_store"] == {"type": "redis", "connection_string": "${REDIS_CONNECTION_STRING}"}
-    assert not Path(store["registry"]).is_absolute(), "the registry lives in the workspace (shared PVC)"
+    assert not Path(store["registry"]).is_absolute(), "the embedded default: registry.db in the workspace"
     assert store["offline_store"]["type"] == "file"
     for overlay in OVERLAYS:
         (features,) = [a for w, a in job_commands(render(overlay)) if w.endswith("/features")]
-        assert features == ["vlmrec", "features", "--workdir", WORKSPACE, "--online-store", "redis"]
+        assert features == [
+            "vlmrec",
+            "features",
+            "--workdir",
+            WORKSPACE,
+            "--online-store",
+            "redis",
+            "--registry",
+            "sql",
+        ]
 
 
 def dockerfile() -> str:

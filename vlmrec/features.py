@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import threading
 import time
 import weakref
@@ -45,6 +44,17 @@ REPO_SHIM = (
 )
 FEASTIGNORE = "# every sub-folder: runs/, indexes/, data/, ... hold no Feast definitions (written by vlmrec features)\n*/\n"
 STORE_TEMPLATES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis.yaml"}
+# The registry: "file" (registry.db in the workspace, the embedded default) or "sql" (Feast's SQL registry,
+# its SQLAlchemy URL from the environment, e.g. postgresql+psycopg://feast:PASSWORD@postgres:5432/feast: what
+# the cluster's replicas and jobs share instead of a file on a shared volume).
+REGISTRIES = ("file", "sql")
+REGISTRY_URL_ENV = "FEAST_REGISTRY_URL"
+SQL_REGISTRY = {
+    "registry_type": "sql",
+    "path": "${" + REGISTRY_URL_ENV + "}",  # Feast expands ${...} from the environment when it loads the yaml
+    "cache_ttl_seconds": 60,  # replicas re-read the registry this often
+    "sqlalchemy_config_kwargs": {"pool_pre_ping": True},  # a dropped connection is replaced, not an error
+}
 STUDENT_SERVICE = "student_v1"
 ITEM_VECTORS_SERVICE = "item_vectors_v1"
 ITEM_CATALOG_SERVICE = "item_catalog_v1"
@@ -58,8 +68,11 @@ class FeaturesConfig:
         "sqlite"  # "sqlite" (embedded) or "redis" (REDIS_CONNECTION_STRING in the environment)
     )
     until: str | None = None  # ISO time: materialize rows up to it only (None: everything)
+    registry: str = "file"  # "file" (workspace/registry.db) or "sql" (FEAST_REGISTRY_URL, e.g. PostgreSQL)
 
     def __post_init__(self) -> None:
+        if self.registry not in REGISTRIES:
+            raise ValueError(f"registry must be one of {list(REGISTRIES)}, got {self.registry!r}")
         if self.until is not None:
             _until(self.until)  # a bad time is refused before anything is applied
         if self.online_store not in STORE_TEMPLATES:
@@ -69,9 +82,19 @@ class FeaturesConfig:
 
 
 def write_store_config(ws: Workspace, config: FeaturesConfig) -> Path:
-    """Copy the chosen feature_store.yaml from feature_repo/ into the workspace (its repo_path)."""
+    """The chosen feature_store.yaml from feature_repo/ in the workspace (its repo_path); with the SQL
+    registry, its `registry:` replaced by SQL_REGISTRY (the URL stays an environment reference)."""
+    import yaml
+
     ws.root.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(REPO_DIR / STORE_TEMPLATES[config.online_store], ws.feature_store_yaml)
+    text = (REPO_DIR / STORE_TEMPLATES[config.online_store]).read_text()
+    if config.registry == "sql":
+        if not os.environ.get("FEAST_REGISTRY_URL"):
+            raise ValueError(f"--registry sql needs {REGISTRY_URL_ENV} (a SQLAlchemy URL) in the environment")
+        store = yaml.safe_load(text)
+        store["registry"] = SQL_REGISTRY
+        text = "# written by `vlmrec features --registry sql`\n" + yaml.safe_dump(store, sort_keys=False)
+    ws.feature_store_yaml.write_text(text)
     return ws.feature_store_yaml
 
 
@@ -259,10 +282,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="materialize rows up to this ISO time only (the online store as of a split's cut, for replay)",
     )
+    parser.add_argument(
+        "--registry",
+        choices=REGISTRIES,
+        default=FeaturesConfig.registry,
+        help=f"file: registry.db in the workspace; sql: Feast's SQL registry at ${REGISTRY_URL_ENV} (PostgreSQL)",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = FeaturesConfig(online_store=args.online_store, until=getattr(args, "until", None))
+    config = FeaturesConfig(
+        online_store=args.online_store,
+        until=getattr(args, "until", None),
+        registry=getattr(args, "registry", "file"),
+    )
     report = apply_and_materialize(Workspace(args.workdir), config)
     print(
         f"features: applied to {args.workdir}, materialized {', '.join(report['views'])} "
