@@ -1,10 +1,12 @@
-"""`vlmrec index build|upsert`: build a verified index version and switch to it, or add new items.
+"""`vlmrec index build|upsert|snapshot`: build a verified index version and switch to it, add new items, or
+snapshot the served collections of a Qdrant server.
 
     vlmrec index build  --workdir .vlmrec/sample                       # Edge, <workdir>/index
     vlmrec index build  --workdir W --run sasrec     # runs/sasrec/export -> indexes/sasrec (dot: id space)
     vlmrec index build  --workdir W --teacher        # data/item_embeddings.parquet -> indexes/teacher
     vlmrec index build  --workdir W --vectors runs/x/export/item_vectors.parquet --backend server
     vlmrec index upsert --workdir W --vectors new_vectors.parquet --items new_items.parquet
+    vlmrec index snapshot --backend server --keep 3               # every alias's collection (index/snapshot.py)
     python -m index.cli build --help
 
 The server backend reads QDRANT_URL / QDRANT_API_KEY from the environment (here, once) unless --url is given.
@@ -70,6 +72,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "build": "build a new version from the item vector table, verify it, switch to it",
         "upsert": "add or replace items in the current version (cold start), no rebuild",
     }
+    snap = sub.add_parser(
+        "snapshot",
+        help="snapshot each aliased collection of a Qdrant server, keep the newest --keep",
+        description="snapshot each aliased collection of a Qdrant server, keep the newest --keep",
+    )
+    snap.add_argument("--backend", choices=["server"], default="server")
+    snap.add_argument("--url", default=None, help="default: env QDRANT_URL")
+    snap.add_argument("--keep", type=int, default=3, help="snapshots kept per collection")
     for name, text in commands.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -150,6 +160,19 @@ def config_from_args(args: argparse.Namespace, vectors: Path | None = None) -> I
 def run(args: argparse.Namespace) -> None:
     from index.build import build_index, upsert_items, workspace_teacher_id
 
+    if args.index_command == "snapshot":
+        from index.snapshot import snapshot_aliases
+        from index.store import make_client
+
+        url = args.url or os.environ.get("QDRANT_URL")
+        if not url:
+            raise ValueError("index snapshot needs --url or QDRANT_URL (a Qdrant server)")
+        config = IndexConfig(backend="server", url=url, api_key=os.environ.get("QDRANT_API_KEY"))
+        for r in snapshot_aliases(make_client(config), args.keep):
+            print(
+                f"index snapshot: {r.alias} -> {r.collection}: {r.created}; deleted {list(r.deleted) or 'none'}"
+            )
+        return
     ws = Workspace(args.workdir)
     name = index_name(args)
     index_dir = args.index_dir or (ws.named_index(name) if name else ws.index)

@@ -522,3 +522,52 @@ def test_the_default_vectors_are_the_newest_finished_export(tmp_path):
         path.write_bytes(b"")
         os.utime(path, (mtime, mtime))
     assert latest_export(ws) == done
+
+
+def test_snapshots_of_every_aliased_collection_keep_the_newest_ones():
+    """Issue 19: `vlmrec index snapshot` asks the server for one snapshot per aliased collection, then deletes
+    all but the newest --keep of each (qdrant-client's own models; the server's snapshot API is not in local
+    mode, so a recording client stands in for it)."""
+    from qdrant_client.http import models
+
+    from index.snapshot import snapshot_aliases
+
+    class Server:
+        def __init__(self):
+            self.snapshots = {"items-student_v2": ["s-01", "s-02", "s-03"], "items_teacher_v1": []}
+            self.deleted, self.clock = [], 10
+
+        def get_aliases(self):
+            pairs = [("items_teacher", "items_teacher_v1"), ("items-student", "items-student_v2")]
+            return models.CollectionsAliasesResponse(
+                aliases=[models.AliasDescription(alias_name=a, collection_name=c) for a, c in pairs]
+            )
+
+        def create_snapshot(self, collection_name, wait=True):
+            self.clock += 1
+            name = f"s-{self.clock:02d}"
+            self.snapshots[collection_name].append(name)
+            return models.SnapshotDescription(
+                name=name, creation_time=f"2026-11-30T00:00:{self.clock:02d}", size=1
+            )
+
+        def list_snapshots(self, collection_name):
+            return [
+                models.SnapshotDescription(name=n, creation_time=f"2026-11-30T00:00:{n[2:]}", size=1)
+                for n in self.snapshots[collection_name]
+            ]
+
+        def delete_snapshot(self, collection_name, snapshot_name, wait=True):
+            self.snapshots[collection_name].remove(snapshot_name)
+            self.deleted.append((collection_name, snapshot_name))
+
+    server = Server()
+    reports = snapshot_aliases(server, keep=2)
+    assert [(r.alias, r.collection) for r in reports] == [
+        ("items-student", "items-student_v2"),
+        ("items_teacher", "items_teacher_v1"),
+    ]
+    assert server.snapshots == {"items-student_v2": ["s-03", "s-11"], "items_teacher_v1": ["s-12"]}
+    assert reports[0].deleted == ("s-02", "s-01") and reports[1].deleted == ()
+    with pytest.raises(ValueError, match="keep"):
+        snapshot_aliases(server, keep=0)

@@ -381,7 +381,7 @@ def test_job_commands_parse_with_the_real_clis(overlay):
     from feast.cli.cli import cli as feast_cli
 
     commands = job_commands(render(overlay))
-    assert len(commands) == 10
+    assert len(commands) == 11
     for where, argv in commands:
         if argv[:2] == ["/bin/sh", "-c"]:  # feast materialize-incremental "$(date ...)"
             (fmt,) = re.findall(r'"\$\(date -u \+([^)]+)\)"', argv[2])
