@@ -75,6 +75,7 @@ class Stub:
         self.clicks = {u: list(s) for u, s in CLICKS.items()}
         self.requests: list[tuple[str, dict]] = []
         self.down: set[str] = set()
+        self.offered: tuple[str, ...] = PRODUCERS  # what /readyz lists
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -93,7 +94,7 @@ class Stub:
                 stub.requests.append((self.path, {}))
                 if self.path == "/readyz":
                     producers = {
-                        p: {"ready": p not in stub.down, "model_version": f"{p}@stub"} for p in PRODUCERS
+                        p: {"ready": p not in stub.down, "model_version": f"{p}@stub"} for p in stub.offered
                     }
                     return self._send(200, {"ready": True, "producers": producers})
                 m = re.fullmatch(r"/v1/users/(\d+)/clicks", self.path)
@@ -255,6 +256,19 @@ def test_one_producer_failing_leaves_the_others(monkeypatch, ui_world, stub):
     at = app(monkeypatch, ui_world, stub.url).run()
     assert "sasrec is down" in at.get_by_key("col-sasrec").warning[0].value
     assert len(ids_in(at, "col-student")) == 10 and not at.exception
+
+
+def test_the_page_offers_the_producers_the_deployment_lists(monkeypatch, ui_world, stub):
+    """The producer columns come from the Producer's /readyz, not from a list in the page."""
+    stub.offered = ("student", "popular")
+    try:
+        at = app(monkeypatch, ui_world, stub.url).run()
+        assert at.multiselect(key="producers").options == ["student", "popular"] and not at.exception
+        assert ids_in(at, "col-student") and ids_in(at, "col-popular")
+        with pytest.raises(KeyError):  # no column for a producer the deployment does not offer
+            at.get_by_key("col-similar")
+    finally:
+        stub.offered = PRODUCERS
 
 
 def test_ui_cli_config_and_bad_input(tmp_path, capsys):

@@ -90,7 +90,7 @@ def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
 
 
 def _repo_path() -> str:
-    """The repository root first on the page's path (page.py imports serving/ and ui/)."""
+    """The repository root first on the page's path (page.py imports ui/)."""
     root = str(Path(__file__).resolve().parent.parent)
     return os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
 

@@ -15,7 +15,6 @@ import secrets
 
 import streamlit as st
 
-from serving.config import PRODUCERS
 from ui.catalogue import Catalogue, load_catalogue
 from ui.client import ProducerClient, ProducerDown, Reply
 from ui.config import UIConfig
@@ -54,7 +53,9 @@ def _new_session() -> None:
     st.session_state.anonymous = ANONYMOUS_BASE + secrets.randbelow(10**12)
 
 
-def _sidebar(cat: Catalogue, cfg: UIConfig) -> tuple[int, int, dict | None, list[str], dict[str, float]]:
+def _sidebar(
+    cat: Catalogue, cfg: UIConfig, offered: dict[str, bool]
+) -> tuple[int, int, dict | None, list[str], dict[str, float]]:
     with st.sidebar:
         st.header("vlmrec producers")
         st.caption(f"Producer API: {cfg.api_url}")
@@ -72,7 +73,8 @@ def _sidebar(cat: Catalogue, cfg: UIConfig) -> tuple[int, int, dict | None, list
         available = st.selectbox(
             "available", ["(any)", "available only", "unavailable only"], key="available"
         )
-        producers = st.multiselect("producers", list(PRODUCERS), default=list(PRODUCERS), key="producers")
+        # the Producer's own list (/readyz): a producer that is not ready shows its column's message
+        producers = st.multiselect("producers", list(offered), default=list(offered), key="producers")
         st.subheader("mix weights")
         weights = {p: float(st.slider(p, 0.0, 5.0, 1.0, 0.5, key=f"weight-{p}")) for p in producers}
     filters = {}
@@ -179,13 +181,15 @@ def main() -> None:
         st.error(str(exc))
         st.stop()
         return
-    user, k, filters, producers, weights = _sidebar(cat, cfg)
     try:
         ready = client.readyz()
     except ProducerDown as exc:
         st.error(str(exc))
         st.stop()
         return
+    # the producers this deployment offers, as it says (an experiment's arms, "arm:<name>", are not asked by name)
+    offered = {n: p["ready"] for n, p in ready.body.get("producers", {}).items() if ":" not in n}
+    user, k, filters, producers, weights = _sidebar(cat, cfg, offered)
     with st.sidebar:
         st.subheader(f"readiness ({_latency(ready)})")
         for name, p in ready.body.get("producers", {}).items():
