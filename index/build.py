@@ -507,10 +507,9 @@ def workspace_teacher_id(ws: Workspace) -> str | None:
     """The teacher id of the workspace's item embeddings (what new items are embedded with), None if none."""
     if not ws.embeddings.exists():
         return None
-    ids = pq.read_table(ws.embeddings, columns=["teacher_id"]).column(0).unique().to_pylist()
-    if len(ids) != 1:
-        raise ValueError(f"{ws.embeddings}: column teacher_id holds {len(ids)} teachers; re-run embed")
-    return str(ids[0])
+    from vlmrec.schema import teacher_of
+
+    return teacher_of(ws.embeddings)
 
 
 def check_teacher(points: pa.Table, teacher_id: str | None, source: str) -> None:

@@ -41,9 +41,10 @@ from serving.asks import Ask, Ranked
 from serving.calls import Deps, Unavailable, ms_since
 from serving.config import PRODUCERS, ProducerConfig
 from serving.experiments import Experiment, default_traffic_keys
-from training.data import ItemTable, ModelInputs, build_inputs
+from training.data import ItemTable, ModelInputs, build_inputs, trim_padding
 from training.item_age import bucket_ranges
 from training.model import WEIGHTS_FILE, SeqRec
+from vlmrec.schema import teacher_of
 
 log = logging.getLogger("ray.serve")
 
@@ -157,12 +158,11 @@ class ModelSource:
         """(B, max_len) model input -> (B, D) user vectors. Left padding is trimmed (the model's output does
         not depend on it): rows go in groups of similar length (`length_groups`), each as wide as its
         longest, so one long history does not make a batch of short ones pay its width."""
-        lengths = (ids > 0).sum(1)
         out = np.empty((len(ids), self.model.cfg.out_dim), np.float32)
         with torch.inference_mode():
-            for rows in length_groups(lengths):
-                width = max(int(lengths[rows].max()), 1)
-                out[rows] = self.model.user_vector(torch.as_tensor(ids[rows, -width:])).float().numpy()
+            for rows in length_groups((ids > 0).sum(1)):
+                (group,) = trim_padding(ids[rows])
+                out[rows] = self.model.user_vector(torch.as_tensor(group)).float().numpy()
         return out
 
     @property
@@ -450,11 +450,11 @@ def check_export_teacher(export: Path, run_info: dict) -> None:
     vectors = export / "item_vectors.parquet"
     if not vectors.exists():
         return
-    ids = pq.read_table(vectors, columns=["teacher_id"]).column(0).unique().to_pylist()
-    if ids != [run_info.get("teacher_id")]:
+    held = teacher_of(vectors)
+    if held != run_info.get("teacher_id"):
         raise ValueError(
             f"teacher mismatch: {export / 'run.json'} names teacher {run_info.get('teacher_id')!r} but "
-            f"{vectors} holds vectors of {ids}; re-export the run (vlmrec train) instead of mixing files"
+            f"{vectors} holds vectors of {held!r}; re-export the run (vlmrec train) instead of mixing files"
         )
 
 
@@ -483,9 +483,9 @@ def load_model_source(name: str, run: str, export: Path, index: Index, cfg: Prod
 
 
 def popular_ranking(events: Path, half_life_days: float, until=None) -> list[dict]:
-    """Every item of the events table by recency-weighted popularity (training's popular_items, the same
+    """Every item of the events table by recency-weighted popularity (training/popular.py's popular_items, the same
     weighting the exports' popular.json use), events at or after `until` left out."""
-    from training.train import popular_items
+    from training.popular import popular_items
 
     table = pq.read_table(events, columns=["item_id", "event_timestamp"]).to_pandas()
     if until is not None:

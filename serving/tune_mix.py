@@ -39,8 +39,9 @@ from serving.sources import last_distinct
 from training.data import ItemTable
 from training.evaluate import export_scorer
 from training.item_age import added_days, to_days
+from training.popular import popular_items
 from training.split import SplitConfig, held_out_items, learnable_events
-from training.train import load_items, popular_items
+from training.train import load_items
 from vlmrec.workspace import Workspace
 
 MIX_FILE = "mix.json"

@@ -19,6 +19,7 @@ from training.item_age import AGE_EDGES_DAYS, UNSEEN, added_days, age_bucket, bu
 from training.losses import SeqRecLoss, sampled_softmax_loss
 from training.model import SeqRec
 from training.pairs import PairConfig, mine_pairs
+from training.popular import popular_items
 from training.split import SplitConfig, after_cut, launched_items, learnable_events, train_events
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
@@ -92,7 +93,7 @@ def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_wor
     for name in ("inputs", "targets", "valid_inputs", "valid_targets"):
         assert not np.isin(getattr(data, name), held).any(), f"a launched item in {name}"
     assert not data.train_events["item_id"].isin(raw).any()
-    popular = {p["item_id"] for p in train.popular_items(data.train_events, 1000, 7.0)}
+    popular = {p["item_id"] for p in popular_items(data.train_events, 1000, 7.0)}
     assert popular and not popular & set(raw)
     assert np.isinf(data.added_days[held]).all()  # no first event learned either
     counts = np.bincount(data.targets[data.targets > 0], minlength=data.items.n_items + 1)

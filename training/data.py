@@ -182,6 +182,14 @@ def target_counts(examples: Examples, n_items: int) -> np.ndarray:
     return np.bincount(t, minlength=n_items + 1).astype(np.int64)
 
 
+def trim_padding(ids, *aligned):
+    """Left padding trimmed from (B, T) model inputs `ids` (numpy or torch) and arrays aligned with them: to
+    the longest row's length (at least 1). The model's output does not depend on left padding, so this
+    changes nothing but speed. -> (ids, *aligned), each (B, width)."""
+    width = max(int((ids > 0).sum(1).max()), 1) if len(ids) else 1
+    return tuple(a[:, a.shape[1] - width :] for a in (ids, *aligned))
+
+
 def iterate_batches(
     examples: Examples, batch_size: int, rng: np.random.Generator, bucket_pool: int = 0
 ) -> Iterator[Examples]:
@@ -201,6 +209,4 @@ def iterate_batches(
         )
     batches = np.split(perm, range(batch_size, n, batch_size))
     for b in (batches[i] for i in rng.permutation(len(batches))):
-        x, y = examples.inputs[b], examples.targets[b]
-        width = int((x > 0).sum(1).max()) if len(b) else 0
-        yield Examples(x[:, x.shape[1] - max(width, 1) :], y[:, y.shape[1] - max(width, 1) :])
+        yield Examples(*trim_padding(examples.inputs[b], examples.targets[b]))

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from training.model import SeqRec
+from vlmrec.schema import teacher_of
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, atomic_write_parquet
 
 OUT_NAME = "new_item_vectors.parquet"  # written next to the run's export: runs/<run>/new_item_vectors.parquet
@@ -65,13 +66,13 @@ def new_item_vectors(export_dir: Path, embeddings: Path, batch_size: int = 8192)
             f"{export_dir}: item_space 'id' gives no vector to an item it was not trained on; "
             "serve a content-space student (frozen / whitened / adapter) for cold-start items"
         )
-    table = pq.read_table(embeddings, columns=["item_id", "vector", "teacher_id"])
-    teachers = set(table.column("teacher_id").to_pylist())
-    if teachers - {teacher_id}:
+    held = teacher_of(embeddings)
+    if held != teacher_id:
         raise ValueError(
-            f"{embeddings}: column teacher_id holds {sorted(teachers)} but the model was trained on "
+            f"{embeddings}: column teacher_id holds {held!r} but the model was trained on "
             f"{teacher_id!r}; retrain on the new teacher instead of mixing spaces"
         )
+    table = pq.read_table(embeddings, columns=["item_id", "vector", "teacher_id"])
     ids = table.column("item_id").to_numpy().astype(np.int64)
     vocabulary = model.item_ids[1:].cpu().numpy()
     new = ~np.isin(ids, vocabulary)

@@ -37,11 +37,13 @@ import torch
 
 from training import engine
 from training.config import LossConfig, ModelConfig, TrainConfig
-from training.data import ItemTable, build_inputs
+from training.data import ItemTable, build_inputs, trim_padding
 from training.item_age import added_days, to_days
 from training.metrics import metrics_from_ranks, rank_of_target
 from training.model import SeqRec
+from training.popular import popular_items
 from training.split import SplitConfig, after_cut, held_out_items, learnable_events
+from vlmrec.schema import teacher_of
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
 
 
@@ -99,13 +101,8 @@ def load_items(ws: Workspace, need_teacher: bool = True) -> tuple[ItemTable, str
             ids = pq.read_table(ws.items, columns=["item_id"]).column("item_id").to_numpy()
             return ItemTable(np.sort(ids)), None
         raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
-    table = pq.read_table(ws.embeddings).to_pandas()
-    teacher_ids = table["teacher_id"].unique()
-    if len(teacher_ids) != 1:
-        raise ValueError(
-            f"{ws.embeddings}: column teacher_id holds {len(teacher_ids)} teachers; re-run embed"
-        )
-    return ItemTable.from_frame(table), str(teacher_ids[0])
+    teacher_id = teacher_of(ws.embeddings)
+    return ItemTable.from_frame(pq.read_table(ws.embeddings).to_pandas()), teacher_id
 
 
 def example_queries(
@@ -342,10 +339,10 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in shard.iter_torch_batches(
             batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=epoch_seed
         ):
-            x, y = batch["inputs"].to(device), batch["targets"].to(device)  # (B, T)
-            width = max(int((x > 0).sum(1).max()), 1)  # trim left padding: outputs are padding-invariant
-            x, y = x[:, -width:], y[:, -width:]
-            days = batch["target_days"].to(device)[:, -width:] if added_days is not None else None
+            x, y, days = trim_padding(
+                batch["inputs"].to(device), batch["targets"].to(device), batch["target_days"].to(device)
+            )  # (B, width) each
+            days = days if added_days is not None else None
             candidates = criterion.sample_candidates(y)
             loss, _ = criterion(ds_engine(x, y, candidates, days, added_days), y, candidates)
             ds_engine.backward(loss)
@@ -565,20 +562,6 @@ def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData
     if unexpected or set(missing) - buffers:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
     return model.eval()
-
-
-def popular_items(train: pd.DataFrame, k: int, half_life_days: float) -> list[dict]:
-    """Recency-weighted popularity over the training events: weight 0.5 ** (age / half life)."""
-    ts = pd.to_datetime(train["event_timestamp"], utc=True)
-    age_days = (ts.max() - ts).dt.total_seconds().to_numpy() / 86400.0
-    weights = np.power(0.5, age_days / half_life_days)
-    scores = (
-        pd.Series(weights)
-        .groupby(train["item_id"].to_numpy())
-        .sum()
-        .sort_values(ascending=False, kind="stable")
-    )
-    return [{"item_id": int(i), "score": float(s)} for i, s in scores.head(k).items()]
 
 
 def item_vector_table(model: SeqRec, items: ItemTable, teacher_id: str) -> pa.Table:

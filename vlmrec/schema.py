@@ -57,3 +57,14 @@ ITEM_EMBEDDINGS = pa.schema(
         ("teacher_id", pa.string()),  # which teacher made it; stages refuse to mix ids
     ]
 )
+
+
+def teacher_of(table_path) -> str:
+    """The one teacher id of an item vector table (item embeddings, an export's item_vectors.parquet): its
+    vectors live in that teacher's space. ValueError naming the file when it mixes teachers."""
+    import pyarrow.parquet as pq
+
+    ids = pq.read_table(table_path, columns=["teacher_id"]).column(0).unique().to_pylist()
+    if len(ids) != 1:
+        raise ValueError(f"{table_path}: column teacher_id holds {len(ids)} teachers {ids[:3]}; re-run embed")
+    return str(ids[0])
