@@ -70,8 +70,8 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from vlmrec.embed import EmbedConfig, embed_catalogue
-    from vlmrec.teacher import TeacherConfig, item_text, load_teacher
+    from teacher.embed import EmbedConfig, embed_catalogue
+    from teacher.encoders import TeacherConfig, item_text, load_teacher
     from vlmrec.workspace import Workspace
 
     src = Workspace(args.workdir)

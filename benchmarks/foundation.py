@@ -350,7 +350,7 @@ def _neighbours(vectors: np.ndarray, chunk: int = 1024) -> np.ndarray:
 
 def title_only_vectors(workdir: Path) -> tuple[np.ndarray, float]:
     """The control: the same teacher on titles alone (no genre or tag words), direct, no Ray."""
-    from vlmrec.teacher import TeacherConfig, load_teacher
+    from teacher.encoders import TeacherConfig, load_teacher
     from vlmrec.workspace import Workspace
 
     emb_ids = pq.read_table(Workspace(workdir).embeddings, columns=["item_id"]).column(0).to_numpy()
@@ -375,9 +375,9 @@ def diagnostics(
     import ray
     import torch
 
-    from vlmrec.embed import ItemEmbedder
+    from teacher.embed import ItemEmbedder
+    from teacher.encoders import TeacherConfig, item_text, load_teacher
     from vlmrec.raycluster import init_ray
-    from vlmrec.teacher import TeacherConfig, item_text, load_teacher
     from vlmrec.workspace import Workspace
 
     ws = Workspace(workdir)

@@ -17,7 +17,7 @@ parser); its wall time is the command's. `--skip-existing` reuses a stage whose 
    the user's previous click its query item, the clicked item the target; the full catalogue ranked by
    teacher cosine, the user's history excluded (training/evaluate.py's `knn` scorer, the same code as the
    `knn` row of `vlmrec evaluate`). nDCG@5, nDCG@10, Recall@10 on all and on cold targets. Fused LiT
-   vectors at a second image weight are computed in process with vlmrec.teacher.fuse.
+   vectors at a second image weight are computed in process with teacher.encoders.fuse.
 5. the student: vlmrec train + vlmrec evaluate, one config, in the frozen and the lora-sigmoid workspace
 6. LiT: poster -> text retrieval among held-out movies (first rated after the cut: never a training pair),
    Recall@1 / @10 against chance (1/N, 10/N); also on as many training movies, to show what was fitted
@@ -159,11 +159,11 @@ def summarise(result: dict, data) -> dict:
 
 def lit_fused(frozen: Path, weights: tuple[float, ...]) -> dict[float, np.ndarray]:
     """Item vectors normalise(w * LiT image + (1 - w) * minilm text) for each w, in the workspace's item
-    order (items without a poster keep their text vector), with vlmrec.teacher.fuse as `vlmrec embed` does."""
+    order (items without a poster keep their text vector), with teacher.encoders.fuse as `vlmrec embed` does."""
     import torch
     from PIL import Image
 
-    from vlmrec.teacher import TeacherConfig, fuse, load_teacher
+    from teacher.encoders import TeacherConfig, fuse, load_teacher
 
     lit = load_teacher(TeacherConfig(name="lit", path=str(frozen / "runs" / "lit" / "export" / "model")))
     items = pq.read_table(frozen / "data" / "items.parquet").to_pandas()
@@ -189,8 +189,8 @@ def lit_retrieval(frozen: Path, export: Path, seed: int = 0) -> dict:
     """Poster -> text of the same movie among N movies: held-out (created after the cut) vs training ones."""
     from PIL import Image
 
+    from teacher.encoders import TeacherConfig, item_text, load_teacher
     from training.metrics import temporal_split
-    from vlmrec.teacher import TeacherConfig, item_text, load_teacher
 
     run = json.loads((export / "run.json").read_text())
     field = run["configs"]["tune"]["text_field"]

@@ -136,7 +136,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def sample_workspace(tmp_path_factory, ray_local):
     """A small sample dataset ingested, embedded with minilm and materialized: the stages' real outputs."""
-    from vlmrec.embed import EmbedConfig, embed_catalogue
+    from teacher.embed import EmbedConfig, embed_catalogue
     from vlmrec.features import apply_and_materialize
     from vlmrec.ingest import IngestConfig, ingest
     from vlmrec.sample import SampleConfig, generate_sample

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from serving.tune_mix import validation_queries
+from teacher.pairs import PairConfig, mine_pairs
 from training import train
 from training.config import LossConfig, ModelConfig
 from training.data import ItemTable
@@ -18,7 +19,6 @@ from training.evaluate import check_split
 from training.item_age import AGE_EDGES_DAYS, UNSEEN, added_days, age_bucket, bucket_ranges, to_days
 from training.losses import SeqRecLoss, sampled_softmax_loss
 from training.model import SeqRec
-from training.pairs import PairConfig, mine_pairs
 from training.popular import popular_items
 from training.split import SplitConfig, after_cut, launched_items, learnable_events, train_events
 

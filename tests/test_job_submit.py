@@ -83,7 +83,7 @@ def test_teacher_tuning_runs_unchanged_under_ray_job_submit(head_node, sample_wo
     ws = sample_workspace
     submit(
         head_node,
-        "python", "-m", "training.tune_teacher", "--workdir", str(ws.root), "--name", "submitted-tune",
+        "python", "-m", "teacher.tune.cli", "--workdir", str(ws.root), "--name", "submitted-tune",
         "--epochs", "1", "--max-pairs", "120", "--batch-size", "16", "--num-workers", "1",
     )  # fmt: skip
     tuned = json.loads((ws.runs / "submitted-tune" / "export" / "model" / "teacher.json").read_text())

@@ -54,5 +54,5 @@ def test_each_role_extra_brings_its_own_packages(extra, needs):
 def test_the_packages_ship_their_type_marker():
     from importlib.resources import files
 
-    for package in ("vlmrec", "training", "serving", "index", "ui"):
+    for package in ("vlmrec", "engine", "teacher", "training", "serving", "index", "ui"):
         assert files(package).joinpath("py.typed").is_file(), package

@@ -30,7 +30,7 @@ TRAIN = ["--epochs", "3", "--patience", "3", "--max-len", "8", "--batch-size", "
 def world(tmp_path_factory, ray_local) -> tuple[Workspace, Path]:
     """The sample's first 80% of events ingested, embedded, materialized, a student trained and indexed,
     the teacher indexed (`similar`); the last 20% kept aside as tomorrow's traffic."""
-    from vlmrec.embed import EmbedConfig, embed_catalogue
+    from teacher.embed import EmbedConfig, embed_catalogue
     from vlmrec.sample import SampleConfig, generate_sample
 
     root = tmp_path_factory.mktemp("refresh")

@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-import vlmrec.teacher as teacher_module
-from vlmrec.teacher import TeacherConfig, embed_items, item_text, load_teacher
+import teacher.encoders as teacher_module
+from teacher.encoders import TeacherConfig, embed_items, item_text, load_teacher
 
 WORDS = "red running shoes crimson sneakers for jogging a history of the roman empire blue mug lamp".split()
 
@@ -300,7 +300,7 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
 
     import pyarrow.parquet as pq
 
-    from vlmrec.embed import EmbedConfig, embed_catalogue
+    from teacher.embed import EmbedConfig, embed_catalogue
     from vlmrec.workspace import Workspace
 
     sorted_table = pq.read_table(sample_workspace.embeddings).to_pandas()  # the fixture's: sorted (default)

@@ -202,10 +202,10 @@ def test_fusion_is_chosen_on_validation_and_saved_with_the_model(trained):
 
 
 def test_gradient_clipping_comes_from_the_train_config():
-    from training.engine import EngineConfig, ds_config
+    from engine import EngineConfig, ds_config
 
     shipped = ds_config(EngineConfig(), 128, 1e-3, 0.0)
-    assert shipped["gradient_clipping"] == 1.0  # training/zero.json's
+    assert shipped["gradient_clipping"] == 1.0  # engine/zero.json's
     flags = train.TrainConfig.from_dict({"grad_clip": 0.0})
     assert ds_config(EngineConfig(), 128, 1e-3, 0.0, grad_clip=flags.grad_clip)["gradient_clipping"] == 0.0
     assert train.TrainConfig.from_dict({}).grad_clip == 1.0  # a run.json written before the flag existed

@@ -1,4 +1,4 @@
-"""Teacher tuning (training/tune_teacher.py) through its real entry point on tiny worlds built here: a tiny
+"""Teacher tuning (teacher/tune/) through its real entry point on tiny worlds built here: a tiny
 random BERT (the minilm code path), a tiny random SigLIP, a tiny remote-code CLIP (the jina-clip-v2 code path)
 and a LiT image tower. Plus the loss against a direct computation, pair mining at the cut, QLoRA refused
 without CUDA, and teacher-id mismatches refused by training, indexing and serving."""
@@ -18,10 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from training import tune_teacher
-from training.losses import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_T, infonce_pair_loss, sigmoid_pair_loss
-from training.pairs import CO, IMAGE_TITLE, PairConfig, co_engagement_pairs, mine_pairs, pair_labels
-from vlmrec.teacher import TeacherConfig, _weights_digest, load_teacher
+from teacher.encoders import TeacherConfig, _weights_digest, load_teacher
+from teacher.pairs import CO, IMAGE_TITLE, PairConfig, co_engagement_pairs, mine_pairs, pair_labels
+from teacher.tune import cli as tune_cli
+from teacher.tune import config as tune_config
+from teacher.tune import export as tune_export
+from teacher.tune import loop as tune_loop
+from teacher.tune import model as tune_model
+from teacher.tune.losses import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_T, infonce_pair_loss, sigmoid_pair_loss
 from vlmrec.workspace import Workspace
 
 GROUPS = ["apple", "river", "rocket", "violin"]  # what users click together; each has its own colour
@@ -211,14 +215,14 @@ def world(tmp_path_factory):
 def _tune(ws: Workspace, name: str, *extra: str):
     args = ["--workdir", str(ws.root), "--name", name, "--batch-size", "16", "--max-pairs", "0"]
     args += ["--max-failures", "0"]
-    return tune_teacher.run(_parse([*args, *extra]))
+    return tune_cli.run(_parse([*args, *extra]))
 
 
 def _parse(argv):
     import argparse
 
     parser = argparse.ArgumentParser()
-    tune_teacher.add_arguments(parser)
+    tune_cli.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -331,9 +335,9 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_merges_into_the_full_one(ber
     merged into a fresh base) embeds like the adapters it was given; the base folder is untouched."""
     bnb = pytest.importorskip("bitsandbytes")
     digest = _weights_digest(bert_dir)
-    cfg = tune_teacher.TuneConfig(teacher="minilm", teacher_path=str(bert_dir), lr=1e-2, logit_lr=0.1)
-    config = {"tune": cfg.to_dict(), "adapter": tune_teacher.AdapterConfig(qlora=True).to_dict()}
-    model = tune_teacher.build_model(config, device="cuda")
+    cfg = tune_config.TuneConfig(teacher="minilm", teacher_path=str(bert_dir), lr=1e-2, logit_lr=0.1)
+    config = {"tune": cfg.to_dict(), "adapter": tune_config.AdapterConfig(qlora=True).to_dict()}
+    model = tune_model.build_model(config, device="cuda")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert any(p.dtype == torch.uint8 for p in model.parameters())  # the packed NF4 weights
     texts = [f"{g} {f}" for g in GROUPS for f in FILLERS]
@@ -359,10 +363,10 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_merges_into_the_full_one(ber
     with torch.no_grad():
         assert float(loss()) < 0.7 * start
     trained = {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    full = tune_teacher.build_model(config, qlora=False)  # what the driver does before exporting
-    tune_teacher._load_trainable(full, trained)
-    tcfg = tune_teacher.teacher_config(cfg)
-    tuned = tune_teacher._export_lora(tmp_path, full, tcfg, full.teacher.model_id)
+    full = tune_model.build_model(config, qlora=False)  # what the driver does before exporting
+    tune_loop._load_trainable(full, trained)
+    tcfg = tune_config.teacher_config(cfg)
+    tuned = tune_export._export_lora(tmp_path, full, tcfg, full.teacher.model_id)
     merged = load_teacher(TeacherConfig(name="minilm", path=str(tmp_path / "model")))
     with torch.inference_mode():
         np.testing.assert_allclose(

@@ -28,7 +28,7 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 
-from training.config import _Config
+from engine.config import _Config
 
 SplitName = Literal["temporal", "loo"]
 ColdMode = Literal["natural", "launch"]

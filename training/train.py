@@ -7,7 +7,7 @@
 Data flows one way: the split's training events -> (user, target time) queries -> the student's Feast
 feature service by point-in-time join (the sequence just before each target) -> next-item examples ->
 Ray Data shards them to the workers. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in
-training/zero.json; gloo on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint
+engine/zero.json; gloo on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint
 reported to Ray Train, early stopping. A re-run with the same name (or a restarted worker, FailureConfig)
 resumes from the latest checkpoint. The driver then exports one folder, `<workdir>/runs/<name>/export/`:
 
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from training import engine
+import engine
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, build_inputs, trim_padding
 from training.item_age import added_days, to_days

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 STAGES: dict[str, tuple[str, str]] = {
     "ingest": ("vlmrec.ingest", "read events + catalogue, write the Feast sources and click sequences"),
-    "embed": ("vlmrec.embed", "embed the catalogue with the teacher (Ray Data)"),
+    "embed": ("teacher.embed", "embed the catalogue with the teacher (Ray Data)"),
     "features": ("vlmrec.features", "feast apply + materialize into the online store"),
     "train": ("training.train", "train the student (Ray Train + DeepSpeed) and export it"),
-    "tune": ("training.tune_teacher", "fine-tune the teacher on catalogue and click pairs (LoRA, LiT)"),
+    "tune": ("teacher.tune.cli", "fine-tune the teacher on catalogue and click pairs (LoRA, LiT)"),
     "evaluate": ("training.evaluate", "evaluate models: full ranking and sampled protocols"),
     "tune-mix": ("serving.tune_mix", "choose the Mixer's default weights on validation (writes mix.json)"),
     "replay": (

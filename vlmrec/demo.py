@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from vlmrec import embed, features, ingest
+from teacher import embed
+from vlmrec import features, ingest
 from vlmrec.workspace import Workspace
 
 

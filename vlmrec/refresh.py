@@ -173,8 +173,9 @@ def retrain(
     missing = {"job", "model", "loss", "train"} - set(configs)
     if missing:
         raise ValueError(f"the serving run's run.json has no configs {sorted(missing)}: retrain it by hand")
+    job_cfg = {k: v for k, v in configs["job"].items() if k != "zero_config"}  # this install's DeepSpeed JSON
     job = JobConfig.from_dict(
-        {**configs["job"], "workdir": str(ws.root), "name": new}
+        {**job_cfg, "workdir": str(ws.root), "name": new}
         | {"split": "temporal", "cut_time": cut, "cold": "natural"}
     )
     train_cfg = TrainConfig.from_dict(configs["train"])

@@ -1,5 +1,5 @@
-"""The Ray Train + DeepSpeed engine shared by vlmrec's training jobs: the student (training/train.py) and the
-teacher tuning (training/tune_teacher.py). One DeepSpeed JSON (training/zero.json), a TorchTrainer of CPU
+"""The Ray Train + DeepSpeed engine shared by vlmrec's training jobs, owned by neither: the student
+(training/train.py) and the teacher tuning (teacher/tune/). One DeepSpeed JSON (engine/zero.json), a TorchTrainer of CPU
 (gloo) or GPU (NCCL) workers, a DeepSpeed checkpoint reported to Ray Train every epoch, resume from the
 latest one (a re-run of the same run folder, or Ray restarting failed workers), fp32 weights out of it.
 
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from training.config import _Config
+from engine.config import _Config
 
 ZERO_CONFIG = Path(__file__).with_name("zero.json")
 CHECKPOINT_TAG = "ds"

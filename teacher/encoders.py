@@ -16,7 +16,7 @@ Four implementations behind one interface (`Teacher`):
                 Remote code runs only from a local folder or at a pinned commit; the model's code lives in
                 another repository (jinaai/jina-clip-implementation), which must be pinned too (`code_revision`).
   lit           a text teacher (locked) plus a small ViT image tower trained into its space by
-                `vlmrec tune --method lit` (vlmrec/image_tower.py): image-aware vectors without VLM weights.
+                `vlmrec tune --method lit` (teacher/image_tower.py): image-aware vectors without VLM weights.
 
 Each also has a differentiable path (`text_features`, `pixel_values`, `image_features`, and `item_features`
 for a fused item): what `vlmrec tune` trains through; embedding runs the same code under inference_mode.
@@ -420,13 +420,13 @@ class LitTeacher(Teacher):
     --method lit`), so a catalogue with images but no VLM weights still gets image-aware vectors.
 
     `path` is the tuned folder: teacher.json (the text teacher's config and id) and the image tower
-    (vlmrec.image_tower). Texts go through the text teacher, images through the tower; embed_items fuses them.
+    (teacher.image_tower). Texts go through the text teacher, images through the tower; embed_items fuses them.
     """
 
     supports_images = True
 
     def __init__(self, config: TeacherConfig) -> None:
-        from vlmrec.image_tower import ImageTower
+        from teacher.image_tower import ImageTower
 
         if config.path is None or tuned_info(Path(config.path)) is None:
             raise ValueError(

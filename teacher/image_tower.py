@@ -7,7 +7,7 @@ PIL + numpy here.
     vectors = tower(tower.pixel_values(images))          # (B, 384) unit rows
     tower.save_pretrained(folder); ImageTower.from_pretrained(folder)
 
-Trained by `vlmrec tune --method lit`; used at embedding time by the `lit` teacher (vlmrec/teacher.py).
+Trained by `vlmrec tune --method lit`; used at embedding time by the `lit` teacher (teacher/encoders.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the training engine costs: the same student, data and batch size trained by a plain single-process
 PyTorch loop and by the real job (Ray Train + DeepSpeed, 2 CPU workers), in one run.
 
-    python benchmarks/engine.py --workdir .vlmrec/movielens --epochs 3 --out benchmarks/results/engine.json
+    python benchmarks/engine_cost.py --workdir .vlmrec/movielens --epochs 3 --out benchmarks/results/engine.json
 
 The workspace must be ingested, embedded and materialized (vlmrec demo --format movielens ... does it).
 Throughput = training sequences per second over whole epochs (the Ray figure counts both workers' shards
@@ -106,7 +106,7 @@ def main() -> None:
         f"Ray Train + DeepSpeed: {ray['seq_per_s']:.1f} seq/s, peak RSS per worker {ray['peak_rss_mb_per_worker']:.0f} MB"
     )
     result = {
-        "command": "python benchmarks/engine.py "
+        "command": "python benchmarks/engine_cost.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
         "train_examples": len(data.inputs),

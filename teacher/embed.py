@@ -22,8 +22,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from teacher.encoders import TeacherConfig, embed_items, item_text, load_teacher, resolve_teacher
 from vlmrec import schema
-from vlmrec.teacher import TeacherConfig, embed_items, item_text, load_teacher, resolve_teacher
 from vlmrec.workspace import Workspace, atomic_write_parquet
 
 
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vlmrec.embed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m teacher.embed", description=__doc__.splitlines()[0])
     add_arguments(parser)
     run(parser.parse_args(argv))
 

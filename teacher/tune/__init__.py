@@ -1,0 +1,1 @@
+"""Teacher tuning (`vlmrec tune`, teacher/tune/cli.py): configs -> model -> loop -> export."""
