@@ -381,7 +381,7 @@ def test_job_commands_parse_with_the_real_clis(overlay):
     from feast.cli.cli import cli as feast_cli
 
     commands = job_commands(render(overlay))
-    assert len(commands) == 11
+    assert len(commands) == 12
     for where, argv in commands:
         if argv[:2] == ["/bin/sh", "-c"]:  # feast materialize-incremental "$(date ...)"
             (fmt,) = re.findall(r'"\$\(date -u \+([^)]+)\)"', argv[2])
@@ -418,6 +418,10 @@ def test_run_name_and_alias_agree_across_training_index_serving_and_cron(overlay
     assert vectors.run == run and Path(vectors.workdir) == Path(WORKSPACE)
     assert (upsert.backend, upsert.alias) == ("server", alias)
     assert upsert.vectors == Path(WORKSPACE, "runs", run, OUT_NAME)
+    # the Mixer's default weights are tuned on the runs the Producer serves, into the file it reads
+    mix = commands["pod/tune-mix"]
+    assert (mix.student_run, mix.sasrec_run) == (run, user_config.get("sasrec_run", "sasrec"))
+    assert Path(mix.workdir) == Path(user_config["workdir"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
