@@ -168,7 +168,11 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
             f"{ws.sequences} has no click_times column (written by an older vlmrec ingest): "
             f"run `vlmrec ingest --workdir {ws.root}` again"
         )
+    before = ws.feature_store_yaml.read_text() if ws.feature_store_yaml.exists() else None
     write_repo(ws, config)
+    new_store = (
+        before != ws.feature_store_yaml.read_text()
+    )  # another online store (or registry) than last time
     t0 = time.perf_counter()
     feast_apply(ws)
     t_apply = time.perf_counter() - t0
@@ -181,8 +185,9 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
     else:  # later rows only: each view from where its last materialization ended, up to now
         now = datetime.now(UTC)
         # A view never materialized has no such end, and Feast then starts a ttl-0 view a year back, which
-        # would skip older data (MovieLens is 1996-2018): its first materialization covers the sources.
-        first = [n for n in names if store.get_feature_view(n).most_recent_end_time is None]
+        # would skip older data (MovieLens is 1996-2018): its first materialization covers the sources. So
+        # does every view's after a change of store: the registry's ends say nothing of a new online store.
+        first = [n for n in names if new_store or store.get_feature_view(n).most_recent_end_time is None]
         if first:
             store.materialize(start_date=start, end_date=max(end, now), feature_views=first)
         if later := [n for n in names if n not in first]:
