@@ -82,7 +82,8 @@ def _wait(ready, what: str, timeout_s: float = 120) -> None:
 
 def alive_nodes(address: str, env: dict) -> list[dict]:
     done = run_ray(env, "list", "nodes", "--address", address, "--format", "json", "--filter", "state=ALIVE")
-    return json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else []
+    out = done.stdout
+    return json.loads(out[out.index("[") :]) if done.returncode == 0 and "[" in out else []
 
 
 def submit(head_node, *entrypoint: str) -> subprocess.CompletedProcess:
@@ -109,7 +110,8 @@ def test_training_runs_unchanged_under_ray_job_submit(head_node, sample_workspac
     nodes = {n["node_id"]: n["is_head_node"] for n in alive_nodes(address, env)}
     listed = run_ray(env, "list", "actors", "--address", address, "--format", "json", "--detail",
                      "--filter", "class_name=RayTrainWorker", "--limit", "100")  # fmt: skip
-    workers = [a["node_id"] for a in json.loads(listed.stdout)]
+    assert listed.returncode == 0 and "[" in listed.stdout, listed.stdout[-2000:] + listed.stderr[-2000:]
+    workers = [a["node_id"] for a in json.loads(listed.stdout[listed.stdout.index("[") :])]
     assert len(nodes) == 2 and workers and not any(nodes[n] for n in workers), (nodes, workers)
 
 
