@@ -75,6 +75,28 @@ def test_split_config_refuses_what_cannot_be_a_launch():
         SplitConfig(cold="launch", launch_fraction=0.0)
 
 
+def test_a_cut_time_splits_at_that_time_for_training_and_evaluation_alike():
+    """`vlmrec refresh`'s window: events before cut_time are train, the rest test, in the job's split and in
+    evaluation's queries."""
+    from training.metrics import temporal_split
+
+    times = pd.to_datetime(["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"], utc=True)
+    events = pd.DataFrame(
+        {"user_id": [1, 2, 1, 2, 1], "item_id": [10, 11, 12, 13, 14], "event_timestamp": times}
+    )
+    cfg = SplitConfig(cut_time="2024-01-03T00:00:00Z")
+    assert train_events(events, cfg)["item_id"].tolist() == [10, 11]
+    assert after_cut(events, cfg)["item_id"].tolist() == [12, 13, 14]  # an event at the cut is after it
+    ordered = np.sort(events["event_timestamp"].to_numpy())
+    assert cfg.cut_count(ordered) == 2
+    assert temporal_split(events, cut=cfg.cut_count(ordered)).test.targets.tolist() == [12, 14, 13]
+    assert "before 2024-01-03" in cfg.describe()
+    with pytest.raises(ValueError, match="cut_time"):
+        SplitConfig(cut_time="yesterday")
+    with pytest.raises(ValueError, match="temporal"):
+        SplitConfig(split="loo", cut_time="2024-01-03")
+
+
 def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_workspace):
     """Training examples (inputs and targets), validation, popularity, logQ counts, the negative pool,
     first-event times and teacher-tuning pairs: none may hold a launched item's pre-cut event."""
