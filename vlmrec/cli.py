@@ -70,8 +70,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+OUR_LOGGERS = ("vlmrec", "engine", "teacher", "training", "serving", "index", "ui")
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """The root logger to stderr at `level`, as text or JSON lines; noisy libraries one level quieter."""
+    """Logs to stderr as text or JSON lines: vlmrec's own at `level`, the libraries' (Feast, Ray, httpx...)
+    from WARNING up, or everything with DEBUG."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
@@ -80,7 +84,9 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level if level == "DEBUG" else "WARNING")
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
