@@ -1,0 +1,41 @@
+"""The `vlmrec` command's own options (issue 19): --version, --log-level, --log-format (JSON lines on stderr
+for a cluster's collector; results stay on stdout)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from vlmrec.cli import configure_logging, main, version
+
+
+def test_version_names_the_installed_package(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"vlmrec {version()}"
+    assert version() != "unknown"
+
+
+def test_json_logs_one_object_per_line_with_levels_and_libraries_kept_quiet(capsys):
+    configure_logging("INFO", "json")
+    try:
+        logging.getLogger("vlmrec.refresh").info("step %d", 3)
+        logging.getLogger("feast.infra.registry").info("Registry cache expired")  # a library's chatter
+        logging.getLogger("feast.infra.registry").warning("something worth seeing")
+        logging.getLogger("serving.report").debug("not at INFO")
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert [(e["level"], e["logger"], e["message"]) for e in lines] == [
+            ("INFO", "vlmrec.refresh", "step 3"),
+            ("WARNING", "feast.infra.registry", "something worth seeing"),
+        ]
+        assert all("time" in e for e in lines)
+    finally:
+        configure_logging("WARNING", "text")
+
+
+def test_a_bad_log_level_is_a_cli_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--log-level", "LOUD", "refresh", "--help"])
+    assert done.value.code == 2 and "--log-level" in capsys.readouterr().err
