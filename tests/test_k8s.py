@@ -271,7 +271,7 @@ def test_nightly_refresh_runs_vlmrec_refresh_against_the_producer_with_only_that
     cron = one(docs, "RayCronJob")
     job = cron["spec"]["jobTemplate"]
     args = parse_command(shlex.split(job["entrypoint"]))
-    assert args.stage == "refresh" and args.workdir == Path(WORKSPACE)
+    assert args.stage == "refresh" and Path(args.workdir) == Path(WORKSPACE)
     kind, name = args.swap.split("/")
     assert kind == "rayservice" and name == one(docs, "RayService")["metadata"]["name"]
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -37,13 +37,14 @@ import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.config import _Config
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
 
 log = logging.getLogger("vlmrec.refresh")
 
 
 @dataclass(frozen=True)
-class RefreshConfig:
+class RefreshConfig(_Config):
     workdir: str = str(DEFAULT_WORKDIR)
     name: str | None = None  # the new run; None = <serving run without its stamp>-<UTC yyyymmddHHMMSS>
     window_days: float = 7.0  # the newest events both versions are scored on
@@ -82,7 +83,7 @@ def refresh(cfg: RefreshConfig) -> dict:
         raise FileNotFoundError(f"the serving run {producer.run!r} has no export ({producer.export_dir})")
     serving_run = json.loads((producer.export_dir / "run.json").read_text())
     t0 = time.perf_counter()
-    out: dict = {"serving_run": producer.run, "config": cfg.__dict__ | {}, "started": _now()}
+    out: dict = {"serving_run": producer.run, "config": cfg.to_dict(), "started": _now()}
     out["folded"] = fold_logged(ws, snapshot_len(ws))
     log.info("1/6 folded the logged events: %s", out["folded"])
 
@@ -255,35 +256,11 @@ def wait_until_serving(target, new: str, timeout_s: float) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = RefreshConfig()
-    parser.add_argument("--workdir", type=Path, default=Path(d.workdir), help="the workspace folder")
-    parser.add_argument("--name", default=None, help="the new run (default: <serving run>-<UTC stamp>)")
-    parser.add_argument("--window-days", type=float, default=d.window_days, help="the gate's window")
-    parser.add_argument("--margin", type=float, default=d.margin, help="tolerated relative NDCG@10 loss")
-    parser.add_argument("--min-queries", type=int, default=d.min_queries)
-    parser.add_argument(
-        "--swap", default=d.swap, help="serve (default), rayservice/<name> (in a pod), or none"
-    )
-    parser.add_argument("--namespace", default=None, help="rayservice: its namespace (default: the pod's)")
-    parser.add_argument("--epochs", type=int, default=None, help="epoch cap (default: the serving run's)")
-    parser.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=d.warm_start)
-    parser.add_argument("--timeout-s", type=float, default=d.timeout_s)
+    RefreshConfig.add_arguments(parser)  # one flag per field: --window-days, --margin, --swap, ...
 
 
 def run(args: argparse.Namespace) -> dict:
-    cfg = RefreshConfig(
-        workdir=str(args.workdir),
-        name=args.name,
-        window_days=args.window_days,
-        margin=args.margin,
-        min_queries=args.min_queries,
-        swap=args.swap,
-        namespace=args.namespace,
-        epochs=args.epochs,
-        warm_start=args.warm_start,
-        timeout_s=args.timeout_s,
-    )
-    out = refresh(cfg)
+    out = refresh(RefreshConfig.from_args(args))
     print(f"refresh: {out['decision']} ({out['seconds']} s); {out['report']}", flush=True)
     return out
 
