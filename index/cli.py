@@ -21,7 +21,7 @@ import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from index.config import BACKENDS, DISTANCES, IndexConfig
+from index.config import BACKENDS, DISTANCES, IndexConfig, named_alias
 from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 
 EXPORT_NAME = (
@@ -153,7 +153,7 @@ def config_from_args(args: argparse.Namespace, vectors: Path | None = None) -> I
     values["distance"] = values["distance"] or (vector_distance(vectors) if vectors else "cosine")
     name = index_name(args)
     if name and values["alias"] == IndexConfig.alias:
-        values["alias"] = f"{IndexConfig.alias}_{name}"
+        values["alias"] = named_alias(name)
     return IndexConfig(**values, api_key=os.environ.get("QDRANT_API_KEY"))
 
 

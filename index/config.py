@@ -23,6 +23,12 @@ HNSW_BY_SIZE: tuple[tuple[int | None, int, int, int], ...] = (
 )
 
 
+def named_alias(name: str) -> str:
+    """The server alias of a named index (a run's own, or the teacher's): what `vlmrec index build --run NAME`
+    / `--teacher` builds and the Producer's sibling producers (and a refreshed run) search."""
+    return f"{IndexConfig.alias}_{name}"
+
+
 def hnsw_for(n: int) -> tuple[int, int, int]:
     """(m, ef_construct, ef) for a collection of n items."""
     for bound, m, ef_construct, ef in HNSW_BY_SIZE:

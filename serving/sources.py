@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from index.config import IndexConfig
+from index.config import IndexConfig, named_alias
 from index.search import Hit, Index, open_index
 from serving.asks import Ask, Ranked
 from serving.calls import Deps, Unavailable, ms_since
@@ -122,7 +122,7 @@ def index_config(cfg: ProducerConfig, name: str | None = None) -> IndexConfig:
     `--teacher` make). The api key comes from this replica's environment (QDRANT_API_KEY), never from
     user_config."""
     if cfg.index_backend == "server":
-        alias = cfg.index_alias if name is None else f"{IndexConfig.alias}_{name}"
+        alias = cfg.index_alias if name is None else named_alias(name)
         return IndexConfig(
             backend="server", url=cfg.index_url, api_key=os.environ.get("QDRANT_API_KEY"), alias=alias
         )

@@ -142,8 +142,7 @@ def test_the_gate_keeps_the_serving_version_when_the_new_one_is_worse():
 
 def test_warm_start_copies_shared_weights_and_maps_item_rows_by_id():
     from training.config import ModelConfig
-    from training.model import SeqRec
-    from training.train import warm_start
+    from training.model import SeqRec, warm_start
 
     cfg = ModelConfig(n_items=4, teacher_dim=0, item_space="id", d_model=8, max_len=6)
     old = SeqRec(cfg, item_ids=np.array([-1, 10, 11, 12, 13]))

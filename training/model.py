@@ -364,3 +364,31 @@ def fit_whitening(x: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
     evals = evals + eps * evals.mean() + 1e-12
     matrix = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
     return mean.float(), matrix.float()
+
+
+ITEM_ROWS = ("id_emb.weight", "id_in.weight", "id_out.weight")  # one row per vocabulary item (0 = padding)
+
+
+def warm_start(model: SeqRec, source: SeqRec) -> dict:
+    """Copy `source`'s weights into `model` where they fit: every parameter of the same name and shape, and
+    the per-item rows of items both vocabularies hold (matched by item id; new items keep their fresh
+    rows). Buffers (the vocabulary, teacher vectors) stay the new data's. -> {copied, items_matched, skipped}"""
+    mine, theirs = model.state_dict(), source.state_dict()
+    params = {name for name, _ in model.named_parameters()}
+    copied, skipped = [], []
+    new_ids, old_ids = model.item_ids.numpy(), source.item_ids.numpy()
+    where = {int(i): r for r, i in enumerate(old_ids) if r > 0}
+    rows = np.array([[r, where[int(i)]] for r, i in enumerate(new_ids) if r > 0 and int(i) in where])
+    with torch.no_grad():
+        for name in sorted(params):
+            if name not in theirs:
+                skipped.append(name)
+            elif name in ITEM_ROWS and theirs[name].shape[1:] == mine[name].shape[1:] and len(rows):
+                mine[name][torch.as_tensor(rows[:, 0])] = theirs[name][torch.as_tensor(rows[:, 1])]
+                copied.append(name)
+            elif theirs[name].shape == mine[name].shape and name not in ITEM_ROWS:
+                mine[name].copy_(theirs[name])
+                copied.append(name)
+            else:
+                skipped.append(name)
+    return {"copied": len(copied), "items_matched": int(len(rows)), "skipped": skipped}

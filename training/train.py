@@ -40,7 +40,7 @@ from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, build_inputs, trim_padding
 from training.item_age import added_days, to_days
 from training.metrics import metrics_from_ranks, rank_of_target
-from training.model import SeqRec
+from training.model import SeqRec, warm_start
 from training.popular import popular_items
 from training.split import SplitConfig, after_cut, held_out_items, learnable_events
 from vlmrec.schema import teacher_of
@@ -519,34 +519,6 @@ def _iso(ts) -> str:
     """A time as ISO 8601 UTC (naive = UTC)."""
     t = pd.Timestamp(ts)
     return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).isoformat()
-
-
-ITEM_ROWS = ("id_emb.weight", "id_in.weight", "id_out.weight")  # one row per vocabulary item (0 = padding)
-
-
-def warm_start(model: SeqRec, source: SeqRec) -> dict:
-    """Copy `source`'s weights into `model` where they fit: every parameter of the same name and shape, and
-    the per-item rows of items both vocabularies hold (matched by item id; new items keep their fresh
-    rows). Buffers (the vocabulary, teacher vectors) stay the new data's. -> {copied, items_matched, skipped}"""
-    mine, theirs = model.state_dict(), source.state_dict()
-    params = {name for name, _ in model.named_parameters()}
-    copied, skipped = [], []
-    new_ids, old_ids = model.item_ids.numpy(), source.item_ids.numpy()
-    where = {int(i): r for r, i in enumerate(old_ids) if r > 0}
-    rows = np.array([[r, where[int(i)]] for r, i in enumerate(new_ids) if r > 0 and int(i) in where])
-    with torch.no_grad():
-        for name in sorted(params):
-            if name not in theirs:
-                skipped.append(name)
-            elif name in ITEM_ROWS and theirs[name].shape[1:] == mine[name].shape[1:] and len(rows):
-                mine[name][torch.as_tensor(rows[:, 0])] = theirs[name][torch.as_tensor(rows[:, 1])]
-                copied.append(name)
-            elif theirs[name].shape == mine[name].shape and name not in ITEM_ROWS:
-                mine[name].copy_(theirs[name])
-                copied.append(name)
-            else:
-                skipped.append(name)
-    return {"copied": len(copied), "items_matched": int(len(rows)), "skipped": skipped}
 
 
 def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData) -> SeqRec:

@@ -72,7 +72,7 @@ class RefreshConfig(_Config):
 def refresh(cfg: RefreshConfig) -> dict:
     """Run the loop once; returns the decision (also written to <workdir>/refresh/<new run>.json)."""
     from serving.config import ProducerConfig
-    from serving.rollout import rollout_target
+    from serving.rollout import rollout_target, wait_serving
     from vlmrec.ingest import fold_logged
 
     ws = Workspace(Path(cfg.workdir))
@@ -118,7 +118,7 @@ def refresh(cfg: RefreshConfig) -> dict:
         out["user_config"] = new_config.to_dict()
         return _finish(ws, out, t0, name=new)
     target.apply(new_config.to_dict())
-    out["swap"] = {"target": cfg.swap, "polls": wait_until_serving(target, new, cfg.timeout_s)}
+    out["swap"] = {"target": cfg.swap, "polls": wait_serving(target.url(), f"{new}@", cfg.timeout_s)}
     out["decision"] = f"promoted: {new} serves (was {producer.run})"
     log.info("6/6 %s", out["decision"])
     return _finish(ws, out, t0, name=new)
@@ -215,11 +215,11 @@ def decide(serving: float, new: float, margin: float) -> tuple[bool, str]:
 
 def promote_config(ws: Workspace, producer, new: str):
     """The Producer config that serves `new`: its run and its own index, everything else unchanged."""
-    from index.config import IndexConfig
+    from index.config import named_alias
 
     if producer.index_backend == "edge":
         return replace(producer, run=new, model_path=None, index_dir=str(ws.named_index(new).absolute()))
-    return replace(producer, run=new, model_path=None, index_alias=f"{IndexConfig.alias}_{new}")
+    return replace(producer, run=new, model_path=None, index_alias=named_alias(new))
 
 
 def build_run_index(ws: Workspace, producer, new: str) -> dict:
@@ -228,14 +228,14 @@ def build_run_index(ws: Workspace, producer, new: str) -> dict:
 
     from index.build import build_index, workspace_teacher_id
     from index.cli import EXPORT_NAME, vector_distance
-    from index.config import IndexConfig
+    from index.config import IndexConfig, named_alias
 
     vectors = ws.runs / new / "export" / EXPORT_NAME
     config = IndexConfig(
         backend=producer.index_backend,
         url=producer.index_url,
         api_key=os.environ.get("QDRANT_API_KEY"),
-        alias=f"{IndexConfig.alias}_{new}",
+        alias=named_alias(new),
         distance=vector_distance(vectors),
     )
     v = build_index(vectors, ws.items, ws.named_index(new), config, teacher_id=workspace_teacher_id(ws))
@@ -247,12 +247,6 @@ def preflight(config) -> None:
     from serving.state import load_state
 
     load_state(config).close()
-
-
-def wait_until_serving(target, new: str, timeout_s: float) -> int:
-    from serving.rollout import wait_serving
-
-    return wait_serving(target.url(), f"{new}@", timeout_s)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
