@@ -130,6 +130,12 @@ def sampled_candidates(
     )
 
 
+def ndcg_at(ranks: np.ndarray, k: int) -> np.ndarray:
+    """(Q,) per-query NDCG@k of 0-based ranks with one target: 1 / log2(rank + 2) inside k, else 0."""
+    ranks = np.asarray(ranks, np.float64)
+    return np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def metrics_from_ranks(
     ranks: np.ndarray,
     ks: Sequence[int] = KS,
@@ -148,7 +154,7 @@ def metrics_from_ranks(
     values = {}
     for k in ks:
         values[f"HR@{k}"] = (ranks < k).astype(np.float64)
-        values[f"NDCG@{k}"] = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
+        values[f"NDCG@{k}"] = ndcg_at(ranks, k)
     values["MRR"] = 1.0 / (ranks + 1.0)
     _, u = np.unique(users, return_inverse=True)
     n_users = int(u.max()) + 1 if len(u) else 0

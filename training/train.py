@@ -39,7 +39,7 @@ import engine
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, build_inputs, trim_padding
 from training.item_age import added_days, to_days
-from training.metrics import metrics_from_ranks, rank_of_target
+from training.metrics import metrics_from_ranks, ndcg_at, rank_of_target
 from training.model import SeqRec, warm_start
 from training.popular import popular_items
 from training.split import SplitConfig, after_cut, held_out_items, learnable_events
@@ -216,16 +216,15 @@ def _target_days(
 # ------------------------------------------------------------------------------------------- workers
 
 
-def validation_ndcg(
+def validation_ranks(
     model: SeqRec,
     inputs: np.ndarray,
     targets: np.ndarray,
-    users: np.ndarray,
     days: np.ndarray | None = None,
     added_days: np.ndarray | None = None,
-) -> float:
-    """Full-ranking NDCG@10 of the validation targets by the model's own scores (item age at each target's
-    time when the model has it), the history and padding excluded."""
+) -> np.ndarray:
+    """(Q,) 0-based full-ranking rank of each validation target by the model's own scores (item age at each
+    target's time when the model has it), the history and padding excluded."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -239,30 +238,58 @@ def validation_ndcg(
             exclude = [np.concatenate([[0], row[row > 0]]) for row in x]
             ranks.append(rank_of_target(s, targets[a : a + 512], exclude))
     model.train(was_training)
-    return metrics_from_ranks(np.concatenate(ranks), ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+
+
+def validation_ndcg(
+    model: SeqRec,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    users: np.ndarray,
+    days: np.ndarray | None = None,
+    added_days: np.ndarray | None = None,
+) -> float:
+    """Full-ranking NDCG@10 of the validation targets (validation_ranks)."""
+    ranks = validation_ranks(model, inputs, targets, days, added_days)
+    return metrics_from_ranks(ranks, ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
 
 
 # (fusion_weight, fusion_last) pairs tried on validation (--tune-fusion); weight 0 = no fusion
-FUSION_GRID = ((0.0, 1), *((w, n) for n in (1, 3) for w in (0.1, 0.25, 0.5, 1.0, 2.0)))
+FUSION_GRID = ((0.0, 1), *((w, n) for n in (1, 3, 5) for w in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)))
 
 
 def fusion_key(weight: float, last: int) -> str:
     return f"{weight:g}@{last}"
 
 
+def fusion_choice(ndcg: dict[tuple[float, int], np.ndarray]) -> tuple[float, int]:
+    """The one-standard-error rule, leaning on content: among the pairs whose validation NDCG@10 is within one
+    standard error of the best's (the error of the per-query difference, the same queries), the one with the
+    most content in the query (largest weight, then most clicks). Validation targets are items the model
+    trained on; what a new item needs, content, is what it cannot see, so it breaks its ties.
+    ndcg: (weight, last) -> (Q,) per-query NDCG@10."""
+    best = max(ndcg, key=lambda p: ndcg[p].mean())  # the first of ties
+    n = len(ndcg[best])
+
+    def close(pair: tuple[float, int]) -> bool:
+        diff = ndcg[best] - ndcg[pair]
+        return diff.mean() <= (diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0)
+
+    return max((p for p in ndcg if close(p)), key=lambda p: (p[0], p[1]))
+
+
 def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, float]]:
-    """Set the model's fusion_weight and fusion_last to the FUSION_GRID pair with the best validation
-    NDCG@10 (ties: the earlier pair). -> (the model, validation NDCG@10 per "weight@last")"""
-    scores = {}
+    """Set the model's fusion_weight and fusion_last to the FUSION_GRID pair that `fusion_choice` takes on
+    validation. -> (the model, validation NDCG@10 per "weight@last")"""
+    per_query = {}
     base = dataclasses.replace(model.cfg, fusion_weight=0.0)
     for weight, last in FUSION_GRID:
         model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
-        scores[fusion_key(weight, last)] = validation_ndcg(
-            model, data.valid_inputs, data.valid_targets, data.valid_users, data.valid_days, data.added_days
-        )
-    weight, last = max(FUSION_GRID, key=lambda p: scores[fusion_key(*p)])  # max keeps the first of ties
+        ranks = validation_ranks(model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days)
+        per_query[weight, last] = ndcg_at(ranks, 10)
+    weight, last = fusion_choice(per_query)
     model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
-    return model, scores
+    return model, {fusion_key(*p): float(v.mean()) for p, v in per_query.items()}
 
 
 def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
