@@ -285,7 +285,9 @@ def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, 
     base = dataclasses.replace(model.cfg, fusion_weight=0.0)
     for weight, last in FUSION_GRID:
         model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
-        ranks = validation_ranks(model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days)
+        ranks = validation_ranks(
+            model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days
+        )
         per_query[weight, last] = ndcg_at(ranks, 10)
     weight, last = fusion_choice(per_query)
     model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
