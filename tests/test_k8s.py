@@ -544,7 +544,54 @@ def test_images_are_pinned(overlay):
         assert digest is None or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), image
         assert digest or (tag and re.search(r"\d+\.\d+\.\d+", tag)), f"{image}: no exact version or digest"
     third_party = {i for i in images if "vlmrec" not in image_parts(i)[0]}
-    assert third_party and any(image_parts(i)[2] for i in third_party)
+    assert third_party and all(image_parts(i)[2] for i in third_party), "every third-party image by digest"
+
+
+def deploy_digest_check() -> str:
+    """docs/DEPLOY.md's check that the prod overlay names every image by digest, as written."""
+    (line,) = [
+        x
+        for x in (REPO / "docs" / "DEPLOY.md").read_text().splitlines()
+        if x.startswith("! kubectl kustomize")
+    ]
+    return line
+
+
+def test_prod_applies_only_images_pinned_by_digest(tmp_path):
+    """The committed prod overlay fails DEPLOY.md's check on exactly the project's own images (their digests
+    exist only once a release is pushed); pinned as `kustomize edit set image` writes it, it passes and every
+    container of prod names an image by digest."""
+    import shutil
+
+    env = {"PATH": f"{Path(kubectl()).parent}:/usr/bin:/bin"}
+    check = ["bash", "-c", deploy_digest_check()]
+    before = subprocess.run(check, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert before.returncode == 1, before.stderr
+    unpinned = {line.split("image:")[1].strip() for line in before.stdout.splitlines()}
+    assert unpinned == {"registry.example.com/vlmrec:0.1.0-cpu", "registry.example.com/vlmrec:0.1.0-cuda"}
+
+    shutil.copytree(K8S, tmp_path / "k8s")
+    kustomization = tmp_path / "k8s" / "overlays" / "prod" / "kustomization.yaml"
+    doc = yaml.safe_load(kustomization.read_text())
+    digests = {"vlmrec": "sha256:" + "1" * 64, "vlmrec-train": "sha256:" + "2" * 64}
+    doc["images"] = [
+        {"name": i["name"], "newName": i["newName"], "digest": digests[i["name"]]} for i in doc["images"]
+    ]
+    kustomization.write_text(yaml.safe_dump(doc, sort_keys=False))
+    after = subprocess.run(check, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert after.returncode == 0 and after.stdout == "", after.stdout + after.stderr
+    rendered = subprocess.run(
+        [kubectl(), "kustomize", str(tmp_path / "k8s" / "overlays" / "prod")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    images = {
+        c["image"] for d in yaml.safe_load_all(rendered) if d for _, c, _, _ in containers(d) if "image" in c
+    }
+    assert f"registry.example.com/vlmrec@{digests['vlmrec']}" in images
+    assert all(image_parts(i)[2] for i in images), images
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
