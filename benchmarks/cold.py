@@ -40,6 +40,7 @@ TRAINED: dict[str, list[str]] = {
     "student-age-fusion": [*BASE, "--item-age"],
     "student-hybrid-dropout-fusion": HYBRID,
     "student-hybrid-age-fusion": [*HYBRID, "--item-age"],
+    "student-hybrid08-age-fusion": [*BASE, "--use-id-embedding", "--id-dropout", "0.8", "--item-age"],
 }
 # model -> (training run, fusion kept?)
 MODELS: dict[str, tuple[str, bool]] = {
@@ -52,6 +53,7 @@ MODELS: dict[str, tuple[str, bool]] = {
     "student-hybrid-dropout-fusion": ("student-hybrid-dropout-fusion", True),
     "student-hybrid-age": ("student-hybrid-age-fusion", False),
     "student-hybrid-age-fusion": ("student-hybrid-age-fusion", True),
+    "student-hybrid08-age-fusion": ("student-hybrid08-age-fusion", True),
 }
 STUDENTS = [m for m in MODELS if m.startswith("student")]
 LAUNCH = ["--cold", "launch", "--launch-fraction", "0.1", "--launch-seed", "0"]
