@@ -45,7 +45,7 @@ def main() -> None:
     from serving.config import ProducerConfig
     from serving.replay import ReplayConfig, replay
     from serving.report import ReportConfig, markdown, plot, report
-    from training.split import SplitConfig, train_events
+    from vlmrec.split import SplitConfig, train_events
 
     ws = Workspace(args.workdir)
     vlmrec = str(Path(sys.executable).with_name("vlmrec"))

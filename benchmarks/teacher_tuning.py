@@ -65,7 +65,7 @@ def vlmrec(argv: list[str], log: Path) -> float:
 def eval_data(workdir: Path):
     """The protocol's queries and the workspace's item vectors (training.evaluate's temporal 0.8 split)."""
     from training.evaluate import load_eval_data
-    from training.split import SplitConfig
+    from vlmrec.split import SplitConfig
     from vlmrec.workspace import Workspace
 
     return load_eval_data(Workspace(workdir), SplitConfig())

@@ -5,7 +5,7 @@
     vlmrec replay --workdir W --url http://127.0.0.1:8000 --max-events 5000 --rate 50
     vlmrec report --workdir W --out reports/replay     # per-arm figures from that traffic
 
-For each held-out event (the events after the split's cut, `training/split.py`, oldest first): ask
+For each held-out event (the events after the split's cut, `vlmrec/split.py`, oldest first): ask
 /v1/candidates for its user (k, no producer: the deployment's experiment decides the arm), then post the
 event to /v1/events with the answer's request_id and the item's position in it (none when it was not
 shown). The event is posted at the replay's time, not the dataset's (the Producer bounds event times to
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from training.split import SplitConfig, after_cut
+from vlmrec.split import SplitConfig, after_cut
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
 
 

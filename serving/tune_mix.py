@@ -40,8 +40,8 @@ from training.data import ItemTable
 from training.evaluate import export_scorer
 from training.item_age import added_days, to_days
 from training.popular import popular_items
-from training.split import SplitConfig, held_out_items, learnable_events
 from training.train import load_items
+from vlmrec.split import SplitConfig, held_out_items, learnable_events
 from vlmrec.workspace import Workspace
 
 MIX_FILE = "mix.json"

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from training.split import SplitConfig, held_out_items, learnable_events
+from vlmrec.split import SplitConfig, held_out_items, learnable_events
 
 CO, IMAGE_TITLE = 0, 1
 PairKind = Literal["co-engagement", "image-title", "both"]

@@ -20,7 +20,7 @@ from training.item_age import AGE_EDGES_DAYS, UNSEEN, added_days, age_bucket, bu
 from training.losses import SeqRecLoss, sampled_softmax_loss
 from training.model import SeqRec
 from training.popular import popular_items
-from training.split import SplitConfig, after_cut, launched_items, learnable_events, train_events
+from vlmrec.split import SplitConfig, after_cut, launched_items, learnable_events, train_events
 
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 

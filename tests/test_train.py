@@ -14,7 +14,7 @@ import torch
 from training import evaluate, train
 from training.data import ItemTable
 from training.model import SeqRec
-from training.split import SplitConfig, learnable_events
+from vlmrec.split import SplitConfig, learnable_events
 
 
 @pytest.fixture(scope="module")

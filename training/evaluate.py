@@ -38,8 +38,8 @@ from training.metrics import (
     temporal_split,
 )
 from training.model import SeqRec
-from training.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
 from training.train import load_items
+from vlmrec.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
 from vlmrec.workspace import Workspace
 
 # (histories (model indices), request times in days (Q,)) -> scores (Q, n + 1)

@@ -42,8 +42,8 @@ from training.item_age import added_days, to_days
 from training.metrics import metrics_from_ranks, ndcg_at, rank_of_target
 from training.model import SeqRec, warm_start
 from training.popular import popular_items
-from training.split import SplitConfig, after_cut, held_out_items, learnable_events
 from vlmrec.schema import teacher_of
+from vlmrec.split import SplitConfig, after_cut, held_out_items, learnable_events
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
 
 

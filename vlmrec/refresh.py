@@ -158,7 +158,7 @@ def window_start(ws: Workspace, serving_run: dict, window_days: float) -> str:
 
 def gate_data(ws: Workspace, cut: str):
     from training.evaluate import load_eval_data
-    from training.split import SplitConfig
+    from vlmrec.split import SplitConfig
 
     return load_eval_data(ws, SplitConfig(split="temporal", cut_time=cut))
 
