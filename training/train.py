@@ -255,7 +255,7 @@ def validation_ndcg(
 
 
 # (fusion_weight, fusion_last) pairs tried on validation (--tune-fusion); weight 0 = no fusion
-FUSION_GRID = ((0.0, 1), *((w, n) for n in (1, 3, 5) for w in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)))
+FUSION_GRID = ((0.0, 1), *((w, n) for n in (1, 3, 5, 10) for w in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)))
 
 
 def fusion_key(weight: float, last: int) -> str:
