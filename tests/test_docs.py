@@ -142,6 +142,11 @@ def checkout(tmp_path_factory):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, root / name)
     (root / ".venv").symlink_to(Path(sys.prefix))
+    # `make demo` would re-install a .venv older than pyproject.toml, pointing the shared editable install
+    # at this temporary copy: only an up-to-date .venv is borrowed (`make test` makes it so).
+    fresh = subprocess.run(["make", "-q", "venv"], cwd=root, capture_output=True, timeout=60)
+    if fresh.returncode != 0:
+        pytest.fail(f"{sys.prefix} is older than pyproject.toml or constraints.txt: run `make venv` first")
     return root
 
 
