@@ -16,6 +16,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def pytest_collection_modifyitems(items):
+    """tests/test_docs.py runs last: the README's `ray stop` stops every Ray on the machine, the session's
+    one too (tests/test_docs.py shuts that one down first)."""
+    items.sort(key=lambda item: item.path.name == "test_docs.py")  # stable: the rest keep their order
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

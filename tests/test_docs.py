@@ -179,6 +179,9 @@ def _shell(root: Path, script: str, timeout: int) -> subprocess.CompletedProcess
 
 
 def test_the_readme_runs_as_written(checkout):
+    import ray
+
+    ray.shutdown()  # the session's Ray: `make demo` would join it, the README's `ray stop` would kill it
     done = _shell(checkout, _script(SHELLS[0]), timeout=900)
     assert done.returncode == 0, done.stdout[-3000:]
     assert (checkout / ".vlmrec" / "sample" / "runs" / "student" / "export" / "run.json").exists()

@@ -152,6 +152,33 @@ def _parse(args, epochs):
     return out
 
 
+def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(trained, monkeypatch):
+    """What grows with the catalogue and the users (teacher matrix, validation set, counts) reaches the
+    workers as one object-store reference; the loop config itself stays a few KB of configs."""
+    import pickle
+
+    import ray
+
+    ws, args = trained
+    seen = {}
+
+    def fit(loop, config, datasets, run_dir, engine_cfg, score):
+        seen["config"] = config
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(train.engine, "fit", fit)
+    with pytest.raises(RuntimeError, match="captured"):
+        train.run(_parse([*args[:3], "student-arrays", *args[4:]], epochs=1))
+    config = seen["config"]
+    assert len(pickle.dumps({k: v for k, v in config.items() if k != "arrays"})) < 20_000
+    assert isinstance(config["arrays"], ray.ObjectRef)
+    arrays = ray.get(config["arrays"])
+    data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root)), 8)
+    np.testing.assert_array_equal(arrays["teacher"], data.items.teacher_matrix())
+    for name in ("valid_inputs", "valid_targets", "valid_users", "valid_days", "added_days", "held_out"):
+        np.testing.assert_array_equal(arrays[name], getattr(data, name), err_msg=name)
+
+
 def test_evaluate_writes_reports(trained):
     ws, _ = trained
     out, report = evaluate.evaluate(

@@ -336,14 +336,15 @@ def train_loop_per_worker(config: dict) -> None:
         train_cfg.seed + rank
     )  # the model's initial weights (the same on every rank after sync)
 
-    model = SeqRec(model_cfg, teacher=config["teacher"], item_ids=config["item_ids"])
+    arrays = ray.get(config["arrays"])  # the vocabulary, loss and validation arrays, from the object store
+    model = SeqRec(model_cfg, teacher=arrays["teacher"], item_ids=arrays["item_ids"])
     if config["init_from"]:  # a checkpoint of this run (resume, below) still wins
         warm_start(model, SeqRec.from_pretrained(Path(config["init_from"]) / "model"))
-    criterion = SeqRecLoss(loss_cfg, model_cfg, config["target_counts"], config["held_out"])
+    criterion = SeqRecLoss(loss_cfg, model_cfg, arrays["target_counts"], arrays["held_out"])
     ds_engine = engine.initialize(model, config["ds"], job.use_gpu)
     device = ds_engine.device
     criterion = criterion.to(device)
-    added_days = torch.as_tensor(config["added_days"], device=device) if model_cfg.item_age else None
+    added_days = torch.as_tensor(arrays["added_days"], device=device) if model_cfg.item_age else None
     # resume: a re-run of the same name, or Ray restarting a failed worker group
     state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []})
     resumed_from = state["epoch"]  # 0 for a fresh run
@@ -385,11 +386,11 @@ def train_loop_per_worker(config: dict) -> None:
         seconds = time.perf_counter() - t0
         ndcg = validation_ndcg(
             ds_engine.module,
-            config["valid_inputs"],
-            config["valid_targets"],
-            config["valid_users"],
-            config["valid_days"],
-            config["added_days"],
+            arrays["valid_inputs"],
+            arrays["valid_targets"],
+            arrays["valid_users"],
+            arrays["valid_days"],
+            arrays["added_days"],
         )
         state["epoch"] += 1
         improved = ndcg > state["best"]
@@ -445,7 +446,19 @@ def train(
             for i in order
         ]
     )
-    target_counts = np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1)
+    # Arrays that grow with the catalogue and the users go through the object store (one copy per node,
+    # read without copying); the loop config carries configs and that one reference.
+    arrays = {
+        "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
+        "item_ids": np.concatenate([[-1], data.items.item_ids]),
+        "target_counts": np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1),
+        "held_out": data.held_out,
+        "added_days": data.added_days,
+        "valid_inputs": data.valid_inputs,
+        "valid_targets": data.valid_targets,
+        "valid_users": data.valid_users,
+        "valid_days": data.valid_days,
+    }
     loop_config = {
         "model": model_cfg.to_dict(),
         "loss": loss_cfg.to_dict(),
@@ -458,21 +471,13 @@ def train(
             train_cfg.weight_decay,
             grad_clip=train_cfg.grad_clip,
         ),
-        "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
-        "item_ids": np.concatenate([[-1], data.items.item_ids]),
-        "target_counts": target_counts,
-        "held_out": data.held_out,
-        "added_days": data.added_days,
+        "arrays": ray.put(arrays),
         "shard_size": -(-len(order) // job.num_workers),
-        "valid_inputs": data.valid_inputs,
-        "valid_targets": data.valid_targets,
-        "valid_users": data.valid_users,
-        "valid_days": data.valid_days,
         "init_from": None if init_from is None else str(Path(init_from).absolute()),
     }
     warm = None  # what the warm start copies (each worker does the same before its first epoch)
     if init_from is not None:
-        fresh = SeqRec(model_cfg, teacher=loop_config["teacher"], item_ids=loop_config["item_ids"])
+        fresh = SeqRec(model_cfg, teacher=arrays["teacher"], item_ids=arrays["item_ids"])
         warm = {
             "from": str(init_from),
             **warm_start(fresh, SeqRec.from_pretrained(Path(init_from) / "model")),
