@@ -112,14 +112,21 @@ def mixer_figures(ws: Workspace, workdir: str, default: str | None) -> dict:
     }
 
 
-def job_configs(flags: list[str]) -> tuple:
-    """The (model, loss, train) configs `vlmrec train` makes of these flags (vocabulary sizes aside)."""
-    from training.config import LossConfig, ModelConfig
-    from training.train import TrainConfig, add_arguments, resolve_defaults
+def job_args(flags: list[str]) -> argparse.Namespace:
+    """The arguments `vlmrec train` resolves these flags to (STUDENT_DEFAULTS filled in)."""
+    from training.train import add_arguments, resolve_defaults
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = resolve_defaults(parser.parse_args(["--name", "x", *flags]))
+    return resolve_defaults(parser.parse_args(flags))
+
+
+def job_configs(flags: list[str]) -> tuple:
+    """The (model, loss, train) configs `vlmrec train` makes of these flags (vocabulary sizes aside)."""
+    from training.config import LossConfig, ModelConfig
+    from training.train import TrainConfig
+
+    args = job_args(["--name", "x", *flags])
     n = {"n_items": 1, "teacher_dim": 0 if args.item_space == "id" else 1}
     return ModelConfig.from_args(args, **n), LossConfig.from_args(args), TrainConfig.from_args(args)
 
@@ -128,13 +135,9 @@ def validation_ndcg_per_query(ws: Workspace, name: str, flags: list[str]) -> np.
     """(V,) NDCG@10 of each validation query by an export as it serves (its fusion), the job's own data."""
     from training.metrics import ndcg_at
     from training.model import SeqRec
-    from training.train import JobConfig, add_arguments, prepare_data, resolve_defaults, validation_ranks
+    from training.train import JobConfig, prepare_data, validation_ranks
 
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    job = JobConfig.from_args(
-        resolve_defaults(parser.parse_args(["--workdir", str(ws.root), "--name", name, *flags]))
-    )
+    job = JobConfig.from_args(job_args(["--workdir", str(ws.root), "--name", name, *flags]))
     model = SeqRec.from_pretrained(ws.runs / name / "export" / "model")
     data = prepare_data(ws, job, model.cfg.max_len, model.cfg.is_content)
     ranks = validation_ranks(model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days)
