@@ -2,13 +2,21 @@
 
     vlmrec tune-mix --workdir .vlmrec/ml --student-run student --sasrec-run sasrec     # writes <workdir>/mix.json
     vlmrec tune-mix --workdir .vlmrec/ml ... --test        # also scores producers and the chosen mix on test
+    vlmrec tune-mix --workdir .vlmrec/ml ... --backtest-student-run student-bt --backtest-sasrec-run sasrec-bt
 
 Offline and deterministic: every producer's top-k list is computed the way the Producer ranks it (student and
 sasrec: the export's own scores, history excluded; similar: each item's best cosine to one of the last N
 distinct clicks, as the recommend query; popular: the recency-weighted ranking of the events a model may learn
-from) and blended by the Mixer's own `interleave`. Validation queries are each user's last
-learnable event before the cut (the training job's validation), cold = a target no training example holds;
-a launch split (`--cold launch`) removes the launched items' pre-cut events here too. The grid search keeps
+from) and blended by the Mixer's own `interleave`. Validation queries are either
+  last-event  each user's last learnable event before the cut (the training job's validation), cold = a
+              target no training example holds; a launch split (`--cold launch`) removes the launched
+              items' pre-cut events here too; or
+  window      (with --backtest-student-run / --backtest-sasrec-run: runs of the same configs trained on an
+              earlier temporal cut) every event between that cut and this split's, asked as the test period
+              is asked (history = all the user's earlier events, cold = a target with no event before the
+              earlier cut), ranked by the backtest runs: the producers meet the drift the test period holds
+              (items launched since training, a staler behavioural model), which a user's last pre-cut event
+              does not show. The grid search keeps
 the weights with the best validation Recall@k whose cold Recall@k is not *significantly* below `cold_floor` x
 similar's alone (one-sided binomial test at `cold_alpha`: a validation set with a handful of cold targets
 cannot tell 1 hit from 2, and a floor read to the hit chose `similar` alone); a blend is kept over the best
@@ -37,7 +45,7 @@ from serving.config import PRODUCERS
 from serving.mixer import apportion, interleave
 from serving.sources import last_distinct
 from training.data import ItemTable
-from training.evaluate import export_scorer
+from training.evaluate import EvalData, check_split, export_scorer, load_eval_data
 from training.item_age import added_days, to_days
 from training.popular import popular_items
 from training.train import load_items
@@ -63,6 +71,20 @@ class MixTuneConfig(SplitConfig):
     )
     similar_last_n: int = 3  # ProducerConfig.similar_last_n
     popular_half_life_days: float = 7.0  # ProducerConfig.popular_half_life_days
+    # window validation: the student / sasrec configs trained on an earlier temporal cut (both or neither)
+    backtest_student_run: str | None = None
+    backtest_sasrec_run: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.backtest_student_run is None) != (self.backtest_sasrec_run is None):
+            raise ValueError("backtest_student_run and backtest_sasrec_run go together (window validation)")
+        if self.backtest_student_run is not None and (self.split != "temporal" or self.cold != "natural"):
+            raise ValueError("backtest runs (window validation) need split='temporal' and cold='natural'")
+
+    @property
+    def validation(self) -> str:
+        return "last-event" if self.backtest_student_run is None else "window"
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +120,50 @@ def validation_queries(
         ~valid["item_id"].isin(before["item_id"]).to_numpy()[keep],
     )
     return q, before.sort_values("event_timestamp", kind="stable").reset_index(drop=True)
+
+
+def window_queries(ws: Workspace, cfg: MixTuneConfig) -> tuple[MixQueries, EvalData]:
+    """The events between the backtest runs' cut and this split's, as test queries of the backtest split
+    (training.evaluate.load_eval_data: history = all the user's earlier events; cold = no event before the
+    backtest cut). Refuses backtest runs of different splits, or whose cut is not before this one's."""
+    splits = {run: run_split(ws, run) for run in (cfg.backtest_student_run, cfg.backtest_sasrec_run)}
+    backtest = next(iter(splits.values()))
+    if (
+        any(s != backtest for s in splits.values())
+        or backtest.split != "temporal"
+        or backtest.cold != "natural"
+    ):
+        found = "; ".join(f"{r}: {s.describe()}" for r, s in splits.items())
+        raise ValueError(
+            f"backtest_student_run / backtest_sasrec_run: need one temporal natural split ({found})"
+        )
+    stamps = pq.read_table(ws.events, columns=["event_timestamp"]).to_pandas()["event_timestamp"]
+    times = np.sort(stamps.to_numpy(), kind="stable")  # as load_eval_data sorts them
+    end, start = cfg.split_config().cut_count(times), backtest.cut_count(times)
+    if not start < end:
+        raise ValueError(
+            f"backtest runs: their cut ({backtest.describe()}, {start} train events) must come before this "
+            f"split's ({cfg.split_config().describe()}, {end}): pass runs trained with a smaller --train-fraction"
+        )
+    data = load_eval_data(ws, backtest)
+    inside = data.queries.times < times[end] if end < len(times) else np.ones(len(data.targets), bool)
+    keep = inside & (data.targets > 0)
+    q = MixQueries(
+        data.queries.user_ids[keep],
+        [h for h, k in zip(data.histories, keep, strict=True) if k],
+        data.targets[keep],
+        data.days[keep],
+        data.queries.cold[keep],
+    )
+    return q, data
+
+
+def run_split(ws: Workspace, run: str) -> SplitConfig:
+    """The split a run was trained on (its export's run.json); a missing run is named."""
+    path = ws.runs / run / "export" / "run.json"
+    if not path.exists():
+        raise ValueError(f"run {run!r}: no export at {path}; train it first")
+    return SplitConfig.of_run(json.loads(path.read_text()))
 
 
 def model_lists(export: Path, items: ItemTable, q: MixQueries, added_days: np.ndarray, k: int) -> list[list]:
@@ -161,13 +227,20 @@ def mixed(lists: dict[str, list], quotas: dict[str, int], k: int) -> list[list]:
 
 
 def producer_lists(
-    ws: Workspace, cfg: MixTuneConfig, q: MixQueries, train: pd.DataFrame, first: np.ndarray
+    ws: Workspace,
+    cfg: MixTuneConfig,
+    q: MixQueries,
+    train: pd.DataFrame,
+    first: np.ndarray,
+    runs: tuple[str, str] | None = None,
 ) -> dict[str, list]:
-    """The four producers' top-k lists for the queries: popularity from `train`, item age from `first`."""
+    """The four producers' top-k lists for the queries: student and sasrec from `runs` (default: the
+    config's), popularity from `train`, item age from `first`."""
     items, _ = load_items(ws)
+    student, sasrec = runs or (cfg.student_run, cfg.sasrec_run)
     return {
-        "student": model_lists(ws.runs / cfg.student_run / "export", items, q, first, cfg.k),
-        "sasrec": model_lists(ws.runs / cfg.sasrec_run / "export", items, q, first, cfg.k),
+        "student": model_lists(ws.runs / student / "export", items, q, first, cfg.k),
+        "sasrec": model_lists(ws.runs / sasrec / "export", items, q, first, cfg.k),
         "similar": similar_lists(items, q, cfg.similar_last_n, cfg.k),
         "popular": popular_lists(train, items, q, cfg.popular_half_life_days, cfg.k),
     }
@@ -246,8 +319,10 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
 
 def held_out_figures(ws: Workspace, cfg: MixTuneConfig, quotas: dict[str, int]) -> dict:
     """The producers alone and the chosen mix on the split's test queries (ML-time-split style), Recall@k."""
-    from training.evaluate import load_eval_data
-
+    for run in (cfg.student_run, cfg.sasrec_run):
+        check_split(
+            json.loads((ws.runs / run / "export" / "run.json").read_text()), cfg.split_config(), ws.runs / run
+        )
     data = load_eval_data(ws, cfg.split_config())
     q = MixQueries(data.queries.user_ids, data.histories, data.targets, data.days, data.queries.cold)
     lists = producer_lists(ws, cfg, q, data.train, data.added_days)
@@ -269,18 +344,31 @@ def tune(cfg: MixTuneConfig, with_test: bool = False) -> tuple[Path, dict]:
     ws = Workspace(cfg.workdir)
     t0 = time.perf_counter()
     items, _ = load_items(ws)
-    events = pq.read_table(ws.events).to_pandas()
-    split = cfg.split_config()
-    q, before_valid = validation_queries(events, items, split)
-    catalogue = pq.read_table(ws.items).to_pandas()
-    anchors = added_days(catalogue, items, before_valid, held_out_items(events, split))
-    lists = producer_lists(ws, cfg, q, before_valid, anchors)
+    if cfg.validation == "window":
+        q, data = window_queries(ws, cfg)
+        runs = (cfg.backtest_student_run, cfg.backtest_sasrec_run)
+        lists = producer_lists(ws, cfg, q, data.train, data.added_days, runs)
+        where = {"backtest_split": data.split.to_dict(), "first_query_time": str(np.min(data.queries.times))}
+    else:
+        events = pq.read_table(ws.events).to_pandas()
+        split = cfg.split_config()
+        q, before_valid = validation_queries(events, items, split)
+        catalogue = pq.read_table(ws.items).to_pandas()
+        anchors = added_days(catalogue, items, before_valid, held_out_items(events, split))
+        lists = producer_lists(ws, cfg, q, before_valid, anchors)
+        where = {}
     result = search_weights(lists, items.raw_of(q.targets), q.cold, cfg)
     report = {
         "weights": result["chosen"]["weights"],
         "quotas": result["chosen"]["quotas"],
         "k": cfg.k,
-        "validation": {**result, "n_queries": len(q.targets), "n_cold": int(q.cold.sum())},
+        "validation": {
+            **result,
+            "kind": cfg.validation,
+            **where,
+            "n_queries": len(q.targets),
+            "n_cold": int(q.cold.sum()),
+        },
         "config": cfg.to_dict(),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -301,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> tuple[Path, dict]:
     path, report = tune(MixTuneConfig.from_args(args), args.test)
     v = report["validation"]
-    print(f"tune-mix: weights {report['weights']} (quotas {report['quotas']}); validation Recall@{report['k']} "
+    print(f"tune-mix: weights {report['weights']} (quotas {report['quotas']}); {v['kind']} validation Recall@{report['k']} "
           f"{v['chosen']['recall_all']:.4f}, cold {v['chosen']['recall_cold']}; floor {v['cold_floor_recall']:.4f}")  # fmt: skip
     if "test" in report:
         print(json.dumps(report["test"], indent=2))

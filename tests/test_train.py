@@ -54,6 +54,30 @@ def test_examples_hold_only_earlier_clicks(sample_workspace):
     assert (queries["event_timestamp"] <= cut).all()  # nothing from after the training cut
 
 
+def test_examples_through_feasts_ray_offline_store_equal_the_file_stores(sample_workspace, tmp_path):
+    """Issue 20: the same workspace with Feast's Ray offline store (the point-in-time join as Ray Data work)
+    gives the job exactly the file store's examples, and the job trains on them."""
+    import shutil
+
+    from vlmrec.features import FeaturesConfig, write_store_config
+    from vlmrec.workspace import Workspace
+
+    ws = sample_workspace
+    on_ray = Workspace(tmp_path / "ws")
+    shutil.copytree(ws.root, on_ray.root, ignore=shutil.ignore_patterns("runs", "eval", "indexes"))
+    write_store_config(on_ray, FeaturesConfig(offline_store="ray"))  # the same registry and sources
+    job = train.JobConfig(workdir=str(ws.root))
+    file_data = train.prepare_data(ws, job, max_len=8)
+    ray_data = train.prepare_data(on_ray, train.JobConfig(workdir=str(on_ray.root)), max_len=8)
+    for field in ("inputs", "targets", "target_days", "valid_inputs", "valid_targets", "valid_days"):
+        assert np.array_equal(getattr(file_data, field), getattr(ray_data, field)), field
+    args = ["--workdir", str(on_ray.root), "--name", "on-ray", "--epochs", "1", "--max-len", "8"]
+    export, info = train.run(
+        _parse([*args, "--batch-size", "16", "--d-model", "16", "--n-sampled-negatives", "32"], 1)
+    )
+    assert info["data"]["train_examples"] == len(file_data.inputs) and (export / "model").exists()
+
+
 def test_loo_validates_on_the_second_last_event_and_trains_on_every_earlier_one(sample_workspace):
     """The SASRec protocol: with --split loo the last event is test, the second-last validation (never a
     training target), and every event before it is a training target (none held back for validation)."""
@@ -211,6 +235,50 @@ def test_tune_mix_writes_the_weights_the_producer_reads(trained):
             assert valid["chosen"]["recall_all"] >= alone["recall_all"], name
     for name in ("student", "sasrec", "similar", "popular", "mixer_validated"):
         assert 0.0 <= report["test"][name]["recall10_all"] <= 1.0
+
+
+def test_tune_mix_validates_on_the_window_before_the_cut_with_backtest_runs(trained):
+    """Window validation: the events between the backtest runs' cut and this split's, asked as test queries
+    (history = every earlier click of the user), ranked by the backtest runs; refused when it cannot hold."""
+    from serving.tune_mix import MixTuneConfig, tune, window_queries
+
+    ws, _ = trained  # "student" is trained on the default cut (0.8): here the backtest of a 0.9 split
+    runs = {"student_run": "student", "sasrec_run": "student"}
+    cfg = MixTuneConfig(workdir=str(ws.root), **runs, backtest_student_run="student",
+                        backtest_sasrec_run="student", train_fraction=0.9, k=10)  # fmt: skip
+    q, data = window_queries(ws, cfg)
+    events = pq.read_table(ws.events).to_pandas().sort_values("event_timestamp", kind="stable")
+    stamps = events["event_timestamp"].to_numpy()
+    start, end = int(np.floor(0.8 * len(events))), int(np.floor(0.9 * len(events)))
+    position = np.arange(len(events))
+    first = pd.Series(position).groupby(events["user_id"].to_numpy()).transform("min").to_numpy()
+    asked = (position >= start) & (position < end) & (stamps < stamps[end]) & (position != first)
+    assert (data.items.index_of(events["item_id"].to_numpy()) > 0).all()  # every clicked item is known
+    assert len(q.targets) == asked.sum() > 0  # every window event but a user's very first click
+    assert (q.days >= 0).all() and sorted(q.users.tolist()) == sorted(
+        events["user_id"].to_numpy()[asked].tolist()
+    )
+    for user, hist, target in zip(q.users[:50], q.histories[:50], q.targets[:50], strict=True):
+        before = events[events["user_id"] == user]["item_id"].to_numpy()
+        raw = data.items.raw_of(np.append(hist, target)).tolist()
+        assert raw == before[: len(raw)].tolist()  # the user's clicks up to and including the target
+    train_items = set(events.iloc[:start]["item_id"])
+    assert q.cold.tolist() == [i not in train_items for i in data.items.raw_of(q.targets)]
+    _, report = tune(cfg)
+    assert report["validation"]["kind"] == "window" and report["validation"]["n_queries"] == len(q.targets)
+    assert report["validation"]["backtest_split"]["train_fraction"] == 0.8
+    with pytest.raises(ValueError, match="trained on split"):  # the served runs must be of this split
+        tune(cfg, with_test=True)
+    with pytest.raises(ValueError, match="must come before"):
+        tune(MixTuneConfig(workdir=str(ws.root), **runs, backtest_student_run="student",
+                           backtest_sasrec_run="student", k=10))  # fmt: skip
+    with pytest.raises(ValueError, match="no export"):
+        tune(MixTuneConfig(workdir=str(ws.root), **runs, backtest_student_run="student",
+                           backtest_sasrec_run="missing", train_fraction=0.9))  # fmt: skip
+    with pytest.raises(ValueError, match="go together"):
+        MixTuneConfig(backtest_student_run="student")
+    with pytest.raises(ValueError, match="cold='natural'"):
+        MixTuneConfig(backtest_student_run="a", backtest_sasrec_run="b", cold="launch")
 
 
 def test_fusion_is_chosen_on_validation_and_saved_with_the_model(trained):
