@@ -12,6 +12,7 @@ from vlmrec.features import (
     FeaturesConfig,
     apply_and_materialize,
     historical_sequences,
+    on_ray,
     online_sequences,
     open_store,
 )
@@ -118,9 +119,24 @@ def test_redis_online_store_agrees(tmp_path, redis_url, monkeypatch):
     check_store(ws, events)
 
 
-def test_unknown_online_store_is_refused():
+def test_ray_offline_store_and_engine_agree(tmp_path, ray_local):
+    """Issue 20: with Feast's Ray offline store and compute engine, the point-in-time join and the
+    materialization are Ray Data work, and give what the file store gives (every check of check_store)."""
+    ws = Workspace(tmp_path / "ws").ensure()
+    events = write_tables(ws)
+    report = apply_and_materialize(ws, FeaturesConfig(offline_store="ray"))
+    assert report["offline_store"] == "ray"
+    text = ws.feature_store_yaml.read_text()
+    assert "type: ray\n" in text and "type: ray.engine" in text and "--offline-store ray" in text
+    assert on_ray(open_store(ws))
+    check_store(ws, events)
+
+
+def test_unknown_stores_are_refused():
     with pytest.raises(ValueError, match="online_store"):
         FeaturesConfig(online_store="cassandra")
+    with pytest.raises(ValueError, match="offline_store"):
+        FeaturesConfig(offline_store="spark")
 
 
 def test_missing_sources_give_a_clear_error(tmp_path):

@@ -711,7 +711,26 @@ def test_cluster_feature_store_is_the_redis_template_on_the_workspace():
             "redis",
             "--registry",
             "sql",
+            "--offline-store",
+            "ray",
         ]
+
+
+def test_cluster_feature_store_yaml_is_a_valid_feast_config_with_the_ray_offline_store(tmp_path, monkeypatch):
+    """What the data job writes (redis, SQL registry, Ray offline store and engine) is a RepoConfig Feast
+    accepts: the Ray offline store, its compute engine, the registry and Redis from the environment."""
+    from feast.repo_config import load_repo_config
+
+    from vlmrec.features import FeaturesConfig, write_store_config
+    from vlmrec.workspace import Workspace
+
+    monkeypatch.setenv("FEAST_REGISTRY_URL", "postgresql+psycopg://feast:pw@postgres:5432/feast")
+    monkeypatch.setenv("REDIS_CONNECTION_STRING", "redis:6379")
+    ws = Workspace(tmp_path / "ws")
+    path = write_store_config(ws, FeaturesConfig(online_store="redis", registry="sql", offline_store="ray"))
+    config = load_repo_config(ws.root, path)
+    assert config.offline_store.type == "ray" and config.batch_engine.type == "ray.engine"
+    assert config.registry.registry_type == "sql" and config.online_store.type == "redis"
 
 
 def dockerfile() -> str:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -48,6 +49,12 @@ STORE_TEMPLATES = {"sqlite": "feature_store.yaml", "redis": "feature_store.redis
 # its SQLAlchemy URL from the environment, e.g. postgresql+psycopg://feast:PASSWORD@postgres:5432/feast: what
 # the cluster's replicas and jobs share instead of a file on a shared volume).
 REGISTRIES = ("file", "sql")
+# The offline store: "file" (Feast's parquet store in this process, the embedded default) or "ray" (Feast's
+# Ray offline store and compute engine: the point-in-time join and materialization run as Ray Data work, on
+# the cluster when this process is connected to one; training's job uses the same Ray it runs on).
+OFFLINE_STORES = ("file", "ray")
+RAY_OFFLINE_STORE = {"type": "ray", "storage_path": "ray_storage"}  # storage_path: relative to the workspace
+RAY_BATCH_ENGINE = {"type": "ray.engine"}
 REGISTRY_URL_ENV = "FEAST_REGISTRY_URL"
 SQL_REGISTRY = {
     "registry_type": "sql",
@@ -69,10 +76,15 @@ class FeaturesConfig:
     )
     until: str | None = None  # ISO time: materialize rows up to it only (None: everything)
     registry: str = "file"  # "file" (workspace/registry.db) or "sql" (FEAST_REGISTRY_URL, e.g. PostgreSQL)
+    offline_store: str = "file"  # "file" (parquet, in this process) or "ray" (Feast's Ray store and engine)
 
     def __post_init__(self) -> None:
         if self.registry not in REGISTRIES:
             raise ValueError(f"registry must be one of {list(REGISTRIES)}, got {self.registry!r}")
+        if self.offline_store not in OFFLINE_STORES:
+            raise ValueError(
+                f"offline_store must be one of {list(OFFLINE_STORES)}, got {self.offline_store!r}"
+            )
         if self.until is not None:
             _until(self.until)  # a bad time is refused before anything is applied
         if self.online_store not in STORE_TEMPLATES:
@@ -83,17 +95,23 @@ class FeaturesConfig:
 
 def write_store_config(ws: Workspace, config: FeaturesConfig) -> Path:
     """The chosen feature_store.yaml from feature_repo/ in the workspace (its repo_path); with the SQL
-    registry, its `registry:` replaced by SQL_REGISTRY (the URL stays an environment reference)."""
+    registry, its `registry:` replaced by SQL_REGISTRY (the URL stays an environment reference); with the
+    Ray offline store, `offline_store:` and `batch_engine:` are Feast's Ray store and engine."""
     import yaml
 
     ws.root.mkdir(parents=True, exist_ok=True)
     text = (REPO_DIR / STORE_TEMPLATES[config.online_store]).read_text()
-    if config.registry == "sql":
-        if not os.environ.get("FEAST_REGISTRY_URL"):
-            raise ValueError(f"--registry sql needs {REGISTRY_URL_ENV} (a SQLAlchemy URL) in the environment")
+    if config.registry == "sql" and not os.environ.get("FEAST_REGISTRY_URL"):
+        raise ValueError(f"--registry sql needs {REGISTRY_URL_ENV} (a SQLAlchemy URL) in the environment")
+    if config.registry == "sql" or config.offline_store == "ray":
         store = yaml.safe_load(text)
-        store["registry"] = SQL_REGISTRY
-        text = "# written by `vlmrec features --registry sql`\n" + yaml.safe_dump(store, sort_keys=False)
+        flags = []
+        if config.registry == "sql":
+            store["registry"], flags = SQL_REGISTRY, [*flags, "--registry sql"]
+        if config.offline_store == "ray":
+            store["offline_store"], store["batch_engine"] = RAY_OFFLINE_STORE, RAY_BATCH_ENGINE
+            flags.append("--offline-store ray")
+        text = f"# written by `vlmrec features {' '.join(flags)}`\n" + yaml.safe_dump(store, sort_keys=False)
     ws.feature_store_yaml.write_text(text)
     return ws.feature_store_yaml
 
@@ -177,6 +195,10 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
     feast_apply(ws)
     t_apply = time.perf_counter() - t0
     store = open_store(ws)
+    if on_ray(store):
+        from vlmrec.raycluster import init_ray
+
+        init_ray()  # Feast's engine runs on the Ray this process uses (the cluster's when connected to one)
     views = [user_click_sequence, item_metadata] + ([item_embedding] if ws.embeddings.exists() else [])
     names = [v.name for v in views]  # embeddings come later (vlmrec embed): the views that have data now
     t0 = time.perf_counter()
@@ -194,6 +216,7 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
             store.materialize_incremental(end_date=now, feature_views=later)
     return {
         "online_store": config.online_store,
+        "offline_store": config.offline_store,
         "views": names,
         "apply_s": round(t_apply, 3),
         "materialize_s": round(time.perf_counter() - t0, 3),
@@ -247,11 +270,24 @@ _READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FeatureStor
 _READERS_GUARD = threading.Lock()
 
 
+def on_ray(store) -> bool:
+    """The store's offline store is Feast's Ray store (its joins and materialization are Ray work)."""
+    return getattr(store.config.offline_store, "type", None) in (
+        "ray",
+        "feast.offline_stores.contrib.ray_offline_store.ray.RayOfflineStore",
+    )
+
+
 def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
     """Point-in-time: for each (user_id, event_timestamp) row, the user's sequence just BEFORE that event.
+    With the Ray offline store the join is Ray Data work on the Ray this process uses (started if none).
 
     Returns the query rows (in their order) with a column `item_ids` (oldest first; [] when none).
     """
+    if on_ray(store):
+        from vlmrec.raycluster import init_ray
+
+        init_ray()  # before Feast's own init, which would start a second local Ray in a job's driver
     entity_df = queries[["user_id", "event_timestamp"]].copy()
     entity_df["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True) - JUST_BEFORE
     entity_df["_row"] = range(len(entity_df))
@@ -269,6 +305,8 @@ def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
 def _as_list(value) -> list[int]:
     if value is None:
         return []
+    if isinstance(value, int | np.integer):  # the Ray offline store unwraps a one-element list (0.67)
+        return [int(value)]
     try:
         if pd.isna(value):
             return []
@@ -288,6 +326,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="materialize rows up to this ISO time only (the online store as of a split's cut, for replay)",
     )
     parser.add_argument(
+        "--offline-store",
+        choices=OFFLINE_STORES,
+        default=FeaturesConfig.offline_store,
+        help="file: Feast's parquet store in this process; ray: Feast's Ray offline store and compute engine",
+    )
+    parser.add_argument(
         "--registry",
         choices=REGISTRIES,
         default=FeaturesConfig.registry,
@@ -300,11 +344,12 @@ def run(args: argparse.Namespace) -> dict:
         online_store=args.online_store,
         until=getattr(args, "until", None),
         registry=getattr(args, "registry", "file"),
+        offline_store=getattr(args, "offline_store", "file"),
     )
     report = apply_and_materialize(Workspace(args.workdir), config)
     print(
         f"features: applied to {args.workdir}, materialized {', '.join(report['views'])} "
-        f"into {report['online_store']} in {report['materialize_s']:.1f}s"
+        f"into {report['online_store']} in {report['materialize_s']:.1f}s (offline store: {report['offline_store']})"
     )
     return report
 
