@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from movielens import COMMON, prepare_workspace, sh  # benchmarks/ is on sys.path when run as a script
 
-from training.train import FUSION_GRID, fusion_key
+from training.validation import FUSION_GRID, fusion_key
 from vlmrec.workspace import Workspace
 
 # training run -> flags: the behavioural baseline and the cold-aware student configs of the one training job.
@@ -181,7 +181,8 @@ def validation_ndcg_per_query(ws: Workspace, name: str, flags: list[str]) -> np.
     """(V,) NDCG@10 of each validation query by an export as it serves (its fusion), the job's own data."""
     from training.metrics import ndcg_at
     from training.model import SeqRec
-    from training.train import JobConfig, prepare_data, validation_ranks
+    from training.train import JobConfig, prepare_data
+    from training.validation import validation_ranks
 
     job = JobConfig.from_args(job_args(["--workdir", str(ws.root), "--name", name, *flags]))
     model = SeqRec.from_pretrained(ws.runs / name / "export" / "model")

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from training import evaluate, train
+from training import evaluate, train, validation
 from training.data import ItemTable
 from training.model import SeqRec
 from vlmrec.split import SplitConfig, learnable_events
@@ -144,7 +144,6 @@ def test_checkpoint_weights_match_export(trained):
         target_days=np.zeros((0, 8)),
         valid_inputs=np.zeros((0, 8), np.int64),
         valid_targets=np.zeros(0, np.int64),
-        valid_users=np.zeros(0, np.int64),
         valid_days=np.zeros(0),
         added_days=np.full(model.cfg.n_items + 1, np.inf),
     )
@@ -199,7 +198,7 @@ def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(traine
     arrays = ray.get(config["arrays"])
     data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root)), 8)
     np.testing.assert_array_equal(arrays["teacher"], data.items.teacher_matrix())
-    for name in ("valid_inputs", "valid_targets", "valid_users", "valid_days", "added_days", "held_out"):
+    for name in ("valid_inputs", "valid_targets", "valid_days", "added_days", "held_out"):
         np.testing.assert_array_equal(arrays[name], getattr(data, name), err_msg=name)
 
 
@@ -287,9 +286,9 @@ def test_fusion_is_chosen_on_validation_and_saved_with_the_model(trained):
     before = SeqRec.from_pretrained(export / "model")
     _, info = train.run(_parse([*args, "--fusion-only"], epochs=3))
     scores = info["fusion_val_ndcg10"]
-    assert set(scores) == {train.fusion_key(w, n) for w, n in train.FUSION_GRID}
+    assert set(scores) == {validation.fusion_key(w, n) for w, n in validation.FUSION_GRID}
     model = SeqRec.from_pretrained(export / "model")
-    chosen = train.fusion_key(model.cfg.fusion_weight, model.cfg.fusion_last)
+    chosen = validation.fusion_key(model.cfg.fusion_weight, model.cfg.fusion_last)
     assert chosen in scores and scores[chosen] <= max(scores.values())
     assert json.loads((export / "run.json").read_text())["configs"]["model"] == model.cfg.to_dict()
     state = before.state_dict()
@@ -306,11 +305,14 @@ def test_fusion_choice_takes_the_most_content_within_one_standard_error_of_the_b
         (1.0, 3): base + 0.02 + noise,  # the same on average: within one error
         (4.0, 5): base - 0.10,  # clearly worse
     }
-    assert train.fusion_choice(ndcg) == (1.0, 3)
+    assert validation.fusion_choice(ndcg) == (1.0, 3)
     ndcg[1.0, 3] = base + 0.02 - 0.03  # now clearly below the best
-    assert train.fusion_choice(ndcg) == (0.25, 1)
-    assert train.fusion_choice({(0.0, 1): base}) == (0.0, 1)
-    assert train.fusion_choice({(0.0, 1): base[:1], (2.0, 3): base[:1]}) == (2.0, 3)  # one query: ties only
+    assert validation.fusion_choice(ndcg) == (0.25, 1)
+    assert validation.fusion_choice({(0.0, 1): base}) == (0.0, 1)
+    assert validation.fusion_choice({(0.0, 1): base[:1], (2.0, 3): base[:1]}) == (
+        2.0,
+        3,
+    )  # one query: ties only
 
 
 def test_gradient_clipping_comes_from_the_train_config():

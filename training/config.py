@@ -126,5 +126,5 @@ class TrainConfig(_Config):
     seed: int = 0
     grad_clip: float = 1.0  # max global gradient norm (DeepSpeed gradient_clipping); 0: none, as the paper
     tune_fusion: bool = (
-        False  # after training, pick ModelConfig.fusion_weight on validation (train.FUSION_GRID)
+        False  # after training, pick ModelConfig.fusion_weight on validation (validation.FUSION_GRID)
     )

@@ -39,9 +39,9 @@ import engine
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, build_inputs, trim_padding
 from training.item_age import added_days, to_days
-from training.metrics import metrics_from_ranks, ndcg_at, rank_of_target
 from training.model import SeqRec, warm_start
 from training.popular import popular_items
+from training.validation import choose_fusion, validation_ndcg
 from vlmrec.schema import teacher_of
 from vlmrec.split import SplitConfig, after_cut, held_out_items, learnable_events
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
@@ -88,7 +88,6 @@ class TrainingData:
     target_days: np.ndarray  # (N, T) float64 time of each target (training.item_age days), 0 = none
     valid_inputs: np.ndarray  # (V, T) the sequence before each validation target
     valid_targets: np.ndarray  # (V,) model indices
-    valid_users: np.ndarray  # (V,)
     valid_days: np.ndarray  # (V,) float64 time of each validation target
     added_days: np.ndarray  # (n + 1,) item-age anchor of each item (training.item_age.added_days)
 
@@ -182,7 +181,6 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool
         target_days=target_days,
         valid_inputs=v_inputs[v_keep],
         valid_targets=v_targets[v_keep],
-        valid_users=valid["user_id"].to_numpy()[v_keep],
         valid_days=to_days(valid["event_timestamp"].to_numpy())[v_keep],
         added_days=added_days(pq.read_table(ws.items).to_pandas(), items, train, held_out_raw),
     )
@@ -216,84 +214,6 @@ def _target_days(
 # ------------------------------------------------------------------------------------------- workers
 
 
-def validation_ranks(
-    model: SeqRec,
-    inputs: np.ndarray,
-    targets: np.ndarray,
-    days: np.ndarray | None = None,
-    added_days: np.ndarray | None = None,
-) -> np.ndarray:
-    """(Q,) 0-based full-ranking rank of each validation target by the model's own scores (item age at each
-    target's time when the model has it), the history and padding excluded."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    first = None if added_days is None else torch.as_tensor(added_days, device=device)
-    ranks = []
-    with torch.no_grad():
-        for a in range(0, len(inputs), 512):
-            x = inputs[a : a + 512]
-            request = None if days is None else torch.as_tensor(days[a : a + 512], device=device)
-            s = model.scores(torch.as_tensor(x, device=device), request, first).float().cpu()  # (b, n + 1)
-            exclude = [np.concatenate([[0], row[row > 0]]) for row in x]
-            ranks.append(rank_of_target(s, targets[a : a + 512], exclude))
-    model.train(was_training)
-    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
-
-
-def validation_ndcg(
-    model: SeqRec,
-    inputs: np.ndarray,
-    targets: np.ndarray,
-    users: np.ndarray,
-    days: np.ndarray | None = None,
-    added_days: np.ndarray | None = None,
-) -> float:
-    """Full-ranking NDCG@10 of the validation targets (validation_ranks)."""
-    ranks = validation_ranks(model, inputs, targets, days, added_days)
-    return metrics_from_ranks(ranks, ks=(10,), users=users, n_bootstrap=0)["micro"]["NDCG@10"]
-
-
-# (fusion_weight, fusion_last) pairs tried on validation (--tune-fusion); weight 0 = no fusion
-FUSION_GRID = ((0.0, 1), *((w, n) for n in (1, 3, 5, 10) for w in (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)))
-
-
-def fusion_key(weight: float, last: int) -> str:
-    return f"{weight:g}@{last}"
-
-
-def fusion_choice(ndcg: dict[tuple[float, int], np.ndarray]) -> tuple[float, int]:
-    """The one-standard-error rule, leaning on content: among the pairs whose validation NDCG@10 is within one
-    standard error of the best's (the error of the per-query difference, the same queries), the one with the
-    most content in the query (largest weight, then most clicks). Validation targets are items the model
-    trained on; what a new item needs, content, is what it cannot see, so it breaks its ties.
-    ndcg: (weight, last) -> (Q,) per-query NDCG@10."""
-    best = max(ndcg, key=lambda p: ndcg[p].mean())  # the first of ties
-    n = len(ndcg[best])
-
-    def close(pair: tuple[float, int]) -> bool:
-        diff = ndcg[best] - ndcg[pair]
-        return diff.mean() <= (diff.std(ddof=1) / np.sqrt(n) if n > 1 else 0.0)
-
-    return max((p for p in ndcg if close(p)), key=lambda p: (p[0], p[1]))
-
-
-def choose_fusion(model: SeqRec, data: TrainingData) -> tuple[SeqRec, dict[str, float]]:
-    """Set the model's fusion_weight and fusion_last to the FUSION_GRID pair that `fusion_choice` takes on
-    validation. -> (the model, validation NDCG@10 per "weight@last")"""
-    per_query = {}
-    base = dataclasses.replace(model.cfg, fusion_weight=0.0)
-    for weight, last in FUSION_GRID:
-        model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
-        ranks = validation_ranks(
-            model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days
-        )
-        per_query[weight, last] = ndcg_at(ranks, 10)
-    weight, last = fusion_choice(per_query)
-    model.cfg = dataclasses.replace(base, fusion_weight=weight, fusion_last=last)
-    return model, {fusion_key(*p): float(v.mean()) for p, v in per_query.items()}
-
-
 def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
     """`vlmrec train --name N --fusion-only`: choose the fusion of an existing export on validation again
     (the same data and rule as after training) and rewrite its model config and run.json in place."""
@@ -306,7 +226,9 @@ def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
         )
     model = SeqRec.from_pretrained(export / "model")
     data = prepare_data(ws, job, model.cfg.max_len, model.cfg.is_content)
-    model, scores = choose_fusion(model, data)
+    model, scores = choose_fusion(
+        model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days
+    )
     info["configs"]["model"] = model.cfg.to_dict()
     info["fusion_val_ndcg10"] = scores
     with staged_dir(export) as tmp:
@@ -388,7 +310,6 @@ def train_loop_per_worker(config: dict) -> None:
             ds_engine.module,
             arrays["valid_inputs"],
             arrays["valid_targets"],
-            arrays["valid_users"],
             arrays["valid_days"],
             arrays["added_days"],
         )
@@ -456,7 +377,6 @@ def train(
         "added_days": data.added_days,
         "valid_inputs": data.valid_inputs,
         "valid_targets": data.valid_targets,
-        "valid_users": data.valid_users,
         "valid_days": data.valid_days,
     }
     loop_config = {
@@ -491,7 +411,9 @@ def train(
     model = load_checkpoint_model(best_ckpt, model_cfg, data)
     fusion = None
     if train_cfg.tune_fusion:
-        model, fusion = choose_fusion(model, data)
+        model, fusion = choose_fusion(
+            model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days
+        )
     history = [m for _, m in result.best_checkpoints]
     info = {
         "name": job.name,
