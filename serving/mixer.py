@@ -92,21 +92,44 @@ def resolve_quotas(
 def interleave(
     lists: Mapping[str, Sequence[Hit]], quotas: Mapping[str, int], k: int
 ) -> tuple[list[dict], dict[str, int]]:
-    """Blend ranked lists by quota, without duplicates.
+    """Blend ranked lists by quota, without duplicates (the slots: `placements`). Each item carries every
+    producer that returned it, with its rank and score there. Returns (items in blended order, slots filled
+    per producer)."""
+    order = [p for p in quotas if quotas[p] > 0]
+    ranks = {p: {item: r for r, (item, _) in enumerate(lists.get(p, ()), 1)} for p in order}
+    scores = {p: dict(lists.get(p, ())) for p in order}
+    placed, taken = placements(lists, quotas, k)
+    out = []
+    for rank, (item, p) in enumerate(placed, 1):
+        sources = [q for q in order if item in ranks[q]]
+        out.append(
+            {
+                "item_id": int(item),
+                "rank": rank,
+                "producer": p,
+                "sources": sources,
+                "ranks": {q: ranks[q][item] for q in sources},
+                "scores": {q: float(scores[q][item]) for q in sources},
+            }
+        )
+    return out, taken
+
+
+def placements(
+    lists: Mapping[str, Sequence[Hit]], quotas: Mapping[str, int], k: int
+) -> tuple[list[tuple[int, str]], dict[str, int]]:
+    """The quota interleave's slots: (item, producer) in blended order, and slots filled per producer.
 
     Slots go one at a time to the producer furthest behind its quota (taken / quota smallest; ties: the
     earlier producer in `quotas`), which gives its best candidate not already taken. First every producer
     fills its quota; if fewer than k candidates were placed (a producer lacked candidates, lost them to
     duplicates, or is absent from `lists`: dropped), the producers with candidates left keep taking turns
-    in the same proportion until k. Each item carries every producer that returned it, with its rank and
-    score there. Returns (items in blended order, slots filled per producer)."""
+    in the same proportion until k."""
     order = [p for p in quotas if quotas[p] > 0]
-    ranks = {p: {item: r for r, (item, _) in enumerate(lists.get(p, ()), 1)} for p in order}
-    scores = {p: dict(lists.get(p, ())) for p in order}
     pos = dict.fromkeys(order, 0)
     taken = dict.fromkeys(order, 0)
     placed: set[int] = set()
-    out: list[dict] = []
+    out: list[tuple[int, str]] = []
 
     def head(p: str) -> int | None:
         """p's best candidate not yet placed (advancing past placed ones), None when exhausted."""
@@ -124,17 +147,7 @@ def interleave(
             item = head(p)
             placed.add(item)
             taken[p] += 1
-            sources = [q for q in order if item in ranks[q]]
-            out.append(
-                {
-                    "item_id": int(item),
-                    "rank": len(out) + 1,
-                    "producer": p,
-                    "sources": sources,
-                    "ranks": {q: ranks[q][item] for q in sources},
-                    "scores": {q: float(scores[q][item]) for q in sources},
-                }
-            )
+            out.append((item, p))
     return out, taken
 
 

@@ -7,7 +7,7 @@
 Offline and deterministic: every producer's top-k list is computed the way the Producer ranks it (student and
 sasrec: the export's own scores, history excluded; similar: each item's best cosine to one of the last N
 distinct clicks, as the recommend query; popular: the recency-weighted ranking of the events a model may learn
-from) and blended by the Mixer's own `interleave`. Validation queries are either
+from) and blended by the Mixer's own interleave (`placements`). Validation queries are either
   last-event  each user's last learnable event before the cut (the training job's validation), cold = a
               target no training example holds; a launch split (`--cold launch`) removes the launched
               items' pre-cut events here too; or
@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 
 from serving.config import PRODUCERS
-from serving.mixer import apportion, interleave
+from serving.mixer import apportion, placements
 from serving.sources import last_distinct
 from training.data import ItemTable
 from training.evaluate import EvalData, check_split, export_scorer, load_eval_data
@@ -218,10 +218,13 @@ def recall(lists: Sequence[Sequence], targets_raw: np.ndarray) -> np.ndarray:
 
 
 def mixed(lists: dict[str, list], quotas: dict[str, int], k: int) -> list[list]:
-    """The Mixer's blend per query (serving.mixer.interleave), as (item, rank) lists."""
+    """The Mixer's blend per query (serving.mixer.placements: interleave's slots), as (item, rank) lists."""
     n = len(next(iter(lists.values())))
     return [
-        [(c["item_id"], c["rank"]) for c in interleave({p: lists[p][i] for p in quotas}, quotas, k)[0]]
+        [
+            (item, rank)
+            for rank, (item, _) in enumerate(placements({p: lists[p][i] for p in quotas}, quotas, k)[0], 1)
+        ]
         for i in range(n)
     ]
 
