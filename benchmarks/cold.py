@@ -13,7 +13,7 @@ The default is chosen on validation only, never on test: the shipped default (wh
 with no model flags) stays unless another config's validation NDCG@10 beats it significantly on the same
 validation queries (`default_choice`). `--only` picks models; an existing export is reused unless --retrain.
 Then the Mixer's weights for the default: `vlmrec tune-mix --test` validated on the window of events before
-the cut (the default and sasrec retrained on the cut MIX_WINDOW earlier: `<run>-backtest`).
+the cut (the default and sasrec retrained on the cut MIX_WINDOW earlier: `<run>-backtest<percent>`).
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ MODELS: dict[str, tuple[str, bool]] = {
 STUDENTS = [m for m in MODELS if m.startswith("student")]
 LAUNCH = ["--cold", "launch", "--launch-fraction", "0.1", "--launch-seed", "0"]
 TRAIN_FRACTION = 0.8  # the split's cut (the job's default)
-MIX_WINDOW = 0.1  # the Mixer's validation window: the events in the last tenth before the cut
+# The Mixer's validation window: as long as the test period (the events of the last 0.2 before the cut), so
+# the backtest runs face what the served runs face on test, one horizon earlier.
+MIX_WINDOW = 0.2
 
 
 def without_fusion(ws: Workspace, source: str, name: str) -> None:
@@ -91,11 +93,17 @@ def _fresh(metrics_path: Path, ws: Workspace, runs: list[str]) -> bool:
     return set(metrics["models"]) - {"popular", "knn"} == set(runs) and metrics_path.stat().st_mtime > newest
 
 
+def backtest_name(run: str) -> str:
+    """The run of the same config trained on the cut MIX_WINDOW earlier (named by its train fraction)."""
+    return f"{run}-backtest{round(100 * (TRAIN_FRACTION - MIX_WINDOW))}"
+
+
 def mix_command(vlmrec: list[str], workdir: str, default: str) -> list[str]:
     """`vlmrec tune-mix --test` for the default student, validated on the window before the cut."""
     run = MODELS[default][0]
     return [*vlmrec, "tune-mix", "--workdir", workdir, "--student-run", run, "--sasrec-run", "sasrec",
-            "--backtest-student-run", f"{run}-backtest", "--backtest-sasrec-run", "sasrec-backtest", "--test"]  # fmt: skip
+            "--backtest-student-run", backtest_name(run), "--backtest-sasrec-run", backtest_name("sasrec"),
+            "--test"]  # fmt: skip
 
 
 def tune_mix(ws: Workspace, vlmrec: list[str], workdir: str, default: str, budget: list, log: Path) -> dict:
@@ -105,18 +113,19 @@ def tune_mix(ws: Workspace, vlmrec: list[str], workdir: str, default: str, budge
     run = MODELS[default][0]
     backtest = ["--train-fraction", f"{TRAIN_FRACTION - MIX_WINDOW:g}"]
     for source in (run, "sasrec"):
-        name = f"{source}-backtest"
+        name = backtest_name(source)
         if not (ws.runs / name / "export" / "run.json").exists():
             cmd = [*vlmrec, "train", "--workdir", workdir, "--name", name, *COMMON, *budget, *TRAINED[source],
                    *backtest]  # fmt: skip
             seconds[f"train {name}"] = sh(cmd, log)
     mix = ws.root / "mix.json"
     reads = [
-        ws.runs / r / "export" / "run.json" for r in (run, "sasrec", f"{run}-backtest", "sasrec-backtest")
+        ws.runs / r / "export" / "run.json"
+        for r in (run, "sasrec", backtest_name(run), backtest_name("sasrec"))
     ]
     cmd = mix_command(vlmrec, workdir, default)
     done = json.loads(mix.read_text()) if mix.exists() else {}
-    same = done.get("config", {}).get("backtest_student_run") == f"{run}-backtest" and "test" in done
+    same = done.get("config", {}).get("backtest_student_run") == backtest_name(run) and "test" in done
     if (
         not same
         or done["config"]["student_run"] != run
