@@ -63,6 +63,7 @@ SQL_REGISTRY = {
     "sqlalchemy_config_kwargs": {"pool_pre_ping": True},  # a dropped connection is replaced, not an error
 }
 STUDENT_SERVICE = "student_v1"
+SEQUENCE_VIEW = "user_click_sequence"  # the view behind student_v1 (feature_repo/features.py)
 ITEM_VECTORS_SERVICE = "item_vectors_v1"
 ITEM_CATALOG_SERVICE = "item_catalog_v1"
 # The sequence "just before" an event is the snapshot at event_timestamp - 1 us (timestamps are unique per user).
@@ -284,21 +285,33 @@ def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
 
     Returns the query rows (in their order) with a column `item_ids` (oldest first; [] when none).
     """
-    if on_ray(store):
+    ray = on_ray(store)
+    features = store.get_feature_service(STUDENT_SERVICE)
+    if ray:
         from vlmrec.raycluster import init_ray
 
         init_ray()  # before Feast's own init, which would start a second local Ray in a job's driver
+        # Feast's Ray store compares times in whole seconds (0.67 floors both sides), so it may answer with a
+        # snapshot from later in the query's second, holding the target itself: ask for the snapshot's click
+        # times too and keep only the clicks before the query (no leak; a same-second burst may shorten it).
+        features = [f"{SEQUENCE_VIEW}:item_ids", f"{SEQUENCE_VIEW}:click_times"]
     entity_df = queries[["user_id", "event_timestamp"]].copy()
-    entity_df["event_timestamp"] = pd.to_datetime(entity_df["event_timestamp"], utc=True) - JUST_BEFORE
+    times = pd.to_datetime(entity_df["event_timestamp"], utc=True)
+    entity_df["event_timestamp"] = times - JUST_BEFORE
     entity_df["_row"] = range(len(entity_df))
-    out = store.get_historical_features(
-        entity_df=entity_df, features=store.get_feature_service(STUDENT_SERVICE)
-    ).to_df()
+    out = store.get_historical_features(entity_df=entity_df, features=features).to_df()
     # Feast's file store drops an entity row whose user has rows only AFTER its timestamp (seen in 0.67):
     # join back on the row number so every query keeps its place, with [] for "no history yet".
     by_row = dict(zip(out["_row"], out["item_ids"], strict=True))
     result = queries.reset_index(drop=True).copy()
     result["item_ids"] = [_as_list(by_row.get(i)) for i in range(len(result))]
+    if ray:
+        clicked = dict(zip(out["_row"], out["click_times"], strict=True))
+        before = (times.dt.tz_convert(None).to_numpy().astype("datetime64[us]").astype(np.int64)).tolist()
+        result["item_ids"] = [
+            [item for item, t in zip(ids, _as_list(clicked.get(i)), strict=True) if t < before[i]]
+            for i, ids in enumerate(result["item_ids"])
+        ]
     return result
 
 
