@@ -33,7 +33,13 @@ def one(workdir: Path, store: str) -> dict:
     import pyarrow.parquet as pq
 
     from training.train import example_queries
-    from vlmrec.features import FeaturesConfig, apply_and_materialize, historical_sequences, open_store
+    from vlmrec.features import (
+        FeaturesConfig,
+        apply_and_materialize,
+        historical_sequences,
+        online_sequences,
+        open_store,
+    )
     from vlmrec.split import SplitConfig, learnable_events
     from vlmrec.workspace import Workspace
 
@@ -48,6 +54,7 @@ def one(workdir: Path, store: str) -> dict:
     got = historical_sequences(open_store(ws), asked)
     pit_s = time.perf_counter() - t0
     digest = hashlib.sha256(json.dumps(got["item_ids"].tolist()).encode()).hexdigest()
+    online = online_sequences(open_store(ws), sorted(events["user_id"].unique().tolist()))
     return {
         "features_s": round(materialize_s, 2),
         "apply_s": report["apply_s"],
@@ -56,6 +63,7 @@ def one(workdir: Path, store: str) -> dict:
         "pit_rows": len(asked),
         "pit_ids": int(got["item_ids"].map(len).sum()),
         "pit_sha256": digest,
+        "online_sha256": hashlib.sha256(json.dumps(sorted(online.items())).encode()).hexdigest(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -96,6 +104,7 @@ def main() -> None:
         "workspace": str(src.root),
         "stores": results,
         "same_sequences": results["file"]["pit_sha256"] == results["ray"]["pit_sha256"],
+        "same_online_store": results["file"]["online_sha256"] == results["ray"]["online_sha256"],
         "ratio_ray_over_file": {
             k: round(results["ray"][k] / results["file"][k], 2)
             for k in ("features_s", "pit_join_s", "peak_rss_mb")

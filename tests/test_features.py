@@ -15,6 +15,7 @@ from vlmrec.features import (
     on_ray,
     online_sequences,
     open_store,
+    write_store_config,
 )
 from vlmrec.workspace import Workspace, atomic_write_parquet
 
@@ -141,11 +142,15 @@ def test_ray_offline_store_and_engine_agree(tmp_path, ray_local):
 
 def test_ray_offline_store_never_leaks_a_click_from_the_same_second(tmp_path, ray_local):
     """Feast's Ray store compares times in whole seconds (0.67): with every click of a user in one second
-    (ingest separates same-second clicks by microseconds) its join answers with the second's last snapshot.
-    historical_sequences keeps only the clicks before each event: never the event itself or a later one."""
+    (ingest separates same-second clicks by microseconds) `vlmrec features` refuses it, and where a store is
+    configured so anyway, historical_sequences keeps only the clicks before each event: never the event
+    itself or a later one."""
     ws = Workspace(tmp_path / "ws").ensure()
     events = write_tables(ws, step=pd.Timedelta(microseconds=1))
-    apply_and_materialize(ws, FeaturesConfig(offline_store="ray"))
+    with pytest.raises(ValueError, match="click more than once in one second"):  # it would serve stale ones
+        apply_and_materialize(ws, FeaturesConfig(offline_store="ray"))
+    apply_and_materialize(ws)  # the file store; then its joins on Ray (a feature_store.yaml written by hand)
+    write_store_config(ws, FeaturesConfig(offline_store="ray"))
     got = historical_sequences(open_store(ws), events)
     shortened = 0
     for row in got.itertuples():

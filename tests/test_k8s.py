@@ -711,14 +711,12 @@ def test_cluster_feature_store_is_the_redis_template_on_the_workspace():
             "redis",
             "--registry",
             "sql",
-            "--offline-store",
-            "ray",
         ]
 
 
-def test_cluster_feature_store_yaml_is_a_valid_feast_config_with_the_ray_offline_store(tmp_path, monkeypatch):
-    """What the data job writes (redis, SQL registry, Ray offline store and engine) is a RepoConfig Feast
-    accepts: the Ray offline store, its compute engine, the registry and Redis from the environment."""
+def test_the_ray_offline_store_config_is_one_feast_accepts(tmp_path, monkeypatch):
+    """`vlmrec features --online-store redis --registry sql --offline-store ray` writes a RepoConfig Feast
+    accepts: the Ray offline store, its compute engine, the SQL registry and Redis from the environment."""
     from feast.repo_config import load_repo_config
 
     from vlmrec.features import FeaturesConfig, write_store_config
