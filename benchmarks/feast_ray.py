@@ -7,7 +7,8 @@ snapshots, items, embeddings): `vlmrec features --offline-store S` (feast apply 
 materialization of every view into sqlite), then the training job's point-in-time join (the queries
 `vlmrec train` asks with its defaults: `training.train.example_queries` over the learnable events, max_len
 200, with its validation rows). Wall time per stage, the process's peak RSS, and whether the two stores
-return the same sequences (compared row by row). Local Ray (started by the stage itself, as `vlmrec train`
+return the same sequences and online store (digests). `vlmrec features` refuses the Ray store for data
+where a user clicks twice in one second (MovieLens); this benchmark measures it anyway and says so. Local Ray (started by the stage itself, as `vlmrec train`
 and `vlmrec features` do), the 2 cores shared by nothing else.
 """
 
@@ -33,6 +34,7 @@ def one(workdir: Path, store: str) -> dict:
     import pyarrow.parquet as pq
 
     from training.train import example_queries
+    from vlmrec import features
     from vlmrec.features import (
         FeaturesConfig,
         apply_and_materialize,
@@ -44,6 +46,13 @@ def one(workdir: Path, store: str) -> dict:
     from vlmrec.workspace import Workspace
 
     ws = Workspace(workdir)
+    refused = None
+    if store == "ray":
+        try:
+            features.same_second_clicks(ws)
+        except ValueError as exc:  # `vlmrec features` stops here; measured anyway, to show why
+            refused = str(exc)
+        features.same_second_clicks = lambda ws: None
     t0 = time.perf_counter()
     report = apply_and_materialize(ws, FeaturesConfig(offline_store=store))
     materialize_s = time.perf_counter() - t0
@@ -55,14 +64,22 @@ def one(workdir: Path, store: str) -> dict:
     pit_s = time.perf_counter() - t0
     digest = hashlib.sha256(json.dumps(got["item_ids"].tolist()).encode()).hexdigest()
     online = online_sequences(open_store(ws), sorted(events["user_id"].unique().tolist()))
+    reference = Path(workdir).parent / "file" / "online.json"  # the file store's, written first
+    if store == "file":
+        reference.write_text(json.dumps(sorted(online.items())))
+        differing = 0
+    else:
+        differing = sum(1 for u, seq in json.loads(reference.read_text()) if online.get(u) != seq)
     return {
         "features_s": round(materialize_s, 2),
         "apply_s": report["apply_s"],
         "materialize_s": report["materialize_s"],
         "pit_join_s": round(pit_s, 2),
+        "refused_by_vlmrec_features": refused,
         "pit_rows": len(asked),
         "pit_ids": int(got["item_ids"].map(len).sum()),
         "pit_sha256": digest,
+        "online_users_differing": differing,
         "online_sha256": hashlib.sha256(json.dumps(sorted(online.items())).encode()).hexdigest(),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -98,6 +115,7 @@ def main() -> None:
         load.append(os.getloadavg()[0])
         print(store, results[store], flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout
+    file_pit, ray_pit = results["file"]["pit_ids"], results["ray"]["pit_ids"]
     report = {
         "command": " ".join(["python", "benchmarks/feast_ray.py", *sys.argv[1:]]),
         "commit": commit.strip(),
@@ -105,6 +123,8 @@ def main() -> None:
         "stores": results,
         "same_sequences": results["file"]["pit_sha256"] == results["ray"]["pit_sha256"],
         "same_online_store": results["file"]["online_sha256"] == results["ray"]["online_sha256"],
+        "online_users_differing": results["ray"]["online_users_differing"],
+        "pit_ids_lost_on_ray": file_pit - ray_pit,
         "ratio_ray_over_file": {
             k: round(results["ray"][k] / results["file"][k], 2)
             for k in ("features_s", "pit_join_s", "peak_rss_mb")
