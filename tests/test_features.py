@@ -130,14 +130,20 @@ def test_redis_online_store_agrees(tmp_path, redis_url, monkeypatch):
 def test_ray_offline_store_and_engine_agree(tmp_path, ray_local):
     """Issue 20: with Feast's Ray offline store and compute engine, the point-in-time join and the
     materialization are Ray Data work, and give what the file store gives (every check of check_store)."""
+    from ray.data.context import DataContext
+
     ws = Workspace(tmp_path / "ws").ensure()
     events = write_tables(ws)
+    settings = ("enable_tensor_extension_casting", "shuffle_strategy", "target_max_block_size")
+    before = [getattr(DataContext.get_current(), name) for name in settings]
     report = apply_and_materialize(ws, FeaturesConfig(offline_store="ray"))
     assert report["offline_store"] == "ray"
     text = ws.feature_store_yaml.read_text()
     assert "type: ray\n" in text and "type: ray.engine" in text and "--offline-store ray" in text
     assert on_ray(open_store(ws))
     check_store(ws, events)
+    # Feast rewrites Ray Data's process-wide settings; they are put back (a later embed broke on them)
+    assert [getattr(DataContext.get_current(), name) for name in settings] == before
 
 
 def test_ray_offline_store_never_leaks_a_click_from_the_same_second(tmp_path, ray_local):

@@ -25,7 +25,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -201,25 +202,22 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
     feast_apply(ws)
     t_apply = time.perf_counter() - t0
     store = open_store(ws)
-    if on_ray(store):
-        from vlmrec.raycluster import init_ray
-
-        init_ray()  # Feast's engine runs on the Ray this process uses (the cluster's when connected to one)
     views = [user_click_sequence, item_metadata] + ([item_embedding] if ws.embeddings.exists() else [])
     names = [v.name for v in views]  # embeddings come later (vlmrec embed): the views that have data now
     t0 = time.perf_counter()
-    if config.until is not None:  # the online store as of that time (a replay of what came after)
-        store.materialize(start_date=start, end_date=min(end, _until(config.until)), feature_views=names)
-    else:  # later rows only: each view from where its last materialization ended, up to now
-        now = datetime.now(UTC)
-        # A view never materialized has no such end, and Feast then starts a ttl-0 view a year back, which
-        # would skip older data (MovieLens is 1996-2018): its first materialization covers the sources. So
-        # does every view's after a change of store: the registry's ends say nothing of a new online store.
-        first = [n for n in names if new_store or store.get_feature_view(n).most_recent_end_time is None]
-        if first:
-            store.materialize(start_date=start, end_date=max(end, now), feature_views=first)
-        if later := [n for n in names if n not in first]:
-            store.materialize_incremental(end_date=now, feature_views=later)
+    with feast_on_ray() if on_ray(store) else nullcontext():  # the cluster's Ray when connected to one
+        if config.until is not None:  # the online store as of that time (a replay of what came after)
+            store.materialize(start_date=start, end_date=min(end, _until(config.until)), feature_views=names)
+        else:  # later rows only: each view from where its last materialization ended, up to now
+            now = datetime.now(UTC)
+            # A view never materialized has no such end, and Feast then starts a ttl-0 view a year back, which
+            # would skip older data (MovieLens is 1996-2018): its first materialization covers the sources. So
+            # does every view's after a change of store: the registry's ends say nothing of a new online store.
+            first = [n for n in names if new_store or store.get_feature_view(n).most_recent_end_time is None]
+            if first:
+                store.materialize(start_date=start, end_date=max(end, now), feature_views=first)
+            if later := [n for n in names if n not in first]:
+                store.materialize_incremental(end_date=now, feature_views=later)
     return {
         "online_store": config.online_store,
         "offline_store": config.offline_store,
@@ -291,6 +289,23 @@ _READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FeatureStor
 _READERS_GUARD = threading.Lock()
 
 
+@contextmanager
+def feast_on_ray() -> Iterator[None]:
+    """Feast's Ray work on the Ray this process uses (started if none), and Ray Data's settings as they were
+    after it: Feast 0.67 rewrites the process-wide DataContext (tensor casting off, shuffle strategy, block
+    sizes), which broke Ray Data pipelines that ran later in the same process (the teacher's embedding)."""
+    from ray.data.context import DataContext
+
+    from vlmrec.raycluster import init_ray
+
+    init_ray()  # before Feast's own init, which would start a second local Ray in a job's driver
+    saved = DataContext.get_current().copy()
+    try:
+        yield
+    finally:
+        DataContext._set_current(saved)
+
+
 def on_ray(store) -> bool:
     """The store's offline store is Feast's Ray store (its joins and materialization are Ray work)."""
     return getattr(store.config.offline_store, "type", None) in (
@@ -308,9 +323,6 @@ def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
     ray = on_ray(store)
     features = store.get_feature_service(STUDENT_SERVICE)
     if ray:
-        from vlmrec.raycluster import init_ray
-
-        init_ray()  # before Feast's own init, which would start a second local Ray in a job's driver
         # Feast's Ray store compares times in whole seconds (0.67 floors both sides), so it may answer with a
         # snapshot from later in the query's second, holding the target itself: ask for the snapshot's click
         # times too and keep only the clicks before the query (no leak; a same-second burst may shorten it).
@@ -319,7 +331,8 @@ def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
     times = pd.to_datetime(entity_df["event_timestamp"], utc=True)
     entity_df["event_timestamp"] = times - JUST_BEFORE
     entity_df["_row"] = range(len(entity_df))
-    out = store.get_historical_features(entity_df=entity_df, features=features).to_df()
+    with feast_on_ray() if ray else nullcontext():
+        out = store.get_historical_features(entity_df=entity_df, features=features).to_df()
     # Feast's file store drops an entity row whose user has rows only AFTER its timestamp (seen in 0.67):
     # join back on the row number so every query keeps its place, with [] for "no history yet".
     by_row = dict(zip(out["_row"], out["item_ids"], strict=True))
