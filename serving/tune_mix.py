@@ -46,9 +46,9 @@ from serving.mixer import apportion, placements
 from serving.sources import last_distinct
 from training.data import ItemTable
 from training.evaluate import EvalData, check_split, export_scorer, load_eval_data
+from training.examples import load_items
 from training.item_age import added_days, to_days
 from training.popular import popular_items
-from training.train import load_items
 from vlmrec.split import SplitConfig, held_out_items, learnable_events
 from vlmrec.workspace import Workspace
 

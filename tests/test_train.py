@@ -14,6 +14,7 @@ import torch
 from training import evaluate, train, validation
 from training.data import ItemTable
 from training.model import SeqRec
+from training.popular import popular_items
 from vlmrec.split import SplitConfig, learnable_events
 
 
@@ -134,22 +135,10 @@ def test_checkpoint_weights_match_export(trained):
     run = json.loads((export / "run.json").read_text())
     model = SeqRec.from_pretrained(export / "model")
     best_epoch = run["best"]["epoch"]
-    data = train.TrainingData(
-        items=ItemTable(model.item_ids[1:].numpy(), model.teacher[1:].numpy()),
-        teacher_id=run["teacher_id"],
-        train_events=pd.DataFrame(),
-        held_out=np.zeros(0, np.int64),
-        inputs=np.zeros((0, 8), np.int64),
-        targets=np.zeros((0, 8), np.int64),
-        target_days=np.zeros((0, 8)),
-        valid_inputs=np.zeros((0, 8), np.int64),
-        valid_targets=np.zeros(0, np.int64),
-        valid_days=np.zeros(0),
-        added_days=np.full(model.cfg.n_items + 1, np.inf),
-    )
+    items = ItemTable(model.item_ids[1:].numpy(), model.teacher[1:].numpy())
     matches = []
     for path in _checkpoints(ws):
-        loaded = train.load_checkpoint_model(Checkpoint.from_directory(str(path)), model.cfg, data)
+        loaded = train.load_checkpoint_model(Checkpoint.from_directory(str(path)), model.cfg, items)
         matches.append(all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items()))
     assert any(matches), f"no kept checkpoint equals the export (best epoch {best_epoch})"
 
@@ -186,7 +175,7 @@ def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(traine
     seen = {}
 
     def fit(loop, config, datasets, run_dir, engine_cfg, score):
-        seen["config"] = config
+        seen["config"], seen["datasets"] = config, datasets
         raise RuntimeError("captured")
 
     monkeypatch.setattr(train.engine, "fit", fit)
@@ -198,8 +187,16 @@ def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(traine
     arrays = ray.get(config["arrays"])
     data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root)), 8)
     np.testing.assert_array_equal(arrays["teacher"], data.items.teacher_matrix())
-    for name in ("valid_inputs", "valid_targets", "valid_days", "added_days", "held_out"):
+    for name in ("added_days", "held_out"):
         np.testing.assert_array_equal(arrays[name], getattr(data, name), err_msg=name)
+    order, expected = np.lexsort(arrays["valid_inputs"].T), np.lexsort(data.valid_inputs.T)
+    for name in ("valid_inputs", "valid_targets", "valid_days"):  # the same rows, in the files' order
+        np.testing.assert_array_equal(arrays[name][order], getattr(data, name)[expected], err_msg=name)
+    # the examples reach the workers as the run's example files, which each worker streams itself
+    assert seen["datasets"] == {} and config["examples"] == str(
+        ws.runs / "student-arrays" / "examples" / "train"
+    )
+    assert config["n_train"] == len(data.inputs)
 
 
 def test_evaluate_writes_reports(trained):
@@ -323,3 +320,100 @@ def test_gradient_clipping_comes_from_the_train_config():
     flags = train.TrainConfig.from_dict({"grad_clip": 0.0})
     assert ds_config(EngineConfig(), 128, 1e-3, 0.0, grad_clip=flags.grad_clip)["gradient_clipping"] == 0.0
     assert train.TrainConfig.from_dict({}).grad_clip == 1.0  # a run.json written before the flag existed
+
+
+@pytest.fixture(scope="module")
+def full_snapshots(sample_workspace, tmp_path_factory):
+    """The sample workspace ingested again with snapshots longer than any user's history, so Feast's join
+    gives every earlier click (the events path's history, whatever max_len)."""
+    import shutil
+
+    from vlmrec.features import apply_and_materialize
+    from vlmrec.ingest import IngestConfig, ingest
+    from vlmrec.workspace import Workspace
+
+    ws = Workspace(tmp_path_factory.mktemp("full") / "ws")
+    raw = sample_workspace.root.parent / "raw"  # the fixture's generated sample
+    ingest(raw / "events.csv", raw / "catalogue.csv", ws, IngestConfig(max_len=1000))
+    shutil.copy(sample_workspace.embeddings, ws.embeddings)
+    apply_and_materialize(ws)
+    return ws
+
+
+@pytest.mark.parametrize(
+    "split",
+    [SplitConfig(), SplitConfig(cold="launch", launch_fraction=0.2), SplitConfig(split="loo")],
+    ids=["natural", "launch", "loo"],
+)
+def test_streamed_examples_equal_feasts_join(full_snapshots, tmp_path, split):
+    """Issue 20: the examples built from the events by Ray tasks, as files, are exactly the in-memory ones
+    from Feast's point-in-time join (the same rows, in another order), with the same arrays."""
+    import ray
+
+    from training.examples import build_examples, read_examples
+
+    ws = full_snapshots
+    job = train.JobConfig(workdir=str(ws.root), **split.to_dict())
+    data = train.prepare_data(ws, job, max_len=8)
+    # a few hundred events per bucket: several buckets and row-group pieces on the small data
+    shards = build_examples(ws, split, 8, True, tmp_path / "examples", events_per_shard=150, popular_k=50)
+    assert len(list((tmp_path / "examples" / "train").glob("*.parquet"))) > 2
+    got, valid = read_examples(shards.train), read_examples(shards.valid)
+    assert got["inputs"].dtype == np.int32 and got["target_days"].dtype == np.float64
+
+    def rows(*columns):
+        flat = np.concatenate([np.asarray(c, np.float64).reshape(len(c), -1) for c in columns], axis=1)
+        return flat[np.lexsort(flat.T[::-1])]
+
+    assert shards.n_train == len(data.inputs) > 0 and shards.n_valid == len(data.valid_inputs) > 0
+    np.testing.assert_array_equal(
+        rows(got["inputs"], got["targets"], got["target_days"]),
+        rows(data.inputs, data.targets, data.target_days),
+    )
+    np.testing.assert_array_equal(
+        rows(valid["inputs"], valid["targets"], valid["days"]),
+        rows(data.valid_inputs, data.valid_targets, data.valid_days),
+    )
+    arrays = ray.get(shards.arrays)
+    np.testing.assert_array_equal(
+        arrays["target_counts"], np.bincount(data.targets[data.targets > 0], minlength=data.items.n_items + 1)
+    )
+    np.testing.assert_array_equal(arrays["added_days"], data.added_days)
+    np.testing.assert_array_equal(arrays["held_out"], data.held_out)
+    np.testing.assert_array_equal(arrays["teacher"], data.items.teacher_matrix())
+    expected = popular_items(data.train_events, 50, 7.0)
+    assert [p["item_id"] for p in arrays["popular"]] == [p["item_id"] for p in expected]
+    np.testing.assert_allclose([p["score"] for p in arrays["popular"]], [p["score"] for p in expected])
+    assert shards.learnable_events == len(data.train_events)
+    assert shards.trained_until == data.train_events["event_timestamp"].max()
+    assert set(shards.stages) == {"partition", "windows", "arrays"}
+
+
+def test_workers_stream_equal_shares_of_the_example_files_exactly_once(tmp_path):
+    """Each of `world` workers reads an equal run of the rows (the same number of steps everywhere), every
+    row is in exactly one share, a seed replays the same batches, and a buffer holds about a window."""
+    from training.examples import _write, stream_batches, worker_rows
+
+    sizes = [7, 0, 30, 12]
+    start = np.cumsum([0, *sizes])
+    for f, (a, n) in enumerate(zip(start, sizes, strict=False)):
+        rows = np.arange(a, a + n)
+        _write(tmp_path / f"part-{f:05d}.parquet", {"inputs": np.stack([rows, rows], 1), "targets": rows})
+    total = sum(sizes)
+    seen = []
+    for rank in range(3):
+        pieces = worker_rows(tmp_path, rank, 3)
+        share = sum(b - a for *_, a, b in pieces)
+        assert share in (total // 3, total // 3 + 1)
+        for _, _, a, b in pieces:
+            assert 0 <= a < b
+        batches = list(stream_batches(pieces, 4, window=8, seed=rank))
+        assert len(batches) == share // 4 and all(len(x["targets"]) == 4 for x in batches)
+        assert all(np.array_equal(x["inputs"][:, 0], x["targets"]) for x in batches)  # rows stay whole
+        again = list(stream_batches(pieces, 4, window=8, seed=rank))
+        assert all(np.array_equal(x["targets"], y["targets"]) for x, y in zip(batches, again, strict=True))
+        everything = list(stream_batches(pieces, 1, window=8, seed=rank))  # batch 1: no row left over
+        seen += [int(x["targets"][0]) for x in everything]
+    assert sorted(seen) == list(range(total))  # every row in exactly one worker's share
+    ordered = [int(x["targets"][0]) for x in stream_batches(worker_rows(tmp_path, 0, 1), 1, 8, seed=0)]
+    assert ordered != sorted(ordered)  # shuffled

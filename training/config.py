@@ -124,6 +124,8 @@ class TrainConfig(_Config):
     weight_decay: float = 0.0  # SASRec paper: no l2 on embeddings
     patience: int = 5  # evaluations without a better validation NDCG@10 before stopping
     seed: int = 0
+    # examples a worker's per-epoch shuffle buffer holds as it streams its files (its whole shard if fewer)
+    shuffle_window: int = 65536
     grad_clip: float = 1.0  # max global gradient norm (DeepSpeed gradient_clipping); 0: none, as the paper
     tune_fusion: bool = (
         False  # after training, pick ModelConfig.fusion_weight on validation (validation.FUSION_GRID)

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from training.data import ItemTable, build_inputs
+from training.examples import load_items
 from training.item_age import added_days, to_days
 from training.metrics import (
     KS,
@@ -38,7 +39,6 @@ from training.metrics import (
     temporal_split,
 )
 from training.model import SeqRec
-from training.train import load_items
 from vlmrec.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
 from vlmrec.workspace import Workspace
 

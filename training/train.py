@@ -4,23 +4,30 @@
     ray start --head && ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m training.train --workdir $PWD/.vlmrec/sample --name student        # unchanged on a cluster
 
-Data flows one way: the split's training events -> (user, target time) queries -> the student's Feast
-feature service by point-in-time join (the sequence just before each target) -> next-item examples ->
-Ray Data shards them to the workers. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in
-engine/zero.json; gloo on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint
-reported to Ray Train, early stopping. A re-run with the same name (or a restarted worker, FailureConfig)
-resumes from the latest checkpoint. The driver then exports one folder, `<workdir>/runs/<name>/export/`:
+Data flows one way: the split's events -> example files built by Ray tasks (training/examples.py: each
+target's history is its user's clicks before it, a point-in-time join on the event log) -> Ray Data
+streams them to the workers; the vocabulary, teacher matrix and validation rows reach the workers through
+the object store. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in engine/zero.json; gloo
+on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint reported to Ray Train, early
+stopping. A re-run with the same name (or a restarted worker, FailureConfig) resumes from the latest
+checkpoint. A last Ray task (`finish_run`) chooses the fusion and exports one folder,
+`<workdir>/runs/<name>/export/`; the driver holds configs, counts and references, never the data:
 
     model/               model.safetensors + config.json (SeqRec.from_pretrained rebuilds it)
     item_vectors.parquet item_id, vector (the chosen item space), teacher_id: what the index loads
     popular.json         recency-weighted popular items: the fallback for unknown users
     run.json             every config, the teacher id, data counts, the per-epoch history
+    (runs/<name>/examples/ train/ and valid/ example files, rebuilt by each run)
+
+`prepare_data` is the same examples in memory from Feast's point-in-time join (the sequence snapshots): the
+reference the files are tested against, and what `--fusion-only` and the benchmarks use.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import shutil
 import time
@@ -37,13 +44,19 @@ import torch
 
 import engine
 from training.config import LossConfig, ModelConfig, TrainConfig
-from training.data import ItemTable, build_inputs, trim_padding
-from training.item_age import added_days, to_days
+from training.data import ItemTable, trim_padding
+from training.examples import (
+    build_examples,
+    example_queries,
+    load_items,
+    stream_batches,
+    windows,
+    worker_rows,
+)
+from training.item_age import added_days
 from training.model import SeqRec, warm_start
-from training.popular import popular_items
 from training.validation import choose_fusion, validation_ndcg
-from vlmrec.schema import teacher_of
-from vlmrec.split import SplitConfig, after_cut, held_out_items, learnable_events
+from vlmrec.split import SplitConfig, held_out_items, learnable_events, split_validation
 from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
 
 
@@ -92,51 +105,6 @@ class TrainingData:
     added_days: np.ndarray  # (n + 1,) item-age anchor of each item (training.item_age.added_days)
 
 
-def load_items(ws: Workspace, need_teacher: bool = True) -> tuple[ItemTable, str | None]:
-    """The teacher vectors of every catalogue item (the item_embedding source) and the teacher id.
-    need_teacher=False (the id baseline) takes the catalogue's ids when nothing is embedded: (table, None)."""
-    if not ws.embeddings.exists():
-        if not need_teacher and ws.items.exists():
-            ids = pq.read_table(ws.items, columns=["item_id"]).column("item_id").to_numpy()
-            return ItemTable(np.sort(ids)), None
-        raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
-    teacher_id = teacher_of(ws.embeddings)
-    return ItemTable.from_frame(pq.read_table(ws.embeddings).to_pandas()), teacher_id
-
-
-def example_queries(
-    train: pd.DataFrame, max_len: int, validation: pd.DataFrame | None = None
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(training queries, validation queries): each a frame of (user_id, event_timestamp, item_id) target events.
-
-    Validation: `validation` when the split holds its own validation events (loo: each user's second-last
-    event, the SASRec protocol), else each user's last training event (users with >= 2), then not trained
-    on. Training: windows of max_len targets from the end of the rest, so every other event is a target
-    exactly once (all-position training).
-    """
-    cols = ["user_id", "event_timestamp", "item_id"]
-    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
-    pos = ordered.groupby("user_id").cumcount().to_numpy()
-    n = ordered.groupby("user_id")["item_id"].transform("size").to_numpy()
-    if validation is None:
-        valid_rows = ordered.loc[(pos == n - 1) & (n >= 2), cols]
-        last_train = np.where(n >= 2, n - 2, n - 1)  # index of each user's last training target
-    else:
-        valid_rows = validation.sort_values(["user_id", "event_timestamp"], kind="stable")[cols]
-        last_train = n - 1
-    is_end = (pos >= 1) & (pos <= last_train) & ((last_train - pos) % max_len == 0)
-    return ordered.loc[is_end, cols].reset_index(drop=True), valid_rows.reset_index(drop=True)
-
-
-def split_validation(events: pd.DataFrame, split: SplitConfig) -> pd.DataFrame | None:
-    """The validation events a split holds out itself: loo's second-last event of each user (the test
-    target is the last); None for temporal (validation then comes from the training events)."""
-    if split.split != "loo":
-        return None
-    rest = after_cut(events, split).sort_values(["user_id", "event_timestamp"], kind="stable")
-    return rest[rest.groupby("user_id").cumcount(ascending=False) == 1]
-
-
 def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool = True) -> TrainingData:
     """Everything the workers need, with sequences read from Feast by point-in-time join. Launched items
     (a launch split) are removed from the examples' input sequences as well as from the targets."""
@@ -158,57 +126,20 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool
         )
     if len(held_out_raw):  # the snapshots hold every click; a launched item's were never made
         hist = [np.asarray(h, np.int64)[~np.isin(h, held_out_raw)] for h in hist]
-    hist_train, hist_valid = hist[: len(queries)], hist[len(queries) :]
-    # inputs = the sequence before the target; targets = the same shifted by one, ending with the target.
-    full = [[*h, t] for h, t in zip(hist_train, queries["item_id"], strict=True)]
-    inputs = build_inputs([f[:-1] for f in full], items, max_len).ids
-    targets = build_inputs([f[1:] for f in full], items, max_len).ids
-    target_days = _target_days(train, queries, targets, items)
-    keep = targets[:, -1] > 0
-    inputs, targets, target_days = inputs[keep], targets[keep], target_days[keep]
-    targets = np.where(inputs > 0, targets, 0)  # a target only where there is an input before it
-    target_days = np.where(targets > 0, target_days, 0.0)
-    v_inputs = build_inputs(hist_valid, items, max_len).ids
-    v_targets = items.index_of(valid["item_id"].to_numpy())
-    v_keep = (v_targets > 0) & (v_inputs[:, -1] > 0)
+    w = windows(hist, queries, valid, train, items, max_len)
     return TrainingData(
         items=items,
         teacher_id=teacher_id,
         train_events=train,
         held_out=items.index_of(held_out_raw),
-        inputs=inputs,
-        targets=targets,
-        target_days=target_days,
-        valid_inputs=v_inputs[v_keep],
-        valid_targets=v_targets[v_keep],
-        valid_days=to_days(valid["event_timestamp"].to_numpy())[v_keep],
+        inputs=w.inputs,
+        targets=w.targets,
+        target_days=w.target_days,
+        valid_inputs=w.valid_inputs,
+        valid_targets=w.valid_targets,
+        valid_days=w.valid_days,
         added_days=added_days(pq.read_table(ws.items).to_pandas(), items, train, held_out_raw),
     )
-
-
-def _target_days(
-    train: pd.DataFrame, queries: pd.DataFrame, targets: np.ndarray, items: ItemTable
-) -> np.ndarray:
-    """(N, T) the time of every target in `targets` (0 where none): a window's targets are the user's
-    learnable events ending at its query event, so position T - 1 - j is the j-th event before it. Checked
-    against the targets' ids (a mismatch means the sequences and the events disagree)."""
-    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
-    ordered["row"] = np.arange(len(ordered))
-    first = ordered.groupby("user_id")["row"].transform("min").to_numpy()
-    rows = queries.merge(ordered, on=["user_id", "event_timestamp", "item_id"], how="left")["row"]
-    if rows.isna().any():
-        raise ValueError(f"{int(rows.isna().sum())} training queries are not among the learnable events")
-    rows = rows.to_numpy(np.int64)
-    T = targets.shape[1]
-    back = rows[:, None] - np.arange(T)[None, ::-1]  # (N, T) event row of each position, last = the query
-    valid = (back >= first[rows][:, None]) & (targets > 0)
-    back = back.clip(min=0)
-    days = to_days(ordered["event_timestamp"].to_numpy())[back]
-    ids = items.index_of(ordered["item_id"].to_numpy(np.int64))[back]
-    wrong = valid & (ids != targets)
-    if wrong.any():
-        raise ValueError(f"{int(wrong.sum())} training targets do not match the events' order in time")
-    return np.where(valid, days, 0.0)
 
 
 # ------------------------------------------------------------------------------------------- workers
@@ -271,28 +202,25 @@ def train_loop_per_worker(config: dict) -> None:
     state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []})
     resumed_from = state["epoch"]  # 0 for a fresh run
 
-    shard = ray.train.get_dataset_shard("train")
     micro = config["ds"]["train_micro_batch_size_per_gpu"]
-    # The buffer holds the whole shard (examples are a few KB): each epoch is a fresh permutation of it.
-    buffer = max(4 * micro, config["shard_size"])
+    world = ray.train.get_context().get_world_size()
+    pieces = worker_rows(config["examples"], rank, world)  # this worker's equal share of the example files
+    steps = (config["n_train"] // world) // micro  # the same on every worker: each holds at least that share
     while state["epoch"] < train_cfg.epochs and state["bad_epochs"] < train_cfg.patience:
-        # Every draw of an epoch (shuffle, dropout, negatives) comes from (seed, epoch, rank): an epoch that a
-        # failure interrupted is replayed exactly from the checkpoint before it.
+        # Every draw of an epoch (file order, shuffle, dropout, negatives) comes from (seed, epoch, rank): an
+        # epoch that a failure interrupted is replayed exactly from the checkpoint before it.
         epoch_seed = epoch_seed_of(train_cfg.seed, state["epoch"], rank)
         torch.manual_seed(epoch_seed)
         t0, n_seq, losses = time.perf_counter(), 0, []
         ds_engine.train()
-        # rank 0's progress through its shard, drawn by the driver (Ray's distributed tqdm)
-        bar = (
-            tqdm_ray.tqdm(desc=f"epoch {state['epoch'] + 1}", total=config["shard_size"] // micro)
-            if rank == 0
-            else None
-        )
-        for batch in shard.iter_torch_batches(
-            batch_size=micro, drop_last=True, local_shuffle_buffer_size=buffer, local_shuffle_seed=epoch_seed
-        ):
+        # rank 0's progress through its share, drawn by the driver (Ray's distributed tqdm)
+        bar = tqdm_ray.tqdm(desc=f"epoch {state['epoch'] + 1}", total=steps) if rank == 0 else None
+        batches = stream_batches(pieces, micro, train_cfg.shuffle_window, epoch_seed)
+        for batch in itertools.islice(batches, steps):
             x, y, days = trim_padding(
-                batch["inputs"].to(device), batch["targets"].to(device), batch["target_days"].to(device)
+                torch.from_numpy(batch["inputs"]).to(device).long(),
+                torch.from_numpy(batch["targets"]).to(device).long(),
+                torch.from_numpy(batch["target_days"]).to(device),
             )  # (B, width) each
             days = days if added_days is not None else None
             candidates = criterion.sample_candidates(y)
@@ -342,43 +270,30 @@ def train(
     train_cfg: TrainConfig,
     init_from: Path | None = None,
 ) -> tuple[Path, dict]:
-    """Prepare data from Feast, fit with Ray Train + DeepSpeed, export the best epoch. -> (export dir, run info)
+    """Build the examples as Ray work, fit with Ray Train + DeepSpeed on them, export the best epoch in a Ray
+    task. -> (export dir, run info). The driver holds configs, counts and references, never the data.
     init_from: an export whose weights start the run where the shapes agree (warm_start; `vlmrec refresh`)."""
     import ray
 
-    from vlmrec.raycluster import init_ray
-
     ws = Workspace(job.workdir)
     t0 = time.perf_counter()
-    data = prepare_data(ws, job, model_cfg.max_len, model_cfg.is_content)
-    if len(data.inputs) == 0 or len(data.valid_inputs) == 0:
-        raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
-    model_cfg = _fit_vocabulary(model_cfg, data)
-    record_teacher(ws.runs / job.name, data.teacher_id)
-    prepare_s = time.perf_counter() - t0
-    init_ray()
-    # Shuffled here once, then per epoch by each worker's local shuffle buffer (as large as its shard): a
-    # global random_shuffle would need Ray Data tasks, which wait forever for a CPU when the training
-    # workers hold them all.
-    order = np.random.default_rng(train_cfg.seed).permutation(len(data.inputs))
-    dataset = ray.data.from_items(
-        [
-            {"inputs": data.inputs[i], "targets": data.targets[i], "target_days": data.target_days[i]}
-            for i in order
-        ]
+    shards = build_examples(
+        ws,
+        job.split_config(),
+        model_cfg.max_len,
+        model_cfg.is_content,
+        ws.runs / job.name / "examples",
+        popular_k=job.popular_k,
+        half_life_days=job.popular_half_life_days,
+        seed=train_cfg.seed,
     )
-    # Arrays that grow with the catalogue and the users go through the object store (one copy per node,
-    # read without copying); the loop config carries configs and that one reference.
-    arrays = {
-        "teacher": data.items.teacher_matrix() if model_cfg.is_content else None,
-        "item_ids": np.concatenate([[-1], data.items.item_ids]),
-        "target_counts": np.bincount(data.targets[data.targets > 0], minlength=model_cfg.n_items + 1),
-        "held_out": data.held_out,
-        "added_days": data.added_days,
-        "valid_inputs": data.valid_inputs,
-        "valid_targets": data.valid_targets,
-        "valid_days": data.valid_days,
-    }
+    if shards.n_train == 0 or shards.n_valid == 0:
+        raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
+    model_cfg = dataclasses.replace(
+        model_cfg, n_items=shards.n_items, teacher_dim=shards.teacher_dim if model_cfg.is_content else 0
+    )
+    record_teacher(ws.runs / job.name, shards.teacher_id)
+    prepare_s = time.perf_counter() - t0
     loop_config = {
         "model": model_cfg.to_dict(),
         "loss": loss_cfg.to_dict(),
@@ -391,61 +306,83 @@ def train(
             train_cfg.weight_decay,
             grad_clip=train_cfg.grad_clip,
         ),
-        "arrays": ray.put(arrays),
-        "shard_size": -(-len(order) // job.num_workers),
+        # the vocabulary, teacher matrix, counts and validation rows: one object-store reference
+        "arrays": shards.arrays,
+        "examples": shards.train,  # the example files: each worker streams its share of them
+        "n_train": shards.n_train,
         "init_from": None if init_from is None else str(Path(init_from).absolute()),
     }
-    warm = None  # what the warm start copies (each worker does the same before its first epoch)
-    if init_from is not None:
-        fresh = SeqRec(model_cfg, teacher=arrays["teacher"], item_ids=arrays["item_ids"])
-        warm = {
-            "from": str(init_from),
-            **warm_start(fresh, SeqRec.from_pretrained(Path(init_from) / "model")),
-        }
     t0 = time.perf_counter()
     result = engine.fit(
-        train_loop_per_worker, loop_config, {"train": dataset}, ws.runs / job.name, job.engine(), "val_ndcg10"
+        train_loop_per_worker, loop_config, {}, ws.runs / job.name, job.engine(), "val_ndcg10"
     )
     fit_s = time.perf_counter() - t0
     best_ckpt, best_metrics = max(result.best_checkpoints, key=lambda cm: cm[1]["val_ndcg10"])
-    model = load_checkpoint_model(best_ckpt, model_cfg, data)
-    fusion = None
-    if train_cfg.tune_fusion:
-        model, fusion = choose_fusion(
-            model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days
-        )
-    history = [m for _, m in result.best_checkpoints]
     info = {
         "name": job.name,
-        "teacher_id": data.teacher_id,
+        "teacher_id": shards.teacher_id,
         "feature_service": "student_v1",
         "split": job.split_config().to_dict(),
         "configs": {
-            "model": model.cfg.to_dict(),
+            "model": model_cfg.to_dict(),
             "loss": loss_cfg.to_dict(),
             "train": train_cfg.to_dict(),
             "job": job.to_dict(),
         },
         "data": {
-            "train_events": len(data.train_events),
+            "train_events": shards.learnable_events,
             # the newest event the run learnt from: `vlmrec refresh` scores it only on events after this
-            "trained_until": _iso(data.train_events["event_timestamp"].max())
-            if len(data.train_events)
-            else None,
-            "train_examples": len(data.inputs),
-            "valid_queries": len(data.valid_inputs),
-            "items": data.items.n_items,
-            "held_out_items": len(data.held_out),
+            "trained_until": None if shards.trained_until is None else _iso(shards.trained_until),
+            "train_examples": shards.n_train,
+            "valid_queries": shards.n_valid,
+            "items": shards.n_items,
+            "held_out_items": shards.held_out_items,
+            "stages": shards.stages,
         },
         "best": best_metrics,
-        "fusion_val_ndcg10": fusion,
+        "fusion_val_ndcg10": None,
         "last": result.metrics,
-        "kept_checkpoints": history,
+        "kept_checkpoints": [m for _, m in result.best_checkpoints],
         "timing_s": {"prepare": round(prepare_s, 2), "fit": round(fit_s, 2)},
-        "warm_start": warm,
+        "warm_start": None,
     }
-    export_dir = export(ws, job, model, data, info)
-    return export_dir, info
+    finish = ray.remote(num_cpus=1, max_calls=1)(finish_run)
+    info = ray.get(
+        finish.remote(str(ws.root), job, best_ckpt, model_cfg, train_cfg, shards.arrays, info, init_from)
+    )
+    return ws.runs / job.name / "export", info
+
+
+def finish_run(
+    ws_root: str,
+    job: JobConfig,
+    checkpoint,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    arrays: dict,
+    info: dict,
+    init_from: Path | None,
+) -> dict:
+    """The run's last step, a Ray task beside the data: the best checkpoint's model, its fusion chosen on
+    validation (tune_fusion), the export written; what a warm start copied is recorded. -> the run info."""
+    items = ItemTable(
+        arrays["item_ids"][1:], arrays["teacher"][1:] if arrays["teacher"] is not None else None
+    )
+    model = load_checkpoint_model(checkpoint, model_cfg, items)
+    if train_cfg.tune_fusion:
+        model, info["fusion_val_ndcg10"] = choose_fusion(
+            model, arrays["valid_inputs"], arrays["valid_targets"], arrays["valid_days"], arrays["added_days"]
+        )
+        info["configs"]["model"] = model.cfg.to_dict()
+    if init_from is not None:
+        fresh = SeqRec(model_cfg, teacher=arrays["teacher"], item_ids=arrays["item_ids"])
+        info["warm_start"] = {
+            "from": str(init_from),
+            **warm_start(fresh, SeqRec.from_pretrained(Path(init_from) / "model")),
+        }
+    info["data"]["stages"]["finish"] = {"worker_peak_rss_mb": round(engine.peak_rss_mb(), 1)}
+    export(Workspace(ws_root), job, model, items, info["teacher_id"], arrays["popular"], info)
+    return info
 
 
 def record_teacher(run_dir: Path, teacher_id: str) -> None:
@@ -465,24 +402,18 @@ def record_teacher(run_dir: Path, teacher_id: str) -> None:
     marker.write_text(json.dumps({"teacher_id": teacher_id}))
 
 
-def _fit_vocabulary(model_cfg: ModelConfig, data: TrainingData) -> ModelConfig:
-    """The vocabulary and teacher size come from the data, not from flags."""
-    dim = data.items.teacher.shape[1] if model_cfg.is_content else 0
-    return dataclasses.replace(model_cfg, n_items=data.items.n_items, teacher_dim=dim)
-
-
 def _iso(ts) -> str:
     """A time as ISO 8601 UTC (naive = UTC)."""
     t = pd.Timestamp(ts)
     return (t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")).isoformat()
 
 
-def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, data: TrainingData) -> SeqRec:
-    """A DeepSpeed checkpoint (any ZeRO stage) -> the fp32 SeqRec."""
+def load_checkpoint_model(checkpoint, model_cfg: ModelConfig, items: ItemTable) -> SeqRec:
+    """A DeepSpeed checkpoint (any ZeRO stage) -> the fp32 SeqRec over the vocabulary `items`."""
     model = SeqRec(
         model_cfg,
-        teacher=data.items.teacher_matrix() if model_cfg.is_content else None,
-        item_ids=np.concatenate([[-1], data.items.item_ids]),
+        teacher=items.teacher_matrix() if model_cfg.is_content else None,
+        item_ids=np.concatenate([[-1], items.item_ids]),
     )
     state = engine.fp32_state_dict(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -505,14 +436,20 @@ def item_vector_table(model: SeqRec, items: ItemTable, teacher_id: str) -> pa.Ta
     )
 
 
-def export(ws: Workspace, job: JobConfig, model: SeqRec, data: TrainingData, info: dict) -> Path:
+def export(
+    ws: Workspace,
+    job: JobConfig,
+    model: SeqRec,
+    items: ItemTable,
+    teacher_id: str | None,
+    popular: list,
+    info: dict,
+) -> Path:
     """Write the export folder next to its final place, then swap it in: never half-written."""
     final = ws.runs / job.name / "export"
     with staged_dir(final) as tmp:
         model.save_pretrained(tmp / "model")
-        vectors = item_vector_table(model, data.items, data.teacher_id)
-        atomic_write_parquet(vectors, tmp / "item_vectors.parquet")
-        popular = popular_items(data.train_events, job.popular_k, job.popular_half_life_days)
+        atomic_write_parquet(item_vector_table(model, items, teacher_id), tmp / "item_vectors.parquet")
         (tmp / "popular.json").write_text(json.dumps(popular))
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
     return final

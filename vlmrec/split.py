@@ -131,6 +131,15 @@ def _cut(events: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, pd.DataF
     return parts[0].reset_index(drop=True), parts[1].reset_index(drop=True)
 
 
+def split_validation(events: pd.DataFrame, split: SplitConfig) -> pd.DataFrame | None:
+    """The validation events a split holds out itself: loo's second-last event of each user (the test
+    target is the last); None for temporal (validation then comes from the training events)."""
+    if split.split != "loo":
+        return None
+    rest = after_cut(events, split).sort_values(["user_id", "event_timestamp"], kind="stable")
+    return rest[rest.groupby("user_id").cumcount(ascending=False) == 1]
+
+
 def launched_items(events: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
     """(m,) sorted raw ids of the launched items: launch_fraction of the items with train events, drawn
     within N_STRATA equal strata of their train-period event count (so launches look like the catalogue's

@@ -1,0 +1,574 @@
+"""The training set as files: next-item examples built from the event log by Ray tasks, written as parquet
+shards the workers stream, so no part of it passes through the job's driver.
+
+    shards = build_examples(ws, job, max_len=50, need_teacher=True, out=ws.runs / "student" / "examples")
+    pieces = worker_rows(shards.train, rank, world)        # a worker's equal share of the example rows
+    for batch in stream_batches(pieces, 128, window=65536, seed=epoch_seed): ...   # inputs, targets, days
+    arrays = ray.get(shards.arrays)       # vocabulary, teacher matrix, counts, validation: the object store
+
+The point-in-time join, done on the events themselves: a query's history is its user's clicks before it
+(launched items and items without a vector left out, the last max_len kept), so nothing at or after the
+target can leak and no per-event snapshot table is read. Four steps, each Ray work:
+  facts      one task over three event columns: the split's cut and the launched items
+  partition  a task per row group of the event log -> one file per user bucket (a shuffle by user)
+  shard      a task per bucket -> train/part-<b>.parquet, valid/part-<b>.parquet and its counts
+  arrays     one task: vocabulary, teacher matrix, target counts, item ages, validation rows and the
+             popular list, returned into the object store (the driver holds only the reference)
+Each task runs in a fresh worker process and reports its peak RSS. Where the sequence snapshots hold every
+click, these are exactly `prepare_data`'s examples from Feast's join (tests/test_train.py).
+
+The training workers read the files themselves (`worker_rows`, `stream_batches`), not through Ray Data:
+Ray Data's parquet read starts with a listing task that needs a CPU, and when the training workers and a
+Producer hold every CPU (`vlmrec refresh` on a small node) the epoch waited forever; reading its own equal
+share of rows also lets every worker take the same number of steps and replay an epoch exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from training.data import ItemTable, build_inputs
+from training.item_age import added_days, to_days
+from training.popular import popularity, top_popular
+from vlmrec.schema import teacher_of
+from vlmrec.split import SplitConfig, held_out_items, learnable_events, split_validation, train_events
+from vlmrec.workspace import Workspace, staged_dir
+
+EVENT_COLUMNS = ["user_id", "item_id", "event_timestamp"]
+EVENTS_PER_SHARD = 500_000  # events per user bucket: a shard task's memory, whatever the log's size
+
+
+def load_items(
+    ws: Workspace, need_teacher: bool = True, vectors: bool = True
+) -> tuple[ItemTable, str | None]:
+    """The vocabulary: every catalogue item with a teacher vector (the item_embedding source, in its row
+    order) and the teacher id. need_teacher=False (the id baseline) takes the catalogue's ids when nothing is
+    embedded: (table, None). vectors=False: the ids alone (what a shard needs)."""
+    if not ws.embeddings.exists():
+        if not need_teacher and ws.items.exists():
+            ids = pq.read_table(ws.items, columns=["item_id"]).column("item_id").to_numpy()
+            return ItemTable(np.sort(ids)), None
+        raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
+    teacher_id = teacher_of(ws.embeddings)
+    if not vectors:
+        return ItemTable(pq.read_table(ws.embeddings, columns=["item_id"]).column(0).to_numpy()), teacher_id
+    return ItemTable.from_frame(pq.read_table(ws.embeddings).to_pandas()), teacher_id
+
+
+# ------------------------------------------------------------------------- examples from histories
+
+
+def example_queries(
+    train: pd.DataFrame, max_len: int, validation: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(training queries, validation queries): each a frame of (user_id, event_timestamp, item_id) target events.
+
+    Validation: `validation` when the split holds its own validation events (loo: each user's second-last
+    event, the SASRec protocol), else each user's last training event (users with >= 2), then not trained
+    on. Training: windows of max_len targets from the end of the rest, so every other event is a target
+    exactly once (all-position training).
+    """
+    cols = ["user_id", "event_timestamp", "item_id"]
+    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
+    pos = ordered.groupby("user_id").cumcount().to_numpy()
+    n = ordered.groupby("user_id")["item_id"].transform("size").to_numpy()
+    if validation is None:
+        valid_rows = ordered.loc[(pos == n - 1) & (n >= 2), cols]
+        last_train = np.where(n >= 2, n - 2, n - 1)  # index of each user's last training target
+    else:
+        valid_rows = validation.sort_values(["user_id", "event_timestamp"], kind="stable")[cols]
+        last_train = n - 1
+    is_end = (pos >= 1) & (pos <= last_train) & ((last_train - pos) % max_len == 0)
+    return ordered.loc[is_end, cols].reset_index(drop=True), valid_rows.reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Next-item examples and validation rows (model indices; days as training.item_age days)."""
+
+    inputs: np.ndarray  # (N, T) the sequence before each window's targets
+    targets: np.ndarray  # (N, T) next items, 0 = none
+    target_days: np.ndarray  # (N, T) float64 time of each target, 0 = none
+    valid_inputs: np.ndarray  # (V, T)
+    valid_targets: np.ndarray  # (V,)
+    valid_days: np.ndarray  # (V,) float64
+
+
+def windows(
+    histories: list,
+    queries: pd.DataFrame,
+    valid: pd.DataFrame,
+    learnable: pd.DataFrame,
+    items: ItemTable,
+    max_len: int,
+) -> Windows:
+    """Examples from each query's history (raw ids oldest first, training queries then validation ones):
+    inputs = the history, targets = the same shifted by one and ending with the query's item."""
+    hist_train, hist_valid = histories[: len(queries)], histories[len(queries) :]
+    full = [[*h, t] for h, t in zip(hist_train, queries["item_id"], strict=True)]
+    inputs = build_inputs([f[:-1] for f in full], items, max_len).ids
+    targets = build_inputs([f[1:] for f in full], items, max_len).ids
+    target_days = _target_days(learnable, queries, targets, items)
+    keep = targets[:, -1] > 0
+    inputs, targets, target_days = inputs[keep], targets[keep], target_days[keep]
+    targets = np.where(inputs > 0, targets, 0)  # a target only where there is an input before it
+    target_days = np.where(targets > 0, target_days, 0.0)
+    v_inputs = build_inputs(hist_valid, items, max_len).ids
+    v_targets = items.index_of(valid["item_id"].to_numpy())
+    v_keep = (v_targets > 0) & (v_inputs[:, -1] > 0)
+    return Windows(
+        inputs,
+        targets,
+        target_days,
+        v_inputs[v_keep],
+        v_targets[v_keep],
+        to_days(valid["event_timestamp"].to_numpy())[v_keep],
+    )
+
+
+def _target_days(
+    train: pd.DataFrame, queries: pd.DataFrame, targets: np.ndarray, items: ItemTable
+) -> np.ndarray:
+    """(N, T) the time of every target in `targets` (0 where none): a window's targets are the user's
+    learnable events ending at its query event, so position T - 1 - j is the j-th event before it. Checked
+    against the targets' ids (a mismatch means the sequences and the events disagree)."""
+    ordered = train.sort_values(["user_id", "event_timestamp"], kind="stable").reset_index(drop=True)
+    ordered["row"] = np.arange(len(ordered))
+    first = ordered.groupby("user_id")["row"].transform("min").to_numpy()
+    rows = queries.merge(ordered, on=["user_id", "event_timestamp", "item_id"], how="left")["row"]
+    if rows.isna().any():
+        raise ValueError(f"{int(rows.isna().sum())} training queries are not among the learnable events")
+    rows = rows.to_numpy(np.int64)
+    T = targets.shape[1]
+    back = rows[:, None] - np.arange(T)[None, ::-1]  # (N, T) event row of each position, last = the query
+    ok = (back >= first[rows][:, None]) & (targets > 0)
+    back = back.clip(min=0)
+    days = to_days(ordered["event_timestamp"].to_numpy())[back]
+    ids = items.index_of(ordered["item_id"].to_numpy(np.int64))[back]
+    wrong = ok & (ids != targets)
+    if wrong.any():
+        raise ValueError(f"{int(wrong.sum())} training targets do not match the events' order in time")
+    return np.where(ok, days, 0.0)
+
+
+def event_histories(
+    events: pd.DataFrame, queries: pd.DataFrame, items: ItemTable, drop: np.ndarray, max_len: int
+) -> list[np.ndarray]:
+    """Point-in-time from the events: for each query row (user_id, event_timestamp), the raw ids of its
+    user's events strictly before it, oldest first, without `drop` ids or ids outside the vocabulary, the
+    last max_len kept. `events` holds every event of the queries' users."""
+    keep = ~events["item_id"].isin(drop).to_numpy() & (items.index_of(events["item_id"].to_numpy()) > 0)
+    kept = events.loc[keep, EVENT_COLUMNS].sort_values(["user_id", "event_timestamp"], kind="stable")
+    kept = kept.reset_index(drop=True)
+    kept["row"] = np.arange(len(kept))
+    first = kept.groupby("user_id")["row"].transform("min")
+    kept["first"] = first.to_numpy()
+    asked = queries[["user_id", "event_timestamp"]].reset_index(drop=True)
+    asked["query"] = np.arange(len(asked))
+    found = pd.merge_asof(
+        asked.sort_values("event_timestamp", kind="stable"),
+        kept[["user_id", "event_timestamp", "row", "first"]].sort_values("event_timestamp", kind="stable"),
+        on="event_timestamp",
+        by="user_id",
+        allow_exact_matches=False,  # strictly before: never the query's own event
+    ).sort_values("query")
+    last = found["row"].to_numpy(np.float64)  # NaN: no event before the query
+    start = found["first"].to_numpy(np.float64)
+    ids = kept["item_id"].to_numpy(np.int64)
+    out = []
+    for end, lo in zip(last, start, strict=True):
+        if np.isnan(end):
+            out.append(ids[:0])
+        else:
+            out.append(ids[max(int(lo), int(end) - max_len + 1) : int(end) + 1])
+    return out
+
+
+# ------------------------------------------------------------------------------------ the Ray steps
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What every shard must know of the whole event log."""
+
+    split: SplitConfig
+    last_train: Any  # temporal: the newest train event's time (pd.Timestamp); None for loo
+    tied: frozenset  # temporal: (user_id, item_id) of the train events AT last_train (ties at the cut)
+    held_out: np.ndarray  # raw ids of the launched items (launch split)
+    trained_until: Any  # the newest learnable event's time (pd.Timestamp), None without any
+
+    def learnable(self, events: pd.DataFrame) -> pd.DataFrame:
+        """The learnable events among `events` (whole users' events): as vlmrec.split's on the whole log."""
+        if self.split.split == "loo":
+            train = train_events(events, self.split)  # each user's own cut
+        elif self.last_train is None:
+            train = events.iloc[:0]
+        else:
+            ts = events["event_timestamp"]
+            at_cut = (ts == self.last_train).to_numpy()
+            tied = np.fromiter(
+                (
+                    (u, i) in self.tied
+                    for u, i in zip(events["user_id"][at_cut], events["item_id"][at_cut], strict=True)
+                ),
+                bool,
+                count=int(at_cut.sum()),
+            )
+            keep = (ts < self.last_train).to_numpy()
+            keep[np.flatnonzero(at_cut)[tied]] = True
+            train = events[keep].sort_values("event_timestamp", kind="stable")
+        return train[~train["item_id"].isin(self.held_out).to_numpy()].reset_index(drop=True)
+
+
+def split_facts(events_path: Path, split: SplitConfig) -> tuple[Facts, dict]:
+    """-> (the Facts every shard needs, a small summary for the driver)."""
+    events = pq.read_table(events_path, columns=EVENT_COLUMNS).to_pandas()
+    held_out = held_out_items(events, split)
+    learnable = learnable_events(events, split)
+    until = learnable["event_timestamp"].max() if len(learnable) else None
+    last, tied = None, frozenset()
+    train = train_events(events, split) if split.split != "loo" else events.iloc[:0]
+    if len(train):
+        last = train["event_timestamp"].max()
+        at = train[train["event_timestamp"] == last]
+        tied = frozenset(zip(at["user_id"].tolist(), at["item_id"].tolist(), strict=True))
+    summary = {"trained_until": until, "held_out_items": len(held_out), "peak_rss_mb": _peak_rss_mb()}
+    return Facts(split, last, tied, held_out, until), summary
+
+
+def partition(events_path: Path, row_groups: list[int], n_buckets: int, out: Path, piece: int) -> float:
+    """Row groups of the event log -> out/bucket=<b>/piece-<piece>.parquet, user_id mod n_buckets = b."""
+    table = pq.ParquetFile(events_path).read_row_groups(row_groups, columns=EVENT_COLUMNS)
+    bucket = np.mod(table.column("user_id").to_numpy(), n_buckets)
+    order = np.argsort(bucket, kind="stable")
+    table, bounds = table.take(order), np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+    for b in range(n_buckets):
+        part = table.slice(bounds[b], bounds[b + 1] - bounds[b])
+        if part.num_rows:
+            (out / f"bucket={b}").mkdir(parents=True, exist_ok=True)
+            pq.write_table(part, out / f"bucket={b}" / f"piece-{piece:05d}.parquet")
+    return _peak_rss_mb()
+
+
+def shard(
+    ws_root: str,
+    bucket_dir: Path,
+    facts: Facts,
+    need_teacher: bool,
+    max_len: int,
+    half_life: float,
+    out: Path,
+    b: int,
+    seed: int,
+) -> dict:
+    """One user bucket -> out/train/part-<b>.parquet and out/valid/part-<b>.parquet (rows in a seeded random
+    order); -> (its counts for the driver, its sparse target counts and item popularity for `arrays`)."""
+    items, _ = load_items(Workspace(ws_root), need_teacher, vectors=False)
+    events = pq.read_table(bucket_dir).to_pandas() if bucket_dir.exists() else _empty_events()
+    learnable = facts.learnable(events)
+    queries, valid = example_queries(learnable, max_len, split_validation(events, facts.split))
+    asked = pd.concat([queries, valid], ignore_index=True)
+    w = windows(
+        event_histories(events, asked, items, facts.held_out, max_len),
+        queries,
+        valid,
+        learnable,
+        items,
+        max_len,
+    )
+    rng = np.random.default_rng([seed, b])
+    order, v_order = rng.permutation(len(w.inputs)), rng.permutation(len(w.valid_inputs))
+    _write(
+        out / "train" / f"part-{b:05d}.parquet",
+        {
+            "inputs": w.inputs[order].astype(np.int32),
+            "targets": w.targets[order].astype(np.int32),
+            "target_days": w.target_days[order],
+        },
+    )
+    _write(
+        out / "valid" / f"part-{b:05d}.parquet",
+        {
+            "inputs": w.valid_inputs[v_order].astype(np.int32),
+            "targets": w.valid_targets[v_order].astype(np.int32),
+            "days": w.valid_days[v_order],
+        },
+    )
+    targets, counts = np.unique(w.targets[w.targets > 0], return_counts=True)
+    summary = {
+        "train": len(w.inputs),
+        "valid": len(w.valid_inputs),
+        "learnable": len(learnable),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    parts = {
+        "target_counts": (targets, counts),
+        "popularity": popularity(learnable, facts.trained_until, half_life) if len(learnable) else None,
+    }
+    return summary, parts
+
+
+def arrays(
+    ws_root: str, need_teacher: bool, facts: Facts, parts: list, valid_dir: Path, popular_k: int
+) -> tuple[dict, dict]:
+    """The arrays every worker needs beside its examples, and a summary for the driver. `parts`: the
+    shards' references (read here, never by the driver)."""
+    import ray
+
+    shards = ray.get(parts)
+    ws = Workspace(ws_root)
+    items, teacher_id = load_items(ws, need_teacher)
+    counts = np.zeros(items.n_items + 1, np.int64)
+    for s in shards:
+        np.add.at(counts, *s["target_counts"])
+    valid = _read(valid_dir)
+    scores = [s["popularity"] for s in shards if s["popularity"] is not None]
+    merged = pd.concat(scores).groupby(level=0).sum() if scores else pd.Series(dtype=np.float64)
+    out = {
+        "teacher": items.teacher_matrix() if items.teacher is not None else None,
+        "item_ids": np.concatenate([[-1], items.item_ids]),
+        "target_counts": counts,
+        "held_out": items.index_of(facts.held_out),
+        # the learnable events hold no launched item's event: launched items are anchored at +inf
+        "added_days": added_days(pq.read_table(ws.items).to_pandas(), items, None, facts.held_out),
+        "valid_inputs": _column(valid, "inputs").astype(np.int64),
+        "valid_targets": _column(valid, "targets").astype(np.int64),
+        "valid_days": _column(valid, "days"),
+        "popular": top_popular(merged, popular_k),
+    }
+    summary = {
+        "teacher_id": teacher_id,
+        "n_items": items.n_items,
+        "teacher_dim": 0 if items.teacher is None else int(items.teacher.shape[1]),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    return out, summary
+
+
+@dataclass(frozen=True)
+class Shards:
+    """What build_examples wrote and counted; `arrays` is an object-store reference."""
+
+    train: str  # the folder of training example files
+    valid: str
+    arrays: Any  # ray.ObjectRef of `arrays()`'s dict
+    n_train: int
+    n_valid: int
+    learnable_events: int
+    trained_until: Any
+    teacher_id: str | None
+    n_items: int
+    teacher_dim: int
+    held_out_items: int
+    stages: dict  # {step: {"wall_s", "worker_peak_rss_mb"}}
+
+
+def build_examples(
+    ws: Workspace,
+    split: SplitConfig,
+    max_len: int,
+    need_teacher: bool,
+    out: Path,
+    *,
+    popular_k: int = 1000,
+    half_life_days: float = 7.0,
+    seed: int = 0,
+    events_per_shard: int = EVENTS_PER_SHARD,
+) -> Shards:
+    """Build the training set under `out` (written aside, then swapped in) as Ray work; see the module."""
+    import ray
+
+    from vlmrec.raycluster import init_ray
+
+    init_ray()
+    meta = pq.ParquetFile(ws.events).metadata
+    n_buckets = max(1, math.ceil(meta.num_rows / events_per_shard))
+    # each task in a fresh process (its peak RSS is its own); what grows with the data stays in the object
+    # store and goes from task to task: the driver gets counts and references
+    fresh = ray.remote(num_cpus=1, max_calls=1)
+    stages: dict[str, dict] = {}
+    with staged_dir(out) as tmp:
+        t0 = time.perf_counter()
+        facts, facts_summary = fresh(split_facts).options(num_returns=2).remote(ws.events, split)
+        pieces = ray.get(
+            [
+                fresh(partition).remote(ws.events, groups, n_buckets, tmp / "buckets", p)
+                for p, groups in enumerate(_row_group_pieces(meta, events_per_shard))
+            ]
+        )
+        summary = ray.get(facts_summary)
+        stages["partition"] = _stage(t0, [summary["peak_rss_mb"], *pieces])
+        t0 = time.perf_counter()
+        refs = [
+            fresh(shard)
+            .options(num_returns=2)
+            .remote(
+                str(ws.root),
+                tmp / "buckets" / f"bucket={b}",
+                facts,
+                need_teacher,
+                max_len,
+                half_life_days,
+                tmp,
+                b,
+                seed,
+            )
+            for b in range(n_buckets)
+        ]
+        counts = ray.get([r[0] for r in refs])
+        stages["windows"] = _stage(t0, [c["peak_rss_mb"] for c in counts])
+        shutil.rmtree(tmp / "buckets", ignore_errors=True)
+        t0 = time.perf_counter()
+        arrays_ref, vocabulary = (
+            fresh(arrays)
+            .options(num_returns=2)
+            .remote(str(ws.root), need_teacher, facts, [r[1] for r in refs], tmp / "valid", popular_k)
+        )
+        vocabulary = ray.get(vocabulary)
+        stages["arrays"] = _stage(t0, [vocabulary["peak_rss_mb"]])
+    return Shards(
+        train=str(out / "train"),
+        valid=str(out / "valid"),
+        arrays=arrays_ref,
+        n_train=sum(c["train"] for c in counts),
+        n_valid=sum(c["valid"] for c in counts),
+        learnable_events=sum(c["learnable"] for c in counts),
+        trained_until=summary["trained_until"],
+        teacher_id=vocabulary["teacher_id"],
+        n_items=vocabulary["n_items"],
+        teacher_dim=vocabulary["teacher_dim"],
+        held_out_items=summary["held_out_items"],
+        stages=stages,
+    )
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def worker_rows(folder: str | Path, rank: int, world: int) -> list[tuple[str, int, int, int]]:
+    """Worker `rank` of `world`'s share of a folder of example files: an equal run of the rows (the first
+    n_rows % world workers one more), as (file, row group, first row, end row) pieces. From the files'
+    footers only."""
+    files = sorted(str(f) for f in Path(folder).glob("*.parquet"))
+    groups = []
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+    total = sum(n for *_, n in groups)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    pieces, at = [], 0
+    for f, g, n in groups:
+        a, b = max(lo, at), min(hi, at + n)
+        if a < b:
+            pieces.append((f, g, a - at, b - at))
+        at += n
+    return pieces
+
+
+def stream_batches(
+    pieces: list[tuple[str, int, int, int]], batch_size: int, window: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled full batches of a worker's pieces, read one row group at a time: the pieces in a random
+    order, then rows mixed within a buffer of about `window` rows (never more than window + one row
+    group in memory). The same seed gives the same batches (an epoch replayed after a failure)."""
+    import ray.data.extensions  # noqa: F401  (registers the tensor column type the files carry)
+
+    rng = np.random.default_rng(seed)
+    buffer: dict[str, np.ndarray] | None = None
+
+    def drain(keep: int) -> Iterator[dict[str, np.ndarray]]:
+        nonlocal buffer
+        n = len(next(iter(buffer.values())))
+        order = rng.permutation(n)
+        cut = max(0, (n - keep) // batch_size * batch_size)
+        for i in range(0, cut, batch_size):
+            yield {k: v[order[i : i + batch_size]] for k, v in buffer.items()}
+        buffer = {k: v[order[cut:]] for k, v in buffer.items()}
+
+    for p in rng.permutation(len(pieces)):
+        f, g, a, b = pieces[p]
+        table = pq.ParquetFile(f).read_row_group(g).slice(a, b - a)
+        part = {name: _column(table, name) for name in table.column_names}
+        buffer = part if buffer is None else {k: np.concatenate([buffer[k], part[k]]) for k in part}
+        if len(next(iter(buffer.values()))) >= window + batch_size:
+            yield from drain(keep=window // 2)  # half the window stays to mix with what comes next
+    if buffer is not None:
+        yield from drain(keep=0)
+
+
+def read_examples(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every row of a folder of example files, as (N, ...) arrays (tests and small data only)."""
+    table = _read(folder)
+    return {name: _column(table, name) for name in table.column_names}
+
+
+def _read(folder: str | Path) -> pa.Table:
+    import ray.data.extensions  # noqa: F401  (registers the tensor column type the files carry)
+
+    return pq.read_table(folder)
+
+
+def _write(path: Path, columns: dict[str, np.ndarray]) -> None:
+    from ray.data.extensions import ArrowTensorArray
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table(
+            {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v) for k, v in columns.items()}
+        ),
+        path,
+    )
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    if col.num_chunks == 0:
+        return np.zeros((0,), np.int64)
+    return np.concatenate([c.to_numpy(zero_copy_only=False) for c in col.chunks])
+
+
+def _empty_events() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(dtype=np.int64),
+            "item_id": pd.Series(dtype=np.int64),
+            "event_timestamp": pd.Series(dtype="datetime64[us, UTC]"),
+        }
+    )
+
+
+def _row_group_pieces(meta, events_per_piece: int) -> list[list[int]]:
+    """Consecutive row groups, about events_per_piece rows each (one piece at least)."""
+    pieces: list[list[int]] = [[]]
+    rows = 0
+    for g in range(meta.num_row_groups):
+        if pieces[-1] and rows + meta.row_group(g).num_rows > events_per_piece:
+            pieces.append([])
+            rows = 0
+        pieces[-1].append(g)
+        rows += meta.row_group(g).num_rows
+    return pieces
+
+
+def _stage(t0: float, rss: list[float]) -> dict:
+    return {
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "worker_peak_rss_mb": round(max(rss, default=0.0), 1),
+    }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
