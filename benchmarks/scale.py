@@ -86,30 +86,30 @@ def derive_vectors(base: Path, ws: Path, seed: int) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(base / "data" / "item_embeddings.parquet")
+    from vlmrec.schema import ITEM_EMBEDDINGS
+
+    table = pq.read_table(base / "data" / "item_embeddings.parquet").sort_by("item_id")
     base_ids = table.column("item_id").to_numpy()
     vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False)).astype(np.float32)
     teacher = table.column("teacher_id")[0].as_py()
-    ids = pq.read_table(ws / "data" / "items.parquet", columns=["item_id"]).column(0).to_numpy()
+    items = pq.read_table(ws / "data" / "items.parquet", columns=["item_id", "event_timestamp"])
+    ids, stamps = items.column("item_id").to_numpy(), items.column("event_timestamp")
     stride = int(base_ids.max()) + 1
     row = np.searchsorted(base_ids, ids % stride)
     keep = (row < len(base_ids)) & (base_ids[row.clip(max=len(base_ids) - 1)] == ids % stride)
-    ids, row = ids[keep], row[keep]
+    ids, row, stamps = ids[keep], row[keep], stamps.filter(pa.array(keep))
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal((len(ids), vectors.shape[1])).astype(np.float32)
     noise *= 0.1 / np.linalg.norm(noise, axis=1, keepdims=True)
     out = vectors[row] + np.where((ids >= stride)[:, None], noise, 0.0)
     out /= np.linalg.norm(out, axis=1, keepdims=True)
-    pq.write_table(
-        pa.table(
-            {
-                "item_id": pa.array(ids, pa.int64()),
-                "vector": pa.array(list(out), pa.list_(pa.float32())),
-                "teacher_id": pa.array([teacher] * len(ids), pa.string()),
-            }
-        ),
-        ws / "data" / "item_embeddings.parquet",
-    )
+    columns = {
+        "item_id": pa.array(ids, pa.int64()),
+        "event_timestamp": stamps,
+        "vector": pa.array(list(out.astype(np.float32)), pa.list_(pa.float32())),
+        "teacher_id": pa.array([teacher] * len(ids), pa.string()),
+    }
+    pq.write_table(pa.table(columns).cast(ITEM_EMBEDDINGS), ws / "data" / "item_embeddings.parquet")
     return len(ids)
 
 
@@ -178,7 +178,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
             "finish_worker_peak_rss_mb": steps.get("finish", {}).get("worker_peak_rss_mb"),
         },  # fmt: skip
         "items": n_items,
-        "users": int(run["data"]["valid_queries"]),
+        "valid_queries": int(run["data"]["valid_queries"]),
         "stages": stages,
         "load_average": list(os.getloadavg()),
     }
