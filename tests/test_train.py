@@ -417,3 +417,12 @@ def test_workers_stream_equal_shares_of_the_example_files_exactly_once(tmp_path)
     assert sorted(seen) == list(range(total))  # every row in exactly one worker's share
     ordered = [int(x["targets"][0]) for x in stream_batches(worker_rows(tmp_path, 0, 1), 1, 8, seed=0)]
     assert ordered != sorted(ordered)  # shuffled
+
+
+def test_the_id_baseline_trains_through_the_job_without_teacher_vectors(sample_workspace):
+    """`--item-space id` on a workspace that has embeddings: its workers get no teacher matrix."""
+    ws = sample_workspace
+    args = ["--workdir", str(ws.root), "--name", "sasrec-job", "--item-space", "id", "--max-len", "8"]
+    export, info = train.run(_parse([*args, "--batch-size", "16", "--d-model", "16"], 1))
+    model = SeqRec.from_pretrained(export / "model")
+    assert model.cfg.item_space == "id" and model.cfg.teacher_dim == 0 and info["best"]["epoch"] == 1

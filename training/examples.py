@@ -336,7 +336,8 @@ def arrays(
     scores = [s["popularity"] for s in shards if s["popularity"] is not None]
     merged = pd.concat(scores).groupby(level=0).sum() if scores else pd.Series(dtype=np.float64)
     out = {
-        "teacher": items.teacher_matrix() if items.teacher is not None else None,
+        # the id baseline (need_teacher False) learns its own item table: no teacher in its model
+        "teacher": items.teacher_matrix() if need_teacher else None,
         "item_ids": np.concatenate([[-1], items.item_ids]),
         "target_counts": counts,
         "held_out": items.index_of(facts.held_out),
@@ -350,7 +351,7 @@ def arrays(
     summary = {
         "teacher_id": teacher_id,
         "n_items": items.n_items,
-        "teacher_dim": 0 if items.teacher is None else int(items.teacher.shape[1]),
+        "teacher_dim": int(items.teacher.shape[1]) if need_teacher else 0,
         "peak_rss_mb": _peak_rss_mb(),
     }
     return out, summary
