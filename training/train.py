@@ -5,9 +5,9 @@
         python -m training.train --workdir $PWD/.vlmrec/sample --name student        # unchanged on a cluster
 
 Data flows one way: the split's events -> example files built by Ray tasks (training/examples.py: each
-target's history is its user's clicks before it, a point-in-time join on the event log) -> Ray Data
-streams them to the workers; the vocabulary, teacher matrix and validation rows reach the workers through
-the object store. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in engine/zero.json; gloo
+target's history is its user's clicks before it, a point-in-time join on the event log) -> each worker
+streams its equal share of the files (training/examples.py `stream_batches`); the vocabulary, teacher
+matrix and validation rows reach the workers through the object store. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in engine/zero.json; gloo
 on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint reported to Ray Train, early
 stopping. A re-run with the same name (or a restarted worker, FailureConfig) resumes from the latest
 checkpoint. A last Ray task (`finish_run`) chooses the fusion and exports one folder,
