@@ -190,13 +190,13 @@ def validation_ndcg_per_query(ws: Workspace, name: str, flags: list[str]) -> np.
     """(V,) NDCG@10 of each validation query by an export as it serves (its fusion), the job's own data."""
     from training.metrics import ndcg_at
     from training.model import SeqRec
-    from training.train import JobConfig, prepare_data
+    from training.train import JobConfig, validation_arrays
     from training.validation import validation_ranks
 
     job = JobConfig.from_args(job_args(["--workdir", str(ws.root), "--name", name, *flags]))
     model = SeqRec.from_pretrained(ws.runs / name / "export" / "model")
-    data = prepare_data(ws, job, model.cfg.max_len, model.cfg.is_content)
-    ranks = validation_ranks(model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days)
+    a = validation_arrays(ws, job, model.cfg)
+    ranks = validation_ranks(model, a["valid_inputs"], a["valid_targets"], a["valid_days"], a["added_days"])
     return ndcg_at(ranks, 10)
 
 

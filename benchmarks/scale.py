@@ -10,7 +10,9 @@ Per size, in <workroot>/<events>: `python -m vlmrec.scale` grows the base worksp
     embed         vlmrec embed (minilm); a catalogue above --embed-max-items is not embedded here (minilm
                   on two cores takes about a minute per 10k items): its clones get their base item's vector
                   plus noise instead, and the stage is recorded as not run
-    materialize   vlmrec features (feast apply + materialize into sqlite)
+    materialize   vlmrec features (feast apply + materialize into sqlite), the default sequence layout
+                  (a row per user); up to --snapshots-max-events the per-event layout is ingested and
+                  materialized beside it (`sequence_layouts`: rows, ids, bytes, both stages)
     pit_join      vlmrec train's example build: the Ray tasks that turn events into example files
     epoch         vlmrec train's one epoch (--epochs 1), the workers streaming those files
     index_build   vlmrec index build --run scale
@@ -113,6 +115,20 @@ def derive_vectors(base: Path, ws: Path, seed: int) -> int:
     return len(ids)
 
 
+def sequence_file(ws: Path) -> dict:
+    """The click-sequence table's rows, ids and bytes on disk."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = ws / "data" / "click_sequences.parquet"
+    ids = pq.read_table(path, columns=["item_ids"])["item_ids"]
+    return {
+        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "ids": int(pc.sum(pc.list_value_length(ids)).as_py() or 0),
+        "bytes_on_disk": path.stat().st_size,
+    }
+
+
 def one_size(n: int, args: argparse.Namespace) -> dict:
     root = args.workroot / str(n)
     shutil.rmtree(root, ignore_errors=True)
@@ -148,6 +164,26 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         "worker_peak_rss_mb": got["driver_mb"],
         "driver_peak_rss_mb": got["driver_mb"],
     }
+    layouts = {
+        "latest": {**sequence_file(ws), "ingest": stages["ingest"], "materialize": stages["materialize"]}
+    }
+    if n <= args.snapshots_max_events:  # the per-event layout, measured beside the default
+        snap = root / "ws-snapshots"
+        got = stage("ingest snapshots", [*vlmrec, "ingest", "--events", str(raw / "events.parquet"), "--catalogue",
+                                         str(raw / "catalogue.parquet"), "--workdir", str(snap), "--max-len", "50",
+                                         "--sequences", "snapshots"], log)  # fmt: skip
+        shutil.copy(ws / "data" / "item_embeddings.parquet", snap / "data" / "item_embeddings.parquet")
+        mat = stage("materialize snapshots", [*vlmrec, "features", "--workdir", str(snap)], log)
+        layouts["snapshots"] = {
+            **sequence_file(snap),
+            "ingest": {"wall_s": got["wall_s"], "worker_peak_rss_mb": got["driver_mb"]},
+            "materialize": {"wall_s": mat["wall_s"], "worker_peak_rss_mb": mat["driver_mb"]},
+        }
+        shutil.rmtree(snap)
+    else:
+        layouts["snapshots"] = {
+            "not_run": f"{n} events above --snapshots-max-events {args.snapshots_max_events}"
+        }
     train = stage("train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log)
     run = json.loads((ws / "runs" / "scale" / "export" / "run.json").read_text())
     steps = run["data"]["stages"]
@@ -180,6 +216,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         "items": n_items,
         "valid_queries": int(run["data"]["valid_queries"]),
         "stages": stages,
+        "sequence_layouts": layouts,
         "load_average": list(os.getloadavg()),
     }
 
@@ -190,6 +227,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     p.add_argument("--workroot", type=Path, default=Path(".vlmrec/scale"))
     p.add_argument("--embed-max-items", type=int, default=20_000)
+    p.add_argument(
+        "--snapshots-max-events",
+        type=int,
+        default=1_000_000,
+        help="also ingest and materialize the per-event sequence layout up to this size (it grows N x events)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
     args = p.parse_args(argv)
     out = json.loads(args.out.read_text()) if args.out.exists() else {"sizes": {}}

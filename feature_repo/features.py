@@ -21,7 +21,7 @@ click_sequence_source = FileSource(
     name="click_sequences",
     path="data/click_sequences.parquet",
     timestamp_field="event_timestamp",
-    description="One row per click: the user's last N item ids up to and including it (vlmrec ingest).",
+    description="A user's last N item ids: a row per user, or per click (vlmrec ingest --sequences).",
 )
 # A click seen by the Producer (POST /v1/events) is pushed here: it updates the online sequence at once.
 click_push = PushSource(name="click_push", batch_source=click_sequence_source)

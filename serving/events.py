@@ -40,10 +40,10 @@ from serving.calls import Deps, Unavailable, describe
 from serving.guard import invalid
 from serving.online import online_lock
 from serving.parquet_log import PartitionedLog
+from vlmrec.features import PUSH_SOURCE
+from vlmrec.features import SEQUENCE_VIEW as VIEW  # the feature view it feeds
 from vlmrec.schema import EVENTS_LOG
 
-PUSH_SOURCE = "click_push"  # feature_repo/features.py: the push source of user_click_sequence
-VIEW = "user_click_sequence"  # the feature view it feeds
 FEATURES = ("item_ids", "click_times")
 log = logging.getLogger("ray.serve")
 ONE_US = timedelta(microseconds=1)

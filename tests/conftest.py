@@ -155,3 +155,29 @@ def sample_workspace(tmp_path_factory, ray_local):
     embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1))
     apply_and_materialize(ws)
     return ws
+
+
+@pytest.fixture(scope="session")
+def snapshot_workspace(sample_workspace, tmp_path_factory):
+    """The sample workspace ingested with a sequence snapshot per event (`--sequences snapshots`), as
+    Feast's point-in-time join (training's in-memory `prepare_data`) needs; the same embeddings."""
+    return reingest(sample_workspace, tmp_path_factory.mktemp("snapshots"), max_len=8)
+
+
+def reingest(sample_workspace, root, max_len: int):
+    """The sample's raw data ingested again into root/ws with per-event snapshots, embeddings copied,
+    materialized."""
+    import shutil
+
+    from vlmrec.features import apply_and_materialize
+    from vlmrec.ingest import IngestConfig, ingest
+    from vlmrec.workspace import Workspace
+
+    ws = Workspace(root / "ws")
+    raw = sample_workspace.root.parent / "raw"  # the fixture's generated sample
+    ingest(
+        raw / "events.csv", raw / "catalogue.csv", ws, IngestConfig(max_len=max_len, sequences="snapshots")
+    )
+    shutil.copy(sample_workspace.embeddings, ws.embeddings)
+    apply_and_materialize(ws)
+    return ws

@@ -27,6 +27,7 @@ from training.data import ItemTable, build_inputs
 from training.model import SeqRec
 from vlmrec import schema
 from vlmrec.features import apply_and_materialize
+from vlmrec.sequences import click_sequences
 from vlmrec.workspace import TEACHER_INDEX, Workspace, atomic_write_parquet
 
 D, N_ITEMS, FIRST_ID = 8, 40, 1000  # vocabulary: item ids 1000..1039
@@ -110,24 +111,15 @@ class World:
 
 def write_world(root: Path) -> World:
     ws = Workspace(root / "ws").ensure()
-    rows, seqs = [], []
-    for u in USERS:
-        history: list[int] = []
-        times: list[int] = []
-        for k in range(7):
-            item = FIRST_ID + (u * 7 + k * 3) % N_ITEMS
-            ts = T0 + pd.Timedelta(minutes=10 * k + u)
-            history.append(item)
-            times.append(ts.value // 1000)  # UTC microseconds, as ingest writes click_times
-            rows.append((u, item, ts))
-            seqs.append((u, ts, history[-SNAP_LEN:], times[-SNAP_LEN:]))
+    rows = [
+        (u, FIRST_ID + (u * 7 + k * 3) % N_ITEMS, T0 + pd.Timedelta(minutes=10 * k + u))
+        for u in USERS
+        for k in range(7)
+    ]
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
     events["event_type"] = "click"
     atomic_write_parquet(pa.Table.from_pandas(events, schema=schema.EVENTS, preserve_index=False), ws.events)
-    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids", "click_times"])
-    atomic_write_parquet(
-        pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
-    )
+    atomic_write_parquet(click_sequences(events, SNAP_LEN, "snapshots"), ws.sequences)  # Feast's joins too
     ids = np.arange(FIRST_ID, COLD_ID + 1)  # the catalogue holds the cold item too
     images = root / "images"  # one small PNG per item, as the sample data draws them
     images.mkdir(parents=True, exist_ok=True)

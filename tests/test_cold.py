@@ -97,10 +97,10 @@ def test_a_cut_time_splits_at_that_time_for_training_and_evaluation_alike():
         SplitConfig(split="loo", cut_time="2024-01-03")
 
 
-def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_workspace):
+def test_launch_split_leaks_no_event_of_a_launched_item_into_training(snapshot_workspace):
     """Training examples (inputs and targets), validation, popularity, logQ counts, the negative pool,
     first-event times and teacher-tuning pairs: none may hold a launched item's pre-cut event."""
-    ws = sample_workspace
+    ws = snapshot_workspace
     events = pq.read_table(ws.events).to_pandas()
     items = pq.read_table(ws.items).to_pandas()
     launch = train.JobConfig(workdir=str(ws.root), cold="launch", launch_fraction=0.3, launch_seed=1)
@@ -138,8 +138,8 @@ def test_launch_split_leaks_no_event_of_a_launched_item_into_training(sample_wor
     assert np.isin(q_nat.targets, held).any() or any(np.isin(h, held).any() for h in q_nat.histories)
 
 
-def test_every_target_carries_its_own_event_time(sample_workspace):
-    ws = sample_workspace
+def test_every_target_carries_its_own_event_time(snapshot_workspace):
+    ws = snapshot_workspace
     data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root)), max_len=8)
     events = pq.read_table(ws.events).to_pandas()
     queries, _ = train.example_queries(learnable_events(events, SplitConfig()), 8)

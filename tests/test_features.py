@@ -17,6 +17,7 @@ from vlmrec.features import (
     open_store,
     write_store_config,
 )
+from vlmrec.sequences import click_sequences, sequence_layout
 from vlmrec.workspace import Workspace, atomic_write_parquet
 
 T0 = pd.Timestamp("2024-03-01", tz="UTC")
@@ -28,25 +29,19 @@ def write_tables(
     n_events: int = 7,
     max_len: int = 4,
     step: pd.Timedelta = pd.Timedelta(minutes=10),
+    layout: str = "snapshots",
 ) -> pd.DataFrame:
-    """Tiny events with their click-sequence snapshots (as ingest writes them), items and embeddings; a user's
-    k-th click at T0 + k * step + u minutes."""
-    rows, seqs = [], []
-    for u in range(1, n_users + 1):
-        history: list[int] = []
-        times: list[int] = []
-        for k in range(n_events):
-            item = 100 + (u * 7 + k * 3) % 11
-            ts = T0 + k * step + pd.Timedelta(minutes=u)
-            history.append(item)
-            times.append(ts.value // 1000)  # UTC microseconds, as ingest writes click_times
-            rows.append((u, item, ts))
-            seqs.append((u, ts, history[-max_len:], times[-max_len:]))
+    """Tiny events with their click sequences in `layout` (as ingest writes them), items and embeddings; a
+    user's k-th click at T0 + k * step + u minutes."""
+    rows = [
+        (u, 100 + (u * 7 + k * 3) % 11, T0 + k * step + pd.Timedelta(minutes=u))
+        for u in range(1, n_users + 1)
+        for k in range(n_events)
+    ]
     events = pd.DataFrame(rows, columns=["user_id", "item_id", "event_timestamp"])
-    seq = pd.DataFrame(seqs, columns=["user_id", "event_timestamp", "item_ids", "click_times"])
-    atomic_write_parquet(
-        pa.Table.from_pandas(seq, schema=schema.CLICK_SEQUENCES, preserve_index=False), ws.sequences
-    )
+    ordered = events.sort_values("event_timestamp", kind="stable").assign(event_type="click")
+    atomic_write_parquet(pa.Table.from_pandas(ordered, schema=schema.EVENTS, preserve_index=False), ws.events)
+    atomic_write_parquet(click_sequences(events, max_len, layout), ws.sequences)
     ids = list(range(100, 111))
     items = pd.DataFrame(
         {
@@ -85,6 +80,15 @@ def check_store(ws: Workspace, events: pd.DataFrame, max_len: int = 4) -> None:
         entity_rows=[{"user_id": int(u)} for u in [*users, 999]],
     ).to_dict()
     assert online == {int(u): list(v or []) for u, v in zip(resp["user_id"], resp["item_ids"], strict=True)}
+    for u in users:  # each user's last max_len clicks
+        assert (
+            online[u]
+            == events[events.user_id == u].sort_values("event_timestamp")["item_id"].tolist()[-max_len:]
+        )
+    if sequence_layout(ws.sequences)[0] == "latest":  # a point-in-time join needs the per-event snapshots
+        with pytest.raises(ValueError, match="--sequences snapshots"):
+            historical_sequences(store, events)
+        return
     # The skew test: for the same user and time ("now", after their last click) offline == online.
     last = events.groupby("user_id")["event_timestamp"].max().reset_index()
     last["event_timestamp"] += pd.Timedelta(seconds=1)
@@ -100,9 +104,10 @@ def check_store(ws: Workspace, events: pd.DataFrame, max_len: int = 4) -> None:
         assert row.item_ids == earlier.sort_values("event_timestamp")["item_id"].tolist()[-max_len:]
 
 
-def test_sqlite_apply_materialize_and_offline_online_agree(tmp_path):
+@pytest.mark.parametrize("layout", ["latest", "snapshots"])
+def test_sqlite_apply_materialize_and_offline_online_agree(tmp_path, layout):
     ws = Workspace(tmp_path / "ws").ensure()
-    events = write_tables(ws)
+    events = write_tables(ws, layout=layout)
     report = apply_and_materialize(ws)
     assert set(report["views"]) == {"user_click_sequence", "item_metadata", "item_embedding"}
     check_store(ws, events)
@@ -181,21 +186,25 @@ def test_missing_sources_give_a_clear_error(tmp_path):
         apply_and_materialize(Workspace(tmp_path / "empty").ensure())
 
 
-def test_until_materializes_the_online_store_as_of_a_time(tmp_path):
+@pytest.mark.parametrize("layout", ["latest", "snapshots"])
+def test_until_materializes_the_online_store_as_of_a_time(tmp_path, layout):
     """`vlmrec features --until T` (a replay's starting point): each user's online sequence is the one
-    they had at T, the same as the offline point-in-time read at T."""
+    they had at T (snapshots: the same as the offline point-in-time read at T; latest: built from the
+    events and pushed), and a later `vlmrec features` brings every user up to their last click."""
     ws = Workspace(tmp_path / "ws").ensure()
-    events = write_tables(ws)
+    events = write_tables(ws, layout=layout)
     cut = T0 + pd.Timedelta(minutes=35)  # mid-history: users have 3 or 4 of their 7 clicks
     apply_and_materialize(ws, FeaturesConfig(until=cut.isoformat()))
     users = sorted(events["user_id"].unique())
     online = online_sequences(open_store(ws), users)
-    offline = historical_sequences(
-        open_store(ws),
-        pd.DataFrame({"user_id": users, "event_timestamp": cut + pd.Timedelta(microseconds=1)}),
-    )
-    for u, seq in zip(offline["user_id"], offline["item_ids"], strict=True):
+    for u in users:
         before = events[(events.user_id == u) & (events.event_timestamp <= cut)]["item_id"].tolist()[-4:]
-        assert online[u] == seq == before and 0 < len(seq) < 7
+        assert online[u] == before and 0 < len(before) < 7
+    if layout == "snapshots":
+        at_cut = pd.DataFrame({"user_id": users, "event_timestamp": cut + pd.Timedelta(microseconds=1)})
+        offline = historical_sequences(open_store(ws), at_cut)
+        assert dict(zip(offline["user_id"], offline["item_ids"], strict=True)) == online
+    apply_and_materialize(ws)
+    check_store(ws, events)
     with pytest.raises(ValueError, match="until"):
         FeaturesConfig(until="yesterday")

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from vlmrec import ingest as ing
-from vlmrec.ingest import IngestConfig, IngestError, click_sequences, ingest, load_movielens, load_sasrec_text
+from vlmrec.ingest import IngestConfig, IngestError, ingest, load_movielens, load_sasrec_text
 from vlmrec.schema import CLICK_SEQUENCES, EVENTS, ITEMS
+from vlmrec.sequences import click_sequences, sequence_layout
 from vlmrec.workspace import Workspace
 
 T0 = "2024-03-01T10:00:00Z"
@@ -66,10 +67,11 @@ def _read(path) -> pd.DataFrame:
 def test_schemas_and_tables(tmp_path):
     ev, cat = _write(tmp_path, _events(), _catalogue())
     ws = Workspace(tmp_path / "ws")
-    summary = ingest(ev, cat, ws, IngestConfig(max_len=3))
+    summary = ingest(ev, cat, ws, IngestConfig(max_len=3, sequences="snapshots"))
     assert pq.read_schema(ws.events).equals(EVENTS)
     assert pq.read_schema(ws.items).equals(ITEMS)
     assert pq.read_schema(ws.sequences).equals(CLICK_SEQUENCES)
+    assert sequence_layout(ws.sequences) == ("snapshots", 3)
     items = _read(ws.items)
     assert items["item_id"].tolist() == [10, 11, 12, 13]
     assert (items["event_timestamp"] == items["created_at"]).all()
@@ -79,12 +81,15 @@ def test_schemas_and_tables(tmp_path):
     assert summary.sequence_bytes_estimate == 16 * summary.sequence_ids + 24 * 6
     assert summary.sequence_bytes_on_disk == ws.sequences.stat().st_size
     text = str(summary)
-    assert "6 kept" in text and "max_len 3" in text and summary.to_dict()["users"] == 2
+    assert "6 kept" in text and "snapshots, max_len 3" in text and summary.to_dict()["users"] == 2
+    latest = ingest(ev, cat, ws, IngestConfig(max_len=3))  # the default: a row per user
+    assert latest.sequence_rows == 2 and latest.sequence_ids == 3 + 2 and latest.sequence_layout == "latest"
+    assert sequence_layout(ws.sequences) == ("latest", 3) and "latest, max_len 3" in str(latest)
 
 
 def test_event_order_ties_and_sequences(tmp_path):
     ws = Workspace(tmp_path / "ws")
-    summary = ingest(_events(), _catalogue(), ws, IngestConfig(max_len=3))
+    summary = ingest(_events(), _catalogue(), ws, IngestConfig(max_len=3, sequences="snapshots"))
     events = _read(ws.events)
     t0 = pd.Timestamp(T0)
     us = pd.Timedelta(microseconds=1)
@@ -109,7 +114,7 @@ def test_tie_cascade_keeps_order_and_makes_times_unique(tmp_path):
         {"user_id": [5, 5, 5, 5], "item_id": [13, 12, 11, 10], "event_timestamp": [t, t, t + us, t + 5 * us]}
     )
     ws = Workspace(tmp_path / "ws")
-    summary = ingest(events, _catalogue(), ws, IngestConfig(max_len=2))
+    summary = ingest(events, _catalogue(), ws, IngestConfig(max_len=2, sequences="snapshots"))
     got = _read(ws.events)
     assert got.item_id.tolist() == [13, 12, 11, 10]
     assert ((got.event_timestamp - t) // us).tolist() == [0, 1, 2, 5] and summary.timestamp_ties_moved == 2
@@ -128,7 +133,7 @@ def test_click_sequences_match_brute_force():
             "event_timestamp": rng.permutation(n).astype(np.int64) * 1000,  # unique times, shuffled rows
         }
     )
-    table = click_sequences(events, max_len=4).to_pandas()
+    table = click_sequences(events, max_len=4, layout="snapshots").to_pandas()
     expected = []
     for user, g in events.sort_values("event_timestamp").groupby("user_id", sort=True):
         items = g.item_id.tolist()
@@ -138,6 +143,23 @@ def test_click_sequences_match_brute_force():
         ]
     got = zip(table.user_id, table.item_ids, table.click_times, strict=True)
     assert [(u, list(x), list(t)) for u, x, t in got] == expected, "ids and their click times, aligned"
+    # latest: each user's last snapshot; as of a time: their last snapshot at or before it
+    snapshots = table.assign(t=[int(x[-1]) for x in table.click_times])  # a row is at its own click
+    for until in (None, 150_000, 5_000, 0, -1):
+        latest = click_sequences(events, max_len=4, until=until).to_pandas()
+        rows = snapshots if until is None else snapshots[snapshots.t <= until]
+        want = rows.groupby("user_id").tail(1)
+        assert latest.user_id.tolist() == want.user_id.tolist()
+        assert latest.event_timestamp.tolist() == want.event_timestamp.tolist()
+        assert [list(x) for x in latest.item_ids] == [list(x) for x in want.item_ids]
+        assert [list(x) for x in latest.click_times] == [list(x) for x in want.click_times]
+    assert 0 < len(click_sequences(events, 4, until=5_000)) < len(click_sequences(events, 4)) == 7
+    with pytest.raises(ValueError, match="layout"):
+        click_sequences(events, 4, layout="daily")
+    with pytest.raises(ValueError, match="until"):
+        click_sequences(events, 4, layout="snapshots", until=5)
+    with pytest.raises(ValueError, match="sequences"):
+        IngestConfig(sequences="daily")
 
 
 def test_timestamp_formats_and_parquet_input(tmp_path):
@@ -395,7 +417,7 @@ def test_sasrec_text(tmp_path):
     path.write_text("1 5\n1 3\n1 5\n2 3\n\n2 7\n")
     events, catalogue = load_sasrec_text(path)
     ws = Workspace(tmp_path / "ws")
-    summary = ingest(events, catalogue, ws, IngestConfig(max_len=2))
+    summary = ingest(events, catalogue, ws, IngestConfig(max_len=2, sequences="snapshots"))
     ev = _read(ws.events)
     assert list(zip(ev.user_id, ev.item_id, strict=True)) == [(1, 5), (1, 3), (1, 5), (2, 3), (2, 7)]
     base = ing.SASREC_BASE_TIME
@@ -448,7 +470,7 @@ def test_logged_events_fold_into_events_and_sequences_once(tmp_path):
     log.close()
     hour = next(ws.events_log.glob("hour=*"))
     (hour / ".part-crashed-000001.parquet.tmp").write_bytes(b"PAR1 half")
-    out = ing.fold_logged(ws, max_len=3)
+    out = ing.fold_logged(ws)
     assert out["events_added"] == 2 and out["unknown_items_left_out"] == 1 and out["log_files"] == 2
     events = _read(ws.events)
     assert len(events) == len(before) + 2 and events.event_timestamp.is_monotonic_increasing
@@ -458,7 +480,8 @@ def test_logged_events_fold_into_events_and_sequences_once(tmp_path):
     ]
     seq = _read(ws.sequences)
     assert list(seq[seq.user_id == 2].item_ids.iloc[-1]) == [13, 12, 11]  # the online sequence's source
-    again = ing.fold_logged(ws, max_len=3)
+    assert len(seq) == 2 and sequence_layout(ws.sequences) == ("latest", 3)  # the layout and N are kept
+    again = ing.fold_logged(ws)
     assert again["events_added"] == 0 and again["log_files"] == 0 and len(_read(ws.events)) == len(events)
     # the CLI: `vlmrec ingest --logged`
     later = event_log(str(ws.events_log), flush_s=0.01)

@@ -7,8 +7,8 @@ the online one are identical.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from vlmrec import schema
 from vlmrec.cli import main as cli
@@ -28,20 +28,22 @@ def test_embed_writes_normalised_vectors_with_teacher_id(sample_workspace):
     assert len(teacher_ids) == 1 and next(iter(teacher_ids)).startswith("minilm:")
 
 
-def test_features_cli_then_offline_equals_online(sample_workspace):
+def test_features_cli_materializes_each_users_latest_sequence(sample_workspace):
+    """`vlmrec features` on the default layout (a row per user): online, each user's last N clicks, the
+    source table's row; a point-in-time read is refused (it needs per-event snapshots), not answered empty."""
     ws = sample_workspace
     assert cli(["features", "--workdir", str(ws.root)]) == 0
     store = open_store(ws)
     events = pq.read_table(ws.events).to_pandas()
+    table = pq.read_table(ws.sequences).to_pandas()
+    assert len(table) == events["user_id"].nunique()  # one row per user, not per event
     users = sorted(events["user_id"].unique())[:15]
-    last = events[events.user_id.isin(users)].groupby("user_id")["event_timestamp"].max().reset_index()
-    last["event_timestamp"] += pd.Timedelta(microseconds=1)  # just after the last click: "now"
-    offline = historical_sequences(store, last)
     online = online_sequences(store, users)
-    for u, seq in zip(offline["user_id"], offline["item_ids"], strict=True):
-        assert seq == online[u] and len(seq) > 0
+    for u in users:
         expected = events[events.user_id == u]["item_id"].tolist()[-8:]
-        assert seq == expected
+        assert online[u] == expected == list(table[table.user_id == u]["item_ids"].iloc[0]) and expected
+    with pytest.raises(ValueError, match="--sequences snapshots"):
+        historical_sequences(store, events.head(3))
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):

@@ -38,8 +38,8 @@ def trained(sample_workspace):
     return ws, args
 
 
-def test_examples_hold_only_earlier_clicks(sample_workspace):
-    ws = sample_workspace
+def test_examples_hold_only_earlier_clicks(snapshot_workspace):
+    ws = snapshot_workspace
     job = train.JobConfig(workdir=str(ws.root))
     data = train.prepare_data(ws, job, max_len=8)
     events = pq.read_table(ws.events).to_pandas()
@@ -55,7 +55,7 @@ def test_examples_hold_only_earlier_clicks(sample_workspace):
     assert (queries["event_timestamp"] <= cut).all()  # nothing from after the training cut
 
 
-def test_examples_through_feasts_ray_offline_store_equal_the_file_stores(sample_workspace, tmp_path):
+def test_examples_through_feasts_ray_offline_store_equal_the_file_stores(snapshot_workspace, tmp_path):
     """Issue 20: the same workspace with Feast's Ray offline store (the point-in-time join as Ray Data work)
     gives the job exactly the file store's examples, and the job trains on them."""
     import shutil
@@ -63,7 +63,7 @@ def test_examples_through_feasts_ray_offline_store_equal_the_file_stores(sample_
     from vlmrec.features import FeaturesConfig, write_store_config
     from vlmrec.workspace import Workspace
 
-    ws = sample_workspace
+    ws = snapshot_workspace
     on_ray = Workspace(tmp_path / "ws")
     shutil.copytree(ws.root, on_ray.root, ignore=shutil.ignore_patterns("runs", "eval", "indexes"))
     write_store_config(on_ray, FeaturesConfig(offline_store="ray"))  # the same registry and sources
@@ -79,10 +79,10 @@ def test_examples_through_feasts_ray_offline_store_equal_the_file_stores(sample_
     assert info["data"]["train_examples"] == len(file_data.inputs) and (export / "model").exists()
 
 
-def test_loo_validates_on_the_second_last_event_and_trains_on_every_earlier_one(sample_workspace):
+def test_loo_validates_on_the_second_last_event_and_trains_on_every_earlier_one(snapshot_workspace):
     """The SASRec protocol: with --split loo the last event is test, the second-last validation (never a
     training target), and every event before it is a training target (none held back for validation)."""
-    ws = sample_workspace
+    ws = snapshot_workspace
     events = pq.read_table(ws.events).to_pandas()
     split = SplitConfig(split="loo")
     learnable = learnable_events(events, split)
@@ -164,7 +164,9 @@ def _parse(args, epochs):
     return out
 
 
-def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(trained, monkeypatch):
+def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(
+    trained, snapshot_workspace, monkeypatch
+):
     """What grows with the catalogue and the users (teacher matrix, validation set, counts) reaches the
     workers as one object-store reference; the loop config itself stays a few KB of configs."""
     import pickle
@@ -185,7 +187,7 @@ def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(traine
     assert len(pickle.dumps({k: v for k, v in config.items() if k != "arrays"})) < 20_000
     assert isinstance(config["arrays"], ray.ObjectRef)
     arrays = ray.get(config["arrays"])
-    data = train.prepare_data(ws, train.JobConfig(workdir=str(ws.root)), 8)
+    data = train.prepare_data(snapshot_workspace, train.JobConfig(workdir=str(ws.root)), 8)  # the same events
     np.testing.assert_array_equal(arrays["teacher"], data.items.teacher_matrix())
     for name in ("added_days", "held_out"):
         np.testing.assert_array_equal(arrays[name], getattr(data, name), err_msg=name)
@@ -326,18 +328,9 @@ def test_gradient_clipping_comes_from_the_train_config():
 def full_snapshots(sample_workspace, tmp_path_factory):
     """The sample workspace ingested again with snapshots longer than any user's history, so Feast's join
     gives every earlier click (the events path's history, whatever max_len)."""
-    import shutil
+    from tests.conftest import reingest
 
-    from vlmrec.features import apply_and_materialize
-    from vlmrec.ingest import IngestConfig, ingest
-    from vlmrec.workspace import Workspace
-
-    ws = Workspace(tmp_path_factory.mktemp("full") / "ws")
-    raw = sample_workspace.root.parent / "raw"  # the fixture's generated sample
-    ingest(raw / "events.csv", raw / "catalogue.csv", ws, IngestConfig(max_len=1000))
-    shutil.copy(sample_workspace.embeddings, ws.embeddings)
-    apply_and_materialize(ws)
-    return ws
+    return reingest(sample_workspace, tmp_path_factory.mktemp("full"), max_len=1000)
 
 
 @pytest.mark.parametrize(

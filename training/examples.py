@@ -1,7 +1,7 @@
 """The training set as files: next-item examples built from the event log by Ray tasks, written as parquet
 shards the workers stream, so no part of it passes through the job's driver.
 
-    shards = build_examples(ws, job, max_len=50, need_teacher=True, out=ws.runs / "student" / "examples")
+    shards = build_examples(ws, job.split_config(), 50, need_teacher=True, out=ws.runs / "student" / "examples")
     pieces = worker_rows(shards.train, rank, world)        # a worker's equal share of the example rows
     for batch in stream_batches(pieces, 128, window=65536, seed=epoch_seed): ...   # inputs, targets, days
     arrays = ray.get(shards.arrays)       # vocabulary, teacher matrix, counts, validation: the object store
@@ -14,8 +14,8 @@ target can leak and no per-event snapshot table is read. Four steps, each Ray wo
   shard      a task per bucket -> train/part-<b>.parquet, valid/part-<b>.parquet and its counts
   arrays     one task: vocabulary, teacher matrix, target counts, item ages, validation rows and the
              popular list, returned into the object store (the driver holds only the reference)
-Each task runs in a fresh worker process and reports its peak RSS. Where the sequence snapshots hold every
-click, these are exactly `prepare_data`'s examples from Feast's join (tests/test_train.py).
+Each task runs in a fresh worker process and reports its peak RSS. Where the per-event sequence snapshots
+hold every click, these are exactly `prepare_data`'s examples from Feast's join (tests/test_train.py).
 
 The training workers read the files themselves (`worker_rows`, `stream_batches`), not through Ray Data:
 Ray Data's parquet read starts with a listing task that needs a CPU, and when the training workers and a

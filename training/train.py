@@ -19,8 +19,8 @@ checkpoint. A last Ray task (`finish_run`) chooses the fusion and exports one fo
     run.json             every config, the teacher id, data counts, the per-epoch history
     (runs/<name>/examples/ train/ and valid/ example files, rebuilt by each run)
 
-`prepare_data` is the same examples in memory from Feast's point-in-time join (the sequence snapshots): the
-reference the files are tested against, and what `--fusion-only` and the benchmarks use.
+`prepare_data` is the same examples in memory from Feast's point-in-time join over the per-event sequence
+snapshots (`vlmrec ingest --sequences snapshots`): the reference the files are tested against.
 """
 
 from __future__ import annotations
@@ -106,8 +106,10 @@ class TrainingData:
 
 
 def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool = True) -> TrainingData:
-    """Everything the workers need, with sequences read from Feast by point-in-time join. Launched items
-    (a launch split) are removed from the examples' input sequences as well as from the targets."""
+    """Everything the workers need, in memory, with sequences read from Feast by point-in-time join: the
+    reference the example files are tested against. Needs the per-event snapshots (`vlmrec ingest
+    --sequences snapshots`). Launched items (a launch split) are removed from the examples' input
+    sequences as well as from the targets."""
     from vlmrec.features import historical_sequences, open_store
 
     items, teacher_id = load_items(ws, need_teacher)
@@ -122,7 +124,7 @@ def prepare_data(ws: Workspace, job: JobConfig, max_len: int, need_teacher: bool
     if kept < max_len and events.groupby("user_id").size().max() > kept + 1:
         raise ValueError(
             f"{ws.sequences}: column item_ids keeps {kept} ids per snapshot but max_len is {max_len}: "
-            f"re-run `vlmrec ingest --max-len {max_len}` or train with --max-len {kept}"
+            f"re-run `vlmrec ingest --sequences snapshots --max-len {max_len}` or use --max-len {kept}"
         )
     if len(held_out_raw):  # the snapshots hold every click; a launched item's were never made
         hist = [np.asarray(h, np.int64)[~np.isin(h, held_out_raw)] for h in hist]
@@ -156,9 +158,9 @@ def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
             f"{export}: trained on another split than the flags give; pass the run's split flags"
         )
     model = SeqRec.from_pretrained(export / "model")
-    data = prepare_data(ws, job, model.cfg.max_len, model.cfg.is_content)
+    arrays = validation_arrays(ws, job, model.cfg)
     model, scores = choose_fusion(
-        model, data.valid_inputs, data.valid_targets, data.valid_days, data.added_days
+        model, arrays["valid_inputs"], arrays["valid_targets"], arrays["valid_days"], arrays["added_days"]
     )
     info["configs"]["model"] = model.cfg.to_dict()
     info["fusion_val_ndcg10"] = scores
@@ -167,6 +169,21 @@ def refit_fusion(job: JobConfig) -> tuple[Path, dict]:
         (tmp / "model" / "config.json").write_text(json.dumps({"model": model.cfg.to_dict()}, indent=2))
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
     return export, info
+
+
+def validation_arrays(ws: Workspace, job: JobConfig, model_cfg: ModelConfig) -> dict:
+    """The job's validation rows (valid_inputs, valid_targets, valid_days) and item ages (added_days), the
+    same the training job validated on: its example build, in a folder removed after."""
+    import tempfile
+
+    import ray
+
+    with tempfile.TemporaryDirectory(dir=ws.runs, prefix=".validation-") as tmp:
+        shards = build_examples(
+            ws, job.split_config(), model_cfg.max_len, model_cfg.is_content, Path(tmp) / "examples",
+            popular_k=job.popular_k, half_life_days=job.popular_half_life_days,
+        )  # fmt: skip
+        return ray.get(shards.arrays)
 
 
 def epoch_seed_of(seed: int, epoch: int, rank: int) -> int:

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from vlmrec.sequences import sequence_layout
 from vlmrec.workspace import Workspace
 
 REPO_DIR = Path(__file__).resolve().parent.parent / "feature_repo"
@@ -68,6 +69,7 @@ SQL_REGISTRY = {
 }
 STUDENT_SERVICE = "student_v1"
 SEQUENCE_VIEW = "user_click_sequence"  # the view behind student_v1 (feature_repo/features.py)
+PUSH_SOURCE = "click_push"  # its push source: a served click, or a replay's starting state
 ITEM_VECTORS_SERVICE = "item_vectors_v1"
 ITEM_CATALOG_SERVICE = "item_catalog_v1"
 # The sequence "just before" an event is the snapshot at event_timestamp - 1 us (timestamps are unique per user).
@@ -191,7 +193,8 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
             f"{ws.sequences} has no click_times column (written by an older vlmrec ingest): "
             f"run `vlmrec ingest --workdir {ws.root}` again"
         )
-    if config.offline_store == "ray":
+    layout, max_len = sequence_layout(ws.sequences)
+    if config.offline_store == "ray" and layout == "snapshots":
         same_second_clicks(ws)  # refuses data the Ray store would materialize wrongly
     before = ws.feature_store_yaml.read_text() if ws.feature_store_yaml.exists() else None
     write_repo(ws, config)
@@ -207,7 +210,13 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
     t0 = time.perf_counter()
     with feast_on_ray() if on_ray(store) else nullcontext():  # the cluster's Ray when connected to one
         if config.until is not None:  # the online store as of that time (a replay of what came after)
-            store.materialize(start_date=start, end_date=min(end, _until(config.until)), feature_views=names)
+            until = min(end, _until(config.until))
+            # a latest table holds each user's state at their last click only: their state as of `until`
+            # is built from the events and pushed (the push source a served click takes), not materialized
+            from_source = names if layout == "snapshots" else [n for n in names if n != SEQUENCE_VIEW]
+            store.materialize(start_date=start, end_date=until, feature_views=from_source)
+            if layout == "latest":
+                push_sequences_as_of(store, ws, max_len, until)
         else:  # later rows only: each view from where its last materialization ended, up to now
             now = datetime.now(UTC)
             # A view never materialized has no such end, and Feast then starts a ttl-0 view a year back, which
@@ -226,6 +235,21 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
         "materialize_s": round(time.perf_counter() - t0, 3),
         "mode": "until" if config.until is not None else "incremental",
     }
+
+
+def push_sequences_as_of(store, ws: Workspace, max_len: int, until: datetime) -> int:
+    """Each user's click sequence as of `until`, from the events, pushed to the online store. Returns the
+    users written."""
+    from feast.data_source import PushMode
+
+    from vlmrec.sequences import click_sequences
+
+    events = pq.read_table(ws.events, columns=["user_id", "item_id", "event_timestamp"]).to_pandas()
+    until_us = int(pd.Timestamp(until).value // 1000)
+    table = click_sequences(events, max_len, until=until_us).to_pandas()
+    if len(table):
+        store.push(PUSH_SOURCE, table, to=PushMode.ONLINE)
+    return len(table)
 
 
 def same_second_clicks(ws: Workspace) -> None:
@@ -318,8 +342,16 @@ def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
     """Point-in-time: for each (user_id, event_timestamp) row, the user's sequence just BEFORE that event.
     With the Ray offline store the join is Ray Data work on the Ray this process uses (started if none).
 
-    Returns the query rows (in their order) with a column `item_ids` (oldest first; [] when none).
+    Returns the query rows (in their order) with a column `item_ids` (oldest first; [] when none). Needs the
+    per-event snapshots (`vlmrec ingest --sequences snapshots`): ValueError on a latest-per-user table, where
+    every earlier query would find no sequence.
     """
+    sequences = Workspace(store.repo_path).sequences
+    if (layout := sequence_layout(sequences)[0]) != "snapshots":
+        raise ValueError(
+            f"{sequences} holds the {layout} sequence per user, not a snapshot per event: a point-in-time "
+            "join needs `vlmrec ingest --sequences snapshots` (training builds its examples from the events)"
+        )
     ray = on_ray(store)
     features = store.get_feature_service(STUDENT_SERVICE)
     if ray:

@@ -22,12 +22,10 @@ Order. Events are sorted stably by timestamp (ties keep input order). Within one
 moved apart: each event gets max(its time, previous event's time + 1 us), so a user's times are unique and
 the tie order is the input order (see `vlmrec.schema`).
 
-Storage of the click-sequence table (one snapshot per event; the knob is `max_len` = N):
-    rows   = E (number of events)
-    ids    = sum over users of sum_k min(k, N)  <=  N * E
-    bytes ~= 16 * ids + 24 * rows before compression (8 B per id and 8 per its click time; user id,
-              timestamp, two list offsets per row)
-Overlapping windows compress well on disk; the summary reports the estimate and the real file size.
+The click-sequence table (`--sequences`, vlmrec/sequences.py): "latest" (default) keeps one row per user, their
+last `max_len` = N clicks, what the online store is materialized from (rows = users); "snapshots" keeps one
+row per event, for Feast's point-in-time join (rows = events, up to N x events ids). The summary reports
+the rows, ids, an estimate of the raw bytes and the real file size.
 """
 
 from __future__ import annotations
@@ -45,7 +43,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlmrec.sample import SampleConfig, generate_sample
-from vlmrec.schema import CLICK_SEQUENCES, EVENTS, ITEMS, TS
+from vlmrec.schema import EVENTS, ITEMS, TS
+from vlmrec.sequences import LAYOUTS, click_sequences, sequence_layout
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, atomic_write_parquet
 
 EVENT_COLUMNS = ("user_id", "item_id", "event_timestamp")
@@ -59,7 +58,6 @@ _REMOTE = ("http://", "https://", "s3://", "gs://", "hf://")
 _TZ_SUFFIX = (
     r"\d:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"  # a time with its UTC offset
 )
-_CHUNK_IDS = 1 << 24  # ids per sequence batch: bounded memory and int32 list offsets
 
 
 class IngestError(ValueError):
@@ -68,12 +66,15 @@ class IngestError(ValueError):
 
 @dataclass(frozen=True)
 class IngestConfig:
-    max_len: int = 50  # N: item ids kept per click-sequence snapshot (storage ~ 16 B x N x events at most)
+    max_len: int = 50  # N: item ids kept per click sequence
     check_images: bool = True  # open every image; unreadable ones are nulled (text fallback) and counted
+    sequences: str = "latest"  # the click-sequence layout: latest (a row per user) or snapshots (per event)
 
     def __post_init__(self) -> None:
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        if self.sequences not in LAYOUTS:
+            raise ValueError(f"sequences must be one of {LAYOUTS}, got {self.sequences!r}")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class IngestSummary:
     timestamp_ties_moved: int  # events moved by 1 us steps to make a user's times unique
     events_before_created_at: int  # kept; their item's metadata is not valid yet at that time
     max_len: int
+    sequence_layout: str
     sequence_rows: int
     sequence_ids: int
     sequence_bytes_estimate: int  # 16 * ids + 24 * rows, before compression (ids and their click times)
@@ -116,7 +118,7 @@ class IngestSummary:
                 f"{self.images_missing:,} missing, {self.images_unchecked:,} unchecked",
                 f"timestamp ties moved: {self.timestamp_ties_moved:,}; "
                 f"events before their item's created_at: {self.events_before_created_at:,}",
-                f"click sequences (max_len {self.max_len}): {self.sequence_rows:,} rows, "
+                f"click sequences ({self.sequence_layout}, max_len {self.max_len}): {self.sequence_rows:,} rows, "
                 f"{self.sequence_ids:,} ids, ~{self.sequence_bytes_estimate / 1e6:.1f} MB raw, "
                 f"{self.sequence_bytes_on_disk / 1e6:.1f} MB on disk",
                 f"took {self.seconds:.2f} s",
@@ -458,7 +460,9 @@ def ingest(
         ],
         schema=ITEMS,
     )
-    seq_table = click_sequences(ordered.rename(columns={"ts": "event_timestamp"}), config.max_len)
+    seq_table = click_sequences(
+        ordered.rename(columns={"ts": "event_timestamp"}), config.max_len, config.sequences
+    )
     ws.ensure()
     atomic_write_parquet(events_table, ws.events)
     atomic_write_parquet(items_table, ws.items)
@@ -481,6 +485,7 @@ def ingest(
         timestamp_ties_moved=ties_moved,
         events_before_created_at=before_created,
         max_len=config.max_len,
+        sequence_layout=config.sequences,
         sequence_rows=seq_table.num_rows,
         sequence_ids=n_ids,
         sequence_bytes_estimate=16 * n_ids + 24 * seq_table.num_rows,
@@ -492,9 +497,9 @@ def ingest(
 FOLDED = b"vlmrec.folded"  # events.parquet metadata: the event-log files already in it (json list)
 
 
-def fold_logged(ws: Workspace, max_len: int) -> dict:
+def fold_logged(ws: Workspace) -> dict:
     """`vlmrec ingest --logged`: the events the Producer accepted (data/events_log/, serving/events.py) into
-    data/events.parquet and the click sequences, each log file once (the files folded are recorded in the
+    data/events.parquet and the click sequences (in their layout and max_len), each log file once (the files folded are recorded in the
     events file itself, so a fold is written whole or not at all, and a second one adds nothing). Events on
     items the catalogue does not hold yet are left out and counted (ingest the catalogue first). Run
     `vlmrec features` after it: Feast's offline and online stores then see them."""
@@ -528,7 +533,8 @@ def fold_logged(ws: Workspace, max_len: int) -> dict:
     table = _events_table(ordered).replace_schema_metadata(
         {FOLDED: json.dumps(sorted(folded | set(rel[f] for f in files)))}
     )
-    sequences = click_sequences(ordered.rename(columns={"ts": "event_timestamp"}), max_len)
+    layout, max_len = sequence_layout(ws.sequences)
+    sequences = click_sequences(ordered.rename(columns={"ts": "event_timestamp"}), max_len, layout)
     atomic_write_parquet(table, ws.events)
     atomic_write_parquet(sequences, ws.sequences)
     return {
@@ -606,49 +612,6 @@ def _order_events(
     return ordered.reset_index(drop=True), moved
 
 
-def click_sequences(events: pd.DataFrame, max_len: int) -> pa.Table:
-    """One CLICK_SEQUENCES row per event: the user's last `max_len` item ids up to and including it, and
-    their click times (UTC microseconds).
-
-    `events` has user_id, item_id, event_timestamp (int64 UTC microseconds or datetimes), each user's times
-    unique; rows come out ordered by user, then time.
-    """
-    ts = events["event_timestamp"]
-    ts = ts.to_numpy() if ts.dtype == np.int64 else _timestamps(ts, "events", "'event_timestamp'")[0]
-    uid = events["user_id"].to_numpy(dtype=np.int64)
-    order = np.lexsort((ts, uid))
-    u, t, items = uid[order], ts[order], events["item_id"].to_numpy(dtype=np.int64)[order]
-    n = len(u)
-    if n == 0:
-        return CLICK_SEQUENCES.empty_table()
-    new_user = np.r_[True, u[1:] != u[:-1]]
-    pos = np.arange(n) - np.flatnonzero(new_user)[np.cumsum(new_user) - 1]
-    lengths = np.minimum(pos + 1, max_len)
-    cum = np.cumsum(lengths)
-    batches, start = [], 0
-    while start < n:
-        done = cum[start - 1] if start else 0
-        end = max(start + 1, int(np.searchsorted(cum, done + _CHUNK_IDS, side="right")))
-        lens = lengths[start:end]
-        offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        rows = np.repeat(np.arange(start, end), lens)  # the row each id belongs to
-        within = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lens)
-        values = items[rows - lengths[rows] + 1 + within]  # oldest first, ending at the row's own event
-        times = t[rows - lengths[rows] + 1 + within]  # each of those clicks' time
-        list_offsets = pa.array(offsets.astype(np.int32))
-        lists = pa.ListArray.from_arrays(list_offsets, pa.array(values, pa.int64()))
-        time_lists = pa.ListArray.from_arrays(list_offsets, pa.array(times.astype(np.int64), pa.int64()))
-        batches.append(
-            pa.RecordBatch.from_arrays(
-                [pa.array(u[start:end], pa.int64()), _ts_array(t[start:end]), lists, time_lists],
-                schema=CLICK_SEQUENCES,
-            )
-        )
-        start = end
-    return pa.Table.from_batches(batches, schema=CLICK_SEQUENCES)
-
-
 def _events_table(ordered: pd.DataFrame) -> pa.Table:
     """_order_events' frame (user_id, item_id, ts in UTC microseconds, event_type) as EVENTS."""
     return pa.Table.from_arrays(
@@ -723,7 +686,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, help="MovieLens folder or SASRec text file")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="the workspace folder")
     parser.add_argument(
-        "--max-len", type=int, default=defaults.max_len, help="item ids kept per click-sequence snapshot"
+        "--max-len", type=int, default=defaults.max_len, help="item ids kept per click sequence"
+    )
+    parser.add_argument(
+        "--sequences",
+        choices=LAYOUTS,
+        default=defaults.sequences,
+        help="latest: one click sequence per user (what the online store needs); snapshots: one per event "
+        "(Feast's point-in-time join: training's in-memory prepare_data), N x events ids",
     )
     parser.add_argument(
         "--no-check-images",
@@ -743,11 +713,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> IngestSummary | dict:
     """Load the inputs the flags name, ingest them, print the summary. Raises IngestError on bad input."""
     ws = Workspace(args.workdir)
-    config = IngestConfig(max_len=args.max_len, check_images=args.check_images)
+    config = IngestConfig(max_len=args.max_len, check_images=args.check_images, sequences=args.sequences)
     if getattr(args, "logged", False):
         if not ws.events.exists():
             raise IngestError(f"no events at {ws.events}: ingest a dataset first")
-        folded = fold_logged(ws, config.max_len)
+        folded = fold_logged(ws)
         print(f"ingest --logged -> {ws.events}: {folded}; run `vlmrec features --workdir {ws.root}` next")
         return folded
     if args.format == "table":

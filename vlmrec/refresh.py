@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.config import _Config
@@ -84,7 +83,7 @@ def refresh(cfg: RefreshConfig) -> dict:
     serving_run = json.loads((producer.export_dir / "run.json").read_text())
     t0 = time.perf_counter()
     out: dict = {"serving_run": producer.run, "config": cfg.to_dict(), "started": _now()}
-    out["folded"] = fold_logged(ws, snapshot_len(ws))
+    out["folded"] = fold_logged(ws)
     log.info("1/6 folded the logged events: %s", out["folded"])
 
     cut = window_start(ws, serving_run, cfg.window_days)
@@ -136,13 +135,6 @@ def _finish(ws: Workspace, out: dict, t0: float, name: str) -> dict:
     path.write_text(json.dumps(out, indent=2, default=str))
     out["report"] = str(path)
     return out
-
-
-def snapshot_len(ws: Workspace) -> int:
-    """The click-sequence table's snapshot length N (the longest stored sequence): folds keep it."""
-    table = pq.read_table(ws.sequences, columns=["item_ids"])
-    lengths = pc.list_value_length(table["item_ids"])
-    return max(1, int(pc.max(lengths).as_py() or 1))
 
 
 def window_start(ws: Workspace, serving_run: dict, window_days: float) -> str:

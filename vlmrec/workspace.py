@@ -4,7 +4,7 @@
       data/events.parquet            user_id, item_id, event_timestamp, event_type      (ingest)
       data/events_log/hour=<h>/      the same + request_id, position: served events    (the Producer)
       data/items.parquet             item_id, title, text, category, image_uri, created_at, event_timestamp
-      data/click_sequences.parquet   user_id, event_timestamp, item_ids, click_times    (ingest)
+      data/click_sequences.parquet   user_id, event_timestamp, item_ids, click_times    (ingest; a row per user)
       data/item_embeddings.parquet   item_id, event_timestamp, vector, teacher_id       (embed)
       feature_store.yaml, registry.db, online.db                                        (features)
       runs/<name>/                   checkpoints and the exported model                 (train)
