@@ -3,7 +3,8 @@ PyTorch loop and by the real job (Ray Train + DeepSpeed, 2 CPU workers), in one 
 
     python benchmarks/engine_cost.py --workdir .vlmrec/movielens --epochs 3 --out benchmarks/results/engine.json
 
-The workspace must be ingested, embedded and materialized (vlmrec demo --format movielens ... does it).
+The workspace must be ingested with per-event sequence snapshots (`vlmrec ingest --sequences snapshots`: the
+in-memory path reads Feast's point-in-time join), embedded and materialized.
 Throughput = training sequences per second over whole epochs (the Ray figure counts both workers' shards
 over the epoch wall time of the slower one); peak memory = max RSS of each training process.
 """

@@ -41,39 +41,61 @@ TRAIN = ["--max-len", "50", "--d-model", "64", "--n-blocks", "2", "--batch-size"
 TRAIN += ["--no-tune-fusion", "--name", "scale"]
 
 
-def sample_tree(proc: subprocess.Popen, every_s: float = 0.2) -> dict:
-    """Wait for `proc`, polling its own RSS and its Ray workers' -> {wall_s, driver_mb, workers_mb}."""
+_LIMIT_MB: float | None = None  # --memory-limit-gb: a stage whose processes hold more is killed
+
+
+def sample_tree(proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | None = None) -> dict:
+    """Wait for `proc`, polling its own RSS and its Ray workers' -> {wall_s, driver_mb, workers_mb}. When its
+    process tree holds more than limit_mb in all, it is killed and `stopped` says so (the machine would swap
+    or the kernel kill something else)."""
     import psutil
 
-    me, driver, workers = psutil.Process(proc.pid), 0, 0
+    me, driver, workers, stopped = psutil.Process(proc.pid), 0, 0, None
     t0 = time.perf_counter()
     while proc.poll() is None:
         try:
-            driver = max(driver, me.memory_info().rss)
+            rss = me.memory_info().rss
+            driver, total = max(driver, rss), rss
             for child in me.children(recursive=True):
                 try:
+                    child_rss = child.memory_info().rss
+                    total += child_rss
                     if " ".join(child.cmdline()[:1]).startswith("ray::"):
-                        workers = max(workers, child.memory_info().rss)
+                        workers = max(workers, child_rss)
                 except psutil.Error:
                     continue
+            if limit_mb is not None and total > limit_mb * 2**20:
+                stopped = f"killed after {time.perf_counter() - t0:.0f} s: its processes held {total / 2**20:,.0f} MB"
+                for p in [*me.children(recursive=True), me]:
+                    p.kill()
+                proc.wait()
+                break
         except psutil.Error:
             pass
         time.sleep(every_s)
-    return {
+    got = {
         "wall_s": round(time.perf_counter() - t0, 2),
         "driver_mb": round(driver / 2**20, 1),
         "workers_mb": round(workers / 2**20, 1),
     }
+    return {**got, "stopped": stopped} if stopped else got
 
 
-def stage(name: str, argv: list[str], log: Path) -> dict:
+def stage(name: str, argv: list[str], log: Path, stdout: Path | None = None, may_stop: bool = False) -> dict:
+    """Run one stage as its own process (its output appended to `log`, or its stdout to `stdout`). A stage
+    over --memory-limit-gb is killed: recorded when `may_stop` (nothing after it needs its output), else
+    the benchmark stops."""
     print(f"$ {' '.join(argv)}", flush=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each stage its own local Ray
-    with open(log, "a") as out:
+    with open(log, "a") as out, open(stdout or os.devnull, "w") as printed:
         out.write(f"\n$ {' '.join(argv)}\n")
         out.flush()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        got = sample_tree(proc)
+        target = printed if stdout else out
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=target, stderr=out)
+        got = sample_tree(proc, limit_mb=_LIMIT_MB)
+    if got.get("stopped") and may_stop:
+        print(f"  {name}: {got['stopped']}")
+        return got
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}): see {log}")
     print(
@@ -158,11 +180,12 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         stages["embed"] = {"wall_s": None, "worker_peak_rss_mb": None, "items": items,
                            "not_run": f"{items} items above --embed-max-items {args.embed_max_items}: vectors "
                            "derived from the base items' minilm vectors"}  # fmt: skip
-    got = stage("materialize", [*vlmrec, "features", "--workdir", str(ws)], log)
+    got = stage("materialize", [*vlmrec, "features", "--workdir", str(ws)], log, may_stop=True)
     stages["materialize"] = {
-        "wall_s": got["wall_s"],
+        "wall_s": None if got.get("stopped") else got["wall_s"],
         "worker_peak_rss_mb": got["driver_mb"],
         "driver_peak_rss_mb": got["driver_mb"],
+        **({"not_run": f"stopped: {got['stopped']} (--memory-limit-gb)"} if got.get("stopped") else {}),
     }
     layouts = {
         "latest": {**sequence_file(ws), "ingest": stages["ingest"], "materialize": stages["materialize"]}
@@ -184,37 +207,63 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         layouts["snapshots"] = {
             "not_run": f"{n} events above --snapshots-max-events {args.snapshots_max_events}"
         }
-    train = stage("train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log)
-    run = json.loads((ws / "runs" / "scale" / "export" / "run.json").read_text())
-    steps = run["data"]["stages"]
+    if n <= args.train_max_events:  # the training job: the example build, one epoch, the export
+        train = stage("train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log)
+        run = json.loads((ws / "runs" / "scale" / "export" / "run.json").read_text())
+        steps, n_train = run["data"]["stages"], run["data"]["train_examples"]
+        epoch = run["last"]
+        stages["epoch"] = {
+            "wall_s": round(epoch["epoch_s"], 2),
+            "worker_peak_rss_mb": round(epoch["peak_rss_mb"], 1),
+            "examples": n_train,
+            "seq_per_s_worker": round(epoch["seq_per_s_worker"], 1),
+        }
+        job = {"driver_peak_rss_mb": train["driver_mb"], "train_job": {
+            "wall_s": train["wall_s"], "workers_peak_rss_mb": train["workers_mb"],
+            "finish_worker_peak_rss_mb": steps.get("finish", {}).get("worker_peak_rss_mb")}}  # fmt: skip
+        job["valid_queries"] = int(run["data"]["valid_queries"])
+        index = ["--run", "scale"]
+    else:  # the example build alone, in its own driver; the epoch is not run (docs/BENCHMARKS.md says why)
+        cmd = [
+            py,
+            "-m",
+            "training.examples",
+            "--workdir",
+            str(ws),
+            "--out",
+            str(root / "examples"),
+            "--max-len",
+            "50",
+        ]
+        build = stage("examples", cmd, log, stdout=root / "examples.json")
+        built = json.loads((root / "examples.json").read_text())
+        steps, n_train = built["stages"], built["n_train"]
+        stages["epoch"] = {"wall_s": None, "worker_peak_rss_mb": None, "examples": n_train,
+                           "not_run": f"{n} events above --train-max-events {args.train_max_events}"}  # fmt: skip
+        job = {
+            "driver_peak_rss_mb": build["driver_mb"],
+            "driver": "the example build's (python -m training.examples)",
+        }
+        job["valid_queries"] = built["n_valid"]
+        index = ["--teacher"]
     build = [steps[s] for s in ("partition", "windows", "arrays")]
     stages["pit_join"] = {
         "wall_s": round(sum(s["wall_s"] for s in build), 2),
         "worker_peak_rss_mb": max(s["worker_peak_rss_mb"] for s in build),
         "steps": {s: steps[s] for s in ("partition", "windows", "arrays")},
     }
-    epoch = run["last"]
-    stages["epoch"] = {
-        "wall_s": round(epoch["epoch_s"], 2),
-        "worker_peak_rss_mb": round(epoch["peak_rss_mb"], 1),
-        "examples": run["data"]["train_examples"],
-        "seq_per_s_worker": round(epoch["seq_per_s_worker"], 1),
-    }
-    got = stage("index_build", [*vlmrec, "index", "build", "--workdir", str(ws), "--run", "scale"], log)
+    got = stage("index_build", [*vlmrec, "index", "build", "--workdir", str(ws), *index], log)
     stages["index_build"] = {
         "wall_s": got["wall_s"],
         "worker_peak_rss_mb": got["driver_mb"],
         "driver_peak_rss_mb": got["driver_mb"],
+        "vectors": "the run's export"
+        if index[0] == "--run"
+        else "the teacher's (data/item_embeddings.parquet)",
     }
     return {
-        "driver_peak_rss_mb": train["driver_mb"],  # the training job's driver
-        "train_job": {
-            "wall_s": train["wall_s"],
-            "workers_peak_rss_mb": train["workers_mb"],
-            "finish_worker_peak_rss_mb": steps.get("finish", {}).get("worker_peak_rss_mb"),
-        },  # fmt: skip
+        **job,  # driver_peak_rss_mb: the training job's driver (or the example build's, above the limit)
         "items": n_items,
-        "valid_queries": int(run["data"]["valid_queries"]),
         "stages": stages,
         "sequence_layouts": layouts,
         "load_average": list(os.getloadavg()),
@@ -228,13 +277,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workroot", type=Path, default=Path(".vlmrec/scale"))
     p.add_argument("--embed-max-items", type=int, default=20_000)
     p.add_argument(
+        "--train-max-events",
+        type=int,
+        default=1_000_000,
+        help="run the training job (one epoch) up to this size; above it the example build alone",
+    )
+    p.add_argument(
         "--snapshots-max-events",
         type=int,
         default=1_000_000,
         help="also ingest and materialize the per-event sequence layout up to this size (it grows N x events)",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
+    p.add_argument("--memory-limit-gb", type=float, default=18.0, help="a stage holding more is killed")
     args = p.parse_args(argv)
+    global _LIMIT_MB
+    _LIMIT_MB = args.memory_limit_gb * 1024
     out = json.loads(args.out.read_text()) if args.out.exists() else {"sizes": {}}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     for n in args.sizes:

@@ -6,6 +6,8 @@ shards the workers stream, so no part of it passes through the job's driver.
     for batch in stream_batches(pieces, 128, window=65536, seed=epoch_seed): ...   # inputs, targets, days
     arrays = ray.get(shards.arrays)       # vocabulary, teacher matrix, counts, validation: the object store
 
+    python -m training.examples --workdir W --max-len 50 --out W/examples   # the build alone: counts, costs
+
 The point-in-time join, done on the events themselves: a query's history is its user's clicks before it
 (launched items and items without a vector left out, the last max_len kept), so nothing at or after the
 target can leak and no per-event snapshot table is read. Four steps, each Ray work:
@@ -573,3 +575,29 @@ def _peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build a workspace's training set alone (what `vlmrec train` trains on) and print its counts and each
+    step's cost as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.examples", description=main.__doc__.split("\n")[0]
+    )
+    parser.add_argument("--workdir", type=Path, required=True, help="the workspace folder")
+    parser.add_argument("--out", type=Path, required=True, help="the folder to write train/ and valid/ into")
+    parser.add_argument("--max-len", type=int, default=50, help="history length of an example")
+    parser.add_argument("--no-teacher", dest="teacher", action="store_false", help="the id baseline's set")
+    SplitConfig.add_arguments(parser)
+    args = parser.parse_args(argv)
+    shards = build_examples(
+        Workspace(args.workdir), SplitConfig.from_args(args), args.max_len, args.teacher, args.out
+    )
+    fields = ("n_train", "n_valid", "learnable_events", "n_items", "teacher_dim", "held_out_items", "stages")
+    print(json.dumps({f: getattr(shards, f) for f in fields}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
