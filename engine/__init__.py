@@ -21,11 +21,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from engine.config import _Config
+
+if TYPE_CHECKING:  # annotations only: importing the engine (peak_rss_mb in a data task) costs no torch
+    import torch
 
 ZERO_CONFIG = Path(__file__).with_name("zero.json")
 CHECKPOINT_TAG = "ds"

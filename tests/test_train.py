@@ -419,3 +419,28 @@ def test_the_id_baseline_trains_through_the_job_without_teacher_vectors(sample_w
     export, info = train.run(_parse([*args, "--batch-size", "16", "--d-model", "16"], 1))
     model = SeqRec.from_pretrained(export / "model")
     assert model.cfg.item_space == "id" and model.cfg.teacher_dim == 0 and info["best"]["epoch"] == 1
+
+
+def test_item_table_reads_a_vector_table_into_one_matrix(tmp_path):
+    """ItemTable.from_parquet: ids in the file's row order, vectors as one (n, D) float32 matrix equal to
+    the rows; the ids alone without vectors; a table whose vectors differ in length is refused."""
+    import pyarrow as pa
+
+    from training.data import ItemTable
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(5, 3)).astype(np.float32)
+    ids = np.array([9, 2, 7, 4, 5])
+    path = tmp_path / "vectors.parquet"
+    pq.write_table(
+        pa.table({"item_id": ids, "vector": pa.array(list(vectors), pa.list_(pa.float32()))}), path
+    )
+    table = ItemTable.from_parquet(path)
+    np.testing.assert_array_equal(table.item_ids, ids)
+    np.testing.assert_array_equal(table.teacher, vectors)
+    assert table.teacher.dtype == np.float32 and table.index_of([7, 3]).tolist() == [3, 0]
+    assert ItemTable.from_parquet(path, vectors=False).teacher is None
+    ragged = pa.array([[1.0, 2.0, 3.0], [4.0]], pa.list_(pa.float32()))  # 4 values: 2 x 2 would fit
+    pq.write_table(pa.table({"item_id": [1, 2], "vector": ragged}), path)
+    with pytest.raises(ValueError, match="same length"):
+        ItemTable.from_parquet(path)

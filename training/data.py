@@ -42,13 +42,23 @@ class ItemTable:
         object.__setattr__(self, "_sorted", ids[order])
 
     @classmethod
-    def from_frame(
-        cls, df: pd.DataFrame, id_col: str = "item_id", vector_col: str | None = "vector"
-    ) -> ItemTable:
-        """From an item_embeddings frame (item_id, vector) or any frame of item ids (vector_col=None)."""
-        ids = df[id_col].to_numpy(np.int64)
-        teacher = None if vector_col is None else np.stack(df[vector_col].to_numpy()).astype(np.float32)
-        return cls(ids, teacher)
+    def from_parquet(cls, path, vectors: bool = True) -> ItemTable:
+        """From an item vector table (item_id, vector): the vectors read straight from Arrow's buffers into
+        one (n, D) matrix (no per-row arrays: a million items' vectors cost their own size once)."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=["item_id", "vector"] if vectors else ["item_id"])
+        ids = table.column("item_id").to_numpy()
+        if not vectors:
+            return cls(ids)
+        import pyarrow.compute as pc
+
+        column = table.column("vector").combine_chunks()
+        lengths = pc.list_value_length(column)
+        if column.null_count or (len(ids) and pc.min(lengths) != pc.max(lengths)):
+            raise ValueError(f"{path}: column vector must hold one vector of the same length per item")
+        dim = lengths[0].as_py() if len(ids) else 0
+        return cls(ids, column.flatten().to_numpy().reshape(len(ids), dim))
 
     @property
     def n_items(self) -> int:

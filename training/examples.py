@@ -40,6 +40,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine import peak_rss_mb
 from training.data import ItemTable, build_inputs
 from training.item_age import added_days, to_days
 from training.popular import popularity, top_popular
@@ -56,16 +57,15 @@ def load_items(
 ) -> tuple[ItemTable, str | None]:
     """The vocabulary: every catalogue item with a teacher vector (the item_embedding source, in its row
     order) and the teacher id. need_teacher=False (the id baseline) takes the catalogue's ids when nothing is
-    embedded: (table, None). vectors=False: the ids alone (what a shard needs)."""
+    embedded: (table, None). vectors=False: the ids alone, teacher id unread (what a shard needs)."""
     if not ws.embeddings.exists():
         if not need_teacher and ws.items.exists():
             ids = pq.read_table(ws.items, columns=["item_id"]).column("item_id").to_numpy()
             return ItemTable(np.sort(ids)), None
         raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
-    teacher_id = teacher_of(ws.embeddings)
     if not vectors:
-        return ItemTable(pq.read_table(ws.embeddings, columns=["item_id"]).column(0).to_numpy()), teacher_id
-    return ItemTable.from_frame(pq.read_table(ws.embeddings).to_pandas()), teacher_id
+        return ItemTable.from_parquet(ws.embeddings, vectors=False), None
+    return ItemTable.from_parquet(ws.embeddings), teacher_of(ws.embeddings)
 
 
 # ------------------------------------------------------------------------- examples from histories
@@ -237,15 +237,16 @@ def split_facts(events_path: Path, split: SplitConfig) -> tuple[Facts, dict]:
     """-> (the Facts every shard needs, a small summary for the driver)."""
     events = pq.read_table(events_path, columns=EVENT_COLUMNS).to_pandas()
     held_out = held_out_items(events, split)
-    learnable = learnable_events(events, split)
+    train = train_events(events, split)
+    learnable = learnable_events(events, split, train)
     until = learnable["event_timestamp"].max() if len(learnable) else None
     last, tied = None, frozenset()
-    train = train_events(events, split) if split.split != "loo" else events.iloc[:0]
+    train = train if split.split != "loo" else events.iloc[:0]
     if len(train):
         last = train["event_timestamp"].max()
         at = train[train["event_timestamp"] == last]
         tied = frozenset(zip(at["user_id"].tolist(), at["item_id"].tolist(), strict=True))
-    summary = {"trained_until": until, "held_out_items": len(held_out), "peak_rss_mb": _peak_rss_mb()}
+    summary = {"trained_until": until, "held_out_items": len(held_out), "peak_rss_mb": peak_rss_mb()}
     return Facts(split, last, tied, held_out, until), summary
 
 
@@ -260,7 +261,7 @@ def partition(events_path: Path, row_groups: list[int], n_buckets: int, out: Pat
         if part.num_rows:
             (out / f"bucket={b}").mkdir(parents=True, exist_ok=True)
             pq.write_table(part, out / f"bucket={b}" / f"piece-{piece:05d}.parquet")
-    return _peak_rss_mb()
+    return peak_rss_mb()
 
 
 def shard(
@@ -312,7 +313,7 @@ def shard(
         "train": len(w.inputs),
         "valid": len(w.valid_inputs),
         "learnable": len(learnable),
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     parts = {
         "target_counts": (targets, counts),
@@ -354,7 +355,7 @@ def arrays(
         "teacher_id": teacher_id,
         "n_items": items.n_items,
         "teacher_dim": int(items.teacher.shape[1]) if need_teacher else 0,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
     }
     return out, summary
 
@@ -569,12 +570,6 @@ def _stage(t0: float, rss: list[float]) -> dict:
         "wall_s": round(time.perf_counter() - t0, 3),
         "worker_peak_rss_mb": round(max(rss, default=0.0), 1),
     }
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,9 +158,12 @@ def launched_items(events: pd.DataFrame, cfg: SplitConfig) -> np.ndarray:
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
 
 
-def learnable_events(events: pd.DataFrame, cfg: SplitConfig) -> pd.DataFrame:
-    """The events a model may learn from: the cut's training events, less the launched items' (launch)."""
-    train = train_events(events, cfg)
+def learnable_events(
+    events: pd.DataFrame, cfg: SplitConfig, train: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The events a model may learn from: the cut's training events (`train`, when the caller has them),
+    less the launched items' (launch)."""
+    train = train_events(events, cfg) if train is None else train
     if cfg.cold != "launch":
         return train
     keep = ~train["item_id"].isin(launched_items(events, cfg))
