@@ -15,6 +15,9 @@ Per size, in <workroot>/<events>: `python -m vlmrec.scale` grows the base worksp
                   materialized beside it (`sequence_layouts`: rows, ids, bytes, both stages)
     pit_join      vlmrec train's example build: the Ray tasks that turn events into example files
     epoch         vlmrec train's one epoch (--epochs 1), the workers streaming those files
+Above --train-max-events the training job runs until --memory-limit-gb or 600 s stop it (its driver's peak
+through the example build and the workers' start is the size's driver figure), then the example build alone
+(`python -m training.examples`) gives pit_join, and the index is built from the teacher vectors.
     index_build   vlmrec index build --run scale
 
 A sampler reads each stage's process tree every 0.2 s: the stage's own process is the driver, its Ray worker
@@ -44,10 +47,12 @@ TRAIN += ["--no-tune-fusion", "--name", "scale"]
 _LIMIT_MB: float | None = None  # --memory-limit-gb: a stage whose processes hold more is killed
 
 
-def sample_tree(proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | None = None) -> dict:
+def sample_tree(
+    proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | None = None, max_s: float | None = None
+) -> dict:
     """Wait for `proc`, polling its own RSS and its Ray workers' -> {wall_s, driver_mb, workers_mb}. When its
-    process tree holds more than limit_mb in all, it is killed and `stopped` says so (the machine would swap
-    or the kernel kill something else)."""
+    process tree holds more than limit_mb in all (the machine would swap, or the kernel kill something else)
+    or it runs past max_s, it is killed and `stopped` says so."""
     import psutil
 
     me, driver, workers, stopped = psutil.Process(proc.pid), 0, 0, None
@@ -64,8 +69,12 @@ def sample_tree(proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | 
                         workers = max(workers, child_rss)
                 except psutil.Error:
                     continue
+            held = f"its processes held {total / 2**20:,.0f} MB"
             if limit_mb is not None and total > limit_mb * 2**20:
-                stopped = f"killed after {time.perf_counter() - t0:.0f} s: its processes held {total / 2**20:,.0f} MB"
+                stopped = f"killed after {time.perf_counter() - t0:.0f} s: {held}"
+            elif max_s is not None and time.perf_counter() - t0 > max_s:
+                stopped = f"killed at its time limit, {max_s:.0f} s ({held})"
+            if stopped:
                 for p in [*me.children(recursive=True), me]:
                     p.kill()
                 proc.wait()
@@ -81,10 +90,17 @@ def sample_tree(proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | 
     return {**got, "stopped": stopped} if stopped else got
 
 
-def stage(name: str, argv: list[str], log: Path, stdout: Path | None = None, may_stop: bool = False) -> dict:
+def stage(
+    name: str,
+    argv: list[str],
+    log: Path,
+    stdout: Path | None = None,
+    may_stop: bool = False,
+    max_s: float | None = None,
+) -> dict:
     """Run one stage as its own process (its output appended to `log`, or its stdout to `stdout`). A stage
-    over --memory-limit-gb is killed: recorded when `may_stop` (nothing after it needs its output), else
-    the benchmark stops."""
+    over --memory-limit-gb (or past max_s) is killed: recorded when `may_stop` (nothing after it needs its
+    output), else the benchmark stops."""
     print(f"$ {' '.join(argv)}", flush=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each stage its own local Ray
     with open(log, "a") as out, open(stdout or os.devnull, "w") as printed:
@@ -92,7 +108,7 @@ def stage(name: str, argv: list[str], log: Path, stdout: Path | None = None, may
         out.flush()
         target = printed if stdout else out
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=target, stderr=out)
-        got = sample_tree(proc, limit_mb=_LIMIT_MB)
+        got = sample_tree(proc, limit_mb=_LIMIT_MB, max_s=max_s)
     if got.get("stopped") and may_stop:
         print(f"  {name}: {got['stopped']}")
         return got
@@ -223,7 +239,15 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
             "finish_worker_peak_rss_mb": steps.get("finish", {}).get("worker_peak_rss_mb")}}  # fmt: skip
         job["valid_queries"] = int(run["data"]["valid_queries"])
         index = ["--run", "scale"]
-    else:  # the example build alone, in its own driver; the epoch is not run (docs/BENCHMARKS.md says why)
+    else:  # the job's driver through the example build and the workers' start (the job is then stopped:
+        # its epoch is not run, docs/BENCHMARKS.md says why); then the example build alone, in its own driver
+        train = stage(
+            "train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True, max_s=600
+        )
+        if not train.get("stopped"):
+            raise SystemExit(
+                f"the {n}-event training job ended within 600 s: run it with --train-max-events {n}"
+            )
         cmd = [
             py,
             "-m",
@@ -235,14 +259,19 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
             "--max-len",
             "50",
         ]
-        build = stage("examples", cmd, log, stdout=root / "examples.json")
+        alone = stage("examples", cmd, log, stdout=root / "examples.json")
         built = json.loads((root / "examples.json").read_text())
         steps, n_train = built["stages"], built["n_train"]
         stages["epoch"] = {"wall_s": None, "worker_peak_rss_mb": None, "examples": n_train,
                            "not_run": f"{n} events above --train-max-events {args.train_max_events}"}  # fmt: skip
         job = {
-            "driver_peak_rss_mb": build["driver_mb"],
-            "driver": "the example build's (python -m training.examples)",
+            "driver_peak_rss_mb": train["driver_mb"],  # up to the stop
+            "train_job": {
+                "wall_s": None,
+                "workers_peak_rss_mb": train["workers_mb"],
+                "stopped": train["stopped"],
+            },
+            "example_build_driver_peak_rss_mb": alone["driver_mb"],
         }
         job["valid_queries"] = built["n_valid"]
         index = ["--teacher"]

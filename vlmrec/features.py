@@ -12,7 +12,9 @@ that keeps every sub-folder (runs/, indexes/, data/, ...) out of `feast plan` / 
 command is a thin wrapper doing the same through Feast's API: apply (`feast apply`), then
 `materialize_incremental` up to now (each view from where its last materialization ended; a view's first
 materialization covers its sources, which Feast's would start a year back for a ttl-0 view), or, with
---until, materialize everything up to that time (an explicit range: what a replay resets the store to).
+--until, materialize everything up to that time (an explicit range: what a replay resets the store to; the
+click sequences, whose default table holds each user's latest only, are then built as of that time from the
+events and pushed).
 
 Also the two readers of the student's feature service, used by training (historical, point-in-time) and the
 Producer (online): the same FeatureService `student_v1`, so the two paths cannot drift.
