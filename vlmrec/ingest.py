@@ -499,10 +499,11 @@ FOLDED = b"vlmrec.folded"  # events.parquet metadata: the event-log files alread
 
 def fold_logged(ws: Workspace) -> dict:
     """`vlmrec ingest --logged`: the events the Producer accepted (data/events_log/, serving/events.py) into
-    data/events.parquet and the click sequences (in their layout and max_len), each log file once (the files folded are recorded in the
-    events file itself, so a fold is written whole or not at all, and a second one adds nothing). Events on
-    items the catalogue does not hold yet are left out and counted (ingest the catalogue first). Run
-    `vlmrec features` after it: Feast's offline and online stores then see them."""
+    data/events.parquet and the click sequences (their layout and max_len kept), each log file once (the
+    files folded are recorded in the events file itself, so a fold is written whole or not at all, and a
+    second one adds nothing). Events on items the catalogue does not hold yet are left out and counted
+    (ingest the catalogue first). Run `vlmrec features` after it: Feast's offline and online stores then
+    see them."""
     import json
 
     import pyarrow.dataset as ds
