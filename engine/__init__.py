@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,8 +28,11 @@ from engine.config import _Config
 if TYPE_CHECKING:  # annotations only: importing the engine (peak_rss_mb in a data task) costs no torch
     import torch
 
+    from engine.rows import RowSparseAdam
+
 ZERO_CONFIG = Path(__file__).with_name("zero.json")
 CHECKPOINT_TAG = "ds"
+ROWS_FILE = "rows.pt"  # engine.rows.RowSparseAdam's moments, beside DeepSpeed's shards
 
 
 @dataclass(frozen=True)
@@ -68,10 +71,17 @@ def ds_config(
 # ------------------------------------------------------------------------------------------- workers
 
 
-def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool, param_groups: list[dict] | None = None):
+def initialize(
+    model: torch.nn.Module,
+    ds: dict,
+    use_gpu: bool,
+    param_groups: list[dict] | None = None,
+    exclude: Sequence[torch.nn.Parameter] = (),
+):
     """Join Ray Train's process group (gloo on CPU, NCCL on GPU) and wrap `model` in a DeepSpeed engine that
     optimises its trainable parameters only (frozen ones, e.g. a LoRA base, get no optimizer state);
-    param_groups: torch optimizer groups (e.g. their own lr) instead of one group of all trainable ones."""
+    param_groups: torch optimizer groups (e.g. their own lr) instead of one group of all trainable ones;
+    exclude: trainable parameters another optimizer steps (engine.rows.RowSparseAdam's tables)."""
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
@@ -82,16 +92,18 @@ def initialize(model: torch.nn.Module, ds: dict, use_gpu: bool, param_groups: li
         raise ValueError("trainable 0-d parameters cannot go through DeepSpeed: give them shape (1,)")
     for p in scalars:
         p.data = p.data.reshape(1)
-    params = param_groups or [p for p in model.parameters() if p.requires_grad]
+    kept_out = {id(p) for p in exclude}
+    params = param_groups or [p for p in model.parameters() if p.requires_grad and id(p) not in kept_out]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
     for p in scalars:
         p.data = p.data.reshape(())
     return engine
 
 
-def resume(engine, state: dict, frozen_excluded: bool = False) -> dict:
+def resume(engine, state: dict, frozen_excluded: bool = False, rows: RowSparseAdam | None = None) -> dict:
     """`state` updated from the latest checkpoint's client state when Ray Train hands one over (a re-run of
-    the same run folder, or a restarted worker group); the engine's weights and optimizer restored."""
+    the same run folder, or a restarted worker group); the engine's weights and optimizer restored (and
+    `rows`' moments: their tables' weights are in the module's state dict)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -101,12 +113,17 @@ def resume(engine, state: dict, frozen_excluded: bool = False) -> dict:
         _, client_state = engine.load_checkpoint(
             d, tag=CHECKPOINT_TAG, load_module_strict=not frozen_excluded
         )
+        if rows is not None:
+            rows.load_state_dict(torch_load(Path(d) / ROWS_FILE))
     return {**state, **{k: v for k, v in (client_state or {}).items() if k in state}}  # ours, not DeepSpeed's
 
 
-def report(engine, metrics: dict, state: dict, exclude_frozen: bool = False) -> None:
+def report(
+    engine, metrics: dict, state: dict, exclude_frozen: bool = False, rows: RowSparseAdam | None = None
+) -> None:
     """Save a DeepSpeed checkpoint (every rank its shard) carrying `state`, and report it with `metrics`.
-    exclude_frozen: leave frozen weights out (a LoRA base is never modified: no need to store it per epoch)."""
+    exclude_frozen: leave frozen weights out (a LoRA base is never modified: no need to store it per epoch);
+    rows: the row-sparse tables' moments, the same on every rank, written by rank 0 beside the shards."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -114,6 +131,10 @@ def report(engine, metrics: dict, state: dict, exclude_frozen: bool = False) -> 
         engine.save_checkpoint(
             tmp, tag=CHECKPOINT_TAG, client_state=state, exclude_frozen_parameters=exclude_frozen
         )
+        if rows is not None and engine.global_rank == 0:
+            import torch
+
+            torch.save(rows.state_dict(), Path(tmp) / ROWS_FILE)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
@@ -167,10 +188,19 @@ def fit(
 
 
 def fp32_state_dict(checkpoint, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
-    """A DeepSpeed checkpoint reported through Ray Train (any ZeRO stage) -> fp32 state dict."""
+    """A DeepSpeed checkpoint reported through Ray Train (any ZeRO stage) -> fp32 state dict, with the
+    parameters kept out of DeepSpeed's optimizer (row-sparse tables) from the module's state dict."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with checkpoint.as_directory() as d:
-        return get_fp32_state_dict_from_zero_checkpoint(
+        state = get_fp32_state_dict_from_zero_checkpoint(
             d, tag=CHECKPOINT_TAG, exclude_frozen_parameters=exclude_frozen
         )
+        module = torch_load(Path(d) / CHECKPOINT_TAG / "mp_rank_00_model_states.pt")["module"]
+    return {**state, **{k: v for k, v in module.items() if k not in state}}
+
+
+def torch_load(path: Path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import engine
 from training import evaluate, train, validation
 from training.data import ItemTable
 from training.model import SeqRec
@@ -136,6 +137,10 @@ def test_checkpoint_weights_match_export(trained):
     model = SeqRec.from_pretrained(export / "model")
     best_epoch = run["best"]["epoch"]
     items = ItemTable(model.item_ids[1:].numpy(), model.teacher[1:].numpy())
+    # the hybrid's id tables (zeros at the start) learned row-sparse beside DeepSpeed and reached the export;
+    # their moments are kept with each checkpoint
+    assert model.id_in.weight.abs().sum() > 0 and model.id_out.weight.abs().sum() > 0
+    assert all((path / engine.ROWS_FILE).is_file() for path in _checkpoints(ws))
     matches = []
     for path in _checkpoints(ws):
         loaded = train.load_checkpoint_model(Checkpoint.from_directory(str(path)), model.cfg, items)

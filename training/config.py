@@ -127,6 +127,9 @@ class TrainConfig(_Config):
     # examples a worker's per-epoch shuffle buffer holds as it streams its files (its whole shard if fewer)
     shuffle_window: int = 65536
     grad_clip: float = 1.0  # max global gradient norm (DeepSpeed gradient_clipping); 0: none, as the paper
+    # the hybrid's id tables updated row-sparse (lazy AdamW on the rows a step touches, engine/rows.py): a
+    # step's cost follows the batch, not the catalogue; their gradient is clipped on its own norm
+    sparse_ids: bool = True
     tune_fusion: bool = (
         False  # after training, pick ModelConfig.fusion_weight on validation (validation.FUSION_GRID)
     )

@@ -203,6 +203,11 @@ class SeqRec(nn.Module):
         part = table(index)  # (..., d)
         return part if id_keep is None else part * id_keep[index].unsqueeze(-1)
 
+    def id_tables(self) -> list[nn.Embedding]:
+        """The hybrid's learned id tables (one row per vocabulary item; none for other models): a training
+        step touches only its batch's rows of them (engine.rows.RowSparseAdam)."""
+        return [self.id_in, self.id_out] if self.cfg.is_content and self.cfg.use_id_embedding else []
+
     def item_vectors_at(self, index: Tensor, id_keep: Tensor | None = None) -> Tensor:
         """Item vectors of training-vocabulary indices. (...,) -> (..., out_dim)"""
         if self.cfg.item_space == "id":

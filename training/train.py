@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 import engine
+from engine.rows import RowSparseAdam
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, trim_padding
 from training.examples import (
@@ -211,12 +212,14 @@ def train_loop_per_worker(config: dict) -> None:
     if config["init_from"]:  # a checkpoint of this run (resume, below) still wins
         warm_start(model, SeqRec.from_pretrained(Path(config["init_from"]) / "model"))
     criterion = SeqRecLoss(loss_cfg, model_cfg, arrays["target_counts"], arrays["held_out"])
-    ds_engine = engine.initialize(model, config["ds"], job.use_gpu)
+    tables = model.id_tables() if train_cfg.sparse_ids else []
+    rows = RowSparseAdam(tables, config["ds"]) if tables else None  # stepped beside DeepSpeed
+    ds_engine = engine.initialize(model, config["ds"], job.use_gpu, exclude=rows.params if rows else ())
     device = ds_engine.device
     criterion = criterion.to(device)
     added_days = torch.as_tensor(arrays["added_days"], device=device) if model_cfg.item_age else None
     # resume: a re-run of the same name, or Ray restarting a failed worker group
-    state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []})
+    state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}, rows=rows)
     resumed_from = state["epoch"]  # 0 for a fresh run
 
     micro = config["ds"]["train_micro_batch_size_per_gpu"]
@@ -243,6 +246,8 @@ def train_loop_per_worker(config: dict) -> None:
             candidates = criterion.sample_candidates(y)
             loss, _ = criterion(ds_engine(x, y, candidates, days, added_days), y, candidates)
             ds_engine.backward(loss)
+            if rows is not None:
+                rows.step()
             ds_engine.step()
             losses.append(loss.item())
             n_seq += len(x)
@@ -274,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
             "peak_rss_mb": engine.peak_rss_mb(),
         }
         state["history"].append(metrics)
-        engine.report(ds_engine, metrics, state)
+        engine.report(ds_engine, metrics, state, rows=rows)
 
 
 # -------------------------------------------------------------------------------------------- driver

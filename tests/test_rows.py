@@ -1,0 +1,117 @@
+"""Row-sparse id tables (engine/rows.py): a step where every row is touched is AdamW's step, rows a batch did
+not touch stay where they are, the touched rows' gradients are averaged across ranks, and the moments
+survive a checkpoint round trip."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from engine.rows import RowSparseAdam, all_reduce_rows
+
+N, D = 12, 5
+
+
+def _ds(lr=1e-2, weight_decay=0.0, clip=1.0) -> dict:
+    params = {"lr": lr, "betas": [0.9, 0.98], "eps": 1e-8, "weight_decay": weight_decay}
+    return {
+        "optimizer": {"type": "AdamW", "params": params},
+        "gradient_clipping": clip,
+        "bf16": {"enabled": False},
+    }
+
+
+def _loss(table: nn.Embedding, rows: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((table(rows) - target) ** 2).sum() * 3.0  # large enough gradients for clipping to bite
+
+
+@pytest.mark.parametrize(("weight_decay", "clip"), [(0.0, 0.0), (0.1, 1.0)])
+def test_a_step_touching_every_row_is_adamws_step(weight_decay, clip):
+    torch.manual_seed(0)
+    sparse, dense = nn.Embedding(N, D), nn.Embedding(N, D)
+    dense.load_state_dict(sparse.state_dict())
+    rows = RowSparseAdam([sparse], _ds(weight_decay=weight_decay, clip=clip))
+    adamw = torch.optim.AdamW(
+        dense.parameters(), lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=weight_decay
+    )
+    for _ in range(5):
+        index, target = torch.randperm(N).repeat(2), torch.randn(2 * N, D)
+        _loss(sparse, index, target).backward()
+        rows.step()
+        _loss(dense, index, target).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(dense.parameters(), clip)
+        adamw.step()
+        adamw.zero_grad()
+    assert sparse.weight.grad is None  # dropped after the step
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_a_batch_does_not_touch_stay_where_they_are():
+    torch.manual_seed(0)
+    table = nn.Embedding(N, D)
+    before = table.weight.detach().clone()
+    rows = RowSparseAdam([table], _ds(weight_decay=0.5))
+    for _ in range(3):
+        _loss(table, torch.tensor([1, 3, 3]), torch.randn(3, D)).backward()
+        rows.step()
+    moved = (table.weight != before).any(1)
+    assert moved.nonzero().flatten().tolist() == [1, 3]
+    assert rows.state_dict()["state"][0]["exp_avg"][[0, 2, 4]].abs().sum() == 0  # no moments for them either
+
+
+def test_the_moments_survive_a_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    a = nn.Embedding(N, D)
+    b = copy.deepcopy(a)
+    opt_a = RowSparseAdam([a], _ds())
+    batches = [(torch.randint(0, N, (6,)), torch.randn(6, D)) for _ in range(4)]
+    for index, target in batches:
+        _loss(a, index, target).backward()
+        opt_a.step()
+    opt_b = RowSparseAdam([b], _ds())
+    for index, target in batches[:2]:
+        _loss(b, index, target).backward()
+        opt_b.step()
+    torch.save({"w": b.state_dict(), "opt": opt_b.state_dict()}, tmp_path / "ckpt.pt")
+    b, saved = nn.Embedding(N, D), torch.load(tmp_path / "ckpt.pt")  # a fresh worker
+    b.load_state_dict(saved["w"])
+    opt_b = RowSparseAdam([b], _ds())
+    opt_b.load_state_dict(saved["opt"])
+    for index, target in batches[2:]:
+        _loss(b, index, target).backward()
+        opt_b.step()
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=0)
+
+
+def _rank(rank: int, world: int, init: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(rank)
+    table = nn.Embedding(N, D, sparse=True)
+    index = torch.tensor([[1, 2, 2], [2, 7, 9, 9, 11]][rank])  # different rows, different counts
+    _loss(table, index, torch.randn(len(index), D)).backward()
+    reduced = all_reduce_rows(table.weight.grad)
+    gathered = [torch.zeros(N, D) for _ in range(world)]
+    dist.all_gather(gathered, table.weight.grad.to_dense())
+    out[rank] = (reduced.indices()[0].tolist(), reduced.to_dense(), torch.stack(gathered).mean(0))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_average_only_their_touched_rows(tmp_path):
+    world = 2
+    out = mp.Manager().dict()
+    mp.spawn(_rank, args=(world, f"file://{tmp_path / 'init'}", out), nprocs=world)
+    for rank in range(world):
+        rows, reduced, mean_of_dense = out[rank]
+        assert rows == [1, 2, 7, 9, 11]  # the union, one entry each
+        torch.testing.assert_close(reduced, mean_of_dense)
+
+
+def test_bf16_tables_are_refused():
+    with pytest.raises(ValueError, match="fp32"):
+        RowSparseAdam([nn.Embedding(N, D)], {**_ds(), "bf16": {"enabled": True}})
