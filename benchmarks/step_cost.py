@@ -7,8 +7,10 @@ One process, plain torch (no Ray, no DeepSpeed): the model, loss and AdamW the j
 default student's flags (`vlmrec train` with only --max-len, --d-model, --n-blocks as in benchmarks/scale.py)
 and a teacher of 384 dimensions. Batches are drawn from a Zipf(1.1) item popularity; every position holds a
 target, as in a long history. Per size: the median over --steps steps (after two warm-up steps) of
-forward + loss, backward, clip + optimizer step; the parameters and the bytes of dense gradient a step
-produces (what a data-parallel all-reduce moves between workers).
+forward + loss, backward, clip + optimizer step; the parameters and the bytes of gradient a step produces
+(what a data-parallel all-reduce moves between workers). Two optimizers on the same batches, in the same
+run: every parameter dense through AdamW (the keys at the size's top level), and the job's default, the id
+tables row-sparse through engine.rows.RowSparseAdam and the rest through AdamW (`row_sparse`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def configs(n_items: int, teacher_dim: int):
     return model, LossConfig.from_args(args), TrainConfig.from_args(args)
 
 
-def one_size(n_items: int, steps: int, micro: int, teacher_dim: int, seed: int) -> dict:
+def one_size(n_items: int, steps: int, micro: int, teacher_dim: int, seed: int, sparse: bool) -> dict:
+    import engine
+    from engine.rows import RowSparseAdam
     from training.losses import SeqRecLoss
     from training.model import SeqRec
 
@@ -53,7 +57,11 @@ def one_size(n_items: int, steps: int, micro: int, teacher_dim: int, seed: int) 
     popularity /= popularity.sum()
     counts = np.r_[0, rng.multinomial(10 * n_items, popularity)]
     criterion = SeqRecLoss(loss_cfg, model_cfg, counts)
-    opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    ds = engine.ds_config(engine.EngineConfig(), micro, train_cfg.lr, 0.0, 1, train_cfg.grad_clip)
+    rows = RowSparseAdam(model.id_tables(), ds) if sparse else None
+    tables = {id(p) for p in rows.params} if rows else set()
+    dense = [p for p in model.parameters() if id(p) not in tables]
+    opt = torch.optim.AdamW(dense, lr=train_cfg.lr, betas=(0.9, 0.98), weight_decay=0.0)
     added = torch.zeros(n_items + 1, dtype=torch.float64)
     width = model_cfg.max_len
     parts: dict[str, list[float]] = {"forward_loss": [], "backward": [], "optimizer": []}
@@ -69,24 +77,45 @@ def one_size(n_items: int, steps: int, micro: int, teacher_dim: int, seed: int) 
         opt.zero_grad(set_to_none=False)
         loss.backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        grads = sum(_grad_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+        torch.nn.utils.clip_grad_norm_(dense, train_cfg.grad_clip)
         opt.step()
+        if rows is not None:
+            rows.step()
         t3 = time.perf_counter()
         if step >= 2:
             for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
                 parts[name].append(dt * 1000)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     id_tables = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("id_in", "id_out")))
     out = {name: round(float(np.median(v)), 1) for name, v in parts.items()}
     out["step_ms"] = round(sum(out.values()), 1)
     out.update(
         params=params,
         id_table_params=id_tables,
-        dense_grad_mb=round(grads / 2**20, 1),
+        grad_mb=round(grads / 2**20, 1),
         positions_per_step=micro * width,
     )
     return out
+
+
+def _grad_bytes(g: torch.Tensor) -> int:
+    """A gradient's bytes as ranks exchange it: a sparse one's touched rows (and their indices) once each."""
+    if g.is_sparse:
+        g = g.coalesce()
+        return g.values().numel() * g.values().element_size() + g.indices().numel() * 8
+    return g.numel() * g.element_size()
+
+
+def one_size_both(n_items: int, steps: int, micro: int, teacher_dim: int, seed: int) -> dict:
+    """Dense AdamW (top-level keys, as before) and the row-sparse id tables (`row_sparse`), same batches."""
+    dense = one_size(n_items, steps, micro, teacher_dim, seed, sparse=False)
+    dense["dense_grad_mb"] = dense.pop("grad_mb")
+    sparse = one_size(n_items, steps, micro, teacher_dim, seed, sparse=True)
+    keep = ("forward_loss", "backward", "optimizer", "step_ms", "grad_mb")
+    dense["row_sparse"] = {k: sparse[k] for k in keep}
+    dense["row_sparse"]["speedup"] = round(dense["step_ms"] / sparse["step_ms"], 2)
+    return dense
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     out = {"sizes": {}, "threads": 1, "micro_batch": args.micro_batch}
     for n in args.sizes:
-        out["sizes"][str(n)] = got = one_size(n, args.steps, args.micro_batch, args.teacher_dim, seed=0)
+        out["sizes"][str(n)] = got = one_size_both(n, args.steps, args.micro_batch, args.teacher_dim, seed=0)
         print(n, got, flush=True)
     out["command"] = "python benchmarks/step_cost.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out["commit"] = commit.stdout.strip()
