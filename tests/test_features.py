@@ -208,3 +208,27 @@ def test_until_materializes_the_online_store_as_of_a_time(tmp_path, layout):
     check_store(ws, events)
     with pytest.raises(ValueError, match="until"):
         FeaturesConfig(until="yesterday")
+
+
+def test_small_write_batches_materialize_and_push_every_row(tmp_path):
+    """`--write-batch`: Feast converts and writes a view a bounded number of rows at a time (a million items'
+    vectors do not fit one batch), and a replay's push goes in the same batches; every row still arrives."""
+    ws = Workspace(tmp_path / "ws").ensure()
+    events = write_tables(ws, layout="latest")
+    config = FeaturesConfig(write_batch=2)  # 6 users and 11 items: 3 and 6 batches
+    apply_and_materialize(ws, config)
+    store = open_store(ws)
+    assert store.config.materialization_config.online_write_batch_size == 2
+    check_store(ws, events)
+    ids = list(range(100, 111))
+    vec = store.get_online_features(
+        features=store.get_feature_service("item_vectors_v1"), entity_rows=[{"item_id": i} for i in ids]
+    ).to_dict()
+    assert vec["vector"] == [pytest.approx([float(i % 3), 1.0]) for i in ids]
+    cut = T0 + pd.Timedelta(minutes=35)
+    apply_and_materialize(ws, FeaturesConfig(until=cut.isoformat(), write_batch=2))
+    online = online_sequences(open_store(ws), sorted(events["user_id"].unique()))
+    for u, seq in online.items():
+        assert seq == events[(events.user_id == u) & (events.event_timestamp <= cut)]["item_id"].tolist()[-4:]
+    with pytest.raises(ValueError, match="write_batch"):
+        FeaturesConfig(write_batch=0)

@@ -86,8 +86,12 @@ class FeaturesConfig:
     until: str | None = None  # ISO time: materialize rows up to it only (None: everything)
     registry: str = "file"  # "file" (workspace/registry.db) or "sql" (FEAST_REGISTRY_URL, e.g. PostgreSQL)
     offline_store: str = "file"  # "file" (parquet, in this process) or "ray" (Feast's Ray store and engine)
+    # rows a materialization (or a replay's push) converts and writes at a time; None: the yaml's (10,000)
+    write_batch: int | None = None
 
     def __post_init__(self) -> None:
+        if self.write_batch is not None and self.write_batch < 1:
+            raise ValueError(f"write_batch must be a positive number of rows, got {self.write_batch}")
         if self.registry not in REGISTRIES:
             raise ValueError(f"registry must be one of {list(REGISTRIES)}, got {self.registry!r}")
         if self.offline_store not in OFFLINE_STORES:
@@ -105,14 +109,15 @@ class FeaturesConfig:
 def write_store_config(ws: Workspace, config: FeaturesConfig) -> Path:
     """The chosen feature_store.yaml from feature_repo/ in the workspace (its repo_path); with the SQL
     registry, its `registry:` replaced by SQL_REGISTRY (the URL stays an environment reference); with the
-    Ray offline store, `offline_store:` and `batch_engine:` are Feast's Ray store and engine."""
+    Ray offline store, `offline_store:` and `batch_engine:` are Feast's Ray store and engine; with a write
+    batch, `materialization: online_write_batch_size`."""
     import yaml
 
     ws.root.mkdir(parents=True, exist_ok=True)
     text = (REPO_DIR / STORE_TEMPLATES[config.online_store]).read_text()
     if config.registry == "sql" and not os.environ.get("FEAST_REGISTRY_URL"):
         raise ValueError(f"--registry sql needs {REGISTRY_URL_ENV} (a SQLAlchemy URL) in the environment")
-    if config.registry == "sql" or config.offline_store == "ray":
+    if config.registry == "sql" or config.offline_store == "ray" or config.write_batch is not None:
         store = yaml.safe_load(text)
         flags = []
         if config.registry == "sql":
@@ -120,6 +125,9 @@ def write_store_config(ws: Workspace, config: FeaturesConfig) -> Path:
         if config.offline_store == "ray":
             store["offline_store"], store["batch_engine"] = RAY_OFFLINE_STORE, RAY_BATCH_ENGINE
             flags.append("--offline-store ray")
+        if config.write_batch is not None:
+            store["materialization"]["online_write_batch_size"] = config.write_batch
+            flags.append(f"--write-batch {config.write_batch}")
         text = f"# written by `vlmrec features {' '.join(flags)}`\n" + yaml.safe_dump(store, sort_keys=False)
     ws.feature_store_yaml.write_text(text)
     return ws.feature_store_yaml
@@ -240,17 +248,18 @@ def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig
 
 
 def push_sequences_as_of(store, ws: Workspace, max_len: int, until: datetime) -> int:
-    """Each user's click sequence as of `until`, from the events, pushed to the online store. Returns the
-    users written."""
+    """Each user's click sequence as of `until`, from the events, pushed to the online store in batches of
+    the store's online_write_batch_size rows. Returns the users written."""
     from feast.data_source import PushMode
 
     from vlmrec.sequences import click_sequences
 
     events = pq.read_table(ws.events, columns=["user_id", "item_id", "event_timestamp"]).to_pandas()
     until_us = int(pd.Timestamp(until).value // 1000)
-    table = click_sequences(events, max_len, until=until_us).to_pandas()
-    if len(table):
-        store.push(PUSH_SOURCE, table, to=PushMode.ONLINE)
+    table = click_sequences(events, max_len, until=until_us)
+    batch = store.config.materialization_config.online_write_batch_size or max(len(table), 1)
+    for rows in table.to_batches(max_chunksize=batch):
+        store.push(PUSH_SOURCE, rows.to_pandas(), to=PushMode.ONLINE)
     return len(table)
 
 
@@ -417,12 +426,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=FeaturesConfig.registry,
         help=f"file: registry.db in the workspace; sql: Feast's SQL registry at ${REGISTRY_URL_ENV} (PostgreSQL)",
     )
+    parser.add_argument(
+        "--write-batch",
+        type=int,
+        default=None,
+        help="rows materialized (converted and written to the online store) at a time; default 10,000",
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
     config = FeaturesConfig(
         online_store=args.online_store,
         until=getattr(args, "until", None),
+        write_batch=getattr(args, "write_batch", None),
         registry=getattr(args, "registry", "file"),
         offline_store=getattr(args, "offline_store", "file"),
     )
