@@ -449,3 +449,26 @@ def test_item_table_reads_a_vector_table_into_one_matrix(tmp_path):
     pq.write_table(pa.table({"item_id": [1, 2], "vector": ragged}), path)
     with pytest.raises(ValueError, match="same length"):
         ItemTable.from_parquet(path)
+
+
+def test_validation_samples_at_most_max_valid_queries_fixed_by_content(sample_workspace):
+    """--max-valid-queries: a run validates on a sample of its queries (full ranking costs queries x items
+    every epoch), the same sample whatever order the files hold them in (the training seed shuffles them)."""
+    from training.examples import validation_sample
+
+    rng = np.random.default_rng(1)
+    inputs, targets, days = rng.integers(0, 50, (40, 6)), rng.integers(1, 50, 40), rng.random(40)
+    keep = validation_sample(inputs, targets, days, 12)
+    assert len(keep) == 12 and len(set(keep.tolist())) == 12 and (np.diff(keep) > 0).all()
+    perm = rng.permutation(40)
+    again = validation_sample(inputs[perm], targets[perm], days[perm], 12)
+    assert sorted(days[keep]) == sorted(days[perm][again])  # the same rows, by content
+    assert validation_sample(inputs, targets, days, 0).tolist() == list(range(40))  # 0: all
+    assert validation_sample(inputs, targets, days, 40).tolist() == list(range(40))
+
+    model_cfg = train.ModelConfig(n_items=1, teacher_dim=1, max_len=8)
+    capped = train.validation_arrays(sample_workspace, train.JobConfig(max_valid_queries=5), model_cfg)
+    whole = train.validation_arrays(sample_workspace, train.JobConfig(max_valid_queries=0), model_cfg)
+    assert len(capped["valid_targets"]) == 5 < len(whole["valid_targets"])
+    with pytest.raises(ValueError, match="max_valid_queries"):
+        train.JobConfig(max_valid_queries=-1)

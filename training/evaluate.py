@@ -150,11 +150,13 @@ def export_scorer(
         raise ValueError(f"{export_dir}: item vocabulary differs from the workspace catalogue; retrain")
     columns = np.concatenate([[0], items.index_of(vocab.item_ids)])  # (m + 1,) catalogue index per row
     first = torch.as_tensor(added_days if same else added_days[columns])
+    with torch.no_grad():
+        vectors = model.item_vectors()  # once for every batch the scorer is asked
 
     def score(hist: list[np.ndarray], days: np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(build_inputs([items.raw_of(h) for h in hist], vocab, model.cfg.max_len).ids)
         with torch.no_grad():
-            s = model.scores(x, torch.as_tensor(days), first)  # (B, m + 1)
+            s = model.scores(x, torch.as_tensor(days), first, vectors)  # (B, m + 1)
         if same:
             return s
         out = torch.full((len(hist), items.n_items + 1), -torch.inf)

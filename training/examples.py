@@ -323,10 +323,16 @@ def shard(
 
 
 def arrays(
-    ws_root: str, need_teacher: bool, facts: Facts, parts: list, valid_dir: Path, popular_k: int
+    ws_root: str,
+    need_teacher: bool,
+    facts: Facts,
+    parts: list,
+    valid_dir: Path,
+    popular_k: int,
+    max_valid: int = 0,
 ) -> tuple[dict, dict]:
     """The arrays every worker needs beside its examples, and a summary for the driver. `parts`: the
-    shards' references (read here, never by the driver)."""
+    shards' references (read here, never by the driver); at most max_valid validation rows (0: all)."""
     import ray
 
     shards = ray.get(parts)
@@ -336,6 +342,8 @@ def arrays(
     for s in shards:
         np.add.at(counts, *s["target_counts"])
     valid = _read(valid_dir)
+    inputs, targets, days = (_column(valid, c) for c in ("inputs", "targets", "days"))
+    keep = validation_sample(inputs, targets, days, max_valid)
     scores = [s["popularity"] for s in shards if s["popularity"] is not None]
     merged = pd.concat(scores).groupby(level=0).sum() if scores else pd.Series(dtype=np.float64)
     out = {
@@ -346,18 +354,30 @@ def arrays(
         "held_out": items.index_of(facts.held_out),
         # the learnable events hold no launched item's event: launched items are anchored at +inf
         "added_days": added_days(pq.read_table(ws.items).to_pandas(), items, None, facts.held_out),
-        "valid_inputs": _column(valid, "inputs").astype(np.int64),
-        "valid_targets": _column(valid, "targets").astype(np.int64),
-        "valid_days": _column(valid, "days"),
+        "valid_inputs": inputs[keep].astype(np.int64),
+        "valid_targets": targets[keep].astype(np.int64),
+        "valid_days": days[keep],
         "popular": top_popular(merged, popular_k),
     }
     summary = {
         "teacher_id": teacher_id,
         "n_items": items.n_items,
         "teacher_dim": int(items.teacher.shape[1]) if need_teacher else 0,
+        "valid_used": len(keep),
         "peak_rss_mb": peak_rss_mb(),
     }
     return out, summary
+
+
+def validation_sample(inputs: np.ndarray, targets: np.ndarray, days: np.ndarray, max_rows: int) -> np.ndarray:
+    """Indices of at most max_rows validation rows (0: all), ascending: a seeded draw over the rows in the
+    order of their content, not of the files (which the training seed shuffles), so every run on the same
+    examples validates on the same queries."""
+    n = len(targets)
+    if not max_rows or n <= max_rows:
+        return np.arange(n)
+    by_content = np.lexsort((*inputs.T, targets, days))
+    return np.sort(by_content[np.random.default_rng(0).choice(n, max_rows, replace=False)])
 
 
 @dataclass(frozen=True)
@@ -369,6 +389,7 @@ class Shards:
     arrays: Any  # ray.ObjectRef of `arrays()`'s dict
     n_train: int
     n_valid: int
+    n_valid_used: int  # the validation rows in `arrays` (at most max_valid)
     learnable_events: int
     trained_until: Any
     teacher_id: str | None
@@ -389,6 +410,7 @@ def build_examples(
     half_life_days: float = 7.0,
     seed: int = 0,
     events_per_shard: int = EVENTS_PER_SHARD,
+    max_valid: int = 0,
 ) -> Shards:
     """Build the training set under `out` (written aside, then swapped in) as Ray work; see the module."""
     import ray
@@ -437,7 +459,9 @@ def build_examples(
         arrays_ref, vocabulary = (
             fresh(arrays)
             .options(num_returns=2)
-            .remote(str(ws.root), need_teacher, facts, [r[1] for r in refs], tmp / "valid", popular_k)
+            .remote(
+                str(ws.root), need_teacher, facts, [r[1] for r in refs], tmp / "valid", popular_k, max_valid
+            )
         )
         vocabulary = ray.get(vocabulary)
         stages["arrays"] = _stage(t0, [vocabulary["peak_rss_mb"]])
@@ -447,6 +471,7 @@ def build_examples(
         arrays=arrays_ref,
         n_train=sum(c["train"] for c in counts),
         n_valid=sum(c["valid"] for c in counts),
+        n_valid_used=vocabulary["valid_used"],
         learnable_events=sum(c["learnable"] for c in counts),
         trained_until=summary["trained_until"],
         teacher_id=vocabulary["teacher_id"],

@@ -294,11 +294,17 @@ class SeqRec(nn.Module):
         return self.age_bias[age_bucket(request_days.unsqueeze(-1), added_days)]
 
     def scores(
-        self, seq: Tensor, request_days: Tensor | None = None, added_days: Tensor | None = None
+        self,
+        seq: Tensor,
+        request_days: Tensor | None = None,
+        added_days: Tensor | None = None,
+        items: Tensor | None = None,
     ) -> Tensor:
         """(B, T) -> (B, n_items + 1) what the model ranks the vocabulary by: user . item, plus the item-age
-        score at each row's request time (request_days (B,), added_days (n_items + 1,)) when item_age."""
-        s = self.user_vector(seq) @ self.item_vectors().T  # (B, n + 1)
+        score at each row's request time (request_days (B,), added_days (n_items + 1,)) when item_age.
+        items: item_vectors() computed once by a caller scoring many batches with the same weights."""
+        items = self.item_vectors() if items is None else items
+        s = self.user_vector(seq) @ items.T  # (B, n + 1)
         if self.cfg.item_age:
             if request_days is None or added_days is None:
                 raise ValueError("an item_age model scores at a request time: pass request_days, added_days")

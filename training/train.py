@@ -76,6 +76,14 @@ class JobConfig(SplitConfig):
     max_failures: int = 2  # worker failures Ray Train recovers from (resuming from the latest checkpoint)
     popular_k: int = 1000  # length of the popular-items fallback list
     popular_half_life_days: float = 7.0  # recency weighting of popularity
+    # validation NDCG@10 on at most this many queries (0: all), a sample fixed by the queries' content: its
+    # full ranking costs queries x items every epoch (46,786 x 1M at 10M events)
+    max_valid_queries: int = 10_000
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_valid_queries < 0:
+            raise ValueError(f"max_valid_queries must be >= 0 (0: all), got {self.max_valid_queries}")
 
     def engine(self) -> engine.EngineConfig:
         """The fields that say where and how the job runs, for the shared engine."""
@@ -179,10 +187,12 @@ def validation_arrays(ws: Workspace, job: JobConfig, model_cfg: ModelConfig) -> 
 
     import ray
 
+    ws.runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ws.runs, prefix=".validation-") as tmp:
         shards = build_examples(
             ws, job.split_config(), model_cfg.max_len, model_cfg.is_content, Path(tmp) / "examples",
             popular_k=job.popular_k, half_life_days=job.popular_half_life_days,
+            max_valid=job.max_valid_queries,
         )  # fmt: skip
         return ray.get(shards.arrays)
 
@@ -308,6 +318,7 @@ def train(
         popular_k=job.popular_k,
         half_life_days=job.popular_half_life_days,
         seed=train_cfg.seed,
+        max_valid=job.max_valid_queries,
     )
     if shards.n_train == 0 or shards.n_valid == 0:
         raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
@@ -357,6 +368,7 @@ def train(
             "trained_until": None if shards.trained_until is None else _iso(shards.trained_until),
             "train_examples": shards.n_train,
             "valid_queries": shards.n_valid,
+            "valid_queries_used": shards.n_valid_used,  # validation NDCG@10's sample (--max-valid-queries)
             "items": shards.n_items,
             "held_out_items": shards.held_out_items,
             "stages": shards.stages,

@@ -31,10 +31,13 @@ def validation_ranks(
     first = None if added_days is None else torch.as_tensor(added_days, device=device)
     ranks = []
     with torch.no_grad():
+        items = model.item_vectors()  # once for the pass, not once per batch
         for a in range(0, len(inputs), 512):
             x = inputs[a : a + 512]
             request = None if days is None else torch.as_tensor(days[a : a + 512], device=device)
-            s = model.scores(torch.as_tensor(x, device=device), request, first).float().cpu()  # (b, n + 1)
+            s = (
+                model.scores(torch.as_tensor(x, device=device), request, first, items).float().cpu()
+            )  # (b, n+1)
             exclude = [np.concatenate([[0], row[row > 0]]) for row in x]
             ranks.append(rank_of_target(s, targets[a : a + 512], exclude))
     model.train(was_training)

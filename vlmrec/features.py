@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from vlmrec.sequences import sequence_layout
+from vlmrec.sequences import sequence_layout, utc_micros
 from vlmrec.workspace import Workspace
 
 REPO_DIR = Path(__file__).resolve().parent.parent / "feature_repo"
@@ -383,7 +383,7 @@ def historical_sequences(store, queries: pd.DataFrame) -> pd.DataFrame:
     result["item_ids"] = [_as_list(by_row.get(i)) for i in range(len(result))]
     if ray:
         clicked = dict(zip(out["_row"], out["click_times"], strict=True))
-        before = (times.dt.tz_convert(None).to_numpy().astype("datetime64[us]").astype(np.int64)).tolist()
+        before = utc_micros(times).tolist()
         result["item_ids"] = [
             [item for item, t in zip(ids, _as_list(clicked.get(i)), strict=True) if t < before[i]]
             for i, ids in enumerate(result["item_ids"])

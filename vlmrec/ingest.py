@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vlmrec.sample import SampleConfig, generate_sample
-from vlmrec.schema import EVENTS, ITEMS, TS
+from vlmrec.schema import EVENTS, ITEMS, ts_array
 from vlmrec.sequences import LAYOUTS, click_sequences, sequence_layout
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, atomic_write_parquet
 
@@ -455,8 +455,8 @@ def ingest(
             pa.array(items["text"].to_numpy(dtype=object), pa.string()),
             pa.array(items["category"].to_numpy(dtype=object), pa.string()),
             pa.array(items["image_uri"].to_numpy(dtype=object), pa.string(), from_pandas=True),
-            _ts_array(created_us),
-            _ts_array(created_us),
+            ts_array(created_us),
+            ts_array(created_us),
         ],
         schema=ITEMS,
     )
@@ -619,15 +619,11 @@ def _events_table(ordered: pd.DataFrame) -> pa.Table:
         [
             pa.array(ordered["user_id"].to_numpy(), pa.int64()),
             pa.array(ordered["item_id"].to_numpy(), pa.int64()),
-            _ts_array(ordered["ts"].to_numpy()),
+            ts_array(ordered["ts"].to_numpy()),
             pa.array(ordered["event_type"].to_numpy(dtype=object), pa.string()),
         ],
         schema=EVENTS,
     )
-
-
-def _ts_array(us: np.ndarray) -> pa.Array:
-    return pa.array(np.asarray(us, dtype=np.int64).view("datetime64[us]"), type=TS)
 
 
 def _check_images(items: pd.DataFrame, cat_df: pd.DataFrame, check: bool) -> dict[str, int]:

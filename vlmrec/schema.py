@@ -7,9 +7,16 @@ t - 1 us, fetched by Feast's point-in-time join.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 TS = pa.timestamp("us", tz="UTC")
+
+
+def ts_array(us: np.ndarray) -> pa.Array:
+    """UTC microseconds (int64) as a TS column."""
+    return pa.array(np.asarray(us, dtype=np.int64).view("datetime64[us]"), type=TS)
+
 
 EVENTS = pa.schema(
     [

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from vlmrec.schema import CLICK_SEQUENCES, TS
+from vlmrec.schema import CLICK_SEQUENCES, ts_array
 
 LAYOUTS = ("latest", "snapshots")
 LAYOUT_KEY, MAX_LEN_KEY = b"vlmrec.sequences", b"vlmrec.max_len"  # the table's metadata
@@ -46,7 +46,7 @@ def click_sequences(
     if until is not None and layout != "latest":
         raise ValueError("until applies to the latest layout (snapshots already hold every time)")
     ts = events["event_timestamp"]
-    ts = ts.to_numpy() if ts.dtype == np.int64 else _micros(ts)
+    ts = ts.to_numpy() if ts.dtype == np.int64 else utc_micros(ts)
     keep = slice(None) if until is None else ts <= until
     uid = events["user_id"].to_numpy(dtype=np.int64)[keep]
     items, ts = events["item_id"].to_numpy(dtype=np.int64)[keep], ts[keep]
@@ -75,7 +75,7 @@ def click_sequences(
             pa.RecordBatch.from_arrays(
                 [
                     pa.array(u[rows[start:end]], pa.int64()),
-                    pa.array(t[rows[start:end]].view("datetime64[us]"), type=TS),
+                    ts_array(t[rows[start:end]]),
                     pa.ListArray.from_arrays(list_offsets, pa.array(items[at], pa.int64())),
                     pa.ListArray.from_arrays(list_offsets, pa.array(t[at], pa.int64())),
                 ],
@@ -99,7 +99,7 @@ def sequence_layout(path) -> tuple[str, int]:
     return "snapshots", max(1, int(pc.max(lengths).as_py() or 1))
 
 
-def _micros(ts: pd.Series) -> np.ndarray:
+def utc_micros(ts: pd.Series) -> np.ndarray:
     """Datetimes (naive = UTC) as int64 UTC microseconds."""
     return (
         pd.to_datetime(ts, utc=True).dt.tz_convert(None).to_numpy().astype("datetime64[us]").astype(np.int64)
