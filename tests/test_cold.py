@@ -225,6 +225,27 @@ def test_model_scores_add_the_age_score_of_the_shared_function():
         model.scores(seq)
 
 
+def test_item_vectors_and_validation_in_slices_equal_one_pass(monkeypatch):
+    """A million items: item_vectors() goes ITEM_SLICE rows at a time and validation scores SCORE_CELLS
+    (query, item) pairs at a time; both give what one pass gives."""
+    from training import model as model_module
+    from training import validation
+
+    model = SeqRec(_cfg(item_age=True, use_id_embedding=True), _teacher()).eval()
+    with torch.no_grad():
+        for p in (model.id_out.weight, model.age_bias):
+            p.normal_(generator=torch.Generator().manual_seed(2))
+    rng = np.random.default_rng(0)
+    inputs, targets = rng.integers(0, N + 1, (9, 6)), rng.integers(1, N + 1, 9)
+    days, first = rng.uniform(50, 100, 9), np.r_[np.inf, rng.uniform(0, 100, N)]
+    whole_vectors = model.item_vectors()
+    whole_ranks = validation.validation_ranks(model, inputs, targets, days, first)
+    monkeypatch.setattr(model_module, "ITEM_SLICE", 3)
+    monkeypatch.setattr(validation, "SCORE_CELLS", 2 * (N + 1))  # two queries a batch
+    torch.testing.assert_close(model.item_vectors(), whole_vectors, rtol=0, atol=0)
+    assert validation.validation_ranks(model, inputs, targets, days, first).tolist() == whole_ranks.tolist()
+
+
 def test_sampled_softmax_adds_biases_before_the_temperature():
     g = torch.Generator().manual_seed(1)
     u, p, n = (F.normalize(torch.randn(s, 4, generator=g), dim=-1) for s in (3, 3, 5))

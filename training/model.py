@@ -220,7 +220,8 @@ class SeqRec(nn.Module):
         if teacher is not None:
             return self.item_vectors_for(teacher)
         index = torch.arange(self.cfg.n_items + 1, device=self.item_ids.device)
-        v = self.item_vectors_at(index)
+        # in slices: a million items' intermediate vectors (the teacher rows, the adapter's) never coexist
+        v = torch.cat([self.item_vectors_at(part) for part in index.split(ITEM_SLICE)])
         return torch.cat([torch.zeros_like(v[:1]), v[1:]])
 
     # ---- encoder -------------------------------------------------------------------------------------
@@ -377,6 +378,7 @@ def fit_whitening(x: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
     return mean.float(), matrix.float()
 
 
+ITEM_SLICE = 65_536  # item_vectors() computes the vocabulary this many rows at a time
 ITEM_ROWS = ("id_emb.weight", "id_in.weight", "id_out.weight")  # one row per vocabulary item (0 = padding)
 
 

@@ -15,6 +15,8 @@ import torch
 from training.metrics import ndcg_at, rank_of_target
 from training.model import SeqRec
 
+SCORE_CELLS = 2**25  # validation scores at most this many (query, item) pairs at a time (128 MB of floats)
+
 
 def validation_ranks(
     model: SeqRec,
@@ -32,14 +34,15 @@ def validation_ranks(
     ranks = []
     with torch.no_grad():
         items = model.item_vectors()  # once for the pass, not once per batch
-        for a in range(0, len(inputs), 512):
-            x = inputs[a : a + 512]
-            request = None if days is None else torch.as_tensor(days[a : a + 512], device=device)
+        rows = max(1, min(512, SCORE_CELLS // len(items)))  # a batch's (rows, items) scores stay bounded
+        for a in range(0, len(inputs), rows):
+            x = inputs[a : a + rows]
+            request = None if days is None else torch.as_tensor(days[a : a + rows], device=device)
             s = (
                 model.scores(torch.as_tensor(x, device=device), request, first, items).float().cpu()
             )  # (b, n+1)
             exclude = [np.concatenate([[0], row[row > 0]]) for row in x]
-            ranks.append(rank_of_target(s, targets[a : a + 512], exclude))
+            ranks.append(rank_of_target(s, targets[a : a + rows], exclude))
     model.train(was_training)
     return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
