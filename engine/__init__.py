@@ -5,10 +5,12 @@ latest one (a re-run of the same run folder, or Ray restarting failed workers), 
 
     # driver
     result = fit(train_loop, loop_config, {"train": dataset}, run_dir, EngineConfig(), score="val_loss")
-    # worker (inside train_loop)
-    engine = initialize(model, ds, use_gpu)
-    state = resume(engine, {"epoch": 0, ...})
-    ... report(engine, metrics, state)
+    # worker (inside train_loop); rows: embedding tables updated row-sparse beside DeepSpeed (engine/rows.py)
+    rows = RowSparseAdam([model.id_in, model.id_out], ds)
+    engine = initialize(model, ds, use_gpu, exclude=rows.params)
+    state = resume(engine, {"epoch": 0, ...}, rows=rows)
+    ... engine.backward(loss); rows.step(); engine.step()
+    ... report(engine, metrics, state, rows=rows)
     # driver again
     weights = fp32_state_dict(result.best_checkpoints[0][0])
 """
