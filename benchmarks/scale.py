@@ -223,8 +223,10 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         layouts["snapshots"] = {
             "not_run": f"{n} events above --snapshots-max-events {args.snapshots_max_events}"
         }
+    train = None
     if n <= args.train_max_events:  # the training job: the example build, one epoch, the export
-        train = stage("train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log)
+        train = stage("train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True)
+    if train is not None and not train.get("stopped"):
         run = json.loads((ws / "runs" / "scale" / "export" / "run.json").read_text())
         steps, n_train = run["data"]["stages"], run["data"]["train_examples"]
         epoch = run["last"]
@@ -240,8 +242,9 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         job["valid_queries"] = int(run["data"]["valid_queries"])
         index = ["--run", "scale"]
     else:  # the job's driver through the example build and the workers' start (the job is then stopped:
-        # its epoch is not run, docs/BENCHMARKS.md says why); then the example build alone, in its own driver
-        train = stage(
+        # its epoch is not run, docs/BENCHMARKS.md says why), or up to where the memory limit stopped the
+        # whole job; then the example build alone, in its own driver
+        train = train or stage(
             "train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True, max_s=600
         )
         if not train.get("stopped"):
@@ -262,8 +265,12 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         alone = stage("examples", cmd, log, stdout=root / "examples.json")
         built = json.loads((root / "examples.json").read_text())
         steps, n_train = built["stages"], built["n_train"]
-        stages["epoch"] = {"wall_s": None, "worker_peak_rss_mb": None, "examples": n_train,
-                           "not_run": f"{n} events above --train-max-events {args.train_max_events}"}  # fmt: skip
+        why = (
+            f"{n} events above --train-max-events {args.train_max_events}"
+            if n > args.train_max_events
+            else f"the training job was stopped: {train['stopped']} (--memory-limit-gb)"
+        )
+        stages["epoch"] = {"wall_s": None, "worker_peak_rss_mb": None, "examples": n_train, "not_run": why}  # fmt: skip
         job = {
             "driver_peak_rss_mb": train["driver_mb"],  # up to the stop
             "train_job": {
