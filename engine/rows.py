@@ -48,18 +48,16 @@ class RowSparseAdam:
     def step(self) -> None:
         """Average the tables' sparse gradients across ranks, clip, decay and Adam-step the touched rows; then
         drop the gradients. Every rank calls it once per step (it is a collective)."""
-        grads = [all_reduce_rows(p.grad) if p.grad is not None else None for p in self.params]
-        live = [g for g in grads if g is not None]
-        if self.max_norm > 0 and live:
-            norm = torch.sqrt(sum((g.values() ** 2).sum() for g in live))
-            scale = min(1.0, self.max_norm / (float(norm) + 1e-6))  # DeepSpeed's clip_coef
-            live = [g * scale for g in live] if scale < 1.0 else live
-        it = iter(live)
+        # a table this rank's batch did not reach still joins the exchange, with no rows
+        grads = [all_reduce_rows(_rows_of(p)) for p in self.params]
+        if self.max_norm > 0:
+            norm = float(torch.sqrt(sum((g.values() ** 2).sum() for g in grads)))
+            scale = min(1.0, self.max_norm / (norm + 1e-6))  # DeepSpeed's clip_coef
+            grads = [g * scale for g in grads] if scale < 1.0 else grads
         for p, g in zip(self.params, grads, strict=True):
-            p.grad = None if g is None else next(it)
-            if p.grad is not None and self.weight_decay:
-                rows = p.grad.indices()[0]
-                p[rows] *= 1.0 - self.lr * self.weight_decay
+            p.grad = g
+            if self.weight_decay:
+                p[g.indices()[0]] *= 1.0 - self.lr * self.weight_decay
         self.optimizer.step()
         for p in self.params:
             p.grad = None
@@ -69,6 +67,14 @@ class RowSparseAdam:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
+
+
+def _rows_of(p: Tensor) -> Tensor:
+    """p's sparse gradient, or one with no rows when backward did not reach p."""
+    if p.grad is not None:
+        return p.grad
+    no_rows = torch.zeros((1, 0), dtype=torch.long, device=p.device)
+    return torch.sparse_coo_tensor(no_rows, p.new_zeros((0, *p.shape[1:])), p.shape)
 
 
 def all_reduce_rows(grad: Tensor) -> Tensor:

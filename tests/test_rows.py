@@ -112,6 +112,27 @@ def test_two_ranks_average_only_their_touched_rows(tmp_path):
         torch.testing.assert_close(reduced, mean_of_dense)
 
 
+def _rank_without_rows(rank: int, world: int, init: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    table = nn.Embedding(N, D)
+    with torch.no_grad():
+        table.weight.fill_(1.0)
+    rows = RowSparseAdam([table], _ds(clip=0.0))
+    if rank == 0:  # rank 1's batch never reached the table: it still joins the exchange
+        table(torch.tensor([4])).sum().backward()
+    rows.step()
+    out[rank] = table.weight.detach().clone()
+    dist.destroy_process_group()
+
+
+def test_a_rank_whose_batch_missed_the_table_still_steps_with_the_others(tmp_path):
+    out = mp.Manager().dict()
+    mp.spawn(_rank_without_rows, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2)
+    torch.testing.assert_close(out[0], out[1])  # both applied the same averaged row
+    moved = (out[0] != 1.0).any(1)
+    assert moved.nonzero().flatten().tolist() == [4]
+
+
 def test_bf16_tables_are_refused():
     with pytest.raises(ValueError, match="fp32"):
         RowSparseAdam([nn.Embedding(N, D)], {**_ds(), "bf16": {"enabled": True}})
