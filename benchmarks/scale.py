@@ -100,7 +100,8 @@ def stage(
 ) -> dict:
     """Run one stage as its own process (its output appended to `log`, or its stdout to `stdout`). A stage
     over --memory-limit-gb (or past max_s) is killed: recorded when `may_stop` (nothing after it needs its
-    output), else the benchmark stops."""
+    output), as is a `may_stop` stage that fails on its own (Ray's memory monitor); else the benchmark
+    stops."""
     print(f"$ {' '.join(argv)}", flush=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each stage its own local Ray
     with open(log, "a") as out, open(stdout or os.devnull, "w") as printed:
@@ -109,6 +110,8 @@ def stage(
         target = printed if stdout else out
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=target, stderr=out)
         got = sample_tree(proc, limit_mb=_LIMIT_MB, max_s=max_s)
+    if proc.returncode != 0 and may_stop and not got.get("stopped"):  # e.g. Ray's memory monitor
+        got["stopped"] = f"failed (exit {proc.returncode}) after {got['wall_s']:.0f} s: see {log}"
     if got.get("stopped") and may_stop:
         print(f"  {name}: {got['stopped']}")
         return got
@@ -268,7 +271,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         why = (
             f"{n} events above --train-max-events {args.train_max_events}"
             if n > args.train_max_events
-            else f"the training job was stopped: {train['stopped']} (--memory-limit-gb)"
+            else f"the training job was stopped: {train['stopped']}"
         )
         stages["epoch"] = {"wall_s": None, "worker_peak_rss_mb": None, "examples": n_train, "not_run": why}  # fmt: skip
         job = {
