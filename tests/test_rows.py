@@ -5,6 +5,9 @@ survive a checkpoint round trip."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,21 @@ from torch import nn
 from engine.rows import RowSparseAdam, all_reduce_rows
 
 N, D = 12, 5
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _two_ranks(case: str, tmp_path: Path) -> dict:
+    """Run `case` on two gloo ranks spawned from a fresh interpreter (not from pytest's process, which holds
+    the session's Ray: processes spawned beside it broke the Serve tests that came after)."""
+    code = f"from tests.test_rows import _spawn; _spawn({case!r}, {str(tmp_path)!r})"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=300)
+    return torch.load(tmp_path / "out.pt")
+
+
+def _spawn(case: str, tmp: str) -> None:
+    out = mp.Manager().dict()
+    mp.spawn(globals()[case], args=(2, f"file://{tmp}/init", out), nprocs=2)
+    torch.save(dict(out), f"{tmp}/out.pt")
 
 
 def _ds(lr=1e-2, weight_decay=0.0, clip=1.0) -> dict:
@@ -103,10 +121,8 @@ def _rank(rank: int, world: int, init: str, out: dict) -> None:
 
 
 def test_two_ranks_average_only_their_touched_rows(tmp_path):
-    world = 2
-    out = mp.Manager().dict()
-    mp.spawn(_rank, args=(world, f"file://{tmp_path / 'init'}", out), nprocs=world)
-    for rank in range(world):
+    out = _two_ranks("_rank", tmp_path)
+    for rank in range(2):
         rows, reduced, mean_of_dense = out[rank]
         assert rows == [1, 2, 7, 9, 11]  # the union, one entry each
         torch.testing.assert_close(reduced, mean_of_dense)
@@ -126,8 +142,7 @@ def _rank_without_rows(rank: int, world: int, init: str, out: dict) -> None:
 
 
 def test_a_rank_whose_batch_missed_the_table_still_steps_with_the_others(tmp_path):
-    out = mp.Manager().dict()
-    mp.spawn(_rank_without_rows, args=(2, f"file://{tmp_path / 'init'}", out), nprocs=2)
+    out = _two_ranks("_rank_without_rows", tmp_path)
     torch.testing.assert_close(out[0], out[1])  # both applied the same averaged row
     moved = (out[0] != 1.0).any(1)
     assert moved.nonzero().flatten().tolist() == [4]
