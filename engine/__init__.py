@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # annotations only: importing the engine (peak_rss_mb in a da
 
 ZERO_CONFIG = Path(__file__).with_name("zero.json")
 CHECKPOINT_TAG = "ds"
-ROWS_FILE = "rows.pt"  # engine.rows.RowSparseAdam's moments, beside DeepSpeed's shards
+ROWS_FILE = "rows-{rank}-of-{world}.pt"  # each rank's share of engine.rows.RowSparseAdam's moments
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def resume(engine, state: dict, frozen_excluded: bool = False, rows: RowSparseAd
             d, tag=CHECKPOINT_TAG, load_module_strict=not frozen_excluded
         )
         if rows is not None:
-            rows.load_state_dict(torch_load(Path(d) / ROWS_FILE))
+            rows.load_state_dicts(torch_load(path) for path in _rows_files(Path(d), *rows.rank_world))
     return {**state, **{k: v for k, v in (client_state or {}).items() if k in state}}  # ours, not DeepSpeed's
 
 
@@ -125,7 +125,7 @@ def report(
 ) -> None:
     """Save a DeepSpeed checkpoint (every rank its shard) carrying `state`, and report it with `metrics`.
     exclude_frozen: leave frozen weights out (a LoRA base is never modified: no need to store it per epoch);
-    rows: the row-sparse tables' moments, the same on every rank, written by rank 0 beside the shards."""
+    rows: the row-sparse tables' moments, every rank its share, beside DeepSpeed's shards."""
     import ray.train
     from ray.train import Checkpoint
 
@@ -133,11 +133,18 @@ def report(
         engine.save_checkpoint(
             tmp, tag=CHECKPOINT_TAG, client_state=state, exclude_frozen_parameters=exclude_frozen
         )
-        if rows is not None and engine.global_rank == 0:
+        if rows is not None:
             import torch
 
-            torch.save(rows.state_dict(), Path(tmp) / ROWS_FILE)
+            rank, world = rows.rank_world
+            torch.save(rows.state_dict(), Path(tmp) / ROWS_FILE.format(rank=rank, world=world))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def _rows_files(folder: Path, rank: int, world: int) -> list[Path]:
+    """The moments' files a rank reads on resume: its own when the checkpoint has as many ranks, else all."""
+    own = folder / ROWS_FILE.format(rank=rank, world=world)
+    return [own] if own.is_file() else sorted(folder.glob(ROWS_FILE.format(rank="*", world="*")))
 
 
 def peak_rss_mb() -> float:

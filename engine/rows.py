@@ -12,13 +12,16 @@ the tables are updated beside it:
 Lazy Adam: a row's moments and weights move only in steps whose batch touched it (bias correction by the
 global step, as torch's SparseAdam and TF's LazyAdam); AdamW's decoupled weight decay likewise. The tables'
 gradient is clipped on its own norm at the DeepSpeed JSON's `gradient_clipping` (the dense parameters' norm
-is DeepSpeed's). Weights travel in DeepSpeed's checkpoint (the module's state dict); the moments in
-`state_dict()`, which `engine.report` / `engine.resume` store beside it.
+is DeepSpeed's). The moments are sharded like ZeRO-1's: rank r of w keeps those of rows r, r + w, r + 2w,
+..., steps those rows, and hands their new weights to the other ranks. Weights travel in DeepSpeed's
+checkpoint (the module's state dict); each rank's moments in `state_dict()`, which `engine.report` /
+`engine.resume` store beside it (a resume on another number of ranks re-shards them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -26,7 +29,8 @@ from torch import Tensor, nn
 
 
 class RowSparseAdam:
-    """Lazy AdamW over embedding tables, with the touched rows' gradients averaged across ranks."""
+    """Lazy AdamW over embedding tables, with the touched rows' gradients averaged across ranks and the
+    moments sharded across them by row."""
 
     def __init__(self, tables: Sequence[nn.Embedding], ds: dict) -> None:
         if ds.get("bf16", {}).get("enabled"):
@@ -36,37 +40,87 @@ class RowSparseAdam:
             table.sparse = True  # backward now yields the touched rows only
         self.params = [t.weight for t in tables]
         self.lr, self.weight_decay = float(opt["lr"]), float(opt.get("weight_decay", 0.0))
+        self.betas = tuple(float(b) for b in opt.get("betas", (0.9, 0.999)))
+        self.eps = float(opt.get("eps", 1e-8))
         self.max_norm = float(ds.get("gradient_clipping", 0.0))
-        self.optimizer = torch.optim.SparseAdam(
-            self.params,
-            lr=self.lr,
-            betas=tuple(opt.get("betas", (0.9, 0.999))),
-            eps=float(opt.get("eps", 1e-8)),
-        )
+        self.steps = 0
+        self._moments: list[tuple[Tensor, Tensor]] | None = None  # own rows' (m, v), at first use
+
+    @property
+    def rank_world(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def moments(self) -> list[tuple[Tensor, Tensor]]:
+        """Per table, the first and second moments of the rows this rank owns: (rows owned, d) each."""
+        if self._moments is None:
+            rank, world = self.rank_world
+            shapes = [(len(range(rank, len(p), world)), *p.shape[1:]) for p in self.params]
+            self._moments = [
+                (p.new_zeros(s), p.new_zeros(s)) for p, s in zip(self.params, shapes, strict=True)
+            ]
+        return self._moments
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average the tables' sparse gradients across ranks, clip, decay and Adam-step the touched rows; then
-        drop the gradients. Every rank calls it once per step (it is a collective)."""
+        """Average the tables' sparse gradients across ranks, clip, then every rank decays and Adam-steps the
+        touched rows it owns and shares their new weights; the gradients are dropped. Every rank calls it
+        once per step (it is a collective)."""
         # a table this rank's batch did not reach still joins the exchange, with no rows
         grads = [all_reduce_rows(_rows_of(p)) for p in self.params]
+        scale = 1.0
         if self.max_norm > 0:
             norm = float(torch.sqrt(sum((g.values() ** 2).sum() for g in grads)))
             scale = min(1.0, self.max_norm / (norm + 1e-6))  # DeepSpeed's clip_coef
-            grads = [g * scale for g in grads] if scale < 1.0 else grads
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = g
-            if self.weight_decay:
-                p[g.indices()[0]] *= 1.0 - self.lr * self.weight_decay
-        self.optimizer.step()
-        for p in self.params:
+        self.steps += 1
+        (beta1, beta2), rank, world = self.betas, *self.rank_world
+        step_size = self.lr * math.sqrt(1 - beta2**self.steps) / (1 - beta1**self.steps)
+        for p, g, (m, v) in zip(self.params, grads, self.moments(), strict=True):
             p.grad = None
+            rows, values = g.indices()[0], g.values()
+            owner = rows % world
+            mine = owner == rank
+            r, grad = rows[mine], values[mine] * scale if scale < 1.0 else values[mine]
+            local = r // world
+            weights = p[r]
+            if self.weight_decay:
+                weights *= 1.0 - self.lr * self.weight_decay
+            m_new = m[local] + (grad - m[local]) * (1 - beta1)  # SparseAdam's arithmetic
+            v_new = v[local] + (grad * grad - v[local]) * (1 - beta2)
+            m[local], v[local] = m_new, v_new
+            p[r] = weights - step_size * (m_new / (v_new.sqrt() + self.eps))
+            if world > 1:
+                _share_rows(p, rows, owner, rank, world)
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        """This rank's moments (the rows it owns) and the step count."""
+        rank, world = self.rank_world
+        return {"steps": self.steps, "rank": rank, "world": world, "moments": self.moments()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+    def load_state_dicts(self, shards: Iterable[dict]) -> None:
+        """Restore from saved ranks' `state_dict()`s (any number of ranks): each shard's rows that this rank
+        owns now. Shards are read one at a time (an iterator of loads keeps one in memory)."""
+        rank, world = self.rank_world
+        for shard in shards:
+            self.steps = int(shard["steps"])
+            for p, (m, v), (sm, sv) in zip(self.params, self.moments(), shard["moments"], strict=True):
+                rows = torch.arange(shard["rank"], len(p), shard["world"], device=p.device)
+                mine = rows % world == rank
+                m[rows[mine] // world], v[rows[mine] // world] = sm[mine], sv[mine]
+
+
+def _share_rows(p: Tensor, rows: Tensor, owner: Tensor, rank: int, world: int) -> None:
+    """Every rank has stepped the touched rows it owns (`rows`, the same list on every rank): gather each
+    owner's new weights into every rank's table."""
+    counts = torch.bincount(owner, minlength=world).tolist()
+    width = max(counts)
+    mine = p[rows[owner == rank]]
+    parts = [p.new_empty((width, *p.shape[1:])) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([mine, mine.new_zeros((width - len(mine), *p.shape[1:]))]))
+    for j in range(world):
+        if j != rank:
+            p[rows[owner == j]] = parts[j][: counts[j]]
 
 
 def _rows_of(p: Tensor) -> Tensor:
@@ -78,8 +132,9 @@ def _rows_of(p: Tensor) -> Tensor:
 
 
 def all_reduce_rows(grad: Tensor) -> Tensor:
-    """A sparse (n, d) gradient -> the mean of every rank's, coalesced (one entry per touched row). Ranks
-    exchange only their touched rows (all_gather, which gloo and NCCL both have)."""
+    """A sparse (n, d) gradient -> the mean of every rank's, coalesced (one entry per touched row, in row
+    order, the same on every rank). Ranks exchange only their touched rows (all_gather, which gloo and NCCL
+    both have)."""
     grad, shape = grad.coalesce(), grad.shape
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world == 1:

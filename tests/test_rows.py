@@ -1,6 +1,7 @@
 """Row-sparse id tables (engine/rows.py): a step where every row is touched is AdamW's step, rows a batch did
-not touch stay where they are, the touched rows' gradients are averaged across ranks, and the moments
-survive a checkpoint round trip."""
+not touch stay where they are, the touched rows' gradients are averaged across ranks, two ranks sharing the
+moments step exactly as one rank holding them all, and the moments survive a checkpoint round trip, also
+onto another number of ranks."""
 
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def test_rows_a_batch_does_not_touch_stay_where_they_are():
         rows.step()
     moved = (table.weight != before).any(1)
     assert moved.nonzero().flatten().tolist() == [1, 3]
-    assert rows.state_dict()["state"][0]["exp_avg"][[0, 2, 4]].abs().sum() == 0  # no moments for them either
+    assert rows.state_dict()["moments"][0][0][[0, 2, 4]].abs().sum() == 0  # no moments for them either
 
 
 def test_the_moments_survive_a_checkpoint_round_trip(tmp_path):
@@ -100,7 +101,7 @@ def test_the_moments_survive_a_checkpoint_round_trip(tmp_path):
     b, saved = nn.Embedding(N, D), torch.load(tmp_path / "ckpt.pt")  # a fresh worker
     b.load_state_dict(saved["w"])
     opt_b = RowSparseAdam([b], _ds())
-    opt_b.load_state_dict(saved["opt"])
+    opt_b.load_state_dicts([saved["opt"]])
     for index, target in batches[2:]:
         _loss(b, index, target).backward()
         opt_b.step()
@@ -151,3 +152,62 @@ def test_a_rank_whose_batch_missed_the_table_still_steps_with_the_others(tmp_pat
 def test_bf16_tables_are_refused():
     with pytest.raises(ValueError, match="fp32"):
         RowSparseAdam([nn.Embedding(N, D)], {**_ds(), "bf16": {"enabled": True}})
+
+
+def _batches(steps: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    return [
+        (torch.randint(0, N, (2, 5), generator=g), torch.randn(2, 5, D, generator=g)) for _ in range(steps)
+    ]
+
+
+def _one_rank_reference() -> tuple[nn.Embedding, RowSparseAdam]:
+    """The table after `_batches()` on one rank holding every moment, each step the mean of the two ranks'."""
+    torch.manual_seed(0)
+    table = nn.Embedding(N, D)
+    rows = RowSparseAdam([table], _ds(weight_decay=0.1))
+    for index, target in _batches():
+        (_loss(table, index[0], target[0]) + _loss(table, index[1], target[1])).div(2).backward()
+        rows.step()
+    return table, rows
+
+
+def _sharded_rank(rank: int, world: int, init: str, out: dict) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.manual_seed(0)  # the same initial table on both ranks
+    table = nn.Embedding(N, D)
+    rows = RowSparseAdam([table], _ds(weight_decay=0.1))
+    for index, target in _batches():
+        _loss(table, index[rank], target[rank]).backward()
+        rows.step()
+    out[rank] = (table.weight.detach().clone(), rows.state_dict())
+    dist.destroy_process_group()
+
+
+def test_two_ranks_sharing_the_moments_step_as_one_rank_holding_them_all(tmp_path):
+    out = _two_ranks("_sharded_rank", tmp_path)
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=0)  # every rank got the owners' rows
+    torch.testing.assert_close(out[0][0], _one_rank_reference()[0].weight.detach())
+    shares = [out[r][1] for r in range(2)]
+    assert [len(s["moments"][0][0]) for s in shares] == [len(range(0, N, 2)), len(range(1, N, 2))]
+
+
+def test_moments_saved_by_two_ranks_resume_on_one(tmp_path):
+    """A checkpoint of two ranks resumed by one: the two shards re-join into the whole moments, and the
+    next steps equal those of a run that was never split."""
+    out = _two_ranks("_sharded_rank", tmp_path)
+    whole, reference = _one_rank_reference()
+    resumed_table = nn.Embedding(N, D)
+    with torch.no_grad():
+        resumed_table.weight.copy_(out[0][0])
+    resumed = RowSparseAdam([resumed_table], _ds(weight_decay=0.1))
+    resumed.load_state_dicts(out[r][1] for r in range(2))
+    assert resumed.steps == reference.steps == 4
+    for (m, v), (rm, rv) in zip(reference.moments(), resumed.moments(), strict=True):
+        torch.testing.assert_close(rm, m)
+        torch.testing.assert_close(rv, v)
+    index, target = torch.tensor([0, 1, 5, 5, 11]), torch.randn(5, D)
+    for table, opt in ((whole, reference), (resumed_table, resumed)):
+        _loss(table, index, target).backward()
+        opt.step()
+    torch.testing.assert_close(resumed_table.weight, whole.weight)

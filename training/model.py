@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -129,14 +130,17 @@ class SeqRec(nn.Module):
         else:
             if teacher is None:
                 raise ValueError(f"item_space={cfg.item_space!r} needs the teacher matrix")
-            teacher = torch.as_tensor(teacher, dtype=torch.float32)
+            teacher = _shared(teacher)
             if teacher.shape != (n, cfg.teacher_dim):
                 raise ValueError(
                     f"teacher must be ({n}, {cfg.teacher_dim}) with row 0 = padding, got {tuple(teacher.shape)}"
                 )
-            teacher = teacher.clone()
-            teacher[0] = 0.0
-            self.register_buffer("teacher", teacher)  # (n + 1, D)
+            if teacher[0].any():  # else used as given: a worker's copy is the object store's, never written
+                teacher = teacher.clone()
+                teacher[0] = 0.0
+            # data, not weights: out of the state dict, so no checkpoint stores it and no load writes into it
+            # (save_pretrained adds it to the export)
+            self.register_buffer("teacher", teacher, persistent=False)  # (n + 1, D)
             if cfg.item_space == "whitened":
                 mean, matrix = fit_whitening(teacher[1:], cfg.whiten_eps)
                 self.register_buffer("white_mean", mean)  # (D,)
@@ -350,7 +354,8 @@ class SeqRec(nn.Module):
         """Write model.safetensors (weights and buffers: teacher, whitening, raw item ids) + config.json."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {**self.state_dict(), **({"teacher": self.teacher} if self.cfg.is_content else {})}
+        state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         save_file(state, str(path / WEIGHTS_FILE))
         (path / CONFIG_FILE).write_text(json.dumps({"model": self.cfg.to_dict()}, indent=2))
 
@@ -360,9 +365,19 @@ class SeqRec(nn.Module):
         path = Path(path)
         cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text())["model"])
         state = load_file(str(path / WEIGHTS_FILE), device=str(device))
-        model = cls(cfg, teacher=state.get("teacher"), item_ids=state["item_ids"])
+        model = cls(cfg, teacher=state.pop("teacher", None), item_ids=state["item_ids"])
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
+
+
+def _shared(teacher: Tensor | np.ndarray) -> Tensor:
+    """The teacher matrix as float32 without a copy where it already is one (an object-store array is
+    read-only: torch's warning about that is moot, nothing writes into the buffer)."""
+    if isinstance(teacher, np.ndarray) and teacher.dtype == np.float32 and not teacher.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(teacher)
+    return torch.as_tensor(teacher, dtype=torch.float32)
 
 
 def fit_whitening(x: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:

@@ -77,7 +77,7 @@ class JobConfig(SplitConfig):
     popular_k: int = 1000  # length of the popular-items fallback list
     popular_half_life_days: float = 7.0  # recency weighting of popularity
     # validation NDCG@10 on at most this many queries (0: all), a sample fixed by the queries' content: its
-    # full ranking costs queries x items every epoch (46,786 x 1M at 10M events)
+    # full ranking costs queries x items every epoch
     max_valid_queries: int = 10_000
 
     def __post_init__(self) -> None:
