@@ -114,6 +114,8 @@ def stage(
         got["stopped"] = f"failed (exit {proc.returncode}) after {got['wall_s']:.0f} s: see {log}"
     if got.get("stopped") and may_stop:
         print(f"  {name}: {got['stopped']}")
+        # a killed or failed job can leave its local Ray behind, holding memory the next stage needs
+        subprocess.run([str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True)
         return got
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}): see {log}")
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     out = json.loads(args.out.read_text()) if args.out.exists() else {"sizes": {}}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     for n in args.sizes:
-        out["sizes"][str(n)] = one_size(n, args)
+        out["sizes"][str(n)] = {**one_size(n, args), "commit": commit.stdout.strip()}  # sizes may differ
         out["command"] = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
         out["commit"] = commit.stdout.strip()
         out["machine"] = f"{os.cpu_count()} cores"
