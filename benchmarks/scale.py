@@ -335,11 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     global _LIMIT_MB
     _LIMIT_MB = args.memory_limit_gb * 1024
     out = json.loads(args.out.read_text()) if args.out.exists() else {"sizes": {}}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    commit = git.stdout.strip()
     for n in args.sizes:
-        out["sizes"][str(n)] = {**one_size(n, args), "commit": commit.stdout.strip()}  # sizes may differ
+        out["sizes"][str(n)] = {**one_size(n, args), "commit": commit}  # sizes may differ
         out["command"] = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        out["commit"] = commit.stdout.strip()
+        out["commit"] = commit
         out["machine"] = f"{os.cpu_count()} cores"
         args.out.write_text(json.dumps(out, indent=2))  # each size as it finishes
     print(json.dumps(out["sizes"], indent=1)[:2000])

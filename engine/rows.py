@@ -48,9 +48,7 @@ class RowSparseAdam:
 
     @property
     def rank_world(self) -> tuple[int, int]:
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
+        return _rank_world()
 
     def moments(self) -> list[tuple[Tensor, Tensor]]:
         """Per table, the first and second moments of the rows this rank owns: (rows owned, d) each."""
@@ -81,7 +79,7 @@ class RowSparseAdam:
             rows, values = g.indices()[0], g.values()
             owner = rows % world
             mine = owner == rank
-            r, grad = rows[mine], values[mine] * scale if scale < 1.0 else values[mine]
+            r, grad = rows[mine], values[mine] * scale  # scale 1.0: exact
             local = r // world
             weights = p[r]
             if self.weight_decay:
@@ -123,6 +121,13 @@ def _share_rows(p: Tensor, rows: Tensor, owner: Tensor, rank: int, world: int) -
             p[rows[owner == j]] = parts[j][: counts[j]]
 
 
+def _rank_world() -> tuple[int, int]:
+    """(this rank, ranks) of the process group; (0, 1) outside one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _rows_of(p: Tensor) -> Tensor:
     """p's sparse gradient, or one with no rows when backward did not reach p."""
     if p.grad is not None:
@@ -136,7 +141,7 @@ def all_reduce_rows(grad: Tensor) -> Tensor:
     order, the same on every rank). Ranks exchange only their touched rows (all_gather, which gloo and NCCL
     both have)."""
     grad, shape = grad.coalesce(), grad.shape
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    _, world = _rank_world()
     if world == 1:
         return grad
     rows, values = grad.indices()[0], grad.values()

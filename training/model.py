@@ -130,7 +130,9 @@ class SeqRec(nn.Module):
         else:
             if teacher is None:
                 raise ValueError(f"item_space={cfg.item_space!r} needs the teacher matrix")
-            teacher = _shared(teacher)
+            with warnings.catch_warnings():  # an object-store array is read-only: no copy, nothing writes it
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                teacher = torch.as_tensor(teacher, dtype=torch.float32)
             if teacher.shape != (n, cfg.teacher_dim):
                 raise ValueError(
                     f"teacher must be ({n}, {cfg.teacher_dim}) with row 0 = padding, got {tuple(teacher.shape)}"
@@ -368,16 +370,6 @@ class SeqRec(nn.Module):
         model = cls(cfg, teacher=state.pop("teacher", None), item_ids=state["item_ids"])
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
-
-
-def _shared(teacher: Tensor | np.ndarray) -> Tensor:
-    """The teacher matrix as float32 without a copy where it already is one (an object-store array is
-    read-only: torch's warning about that is moot, nothing writes into the buffer)."""
-    if isinstance(teacher, np.ndarray) and teacher.dtype == np.float32 and not teacher.flags.writeable:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(teacher)
-    return torch.as_tensor(teacher, dtype=torch.float32)
 
 
 def fit_whitening(x: Tensor, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
