@@ -156,6 +156,13 @@ def test_age_bucket_edges_and_anchors():
     b = age_bucket(torch.tensor([100.0]), added)
     assert b.tolist() == [UNSEEN, UNSEEN, 1, 3, 5, len(AGE_EDGES_DAYS) + 1, UNSEEN]  # added >= now: unseen
     assert age_bucket(torch.tensor([100.0 + 1.0]), torch.tensor([100.0])).item() == 2  # exactly a day: 2nd
+    # any age > 0 is bucket 1 (the smallest positive double); never added (+inf) is UNSEEN
+    tiny = age_bucket(torch.tensor([5e-324], dtype=torch.float64), torch.tensor([0.0, np.inf]))
+    assert tiny.tolist() == [1, UNSEEN]
+    ages = np.random.default_rng(0).uniform(-10, 1500, (64, 50))  # broadcast (P, 1) x (P, C), as training
+    want = np.where(ages > 0, np.searchsorted(AGE_EDGES_DAYS, ages, side="right") + 1, UNSEEN)
+    got = age_bucket(torch.full((64, 1), 2000.0), torch.tensor(2000.0 - ages))
+    assert np.array_equal(got.numpy(), want)
     catalogue = pd.DataFrame({"item_id": [5, 6, 7], "created_at": [T0, T0 + pd.Timedelta(days=2), T0]})
     events = pd.DataFrame(
         {"item_id": [7, 7], "event_timestamp": [T0 + pd.Timedelta(days=9), T0 + pd.Timedelta(days=5)]}

@@ -28,6 +28,8 @@ from training.data import ItemTable
 AGE_EDGES_DAYS = (1.0, 7.0, 30.0, 90.0, 365.0, 1095.0)
 N_AGE_BUCKETS = len(AGE_EDGES_DAYS) + 2  # 0 = unseen, then one more than the edges
 UNSEEN = 0
+# age <= 0 (and -inf: never added) -> UNSEEN; the smallest positive double up to a day -> 1; and so on.
+_BOUNDARIES = torch.tensor((np.nextafter(0.0, 1.0), *AGE_EDGES_DAYS), dtype=torch.float64)
 EPOCH = pd.Timestamp(0, tz="UTC")
 
 
@@ -82,8 +84,7 @@ def bucket_ranges(request_days: float) -> dict[int, dict[str, float]]:
 
 def age_bucket(request_days: Tensor, added_days: Tensor) -> Tensor:
     """Age buckets by broadcasting: request_days (..., 1) or (...,) against added_days (..., C) -> int64.
-    UNSEEN where the item has no event strictly before the request (added_days >= request, or +inf)."""
+    UNSEEN where the item has no event strictly before the request (added_days >= request, or +inf). Times
+    are finite or +inf anchors (a NaN time is not an age: it lands in the last bucket)."""
     age = request_days.to(torch.float64) - added_days.to(torch.float64)
-    edges = torch.tensor(AGE_EDGES_DAYS, dtype=torch.float64, device=age.device)
-    bucket = torch.bucketize(age, edges, right=True) + 1  # age < 1 day -> 1, ...
-    return torch.where(age > 0, bucket, torch.zeros_like(bucket))
+    return torch.bucketize(age, _BOUNDARIES.to(age.device), right=True)  # one pass over (P, C): no where
