@@ -5,8 +5,12 @@
     vlmrec embed --teacher .vlmrec/sample/runs/teacher/export              # a teacher tuned by `vlmrec tune`
 
 Runs on Ray Data: `map_batches` over an actor pool (each actor loads the teacher once), batch size and pool
-size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). An item's vector fuses its image and text vectors; an item
-without a usable image falls back to text and is counted. The teacher's model id travels with every vector.
+size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). The
+catalogue streams through in windows (`EmbedConfig.window` rows): the driver puts one window's rows into the
+object store and writes one window's vectors, in the catalogue's order, to a file renamed into place at the
+end, so its memory does not grow with the catalogue. An item's vector fuses its image and text vectors; an
+item without a usable image falls back to text and is counted. The teacher's model id travels with every
+vector.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import pyarrow.parquet as pq
 
 from teacher.encoders import TeacherConfig, embed_items, item_text, load_teacher, resolve_teacher
 from vlmrec import schema
-from vlmrec.workspace import Workspace, atomic_write_parquet
+from vlmrec.workspace import Workspace, atomic_parquet_writer
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class EmbedConfig:
     # Batches of texts of similar length: a batch is padded to its longest text, so the catalogue is cut
     # into batches in order of text length (the output keeps the catalogue's order).
     sort_by_length: bool = True
+    # Catalogue rows per window: the driver reads, sorts and writes back one window at a time, so its memory
+    # is one window's texts and vectors whatever the catalogue's size (length sorting happens within one).
+    window: int = 65_536
 
 
 def _load_image(uri):
@@ -66,6 +73,7 @@ class ItemEmbedder:
         used_image = np.array([img is not None for img in images])
         return pd.DataFrame(
             {
+                "row": batch["row"].to_numpy(),
                 "item_id": batch["item_id"].to_numpy(),
                 "vector": list(vectors.astype(np.float32)),
                 "teacher_id": self.teacher.model_id,
@@ -75,57 +83,110 @@ class ItemEmbedder:
         )
 
 
+TEXT_COLUMNS = ["item_id", "title", "text", "image_uri"]
+
+
 def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
-    """Embed every item of ws.items; write ws.embeddings atomically. Returns a summary."""
+    """Embed every item of ws.items; write ws.embeddings atomically, in the catalogue's order. Returns a
+    summary."""
     import ray
 
     from vlmrec.raycluster import init_ray
 
-    items = pq.read_table(ws.items).to_pandas()
-    if items.empty:
+    catalogue = pq.ParquetFile(ws.items)
+    if catalogue.metadata.num_rows == 0:
         raise ValueError(f"{ws.items}: no items to embed")
     init_ray()
     t0 = time.perf_counter()
-    # Blocks cut here in the driver: a Ray Data repartition task would wait forever for a CPU that the
-    # actor pool holds on a small machine.
-    n_blocks = max(1, min(len(items) // config.batch_size, 4 * config.num_actors))
-    columns = items[["item_id", "title", "text", "image_uri"]]
-    if config.sort_by_length:
-        lengths = [len(item_text(t, x)) for t, x in zip(columns["title"], columns["text"], strict=True)]
-        columns = columns.iloc[np.argsort(lengths, kind="stable")]
-    ds = ray.data.from_pandas(
-        [columns.iloc[idx] for idx in np.array_split(np.arange(len(columns)), n_blocks)]
-    )
-    out = ds.map_batches(
-        ItemEmbedder,
-        fn_constructor_kwargs={"teacher": config.teacher},
-        batch_size=config.batch_size,
-        batch_format="pandas",
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-    ).to_pandas()
+    sizes, blocks = [], []
+    for rows in _windows(catalogue, TEXT_COLUMNS, config.window):
+        sizes.append(len(rows))
+        blocks += [ray.put(b) for b in _blocks(rows, config)]
+    context = ray.data.DataContext.get_current()
+    ordered = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # windows come back whole and in turn
+    try:
+        out = ray.data.from_pandas_refs(blocks).map_batches(
+            ItemEmbedder,
+            fn_constructor_kwargs={"teacher": config.teacher},
+            batch_size=config.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        )
+        del blocks
+        stamps = _windows(catalogue, ["item_id", "event_timestamp"], config.window)
+        with atomic_parquet_writer(ws.embeddings, schema.ITEM_EMBEDDINGS) as writer:
+            counts = _write_windows(
+                out.iter_batches(batch_size=None, batch_format="pandas"), sizes, stamps, writer
+            )
+    finally:
+        context.execution_options.preserve_order = ordered
     seconds = time.perf_counter() - t0
-    out = out.set_index("item_id").loc[items["item_id"].to_numpy()].reset_index()
-    teacher_ids = out["teacher_id"].unique()
-    assert len(teacher_ids) == 1, f"one teacher per run, got {teacher_ids}"
-    table = pa.table(
-        {
-            "item_id": pa.array(out["item_id"].to_numpy(), pa.int64()),
-            "event_timestamp": items["event_timestamp"].to_numpy(),
-            "vector": pa.array([v.tolist() for v in out["vector"]], pa.list_(pa.float32())),
-            "teacher_id": pa.array(out["teacher_id"].astype(str), pa.string()),
-        }
-    ).cast(schema.ITEM_EMBEDDINGS)
-    atomic_write_parquet(table, ws.embeddings)
     return {
-        "items": len(out),
-        "teacher_id": str(teacher_ids[0]),
-        "dim": len(out["vector"].iloc[0]),
-        "text_fallback": int(out["text_fallback"].sum()),
-        "image_unreadable": int(out["image_unreadable"].sum()),
+        **counts,
         "seconds": round(seconds, 2),
-        "items_per_s": round(len(out) / seconds, 1),
+        "items_per_s": round(counts["items"] / seconds, 1),
         "config": asdict(config),
     }
+
+
+def _windows(catalogue: pq.ParquetFile, columns: list[str], window: int):
+    """The catalogue's rows `window` at a time (pandas, a `row` column: the catalogue position)."""
+    start = 0
+    for batch in catalogue.iter_batches(batch_size=window, columns=columns):
+        rows = batch.to_pandas()
+        rows["row"] = np.arange(start, start + len(rows))
+        start += len(rows)
+        yield rows
+
+
+def _blocks(rows: pd.DataFrame, config: EmbedConfig) -> list[pd.DataFrame]:
+    """One window cut into Ray Data blocks, its texts sorted by length first. Blocks are cut here in the
+    driver: a Ray Data repartition task would wait forever for a CPU the actor pool holds on a small machine."""
+    if config.sort_by_length:
+        lengths = [len(item_text(t, x)) for t, x in zip(rows["title"], rows["text"], strict=True)]
+        rows = rows.iloc[np.argsort(lengths, kind="stable")]
+    n_blocks = max(1, min(len(rows) // config.batch_size, 4 * config.num_actors))
+    return [rows.iloc[idx] for idx in np.array_split(np.arange(len(rows)), n_blocks)]
+
+
+def _write_windows(batches, sizes: list[int], stamps, writer: pq.ParquetWriter) -> dict:
+    """Gather the embedded batches a window at a time (they arrive in order), put each window back in the
+    catalogue's order, and write it with the catalogue's timestamps."""
+    pending: list[pd.DataFrame] = []
+    held = 0
+    counts = {"items": 0, "text_fallback": 0, "image_unreadable": 0}
+    teacher_ids: set[str] = set()
+    batches = iter(batches)
+    for size, catalogue in zip(sizes, stamps, strict=True):
+        while held < size:
+            batch = next(batches)
+            pending.append(batch)
+            held += len(batch)
+        both = pd.concat(pending, ignore_index=True)
+        done, rest = both.iloc[:size].sort_values("row"), both.iloc[size:]
+        pending, held = [rest], len(rest)
+        if not np.array_equal(done["row"].to_numpy(), catalogue["row"].to_numpy()):
+            raise RuntimeError("embedded rows came back out of their window")  # preserve_order broken
+        vectors = np.stack(done["vector"].to_numpy()).astype(np.float32, copy=False)
+        teacher_ids.update(done["teacher_id"].astype(str).unique())
+        table = pa.table(
+            {
+                "item_id": pa.array(catalogue["item_id"].to_numpy(), pa.int64()),
+                "event_timestamp": catalogue["event_timestamp"].to_numpy(),
+                "vector": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]),
+                "teacher_id": pa.array(done["teacher_id"].astype(str).to_numpy(), pa.string()),
+            }
+        )
+        writer.write_table(table.cast(writer.schema))
+        counts["items"] += size
+        counts["dim"] = int(vectors.shape[1])
+        counts["text_fallback"] += int(done["text_fallback"].sum())
+        counts["image_unreadable"] += int(done["image_unreadable"].sum())
+    if held or next(batches, None) is not None:
+        raise RuntimeError("more embedded rows than catalogue rows")
+    assert len(teacher_ids) == 1, f"one teacher per run, got {teacher_ids}"
+    return {**counts, "teacher_id": teacher_ids.pop()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,8 +199,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-revision", default=None, help="pinned revision for remote code")
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka truncation (jina-clip-v2)")
     parser.add_argument("--image-weight", type=float, default=d.image_weight)
-    parser.add_argument("--batch-size", type=int, default=EmbedConfig.batch_size)
-    parser.add_argument("--num-actors", type=int, default=EmbedConfig.num_actors)
+    parser.add_argument("--batch-size", type=_positive, default=EmbedConfig.batch_size)
+    parser.add_argument("--num-actors", type=_positive, default=EmbedConfig.num_actors)
+    parser.add_argument(
+        "--window",
+        type=_positive,
+        default=EmbedConfig.window,
+        help="catalogue rows the driver reads, length-sorts and writes at a time (its memory: one window)",
+    )
     parser.add_argument(
         "--no-sort-by-length",
         dest="sort_by_length",
@@ -163,7 +230,15 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         num_actors=args.num_actors,
         batch_size=args.batch_size,
         sort_by_length=getattr(args, "sort_by_length", True),
+        window=getattr(args, "window", EmbedConfig.window),
     )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def run(args: argparse.Namespace) -> dict:

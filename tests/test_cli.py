@@ -39,3 +39,10 @@ def test_a_bad_log_level_is_a_cli_error(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--log-level", "LOUD", "refresh", "--help"])
     assert done.value.code == 2 and "--log-level" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--window", "--batch-size", "--num-actors"])
+def test_embed_sizes_must_be_positive(flag, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["embed", "--workdir", "nowhere", flag, "0"])
+    assert done.value.code == 2 and flag in capsys.readouterr().err

@@ -309,6 +309,17 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
     shutil.copy(sample_workspace.items, ws.items)
     embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1, sort_by_length=False))
     plain = pq.read_table(ws.embeddings).to_pandas()
-    catalogue = pq.read_table(ws.items, columns=["item_id"]).column(0).to_pylist()
-    assert sorted_table["item_id"].tolist() == plain["item_id"].tolist() == catalogue
+    catalogue = pq.read_table(ws.items, columns=["item_id", "event_timestamp"]).to_pandas()
+    assert sorted_table["item_id"].tolist() == plain["item_id"].tolist() == catalogue["item_id"].tolist()
     np.testing.assert_allclose(np.stack(sorted_table["vector"]), np.stack(plain["vector"]), atol=1e-5)
+    # windows of 37 rows (the last one shorter), each sorted on its own: the same file, timestamps included
+    summary = embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1, window=37))
+    windowed = pq.read_table(ws.embeddings).to_pandas()
+    assert len(catalogue) % 37 and summary["items"] == len(catalogue) and summary["dim"] == 384
+    assert windowed["item_id"].tolist() == catalogue["item_id"].tolist()
+    assert (windowed["event_timestamp"] == catalogue["event_timestamp"]).all()
+    np.testing.assert_allclose(np.stack(windowed["vector"]), np.stack(plain["vector"]), atol=1e-5)
+    assert (
+        pq.read_schema(ws.embeddings).field("vector").type
+        == pq.read_schema(sample_workspace.embeddings).field("vector").type
+    )

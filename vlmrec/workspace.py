@@ -94,6 +94,18 @@ class Workspace:
 
 def atomic_write_parquet(table, path: Path) -> None:
     """Write a pyarrow Table next to `path`, then rename it into place: never a half-written file."""
+    with atomic_parquet_writer(path, table.schema) as writer:
+        writer.write_table(table)
+
+
+@contextmanager
+def atomic_parquet_writer(path: Path, schema) -> Iterator:
+    """A pyarrow ParquetWriter on a file next to `path`, renamed into place when the block ends; removed if
+    it fails. For tables written a part at a time (`vlmrec embed`'s windows):
+
+        with atomic_parquet_writer(ws.embeddings, schema.ITEM_EMBEDDINGS) as writer:
+            writer.write_table(part)
+    """
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -101,7 +113,8 @@ def atomic_write_parquet(table, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        pq.write_table(table, tmp)
+        with pq.ParquetWriter(tmp, schema) as writer:
+            yield writer
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
