@@ -232,25 +232,64 @@ def test_model_scores_add_the_age_score_of_the_shared_function():
         model.scores(seq)
 
 
-def test_item_vectors_and_validation_in_slices_equal_one_pass(monkeypatch):
-    """A million items: item_vectors() goes ITEM_SLICE rows at a time and validation scores SCORE_CELLS
-    (query, item) pairs at a time; both give what one pass gives."""
-    from training import model as model_module
-    from training import validation
+_RANK_SHARE = """
+import sys, numpy as np, torch
+from tests.test_cold import _validation_world
+from training.validation import validation_ndcg
+rank, store = int(sys.argv[1]), sys.argv[2]
+torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+print(repr(validation_ndcg(*_validation_world(), rank=rank, world=2)))
+"""
 
+
+def _validation_world():
+    """A hybrid student with item age and 9 validation queries: (model, inputs, targets, days, first), the
+    same in every process."""
+    torch.manual_seed(1)
     model = SeqRec(_cfg(item_age=True, use_id_embedding=True), _teacher()).eval()
     with torch.no_grad():
         for p in (model.id_out.weight, model.age_bias):
             p.normal_(generator=torch.Generator().manual_seed(2))
     rng = np.random.default_rng(0)
     inputs, targets = rng.integers(0, N + 1, (9, 6)), rng.integers(1, N + 1, 9)
-    days, first = rng.uniform(50, 100, 9), np.r_[np.inf, rng.uniform(0, 100, N)]
+    return model, inputs, targets, rng.uniform(50, 100, 9), np.r_[np.inf, rng.uniform(0, 100, N)]
+
+
+def test_item_vectors_and_validation_in_slices_equal_one_pass(monkeypatch):
+    """A million items: item_vectors() goes ITEM_SLICE rows at a time and validation scores SCORE_CELLS
+    (query, item) pairs at a time; both give what one pass gives."""
+    from training import model as model_module
+    from training import validation
+
+    model, inputs, targets, days, first = _validation_world()
     whole_vectors = model.item_vectors()
     whole_ranks = validation.validation_ranks(model, inputs, targets, days, first)
     monkeypatch.setattr(model_module, "ITEM_SLICE", 3)
     monkeypatch.setattr(validation, "SCORE_CELLS", 2 * (N + 1))  # two queries a batch
     torch.testing.assert_close(model.item_vectors(), whole_vectors, rtol=0, atol=0)
     assert validation.validation_ranks(model, inputs, targets, days, first).tolist() == whole_ranks.tolist()
+
+
+def test_validation_shared_by_two_ranks_is_the_one_process_figure(tmp_path):
+    """Two processes in a gloo group each rank half the queries (every second one) and add their sums: both
+    get the figure one process gets ranking all of them."""
+    import subprocess
+    import sys
+
+    from training.validation import validation_ndcg
+
+    want = validation_ndcg(*_validation_world())
+    assert 0 < want < 1
+    store = str(tmp_path / "group")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_SHARE, str(r), store], stdout=subprocess.PIPE, text=True
+        )
+        for r in (0, 1)
+    ]
+    got = [float(p.communicate(timeout=120)[0].split()[-1]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert got == pytest.approx([want, want], rel=1e-12)
 
 
 def test_sampled_softmax_adds_biases_before_the_temperature():

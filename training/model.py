@@ -225,10 +225,15 @@ class SeqRec(nn.Module):
         A teacher matrix (m, D): `item_vectors_for` it (no id part)."""
         if teacher is not None:
             return self.item_vectors_for(teacher)
-        index = torch.arange(self.cfg.n_items + 1, device=self.item_ids.device)
-        # in slices: a million items' intermediate vectors (the teacher rows, the adapter's) never coexist
-        v = torch.cat([self.item_vectors_at(part) for part in index.split(ITEM_SLICE)])
-        return torch.cat([torch.zeros_like(v[:1]), v[1:]])
+        # slice by slice into one matrix: a million items' intermediate vectors (the teacher rows, the
+        # adapter's) never coexist, and the matrix itself exists once
+        n, out = self.cfg.n_items + 1, None
+        for a in range(0, n, ITEM_SLICE):
+            v = self.item_vectors_at(torch.arange(a, min(a + ITEM_SLICE, n), device=self.item_ids.device))
+            out = v.new_empty((n, v.shape[-1])) if out is None else out
+            out[a : a + len(v)] = v
+        out[0] = 0.0
+        return out
 
     # ---- encoder -------------------------------------------------------------------------------------
 

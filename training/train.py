@@ -272,7 +272,9 @@ def train_loop_per_worker(config: dict) -> None:
             arrays["valid_targets"],
             arrays["valid_days"],
             arrays["added_days"],
-        )
+            rank,
+            world,
+        )  # each worker ranks its share of the queries
         state["epoch"] += 1
         improved = ndcg > state["best"]
         state["best"], state["bad_epochs"] = (

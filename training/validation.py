@@ -2,6 +2,7 @@
 stopping), and the fusion chosen on them after training (--tune-fusion).
 
     ndcg = validation_ndcg(model, inputs, targets, days, added_days)         # the epoch's figure
+    ndcg = validation_ndcg(..., rank=rank, world=world)                      # the same, shared by a group
     model, scores = choose_fusion(model, inputs, targets, days, added_days)  # sets fusion_weight / _last
 """
 
@@ -15,7 +16,7 @@ import torch
 from training.metrics import ndcg_at, rank_of_target
 from training.model import SeqRec
 
-SCORE_CELLS = 2**25  # validation scores at most this many (query, item) pairs at a time (128 MB of floats)
+SCORE_CELLS = 2**23  # validation scores at most this many (query, item) pairs at a time (32 MB of floats)
 
 
 def validation_ranks(
@@ -53,10 +54,21 @@ def validation_ndcg(
     targets: np.ndarray,
     days: np.ndarray | None = None,
     added_days: np.ndarray | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> float:
-    """Full-ranking NDCG@10 of the validation targets (validation_ranks), the mean over queries."""
-    ranks = validation_ranks(model, inputs, targets, days, added_days)
-    return float(ndcg_at(ranks, 10).mean()) if len(ranks) else float("nan")
+    """Full-ranking NDCG@10 of the validation targets (validation_ranks), the mean over queries.
+    world > 1 (a torch.distributed group of that size): this rank ranks every world-th query from `rank` and
+    the group adds up its sums, so every rank gets the same figure for 1/world of the work."""
+    share = slice(rank, None, world)
+    ranks = validation_ranks(
+        model, inputs[share], targets[share], None if days is None else days[share], added_days
+    )
+    device = next(model.parameters()).device
+    total = torch.tensor([ndcg_at(ranks, 10).sum(), len(ranks)], dtype=torch.float64, device=device)
+    if world > 1:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1]) if total[1] else float("nan")
 
 
 # (fusion_weight, fusion_last) pairs tried on validation (--tune-fusion); weight 0 = no fusion
