@@ -982,20 +982,23 @@ def test_index_down_is_a_json_503(world, local, monkeypatch):
 
 
 def test_slow_index_costs_only_the_producers_that_search_it(local):
-    """Every index search 2 s slower for 3 s while a client loop calls: student 503s within its search
-    timeout (1 s here), popular and clicks (no search) and /healthz as before, all normal again at once
-    (benchmarks/faults.py runs the same with the shipped timeouts for the fault table)."""
+    """Every index search 3 s slower for 3 s while a client loop calls: student 503s within its search
+    timeout (1 s here), popular and clicks (no search) and /healthz never wait for a search, all normal
+    again once the searches begun during the fault end (benchmarks/faults.py runs the same with the
+    shipped timeouts for the fault table). The bounds are the fault's own delay, not a latency: a call
+    that waited for a search takes at least that long, whatever the machine's load."""
     from benchmarks.faults import ClientLoop, local_sender, run_fault, slow_index
 
+    delay_ms = 3000.0
     with ClientLoop(local_sender(local)) as loop:
-        table = run_fault(loop, slow_index(2.0), 3.0, 1.0, 4.0)
+        table = run_fault(loop, slow_index(delay_ms / 1e3), 3.0, 1.0, 5.0)
     for name in ("healthz", "popular", "events"):
-        assert table[name]["errors"] == 0 and table[name]["p99_ms"] < 1000, (name, table[name])
+        assert table[name]["errors"] == 0 and table[name]["max_ms"] < delay_ms, (name, table[name])
     assert table["popular"]["fallbacks"] == 0
     student = table["student"]
     assert set(student["statuses"]) <= {"200", "503"} and "503" in student["statuses"], student
-    assert student["max_ms"] < 2500, student  # search_timeout_s 1 s, never the 2 s search
-    assert student["recover_s"] is not None and student["recover_s"] < 3.0, student
+    assert student["max_ms"] < delay_ms, student  # search_timeout_s 1 s, never the slow search
+    assert student["recover_s"] is not None and student["recover_s"] < delay_ms / 1e3 + 1.0, student
 
 
 def test_internal_error_is_a_json_500_without_internals(local, monkeypatch):
