@@ -9,8 +9,10 @@ fresh copy of the workspace, same run.
 
 Per workspace and store, in <workspace>-<store>/ (its data/ a link to the workspace's, so only the Feast repo,
 registry and online store are new): `vlmrec features --workdir ... --offline-store <store>`, sampled by
-scale.py's sampler (the process is the driver, its `ray::` processes the workers); then each online store's
-tables, their rows and a digest of their contents, compared between the stores (`same_online_store`).
+scale.py's sampler (the process is the driver, its `ray::` processes the workers; `tree_peak_pss_mb`: what the
+whole process tree held, shared pages such as Ray's object store counted once, which is what
+--memory-limit-gb is checked against); then each online store's tables, their rows and a digest of their
+contents, compared between the stores (`same_online_store`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def one_workspace(ws: Path, log: Path) -> dict:
             "wall_s": None if run.get("stopped") else run["wall_s"],
             "driver_peak_rss_mb": run["driver_mb"],
             "worker_peak_rss_mb": run["workers_mb"],
+            "tree_peak_pss_mb": run["tree_mb"],
             **({"stopped": run["stopped"]} if run.get("stopped") else {"online_tables": online_tables(work)}),
         }
         shutil.rmtree(work)

@@ -50,26 +50,30 @@ _LIMIT_MB: float | None = None  # --memory-limit-gb: a stage whose processes hol
 def sample_tree(
     proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | None = None, max_s: float | None = None
 ) -> dict:
-    """Wait for `proc`, polling its own RSS and its Ray workers' -> {wall_s, driver_mb, workers_mb}. When its
-    process tree holds more than limit_mb in all (the machine would swap, or the kernel kill something else)
-    or it runs past max_s, it is killed and `stopped` says so."""
+    """Wait for `proc`, polling its own RSS, its Ray workers' and what its whole process tree holds -> {wall_s,
+    driver_mb, workers_mb, tree_mb}. What the tree holds is the sum of its processes' proportional set sizes
+    (PSS: a page shared by n processes counts 1/n in each, so Ray's object store, mapped by every worker, counts
+    once; a sum of RSS counts it in every process that touched it). When the tree holds more than limit_mb (the
+    machine would swap, or the kernel kill something else) or it runs past max_s, it is killed and `stopped`
+    says so."""
     import psutil
 
-    me, driver, workers, stopped = psutil.Process(proc.pid), 0, 0, None
+    me, driver, workers, tree, stopped = psutil.Process(proc.pid), 0, 0, 0, None
     t0 = time.perf_counter()
     while proc.poll() is None:
         try:
             rss = me.memory_info().rss
-            driver, total = max(driver, rss), rss
+            driver, total = max(driver, rss), _pss(me, rss)
             for child in me.children(recursive=True):
                 try:
                     child_rss = child.memory_info().rss
-                    total += child_rss
+                    total += _pss(child, child_rss)
                     if " ".join(child.cmdline()[:1]).startswith("ray::"):
                         workers = max(workers, child_rss)
                 except psutil.Error:
                     continue
-            held = f"its processes held {total / 2**20:,.0f} MB"
+            tree = max(tree, total)
+            held = f"its processes held {total / 2**20:,.0f} MB (PSS)"
             if limit_mb is not None and total > limit_mb * 2**20:
                 stopped = f"killed after {time.perf_counter() - t0:.0f} s: {held}"
             elif max_s is not None and time.perf_counter() - t0 > max_s:
@@ -86,8 +90,19 @@ def sample_tree(
         "wall_s": round(time.perf_counter() - t0, 2),
         "driver_mb": round(driver / 2**20, 1),
         "workers_mb": round(workers / 2**20, 1),
+        "tree_mb": round(tree / 2**20, 1),
     }
     return {**got, "stopped": stopped} if stopped else got
+
+
+def _pss(process, rss: int) -> int:
+    """A process's proportional set size (its RSS where the kernel does not say)."""
+    import psutil
+
+    try:
+        return process.memory_full_info().pss
+    except (psutil.AccessDenied, AttributeError):
+        return rss
 
 
 def stage(
