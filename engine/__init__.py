@@ -35,6 +35,10 @@ if TYPE_CHECKING:  # annotations only: importing the engine (peak_rss_mb in a da
 ZERO_CONFIG = Path(__file__).with_name("zero.json")
 CHECKPOINT_TAG = "ds"
 ROWS_FILE = "rows-{rank}-of-{world}.pt"  # each rank's share of engine.rows.RowSparseAdam's moments
+# How often Ray Train's controller polls the workers (its default: 2 s). A worker's report waits in a queue of
+# one until a poll takes it, so with the default an epoch shorter than 2 s waited for the next poll; a poll
+# is one small actor call per worker. RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the driver's environment wins.
+POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ def fit(
     from vlmrec.raycluster import init_ray
 
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if engine.use_gpu else "cpu")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(POLL_S))  # Ray Train passes it on
     init_ray()
     trainer = TorchTrainer(
         train_loop,
