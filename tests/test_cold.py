@@ -238,7 +238,8 @@ from tests.test_cold import _validation_world
 from training.validation import validation_ndcg
 rank, store = int(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
-print(repr(validation_ndcg(*_validation_world(), rank=rank, world=2)))
+print(repr(validation_ndcg(*_validation_world(), rank=rank, world=2)), flush=True)
+torch.distributed.destroy_process_group()  # left to exit, gloo's threads can abort the process (SIGABRT)
 """
 
 
