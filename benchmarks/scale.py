@@ -62,12 +62,12 @@ def sample_tree(
     t0 = time.perf_counter()
     while proc.poll() is None:
         try:
-            rss = me.memory_info().rss
-            driver, total = max(driver, rss), _pss(me, rss)
+            rss, total = _rss_pss(me)
+            driver = max(driver, rss)
             for child in me.children(recursive=True):
                 try:
-                    child_rss = child.memory_info().rss
-                    total += _pss(child, child_rss)
+                    child_rss, child_pss = _rss_pss(child)
+                    total += child_pss
                     if " ".join(child.cmdline()[:1]).startswith("ray::"):
                         workers = max(workers, child_rss)
                 except psutil.Error:
@@ -95,14 +95,16 @@ def sample_tree(
     return {**got, "stopped": stopped} if stopped else got
 
 
-def _pss(process, rss: int) -> int:
-    """A process's proportional set size (its RSS where the kernel does not say)."""
+def _rss_pss(process) -> tuple[int, int]:
+    """A process's resident and proportional set sizes in one read (PSS = RSS where the kernel does not say)."""
     import psutil
 
     try:
-        return process.memory_full_info().pss
+        memory = process.memory_full_info()
+        return memory.rss, memory.pss
     except (psutil.AccessDenied, AttributeError):
-        return rss
+        rss = process.memory_info().rss
+        return rss, rss
 
 
 def stage(
