@@ -12,6 +12,7 @@ k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come 
 batches its coalescer formed from each answer's `batch_size`. Access logs are off for both endpoints.
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
 item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
+Coalescer wait: the Producer at c8 and c32 under each max_wait_ms of `--waits`, against the no-op.
 Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
 each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost,
 and each point says where a request's CPU went (`cpu_ms_per_request`: replicas, proxy, load generator,
@@ -251,6 +252,47 @@ def exposure_log_cost(config, args, users: np.ndarray) -> dict:
     return out
 
 
+def coalescer_wait(config, args, users: np.ndarray) -> dict:
+    """The coalescer's max_wait_ms (serving/pipeline.py): the Producer reconfigured to each wait in
+    `--waits`, in turn, twice, each point followed by the no-op at the same concurrency (8 and 32): requests/s
+    of each (mean of the two), latency over both runs' requests, the batches formed, the ratio to the no-op."""
+    from dataclasses import replace
+
+    from serving.cli import start
+
+    out: dict[str, dict] = {}
+    for c in (8, 32):
+        runs: dict[str, dict[str, list]] = {}
+        for _ in range(2):
+            for wait in args.waits:
+                base = start(replace(config, max_wait_ms=wait), port=args.port, access_log=False)
+                asyncio.run(load(f"{base}/v1/candidates", users, 50, 4, args.k, seed=99))
+                got = runs.setdefault(str(wait), {"lat": [], "rps": [], "noop_rps": [], "batches": []})
+                for name in ("producer", "noop"):
+                    url = f"{base}/v1/candidates" if name == "producer" else f"{base}/noop/v1/candidates"
+                    r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c, keep_latencies=True))
+                    if name == "producer":
+                        got["lat"] += r["latencies_ms"]
+                        got["rps"].append(r["requests_per_s"])
+                        got["batches"].append(r["batch_sizes"]["mean_per_request"])
+                    else:
+                        got["noop_rps"].append(r["requests_per_s"])
+                print(f"max_wait_ms {wait:>5}, c{c}: {got['rps'][-1]:.0f} req/s against the no-op's "
+                      f"{got['noop_rps'][-1]:.0f}, mean batch {got['batches'][-1]:.1f}", flush=True)  # fmt: skip
+        out[f"c{c}"] = {
+            wait: {
+                "latency_ms": percentiles(got["lat"]),
+                "requests_per_s": float(np.mean(got["rps"])),
+                "noop_requests_per_s": float(np.mean(got["noop_rps"])),
+                "ratio_rps": float(np.mean(got["rps"]) / np.mean(got["noop_rps"])),
+                "mean_batch": float(np.mean(got["batches"])),
+            }
+            for wait, got in runs.items()
+        }
+    start(config, port=args.port, access_log=False)  # back to the config under test
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".vlmrec/ml")
@@ -261,6 +303,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--freshness-trials", type=int, default=30)
     p.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="scale-out: c32 per replica count")
+    p.add_argument("--waits", type=float, nargs="*", default=[5.0, 25.0, 100.0], help="coalescer max_wait_ms")
     p.add_argument("--out", default="benchmarks/results/producer.json")
     args = p.parse_args()
 
@@ -325,6 +368,7 @@ def main() -> None:
         print(
             f"freshness: event -> candidates p50 {fresh['event_to_candidates_ms']['p50']:.1f} ms", flush=True
         )
+        waits = coalescer_wait(config, args, users) if args.waits else {}
         exposure_log = exposure_log_cost(config, args, users)
         scale_out: dict[str, dict] = {}
         scale_noop: dict[str, dict] = {}
@@ -375,6 +419,7 @@ def main() -> None:
         "scale_out_c32": scale_out,
         "scale_out_c32_noop": scale_noop,
         "exposure_log": exposure_log,
+        "coalescer_wait": waits,
         "load_average": loadavg,
         "access_log": False,
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),

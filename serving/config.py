@@ -60,8 +60,12 @@ class ProducerConfig:
     default_k: int = 100  # candidates when a request gives no k
     # Coalescing (serving/pipeline.py): concurrent single /v1/candidates requests answered together, one
     # feature read, forward and search; a request waits only while an earlier batch runs, at most max_wait_ms.
+    # The bound is for a batch held up by a slow dependency, not the usual wait: under load the requests that
+    # wait for the running batch leave together when it ends (batches grow with the load); a few ms split
+    # them into small batches that ran at once and queued for the same model thread and cores instead
+    # (docs/BENCHMARKS.md, coalescer wait).
     max_batch: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 100.0
     # The exposure log (serving/exposures.py): one record per answer. None = <workdir>/exposures; an
     # object-store URI (s3://bucket/exposures) in Kubernetes; "" = off.
     exposure_path: str | None = None

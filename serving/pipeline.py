@@ -8,7 +8,8 @@ forward, search, fallbacks) for its rows, all producers at once, then one respon
 
 Concurrent single requests are coalesced (`Coalescer`) into one answer() call: one feature read, one forward
 and one batched search per producer. A request waits only while an earlier batch is running, and at most
-`max_wait_ms`; a batch leaves at once when it holds `max_batch` requests.
+`max_wait_ms` (a bound for a batch held up by a slow dependency); a batch leaves at once when it holds
+`max_batch` requests. Under load, batches grow with it: what arrives while one batch runs goes next, together.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Coalescer(Generic[T, R]):
 class Pipeline:
     """The candidates path over the current loaded State (leased for each call's whole length)."""
 
-    def __init__(self, current: Current[State], deps: Deps, max_batch: int = 32, max_wait_ms: float = 5.0):
+    def __init__(self, current: Current[State], deps: Deps, max_batch: int = 32, max_wait_ms: float = 100.0):
         self.current, self.deps = current, deps
         self.coalescer: Coalescer[CandidatesRequest, dict | Exception] = Coalescer(
             self._rows, max_batch, max_wait_ms / 1e3, deps.metrics.batch
