@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from vlmrec import ingest as ing
+from vlmrec.fold import fold_logged
 from vlmrec.ingest import IngestConfig, IngestError, ingest, load_movielens, load_sasrec_text
 from vlmrec.schema import CLICK_SEQUENCES, EVENTS, ITEMS
 from vlmrec.sequences import click_sequences, sequence_layout
@@ -470,7 +471,7 @@ def test_logged_events_fold_into_events_and_sequences_once(tmp_path):
     log.close()
     hour = next(ws.events_log.glob("hour=*"))
     (hour / ".part-crashed-000001.parquet.tmp").write_bytes(b"PAR1 half")
-    out = ing.fold_logged(ws)
+    out = fold_logged(ws)
     assert out["events_added"] == 2 and out["unknown_items_left_out"] == 1 and out["log_files"] == 2
     events = _read(ws.events)
     assert len(events) == len(before) + 2 and events.event_timestamp.is_monotonic_increasing
@@ -481,7 +482,7 @@ def test_logged_events_fold_into_events_and_sequences_once(tmp_path):
     seq = _read(ws.sequences)
     assert list(seq[seq.user_id == 2].item_ids.iloc[-1]) == [13, 12, 11]  # the online sequence's source
     assert len(seq) == 2 and sequence_layout(ws.sequences) == ("latest", 3)  # the layout and N are kept
-    again = ing.fold_logged(ws)
+    again = fold_logged(ws)
     assert again["events_added"] == 0 and again["log_files"] == 0 and len(_read(ws.events)) == len(events)
     # the CLI: `vlmrec ingest --logged`
     later = event_log(str(ws.events_log), flush_s=0.01)

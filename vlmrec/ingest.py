@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 
 from vlmrec.sample import SampleConfig, generate_sample
 from vlmrec.schema import EVENTS, ITEMS, ts_array
-from vlmrec.sequences import LAYOUTS, click_sequences, sequence_layout
+from vlmrec.sequences import LAYOUTS, click_sequences
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, atomic_write_parquet
 
 EVENT_COLUMNS = ("user_id", "item_id", "event_timestamp")
@@ -341,7 +341,7 @@ def _ids(s: pd.Series, source: str, label: str) -> tuple[np.ndarray, np.ndarray]
     )
 
 
-def _timestamps(s: pd.Series, source: str, label: str) -> tuple[np.ndarray, np.ndarray]:
+def parse_timestamps(s: pd.Series, source: str, label: str) -> tuple[np.ndarray, np.ndarray]:
     """(UTC microseconds since epoch as int64, null mask); IngestError naming how many rows do not parse."""
     null = s.isna().to_numpy()
     vals = s[~null]
@@ -410,7 +410,7 @@ def ingest(
     # events: types, then rows skipped for a reason
     uid, uid_null = _ids(ev_df["user_id"], ev_src, _label(ev_df, "user_id"))
     iid, iid_null = _ids(ev_df["item_id"], ev_src, _label(ev_df, "item_id"))
-    ts, ts_null = _timestamps(ev_df["event_timestamp"], ev_src, _label(ev_df, "event_timestamp"))
+    ts, ts_null = parse_timestamps(ev_df["event_timestamp"], ev_src, _label(ev_df, "event_timestamp"))
     etype, filled["event_type"] = _strings(ev_df, "event_type")
     etype = etype.fillna(DEFAULT_EVENT_TYPE).to_numpy(dtype=object)
 
@@ -430,7 +430,7 @@ def ingest(
             f"{skipped['events_null_id']:,} with null ids, {skipped['events_null_timestamp']:,} with null "
             f"timestamps, {skipped['events_unknown_item']:,} on items not in {cat_src}"
         )
-    ordered, ties_moved = _order_events(uid[keep], iid[keep], ts[keep], etype[keep])
+    ordered, ties_moved = order_events(uid[keep], iid[keep], ts[keep], etype[keep])
 
     # items: created_at default = first event time, else the dataset start; then images
     first = ordered.groupby("item_id")["ts"].min()
@@ -445,7 +445,7 @@ def ingest(
     image_counts = _check_images(items, cat_df, config.check_images)
 
     # build every table, then write (nothing is written unless all of the above passed)
-    events_table = _events_table(ordered)
+    ev_table = events_table(ordered)
     items = items.sort_values("item_id", kind="stable")
     created_us = items["created_at"].to_numpy()
     items_table = pa.Table.from_arrays(
@@ -464,7 +464,7 @@ def ingest(
         ordered.rename(columns={"ts": "event_timestamp"}), config.max_len, config.sequences
     )
     ws.ensure()
-    atomic_write_parquet(events_table, ws.events)
+    atomic_write_parquet(ev_table, ws.events)
     atomic_write_parquet(items_table, ws.items)
     atomic_write_parquet(seq_table, ws.sequences)
 
@@ -494,59 +494,6 @@ def ingest(
     )
 
 
-FOLDED = b"vlmrec.folded"  # events.parquet metadata: the event-log files already in it (json list)
-
-
-def fold_logged(ws: Workspace) -> dict:
-    """`vlmrec ingest --logged`: the events the Producer accepted (data/events_log/, serving/events.py) into
-    data/events.parquet and the click sequences (their layout and max_len kept), each log file once (the
-    files folded are recorded in the events file itself, so a fold is written whole or not at all, and a
-    second one adds nothing). Events on items the catalogue does not hold yet are left out and counted
-    (ingest the catalogue first). Run `vlmrec features` after it: Feast's offline and online stores then
-    see them."""
-    import json
-
-    import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
-
-    from vlmrec.schema import EVENTS_LOG
-
-    events = pq.read_table(ws.events)
-    folded = set(json.loads((events.schema.metadata or {}).get(FOLDED, b"[]")))
-    files = []
-    if ws.events_log.exists():  # hidden ('.') files are partial writes: skipped
-        files = list(ds.dataset(ws.events_log, format="parquet").files)
-    rel = {f: str(Path(f).relative_to(ws.events_log)) for f in files}
-    files = [f for f in files if rel[f] not in folded]
-    logged = (
-        ds.dataset(files, format="parquet", schema=EVENTS_LOG).to_table()
-        if files
-        else EVENTS_LOG.empty_table()
-    )
-    catalogue = pq.read_table(ws.items, columns=["item_id"])["item_id"]
-    known = logged.filter(pc.is_in(logged["item_id"], catalogue)).select(EVENTS.names).cast(EVENTS)
-    both = pa.concat_tables([events.select(EVENTS.names).cast(EVENTS), known]).to_pandas()
-    ts = _timestamps(both["event_timestamp"], "events", "'event_timestamp'")[0]
-    ordered, moved = _order_events(
-        both["user_id"].to_numpy(np.int64), both["item_id"].to_numpy(np.int64), ts,
-        both["event_type"].to_numpy(dtype=object),
-    )  # fmt: skip
-    table = _events_table(ordered).replace_schema_metadata(
-        {FOLDED: json.dumps(sorted(folded | set(rel[f] for f in files)))}
-    )
-    layout, max_len = sequence_layout(ws.sequences)
-    sequences = click_sequences(ordered.rename(columns={"ts": "event_timestamp"}), max_len, layout)
-    atomic_write_parquet(table, ws.events)
-    atomic_write_parquet(sequences, ws.sequences)
-    return {
-        "log_files": len(files),
-        "events_added": known.num_rows,
-        "unknown_items_left_out": logged.num_rows - known.num_rows,
-        "timestamp_ties_moved": moved,
-        "events": table.num_rows,
-    }
-
-
 def _prepare_items(
     df: pd.DataFrame, source: str, filled: dict[str, int]
 ) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -558,7 +505,7 @@ def _prepare_items(
     category, filled["category"] = _strings(df, "category")
     image_uri, _ = _strings(df, "image_uri")  # a null image is counted as "missing" by _check_images
     if "created_at" in df.columns:
-        created, created_null = _timestamps(df["created_at"], source, _label(df, "created_at"))
+        created, created_null = parse_timestamps(df["created_at"], source, _label(df, "created_at"))
         created = pd.array(created, dtype="Int64")
         created[created_null] = pd.NA
         filled["created_at"] = int(created_null.sum())
@@ -594,7 +541,7 @@ def _prepare_items(
     return items, {"items_null_id": int(null.sum()), "duplicates_collapsed": before - len(items)}
 
 
-def _order_events(
+def order_events(
     uid: np.ndarray, iid: np.ndarray, ts: np.ndarray, etype: np.ndarray
 ) -> tuple[pd.DataFrame, int]:
     """Events sorted stably by time with each user's times made unique (+1 us per tie), and how many moved."""
@@ -613,8 +560,8 @@ def _order_events(
     return ordered.reset_index(drop=True), moved
 
 
-def _events_table(ordered: pd.DataFrame) -> pa.Table:
-    """_order_events' frame (user_id, item_id, ts in UTC microseconds, event_type) as EVENTS."""
+def events_table(ordered: pd.DataFrame) -> pa.Table:
+    """order_events' frame (user_id, item_id, ts in UTC microseconds, event_type) as EVENTS."""
     return pa.Table.from_arrays(
         [
             pa.array(ordered["user_id"].to_numpy(), pa.int64()),
@@ -714,6 +661,8 @@ def run(args: argparse.Namespace) -> IngestSummary | dict:
     if getattr(args, "logged", False):
         if not ws.events.exists():
             raise IngestError(f"no events at {ws.events}: ingest a dataset first")
+        from vlmrec.fold import fold_logged  # it builds on this module's event parsing and ordering
+
         folded = fold_logged(ws)
         print(f"ingest --logged -> {ws.events}: {folded}; run `vlmrec features --workdir {ws.root}` next")
         return folded

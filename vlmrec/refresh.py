@@ -72,7 +72,7 @@ def refresh(cfg: RefreshConfig) -> dict:
     """Run the loop once; returns the decision (also written to <workdir>/refresh/<new run>.json)."""
     from serving.config import ProducerConfig
     from serving.rollout import rollout_target, wait_serving
-    from vlmrec.ingest import fold_logged
+    from vlmrec.fold import fold_logged
 
     ws = Workspace(Path(cfg.workdir))
     target = None if cfg.swap == "none" else rollout_target(cfg.swap, ws.root, cfg.namespace)
