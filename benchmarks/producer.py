@@ -12,6 +12,7 @@ k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come 
 batches its coalescer formed from each answer's `batch_size`. Access logs are off for both endpoints.
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
 item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
+The c1 point is then repeated three times, Producer and no-op in turn, for its spread (`c1_alternation`).
 Coalescer wait: the Producer at c8 and c32 under each max_wait_ms of `--waits`, against the no-op.
 Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
 each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost,
@@ -252,6 +253,29 @@ def exposure_log_cost(config, args, users: np.ndarray) -> dict:
     return out
 
 
+def alternation(targets: dict[str, str], users: np.ndarray, args, pairs: int = 3) -> dict:
+    """The c1 point again, Producer then no-op, `pairs` times in turn: each pair's p99 ratio (its spread is
+    the figure's run-to-run noise) and the ratio of the pooled p99s (pairs x requests each)."""
+    lat: dict[str, list[float]] = {"producer": [], "noop": []}
+    ratios = []
+    for pair in range(pairs):
+        p99 = {}
+        for name, url in targets.items():
+            r = asyncio.run(load(url, users, args.requests, 1, args.k, seed=100 + pair, keep_latencies=True))
+            lat[name] += r["latencies_ms"]
+            p99[name] = r["latency_ms"]["p99"]
+        ratios.append(p99["producer"] / p99["noop"])
+        print(f"c1 pair {pair}: p99 {p99['producer']:.1f} against {p99['noop']:.1f} ms", flush=True)
+    pooled = {name: percentiles(ms) for name, ms in lat.items()}
+    return {
+        "pairs": pairs,
+        "ratio_p99_per_pair": ratios,
+        "ratio_p99_pooled": pooled["producer"]["p99"] / pooled["noop"]["p99"],
+        "ratio_p50_pooled": pooled["producer"]["p50"] / pooled["noop"]["p50"],
+        **pooled,
+    }
+
+
 def coalescer_wait(config, args, users: np.ndarray) -> dict:
     """The coalescer's max_wait_ms (serving/pipeline.py): the Producer reconfigured to each wait in
     `--waits`, in turn, twice, each point followed by the no-op at the same concurrency (8 and 32): requests/s
@@ -361,6 +385,7 @@ def main() -> None:
             results[f"c{c}"]["ratio_p50"] = prod["latency_ms"]["p50"] / noop["latency_ms"]["p50"]
             results[f"c{c}"]["ratio_p99"] = prod["latency_ms"]["p99"] / noop["latency_ms"]["p99"]
             results[f"c{c}"]["ratio_rps"] = prod["requests_per_s"] / noop["requests_per_s"]
+        c1_pairs = alternation(targets, users, args) if 1 in args.concurrency else {}
         rng = np.random.default_rng(7)
         recall = producer_recall(base, config, export, rng.choice(users, 200, replace=False), args.k)
         print(f"Producer recall@{args.k} vs exact: {recall['mean_recall_at_k']:.4f}", flush=True)
@@ -414,6 +439,7 @@ def main() -> None:
         "k": args.k,
         "requests_per_point": args.requests,
         "load": results,
+        "c1_alternation": c1_pairs,
         "producer_recall_vs_exact": recall,
         "freshness": fresh,
         "scale_out_c32": scale_out,
