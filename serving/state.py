@@ -18,9 +18,8 @@ from serving.calls import Deps, describe
 from serving.config import ProducerConfig
 from serving.experiments import Arm, Experiment, default_traffic_keys
 from serving.mixer import read_mix_weights
-from serving.online import read_sequences
+from serving.online import open_online, read_sequences
 from serving.sources import ModelSource, Source, load_sources
-from vlmrec.features import open_store
 
 log = logging.getLogger("ray.serve")
 
@@ -101,7 +100,7 @@ def load_state(config: ProducerConfig) -> State:
     or with the wrong distance."""
     sources, missing = load_sources(config)
     try:
-        state = State(config, sources, missing, open_store(config.workspace))
+        state = State(config, sources, missing, open_online(config.workspace))
         state.warm_up()
         return state
     except BaseException:

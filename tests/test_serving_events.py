@@ -205,3 +205,19 @@ def test_a_workspace_ingested_without_click_times_is_refused_saying_what_to_run(
     pq.write_table(pq.read_table(ws.sequences).drop_columns(["click_times"]), ws.sequences)
     with pytest.raises(FileNotFoundError, match="no click_times column.*vlmrec ingest"):
         apply_and_materialize(ws)
+
+
+def test_the_producers_sqlite_store_commits_without_an_fsync_each(world):
+    """serving.online.open_online: WAL (kept in the file) and synchronous=NORMAL on the connection Feast uses,
+    and a click still goes in and reads back through it."""
+    from serving.online import open_online
+
+    store = open_online(world.ws)
+    conn = store._get_provider().online_store._get_conn(store.config)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    user = 3
+    before = read_clicks(store, user).item_ids
+    seq = append_click(store, user, item(5), NOW, N)
+    assert seq == (before + [item(5)])[-N:]  # the newest click, at the end
+    assert read_clicks(open_store(world.ws), user).item_ids == seq  # another connection reads it
