@@ -292,15 +292,18 @@ def coalescer_wait(config, args, users: np.ndarray) -> dict:
                 base = start(replace(config, max_wait_ms=wait), port=args.port, access_log=False)
                 asyncio.run(load(f"{base}/v1/candidates", users, 50, 4, args.k, seed=99))
                 got = runs.setdefault(str(wait), {"lat": [], "rps": [], "noop_rps": [], "batches": []})
-                for name in ("producer", "noop"):
-                    url = f"{base}/v1/candidates" if name == "producer" else f"{base}/noop/v1/candidates"
-                    r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c, keep_latencies=True))
-                    if name == "producer":
-                        got["lat"] += r["latencies_ms"]
-                        got["rps"].append(r["requests_per_s"])
-                        got["batches"].append(r["batch_sizes"]["mean_per_request"])
-                    else:
-                        got["noop_rps"].append(r["requests_per_s"])
+                prod = asyncio.run(
+                    load(
+                        f"{base}/v1/candidates", users, args.requests, c, args.k, seed=c, keep_latencies=True
+                    )
+                )
+                noop = asyncio.run(
+                    load(f"{base}/noop/v1/candidates", users, args.requests, c, args.k, seed=c)
+                )
+                got["lat"] += prod["latencies_ms"]
+                got["rps"].append(prod["requests_per_s"])
+                got["batches"].append(prod["batch_sizes"]["mean_per_request"])
+                got["noop_rps"].append(noop["requests_per_s"])
                 print(f"max_wait_ms {wait:>5}, c{c}: {got['rps'][-1]:.0f} req/s against the no-op's "
                       f"{got['noop_rps'][-1]:.0f}, mean batch {got['batches'][-1]:.1f}", flush=True)  # fmt: skip
         out[f"c{c}"] = {

@@ -16,10 +16,10 @@ the event loop keeps running, and the callers' timeouts fire. Redis needs no loc
 
 A click push commits on sqlite; in its default journal that is three fsyncs, and on a machine writing other
 files (the exposure log) one of them now and then waited far longer than the rest of the request
-(docs/BENCHMARKS.md, freshness). The
-Producer's store runs the file in WAL mode (readers and the one writer no longer block each other) at
-synchronous=NORMAL: no fsync per commit; a commit survives the process, an OS crash may lose the last ones
-(the event log keeps every accepted click, `vlmrec ingest --logged` folds them back).
+(docs/BENCHMARKS.md, freshness). The Producer's store runs the file in WAL mode (readers and the one writer
+no longer block each other) at synchronous=NORMAL: no fsync per commit; a commit survives the process, an OS
+crash may lose the last ones (the event log keeps every accepted click, `vlmrec ingest --logged` folds them
+back).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 from serving.api import CandidatesRequest
 from serving.asks import Ask, Features, Ranked, read_features
 from serving.calls import Deps, Unavailable, ms_since
+from serving.config import ProducerConfig
 from serving.sources import PopularSource, Source
 from serving.state import State
 from vlmrec.lease import Closed, Current
@@ -92,7 +93,13 @@ class Coalescer(Generic[T, R]):
 class Pipeline:
     """The candidates path over the current loaded State (leased for each call's whole length)."""
 
-    def __init__(self, current: Current[State], deps: Deps, max_batch: int = 32, max_wait_ms: float = 100.0):
+    def __init__(
+        self,
+        current: Current[State],
+        deps: Deps,
+        max_batch: int = ProducerConfig.max_batch,
+        max_wait_ms: float = ProducerConfig.max_wait_ms,
+    ):
         self.current, self.deps = current, deps
         self.coalescer: Coalescer[CandidatesRequest, dict | Exception] = Coalescer(
             self._rows, max_batch, max_wait_ms / 1e3, deps.metrics.batch
