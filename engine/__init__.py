@@ -152,10 +152,20 @@ def _rows_files(folder: Path, rank: int, world: int) -> list[Path]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux ru_maxrss is in KiB)."""
+    """This process's peak resident memory (Linux ru_maxrss is in KiB), since it started or since the last
+    `reset_peak_rss()`."""
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> None:
+    """Start this process's peak resident memory afresh (Linux: 5 to /proc/self/clear_refs), so that a task in
+    a reused worker process reports its own peak. Where the kernel refuses, the peak stays the process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 # -------------------------------------------------------------------------------------------- driver

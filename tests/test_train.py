@@ -330,6 +330,15 @@ def test_gradient_clipping_comes_from_the_train_config():
     assert train.TrainConfig.from_dict({}).grad_clip == 1.0  # a run.json written before the flag existed
 
 
+def test_a_task_in_a_reused_process_reports_its_own_peak_memory():
+    """The example build's tasks share worker processes at one shard: each resets the peak first."""
+    big = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    before = engine.peak_rss_mb()
+    del big
+    engine.reset_peak_rss()
+    assert engine.peak_rss_mb() < before - 32  # the peak is now this process's current size
+
+
 @pytest.fixture(scope="module")
 def full_snapshots(sample_workspace, tmp_path_factory):
     """The sample workspace ingested again with snapshots longer than any user's history, so Feast's join

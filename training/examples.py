@@ -16,8 +16,9 @@ target can leak and no per-event snapshot table is read. Four steps, each Ray wo
   shard      a task per bucket -> train/part-<b>.parquet, valid/part-<b>.parquet and its counts
   arrays     one task: vocabulary, teacher matrix, target counts, item ages, validation rows and the
              popular list, returned into the object store (the driver holds only the reference)
-Each task runs in a fresh worker process and reports its peak RSS. Where the per-event sequence snapshots
-hold every click, these are exactly `prepare_data`'s examples from Feast's join (tests/test_train.py).
+Each task reports its own peak RSS; above one shard each runs in a fresh worker process. Where the per-event
+sequence snapshots hold every click, these are exactly `prepare_data`'s examples from Feast's join
+(tests/test_train.py).
 
 The training workers read the files themselves (`worker_rows`, `stream_batches`), not through Ray Data:
 Ray Data's parquet read starts with a listing task that needs a CPU, and when the training workers and a
@@ -40,7 +41,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import peak_rss_mb
+from engine import peak_rss_mb, reset_peak_rss
 from training.data import ItemTable, build_inputs
 from training.item_age import added_days, to_days
 from training.popular import popularity, top_popular
@@ -235,6 +236,7 @@ class Facts:
 
 def split_facts(events_path: Path, split: SplitConfig) -> tuple[Facts, dict]:
     """-> (the Facts every shard needs, a small summary for the driver)."""
+    reset_peak_rss()
     events = pq.read_table(events_path, columns=EVENT_COLUMNS).to_pandas()
     held_out = held_out_items(events, split)
     train = train_events(events, split)
@@ -252,6 +254,7 @@ def split_facts(events_path: Path, split: SplitConfig) -> tuple[Facts, dict]:
 
 def partition(events_path: Path, row_groups: list[int], n_buckets: int, out: Path, piece: int) -> float:
     """Row groups of the event log -> out/bucket=<b>/piece-<piece>.parquet, user_id mod n_buckets = b."""
+    reset_peak_rss()
     table = pq.ParquetFile(events_path).read_row_groups(row_groups, columns=EVENT_COLUMNS)
     bucket = np.mod(table.column("user_id").to_numpy(), n_buckets)
     order = np.argsort(bucket, kind="stable")
@@ -277,6 +280,7 @@ def shard(
 ) -> dict:
     """One user bucket -> out/train/part-<b>.parquet and out/valid/part-<b>.parquet (rows in a seeded random
     order); -> (its counts for the driver, its sparse target counts and item popularity for `arrays`)."""
+    reset_peak_rss()
     items, _ = load_items(Workspace(ws_root), need_teacher, vectors=False)
     events = pq.read_table(bucket_dir).to_pandas() if bucket_dir.exists() else _empty_events()
     learnable = facts.learnable(events)
@@ -333,6 +337,7 @@ def arrays(
 ) -> tuple[dict, dict]:
     """The arrays every worker needs beside its examples, and a summary for the driver. `parts`: the
     shards' references (read here, never by the driver); at most max_valid validation rows (0: all)."""
+    reset_peak_rss()
     import ray
 
     shards = ray.get(parts)
@@ -420,9 +425,10 @@ def build_examples(
     init_ray()
     meta = pq.ParquetFile(ws.events).metadata
     n_buckets = max(1, math.ceil(meta.num_rows / events_per_shard))
-    # each task in a fresh process (its peak RSS is its own); what grows with the data stays in the object
-    # store and goes from task to task: the driver gets counts and references
-    fresh = ray.remote(num_cpus=1, max_calls=1)
+    # what grows with the data stays in the object store and goes from task to task: the driver gets counts
+    # and references. Above one shard each task runs in a fresh process, so that what its allocator kept does
+    # not follow it into the next stage or stay beside the training; one shard's tasks share processes.
+    fresh = ray.remote(num_cpus=1, max_calls=1 if n_buckets > 1 else 0)
     stages: dict[str, dict] = {}
     with staged_dir(out) as tmp:
         t0 = time.perf_counter()
