@@ -45,7 +45,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 test: venv system-deps lint
-	$(VENV)/bin/pytest -q --durations=15 $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q --durations=40 $(PYTEST_ARGS)
 
 # A Producer on 127.0.0.1 over a tiny world of its own, FUZZ_REQUESTS cases (valid and invalid by the schema),
 # at most FUZZ_SECONDS; writes benchmarks/results/fuzz.json (requests, 5xx, schema violations). Exits 1 on any.
