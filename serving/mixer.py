@@ -126,29 +126,34 @@ def placements(
     duplicates, or is absent from `lists`: dropped), the producers with candidates left keep taking turns
     in the same proportion until k."""
     order = [p for p in quotas if quotas[p] > 0]
-    pos = dict.fromkeys(order, 0)
-    taken = dict.fromkeys(order, 0)
+    hits = [lists.get(p, ()) for p in order]
+    quota = [quotas[p] for p in order]
+    pos, taken = [0] * len(order), [0] * len(order)
+    live = [i for i, h in enumerate(hits) if h]  # producers with candidates left (an exhausted one stays out)
     placed: set[int] = set()
     out: list[tuple[int, str]] = []
-
-    def head(p: str) -> int | None:
-        """p's best candidate not yet placed (advancing past placed ones), None when exhausted."""
-        hits = lists.get(p, ())
-        while pos[p] < len(hits) and hits[pos[p]][0] in placed:
-            pos[p] += 1
-        return hits[pos[p]][0] if pos[p] < len(hits) else None
-
     for capped in (True, False):
         while len(out) < k:
-            ready = [p for p in order if (not capped or taken[p] < quotas[p]) and head(p) is not None]
-            if not ready:
+            # the producer furthest behind its quota (taken / quota, compared exactly); ties: the earlier one
+            best = -1
+            for i in live:
+                if (not capped or taken[i] < quota[i]) and (
+                    best < 0 or taken[i] * quota[best] < taken[best] * quota[i]
+                ):
+                    best = i
+            if best < 0:
                 break
-            p = min(ready, key=lambda q: (taken[q] / quotas[q], order.index(q)))
-            item = head(p)
-            placed.add(item)
-            taken[p] += 1
-            out.append((item, p))
-    return out, taken
+            h, j = hits[best], pos[best]
+            while j < len(h) and h[j][0] in placed:  # past its candidates placed already
+                j += 1
+            pos[best] = j
+            if j == len(h):
+                live.remove(best)  # exhausted: the slot goes to the next producer in turn
+                continue
+            placed.add(h[j][0])
+            taken[best] += 1
+            out.append((h[j][0], order[best]))
+    return out, dict(zip(order, taken, strict=True))
 
 
 def read_mix_weights(path: Path) -> dict[str, float] | None:

@@ -88,6 +88,17 @@ def test_a_dropped_or_short_producer_leaves_its_slots_to_the_others():
     items, taken = interleave({"similar": ranked([3, 13])}, {"student": 1, "similar": 5}, 6)
     assert [c["item_id"] for c in items] == [3, 13] and taken == {"student": 0, "similar": 2}
     assert interleave({}, {"student": 2}, 2) == ([], {"student": 0})
+    # similar's candidates all placed before its quota is met: student takes the remaining slots
+    items, taken = interleave(
+        {"student": ranked([1, 2, 3, 4]), "similar": ranked([1, 2])}, {"student": 1, "similar": 3}, 4
+    )
+    assert [(c["item_id"], c["producer"]) for c in items] == [
+        (1, "student"),
+        (2, "similar"),
+        (3, "student"),
+        (4, "student"),
+    ]
+    assert taken == {"student": 3, "similar": 1}
 
 
 def test_huge_and_tiny_weights_give_the_ratios_quotas():
