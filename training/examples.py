@@ -428,14 +428,14 @@ def build_examples(
     # what grows with the data stays in the object store and goes from task to task: the driver gets counts
     # and references. Above one shard each task runs in a fresh process, so that what its allocator kept does
     # not follow it into the next stage or stay beside the training; one shard's tasks share processes.
-    fresh = ray.remote(num_cpus=1, max_calls=1 if n_buckets > 1 else 0)
+    task = ray.remote(num_cpus=1, max_calls=1 if n_buckets > 1 else 0)
     stages: dict[str, dict] = {}
     with staged_dir(out) as tmp:
         t0 = time.perf_counter()
-        facts, facts_summary = fresh(split_facts).options(num_returns=2).remote(ws.events, split)
+        facts, facts_summary = task(split_facts).options(num_returns=2).remote(ws.events, split)
         pieces = ray.get(
             [
-                fresh(partition).remote(ws.events, groups, n_buckets, tmp / "buckets", p)
+                task(partition).remote(ws.events, groups, n_buckets, tmp / "buckets", p)
                 for p, groups in enumerate(_row_group_pieces(meta, events_per_shard))
             ]
         )
@@ -443,7 +443,7 @@ def build_examples(
         stages["partition"] = _stage(t0, [summary["peak_rss_mb"], *pieces])
         t0 = time.perf_counter()
         refs = [
-            fresh(shard)
+            task(shard)
             .options(num_returns=2)
             .remote(
                 str(ws.root),
@@ -463,7 +463,7 @@ def build_examples(
         shutil.rmtree(tmp / "buckets", ignore_errors=True)
         t0 = time.perf_counter()
         arrays_ref, vocabulary = (
-            fresh(arrays)
+            task(arrays)
             .options(num_returns=2)
             .remote(
                 str(ws.root), need_teacher, facts, [r[1] for r in refs], tmp / "valid", popular_k, max_valid
