@@ -11,7 +11,8 @@ its next request when the last one returns), both endpoints get the same request
 k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come from its `timings_ms`, the
 batches its coalescer formed from each answer's `batch_size`. Access logs are off for both endpoints.
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
-item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it.
+item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it,
+for --freshness-trials users (200: a p99 of 30 would be the slowest trial), with the replica's own time per POST.
 The c1 point is then repeated three times, Producer and no-op in turn, for its spread (`c1_alternation`).
 Coalescer wait: the Producer at c8 and c32 under each max_wait_ms of `--waits`, against the no-op.
 Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
@@ -155,10 +156,12 @@ def batch_summary(sizes: list[int]) -> dict:
 
 
 async def freshness(base: str, users: np.ndarray, trials: int, k: int) -> dict:
-    """Time from sending a click to the first /v1/candidates answer that no longer offers the clicked item."""
+    """Time from sending a click to the first /v1/candidates answer that no longer offers the clicked item;
+    beside it each event POST as the client saw it and as the replica timed it (its answer's timings_ms), and
+    the slowest POSTs in full (where their time went)."""
     import httpx
 
-    out, event_ms, polls = [], [], []
+    out, event_ms, polls, server = [], [], [], []
     async with httpx.AsyncClient(timeout=30.0) as http:
         for user in users[:trials]:
             first = (await http.post(f"{base}/v1/candidates", json={"user_id": int(user), "k": k})).json()
@@ -169,6 +172,7 @@ async def freshness(base: str, users: np.ndarray, trials: int, k: int) -> dict:
             r = await http.post(f"{base}/v1/events", json={"user_id": int(user), "item_id": item})
             event_ms.append((time.perf_counter() - t0) * 1000)
             r.raise_for_status()
+            server.append(r.json()["timings_ms"])
             n = 0
             while True:
                 n += 1
@@ -179,9 +183,16 @@ async def freshness(base: str, users: np.ndarray, trials: int, k: int) -> dict:
                     raise RuntimeError(f"user {user}: the click on {item} never reached the candidates")
             out.append((time.perf_counter() - t0) * 1000)
             polls.append(n)
+    slowest = sorted(range(len(event_ms)), key=lambda i: -event_ms[i])[:5]
     return {
         "event_to_candidates_ms": percentiles(out),
         "event_post_ms": percentiles(event_ms),
+        "event_server_ms": {stage: percentiles([t[stage] for t in server]) for stage in ("write", "total")},
+        "max_ms": {"event_to_candidates": max(out), "event_post": max(event_ms)},
+        "slowest_posts": [
+            {"trial": i, "post_ms": event_ms[i], "server_ms": server[i], "event_to_candidates_ms": out[i]}
+            for i in slowest
+        ],
         "polls": polls,
     }
 
@@ -328,7 +339,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--requests", type=int, default=600, help="requests per endpoint and concurrency")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--freshness-trials", type=int, default=30)
+    p.add_argument("--freshness-trials", type=int, default=200)
     p.add_argument("--replicas", type=int, nargs="*", default=[1, 2], help="scale-out: c32 per replica count")
     p.add_argument("--waits", type=float, nargs="*", default=[5.0, 25.0, 100.0], help="coalescer max_wait_ms")
     p.add_argument("--out", default="benchmarks/results/producer.json")

@@ -190,6 +190,7 @@ class EventResponse(BaseModel):
     item_id: int
     sequence_length: int  # after the append, at most sequence_len_max
     sequence_len_max: int  # N
+    timings_ms: dict[str, float]  # write (the append: locks, read, push, read back), total
 
 
 class ClicksResponse(BaseModel):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,7 +37,7 @@ from typing import NamedTuple
 import pandas as pd
 import pyarrow as pa
 
-from serving.calls import Deps, Unavailable, describe
+from serving.calls import Deps, Unavailable, describe, ms_since
 from serving.guard import invalid
 from serving.online import online_lock
 from serving.parquet_log import PartitionedLog
@@ -224,7 +225,10 @@ async def record_click(
     item, a time within its bounds: else `invalid`, a 422 naming the field), append it through `writer`
     within event_timeout_s, answer once it is read back, and add it to the event log `logged` (the offline events
     the next training reads, with its request_id and position). Refused (409) when the sequence cannot hold
-    it; Unavailable (503) when the store failed transiently; any other failure propagates (a 500)."""
+    it; Unavailable (503) when the store failed transiently; any other failure propagates (a 500).
+    The answer's `timings_ms`: `write` (the append in the events pool: the user's and the store's locks,
+    the read, the push, the read back), `total` (this call)."""
+    t0 = time.perf_counter()
     cfg = s.config
     item = int(body.item_id)
     now = datetime.now(UTC)
@@ -236,6 +240,7 @@ async def record_click(
         raise invalid("event_timestamp", str(exc), str(body.event_timestamp)) from None
     if not s.known_item(item) and not await _in_an_index(s, deps, item):
         raise invalid("item_id", f"unknown item_id {item}: not in the catalogue or an index", item)
+    t_write = time.perf_counter()
     try:
         seq = await deps.call(
             "events",
@@ -258,6 +263,7 @@ async def record_click(
             "feature_store_unavailable",
             f"the click push failed ({describe(exc)}); it may or may not be stored: retry",
         ) from exc
+    write_ms = ms_since(t_write)
     if logged is not None:
         logged.record(
             LoggedEvent(int(body.user_id), item, ts, body.event_type, body.request_id, body.position)
@@ -267,6 +273,7 @@ async def record_click(
         "item_id": item,
         "sequence_length": len(seq),
         "sequence_len_max": s.sequence_len,
+        "timings_ms": {"write": write_ms, "total": ms_since(t0)},
     }
 
 
