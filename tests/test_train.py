@@ -358,7 +358,8 @@ def test_streamed_examples_equal_feasts_join(full_snapshots, tmp_path, split):
     from Feast's point-in-time join (the same rows, in another order), with the same arrays."""
     import ray
 
-    from training.examples import build_examples, read_examples
+    from training.example_files import read_examples
+    from training.examples import build_examples
 
     ws = full_snapshots
     job = train.JobConfig(workdir=str(ws.root), **split.to_dict())
@@ -400,13 +401,15 @@ def test_streamed_examples_equal_feasts_join(full_snapshots, tmp_path, split):
 def test_workers_stream_equal_shares_of_the_example_files_exactly_once(tmp_path):
     """Each of `world` workers reads an equal run of the rows (the same number of steps everywhere), every
     row is in exactly one share, a seed replays the same batches, and a buffer holds about a window."""
-    from training.examples import _write, stream_batches, worker_rows
+    from training.example_files import stream_batches, worker_rows, write_examples
 
     sizes = [7, 0, 30, 12]
     start = np.cumsum([0, *sizes])
     for f, (a, n) in enumerate(zip(start, sizes, strict=False)):
         rows = np.arange(a, a + n)
-        _write(tmp_path / f"part-{f:05d}.parquet", {"inputs": np.stack([rows, rows], 1), "targets": rows})
+        write_examples(
+            tmp_path / f"part-{f:05d}.parquet", {"inputs": np.stack([rows, rows], 1), "targets": rows}
+        )
     total = sum(sizes)
     seen = []
     for rank in range(3):

@@ -2,9 +2,8 @@
 shards the workers stream, so no part of it passes through the job's driver.
 
     shards = build_examples(ws, job.split_config(), 50, need_teacher=True, out=ws.runs / "student" / "examples")
-    pieces = worker_rows(shards.train, rank, world)        # a worker's equal share of the example rows
-    for batch in stream_batches(pieces, 128, window=65536, seed=epoch_seed): ...   # inputs, targets, days
     arrays = ray.get(shards.arrays)       # vocabulary, teacher matrix, counts, validation: the object store
+    # the workers read shards.train themselves: training/example_files.py (worker_rows, stream_batches)
 
     python -m training.examples --workdir W --max-len 50 --out W/examples   # the build alone: counts, costs
 
@@ -19,11 +18,6 @@ target can leak and no per-event snapshot table is read. Four steps, each Ray wo
 Each task reports its own peak RSS; above one shard each runs in a fresh worker process. Where the per-event
 sequence snapshots hold every click, these are exactly `prepare_data`'s examples from Feast's join
 (tests/test_train.py).
-
-The training workers read the files themselves (`worker_rows`, `stream_batches`), not through Ray Data:
-Ray Data's parquet read starts with a listing task that needs a CPU, and when the training workers and a
-Producer hold every CPU (`vlmrec refresh` on a small node) the epoch waited forever; reading its own equal
-share of rows also lets every worker take the same number of steps and replay an epoch exactly.
 """
 
 from __future__ import annotations
@@ -31,18 +25,17 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import peak_rss_mb, reset_peak_rss
 from training.data import ItemTable, build_inputs
+from training.example_files import read_examples, write_examples
 from training.item_age import added_days, to_days
 from training.popular import popularity, top_popular
 from vlmrec.schema import teacher_of
@@ -296,7 +289,7 @@ def shard(
     )
     rng = np.random.default_rng([seed, b])
     order, v_order = rng.permutation(len(w.inputs)), rng.permutation(len(w.valid_inputs))
-    _write(
+    write_examples(
         out / "train" / f"part-{b:05d}.parquet",
         {
             "inputs": w.inputs[order].astype(np.int32),
@@ -304,7 +297,7 @@ def shard(
             "target_days": w.target_days[order],
         },
     )
-    _write(
+    write_examples(
         out / "valid" / f"part-{b:05d}.parquet",
         {
             "inputs": w.valid_inputs[v_order].astype(np.int32),
@@ -346,8 +339,8 @@ def arrays(
     counts = np.zeros(items.n_items + 1, np.int64)
     for s in shards:
         np.add.at(counts, *s["target_counts"])
-    valid = _read(valid_dir)
-    inputs, targets, days = (_column(valid, c) for c in ("inputs", "targets", "days"))
+    valid = read_examples(valid_dir)
+    inputs, targets, days = valid["inputs"], valid["targets"], valid["days"]
     keep = validation_sample(inputs, targets, days, max_valid)
     scores = [s["popularity"] for s in shards if s["popularity"] is not None]
     merged = pd.concat(scores).groupby(level=0).sum() if scores else pd.Series(dtype=np.float64)
@@ -486,91 +479,6 @@ def build_examples(
         held_out_items=summary["held_out_items"],
         stages=stages,
     )
-
-
-# --------------------------------------------------------------------------------------------- files
-
-
-def worker_rows(folder: str | Path, rank: int, world: int) -> list[tuple[str, int, int, int]]:
-    """Worker `rank` of `world`'s share of a folder of example files: an equal run of the rows (the first
-    n_rows % world workers one more), as (file, row group, first row, end row) pieces. From the files'
-    footers only."""
-    files = sorted(str(f) for f in Path(folder).glob("*.parquet"))
-    groups = []
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        groups += [(f, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-    total = sum(n for *_, n in groups)
-    lo, hi = rank * total // world, (rank + 1) * total // world
-    pieces, at = [], 0
-    for f, g, n in groups:
-        a, b = max(lo, at), min(hi, at + n)
-        if a < b:
-            pieces.append((f, g, a - at, b - at))
-        at += n
-    return pieces
-
-
-def stream_batches(
-    pieces: list[tuple[str, int, int, int]], batch_size: int, window: int, seed: int
-) -> Iterator[dict[str, np.ndarray]]:
-    """Shuffled full batches of a worker's pieces, read one row group at a time: the pieces in a random
-    order, then rows mixed within a buffer of about `window` rows (never more than window + one row
-    group in memory). The same seed gives the same batches (an epoch replayed after a failure)."""
-    import ray.data.extensions  # noqa: F401  (registers the tensor column type the files carry)
-
-    rng = np.random.default_rng(seed)
-    buffer: dict[str, np.ndarray] | None = None
-
-    def drain(keep: int) -> Iterator[dict[str, np.ndarray]]:
-        nonlocal buffer
-        n = len(next(iter(buffer.values())))
-        order = rng.permutation(n)
-        cut = max(0, (n - keep) // batch_size * batch_size)
-        for i in range(0, cut, batch_size):
-            yield {k: v[order[i : i + batch_size]] for k, v in buffer.items()}
-        buffer = {k: v[order[cut:]] for k, v in buffer.items()}
-
-    for p in rng.permutation(len(pieces)):
-        f, g, a, b = pieces[p]
-        table = pq.ParquetFile(f).read_row_group(g).slice(a, b - a)
-        part = {name: _column(table, name) for name in table.column_names}
-        buffer = part if buffer is None else {k: np.concatenate([buffer[k], part[k]]) for k in part}
-        if len(next(iter(buffer.values()))) >= window + batch_size:
-            yield from drain(keep=window // 2)  # half the window stays to mix with what comes next
-    if buffer is not None:
-        yield from drain(keep=0)
-
-
-def read_examples(folder: str | Path) -> dict[str, np.ndarray]:
-    """Every row of a folder of example files, as (N, ...) arrays (tests and small data only)."""
-    table = _read(folder)
-    return {name: _column(table, name) for name in table.column_names}
-
-
-def _read(folder: str | Path) -> pa.Table:
-    import ray.data.extensions  # noqa: F401  (registers the tensor column type the files carry)
-
-    return pq.read_table(folder)
-
-
-def _write(path: Path, columns: dict[str, np.ndarray]) -> None:
-    from ray.data.extensions import ArrowTensorArray
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table(
-            {k: ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v) for k, v in columns.items()}
-        ),
-        path,
-    )
-
-
-def _column(table: pa.Table, name: str) -> np.ndarray:
-    col = table.column(name)
-    if col.num_chunks == 0:
-        return np.zeros((0,), np.int64)
-    return np.concatenate([c.to_numpy(zero_copy_only=False) for c in col.chunks])
 
 
 def _empty_events() -> pd.DataFrame:

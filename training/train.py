@@ -6,11 +6,12 @@
 
 Data flows one way: the split's events -> example files built by Ray tasks (training/examples.py: each
 target's history is its user's clicks before it, a point-in-time join on the event log) -> each worker
-streams its equal share of the files (training/examples.py `stream_batches`); the vocabulary, teacher
-matrix and validation rows reach the workers through the object store. Each worker runs `train_loop_per_worker`: DeepSpeed (ZeRO JSON in engine/zero.json; gloo
-on CPU, NCCL on GPU), validation NDCG@10 every epoch, a DeepSpeed checkpoint reported to Ray Train, early
-stopping. A re-run with the same name (or a restarted worker, FailureConfig) resumes from the latest
-checkpoint. A last Ray task (`finish_run`) chooses the fusion and exports one folder,
+streams its equal share of the files (training/example_files.py `stream_batches`); the vocabulary, teacher
+matrix and validation rows reach the workers through the object store. Each worker runs
+`train_loop_per_worker`: DeepSpeed (ZeRO JSON in engine/zero.json; gloo on CPU, NCCL on GPU), validation
+NDCG@10 every epoch, a DeepSpeed checkpoint reported to Ray Train, early stopping. A re-run with the same name
+(or a restarted worker, FailureConfig) resumes from the latest checkpoint. A last Ray task (`finish_run`)
+chooses the fusion and exports one folder,
 `<workdir>/runs/<name>/export/`; the driver holds configs, counts and references, never the data:
 
     model/               model.safetensors + config.json (SeqRec.from_pretrained rebuilds it)
@@ -46,14 +47,8 @@ import engine
 from engine.rows import RowSparseAdam
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, trim_padding
-from training.examples import (
-    build_examples,
-    example_queries,
-    load_items,
-    stream_batches,
-    windows,
-    worker_rows,
-)
+from training.example_files import stream_batches, worker_rows
+from training.examples import build_examples, example_queries, load_items, windows
 from training.item_age import added_days
 from training.model import SeqRec, warm_start
 from training.validation import choose_fusion, validation_ndcg
