@@ -232,3 +232,28 @@ def test_small_write_batches_materialize_and_push_every_row(tmp_path):
         assert seq == events[(events.user_id == u) & (events.event_timestamp <= cut)]["item_id"].tolist()[-4:]
     with pytest.raises(ValueError, match="write_batch"):
         FeaturesConfig(write_batch=0)
+
+
+def test_a_fresh_process_opens_and_reads_the_store_with_feasts_argument_checks_off(tmp_path):
+    """open_store imports Feast as `python -O` would for typeguard (vlmrec.features.feast_unchecked): its
+    @typechecked classes are left as written, not re-compiled with checks, and the store still reads."""
+    import subprocess
+    import sys
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    write_tables(ws)
+    apply_and_materialize(ws)
+    probe = (
+        "import sys\n"
+        "from vlmrec.features import online_sequences, open_store\n"
+        "from vlmrec.workspace import Workspace\n"
+        "store = open_store(Workspace(sys.argv[1]))\n"
+        "import feast\n"
+        "names = feast.FeatureView.__init__.__code__.co_names + feast.Entity.__init__.__code__.co_names\n"
+        "print(sorted(n for n in names if 'check' in n.lower()), online_sequences(store, [1])[1])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, str(ws.root)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checks, clicks = done.stdout.strip().split(" ", 1)
+    assert checks == "[]", done.stdout  # instrumented code calls typeguard's check_argument_types_internal
+    assert clicks == str(online_sequences(open_store(ws), [1])[1])

@@ -133,8 +133,27 @@ def write_store_config(ws: Workspace, config: FeaturesConfig) -> Path:
     return ws.feature_store_yaml
 
 
+def feast_unchecked() -> None:
+    """Let Feast's modules, from now on, import as under `python -O`: typeguard's `@typechecked` (which only
+    Feast uses here; typeguard's own words: "meant for selectively introducing type checking into a code
+    base where the checks aren't meant to be run in production") then leaves a class or function as
+    written instead of re-compiling it with argument checks at import, which was more than half of the time
+    `import feast` takes and of a Producer replica's state load (docs/BENCHMARKS.md). Our asserts stay on,
+    and what reaches Feast is checked on our side first (the API's models, the ingest schema). Called before
+    the first Feast import of each entry point here; modules already imported keep their checks."""
+    import typeguard
+
+    typeguard.typechecked = _as_written
+
+
+def _as_written(target=None, **_):
+    """typeguard.typechecked under `python -O`: the decorated object itself."""
+    return target if target is not None else (lambda f: f)
+
+
 def open_store(ws: Workspace):
     """The workspace's FeatureStore (run `vlmrec features` first)."""
+    feast_unchecked()
     from feast import FeatureStore
 
     if not ws.feature_store_yaml.exists():
@@ -180,6 +199,7 @@ def feast_apply(ws: Workspace) -> None:
     definitions module; Feast changes the working directory: both restored here)."""
     import sys
 
+    feast_unchecked()
     from feast.repo_config import load_repo_config
     from feast.repo_operations import apply_total
 
@@ -195,6 +215,7 @@ def feast_apply(ws: Workspace) -> None:
 def apply_and_materialize(ws: Workspace, config: FeaturesConfig = FeaturesConfig()) -> dict:
     """feast apply, then materialize_incremental up to now (or everything up to config.until). Returns
     timings."""
+    feast_unchecked()
     from feature_repo.features import item_embedding, item_metadata, user_click_sequence
 
     start, end = _time_range([ws.sequences, ws.items, ws.embeddings])  # fails early when nothing was ingested
