@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from vlmrec.features import feast_unchecked
+
+feast_unchecked()  # Feast as every entry point of the product imports it, before a test module imports it
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
