@@ -87,6 +87,8 @@ class IndexVersion:
 
 # -- input tables --------------------------------------------------------------------------------------
 
+ROWS_AT_A_TIME = 65_536  # vectors checked per block
+
 
 def load_vector_table(src) -> pa.Table:
     """Read and validate an item vector table (path, DataFrame or Table) -> item_id, vector, teacher_id,
@@ -145,12 +147,15 @@ def load_vector_table(src) -> pa.Table:
         {"item_id": pa.array(ids), "vector": vec, "teacher_id": teachers, "available": available}
     ).combine_chunks()
     x = vectors_of(out)  # (N, D)
-    bad = ~np.isfinite(x).all(axis=1)
+    bad, zero = np.zeros(n, bool), np.zeros(n, bool)
+    for a in range(0, n, ROWS_AT_A_TIME):  # a block at a time: no (N, D) temporaries beside the vectors
+        block = x[a : a + ROWS_AT_A_TIME]
+        bad[a : a + len(block)] = ~np.isfinite(block).all(axis=1)
+        zero[a : a + len(block)] = np.linalg.norm(block, axis=1) == 0
     if bad.any():
         raise ValueError(
             f"column vector: {bad.sum()} rows hold NaN or inf, e.g. item_id {ids[bad][:5].tolist()}"
         )
-    zero = np.linalg.norm(x, axis=1) == 0
     if zero.any():
         raise ValueError(
             f"column vector: {zero.sum()} rows are all zeros, e.g. item_id {ids[zero][:5].tolist()}"
@@ -204,7 +209,7 @@ def version_name(points: pa.Table, config: IndexConfig) -> str:
     """v<UTC time to the ms>-<8 hex of the data and build settings>: sorts by age, shows same-data rebuilds."""
     h = hashlib.sha256()
     h.update(points.column("item_id").to_numpy().tobytes())
-    h.update(vectors_of(points).tobytes())
+    h.update(np.ascontiguousarray(vectors_of(points)))  # the bytes tobytes() would give, without the copy
     h.update(points.column("teacher_id")[0].as_py().encode())
     settings = {k: getattr(config, k) for k in BUILD_FIELDS}
     h.update(json.dumps(settings, sort_keys=True).encode())
@@ -478,29 +483,43 @@ def _writer(index_dir, config: IndexConfig, client):
 # -- build and verify ----------------------------------------------------------------------------------
 
 
-def verify(writer, points: pa.Table, probes: int = 3, distance: str = "cosine") -> str:
-    """Point count == rows, and a few stored vectors each find their own item first (or an exact twin);
-    with the dot product (where an item need not be its own best match) the top hit scores the exact
-    maximum over the table."""
-    n = writer.count()
-    if n != points.num_rows:
-        raise RuntimeError(f"verify: the new version holds {n} points, the table {points.num_rows} rows")
+@dataclass(frozen=True)
+class Probe:
+    """A stored vector to search the new version with, and the exact best dot product over the table."""
+
+    item_id: int
+    vector: np.ndarray
+    best_dot: float
+
+
+def verify_probes(points: pa.Table, probes: int = 3) -> list[Probe]:
+    """The first, middle and last rows as probes, taken while the table is at hand (the build lets go of
+    its vectors before the version is optimized)."""
     vectors, ids = vectors_of(points), points.column("item_id").to_numpy()
     rows = sorted({0, len(ids) // 2, len(ids) - 1})[:probes]
-    for r in rows:
-        hits = writer.top(vectors[r], 10)
+    return [Probe(int(ids[r]), vectors[r].copy(), float((vectors @ vectors[r]).max())) for r in rows]
+
+
+def verify(writer, n_rows: int, probes: list[Probe], distance: str = "cosine") -> str:
+    """Point count == rows, and each probe finds its own item first (or an exact twin); with the dot
+    product (where an item need not be its own best match) the top hit scores the exact maximum over the
+    table."""
+    n = writer.count()
+    if n != n_rows:
+        raise RuntimeError(f"verify: the new version holds {n} points, the table {n_rows} rows")
+    for p in probes:
+        hits = writer.top(p.vector, 10)
         if distance == "dot":
-            best = float((vectors @ vectors[r]).max())
-            if not hits or abs(hits[0][1] - best) > 1e-3 * max(1.0, abs(best)):
+            if not hits or abs(hits[0][1] - p.best_dot) > 1e-3 * max(1.0, abs(p.best_dot)):
                 raise RuntimeError(
-                    f"verify: a probe with item {ids[r]}'s vector returned {hits[:3]}, best {best}"
+                    f"verify: a probe with item {p.item_id}'s vector returned {hits[:3]}, best {p.best_dot}"
                 )
             continue
-        mine = [s for i, s in hits if i == ids[r]]
+        mine = [s for i, s in hits if i == p.item_id]
         if not hits or not mine or mine[0] < hits[0][1] - 1e-4:
-            raise RuntimeError(f"verify: a probe with item {ids[r]}'s vector returned {hits[:3]}")
+            raise RuntimeError(f"verify: a probe with item {p.item_id}'s vector returned {hits[:3]}")
     what = "scored the exact best dot product" if distance == "dot" else "found their own item first"
-    return f"count {n} == rows; {len(rows)}/{len(rows)} probes {what}"
+    return f"count {n} == rows; {len(probes)}/{len(probes)} probes {what}"
 
 
 def workspace_teacher_id(ws: Workspace) -> str | None:
@@ -550,6 +569,7 @@ def build_index(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         distance=config.distance,
     )
+    probes = verify_probes(points)
     writer = _writer(index_dir, config, client)
     try:
         try:
@@ -559,9 +579,12 @@ def build_index(
                     batch = points.slice(start, config.batch_size)
                     writer.upsert(batch)
                     bar.update(batch.num_rows)
+            # our copy of the vectors goes back to the OS (the allocator would keep it): optimize is the peak
+            batch = points = None
+            pa.default_memory_pool().release_unused()
             writer.index_payload()
             writer.optimize()
-            checked = verify(writer, points, distance=config.distance)
+            checked = verify(writer, info.count, probes, distance=config.distance)
             indexed = writer.indexed()
             writer.commit()
         except BaseException:

@@ -162,8 +162,10 @@ def upsert_logs(layout: Layout, version: str) -> list[Path]:
 
 
 def vectors_of(table: pa.Table) -> np.ndarray:
-    """The `vector` column as a (N, D) float32 array (all lists must have one length)."""
-    col = table.column("vector").combine_chunks()
+    """The `vector` column as a (N, D) float32 array (all lists must have one length); no copy when the
+    column is one float32 chunk without nulls (ChunkedArray.combine_chunks copies even a single chunk)."""
+    chunked = table.column("vector")
+    col = chunked.chunk(0) if chunked.num_chunks == 1 else chunked.combine_chunks()
     n = len(col)
     flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     return flat.reshape(n, -1) if n else np.zeros((0, 0), np.float32)
