@@ -485,19 +485,25 @@ def _writer(index_dir, config: IndexConfig, client):
 
 @dataclass(frozen=True)
 class Probe:
-    """A stored vector to search the new version with, and the exact best dot product over the table."""
+    """A stored vector to search the new version with, and (dot-product versions) the exact best dot
+    product over the table."""
 
     item_id: int
     vector: np.ndarray
-    best_dot: float
+    best_dot: float | None
 
 
-def verify_probes(points: pa.Table, probes: int = 3) -> list[Probe]:
+def verify_probes(points: pa.Table, distance: str, probes: int = 3) -> list[Probe]:
     """The first, middle and last rows as probes, taken while the table is at hand (the build lets go of
-    its vectors before the version is optimized)."""
+    its vectors before the version is optimized); the scan for the best dot product only where it counts."""
     vectors, ids = vectors_of(points), points.column("item_id").to_numpy()
     rows = sorted({0, len(ids) // 2, len(ids) - 1})[:probes]
-    return [Probe(int(ids[r]), vectors[r].copy(), float((vectors @ vectors[r]).max())) for r in rows]
+    return [
+        Probe(
+            int(ids[r]), vectors[r].copy(), float((vectors @ vectors[r]).max()) if distance == "dot" else None
+        )
+        for r in rows
+    ]
 
 
 def verify(writer, n_rows: int, probes: list[Probe], distance: str = "cosine") -> str:
@@ -569,7 +575,7 @@ def build_index(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         distance=config.distance,
     )
-    probes = verify_probes(points)
+    probes = verify_probes(points, config.distance)
     writer = _writer(index_dir, config, client)
     try:
         try:
