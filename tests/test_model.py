@@ -288,3 +288,40 @@ def test_trained_negative_pool_never_samples_unclicked_items():
     torch.testing.assert_close(q, torch.full((2,), float(np.log(10.0))))
     with pytest.raises(ValueError, match="negative_pool"):
         LossConfig(negative_pool="popular")
+
+
+def test_in_batch_negatives_are_capped_with_their_log_q_scaled():
+    n = 50
+    cfg = ModelConfig(n_items=n, teacher_dim=4)
+    targets = torch.arange(1, 41).reshape(4, 10)  # 40 distinct targets
+    capped = SeqRecLoss(LossConfig(max_in_batch_negatives=8, n_sampled_negatives=5), cfg)
+    cand = capped.sample_candidates(targets, torch.Generator().manual_seed(0))
+    in_batch, uniform = cand[:8], cand[8:]
+    assert len(cand) == 13 and len(uniform) == 5
+    assert len(set(in_batch.tolist())) == 8 and set(in_batch.tolist()) <= set(range(1, 41))
+    # under the cap nothing changes: the same candidates as no cap, from the same draws
+    few = torch.tensor([[0, 3, 7, 3], [0, 0, 9, 12]])
+    for cap in (4, -1):
+        loss = SeqRecLoss(LossConfig(max_in_batch_negatives=cap, n_sampled_negatives=5), cfg)
+        torch.testing.assert_close(
+            loss.sample_candidates(few, torch.Generator().manual_seed(1)),
+            torch.tensor(
+                [
+                    3,
+                    7,
+                    9,
+                    12,
+                    *torch.randint(0, n, (5,), generator=torch.Generator().manual_seed(1)).add(1).tolist(),
+                ]
+            ),
+        )
+    # an in-batch target is kept with probability cap / distinct: its expected count scales by it
+    full = SeqRecLoss(LossConfig(max_in_batch_negatives=-1, n_sampled_negatives=0), cfg)
+    part = SeqRecLoss(LossConfig(max_in_batch_negatives=10, n_sampled_negatives=0), cfg)
+    items = torch.tensor([1, 2])
+    torch.testing.assert_close(
+        part.log_q(items, 40, n_distinct=40), full.log_q(items, 40, n_distinct=40) + float(np.log(10 / 40))
+    )
+    torch.testing.assert_close(part.log_q(items, 40, n_distinct=8), full.log_q(items, 40))
+    with pytest.raises(ValueError, match="max_in_batch_negatives"):
+        LossConfig(max_in_batch_negatives=0)

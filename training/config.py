@@ -94,6 +94,10 @@ class LossConfig(_Config):
     contrastive_weight: float = 1.0  # retrieval needs ranking against other items, not only closeness
     temperature: float = 0.05  # cosine logits / t; 0.05-0.1 is the usual range for normalised vectors
     in_batch_negatives: bool = True  # the batch's other targets: popular, hard, free
+    # at most this many of the batch's distinct targets as negatives (a random subset, logQ-scaled): a
+    # batch's targets spread over more items as the catalogue grows, and the (positions x candidates)
+    # matrices with them; capped, a step costs the same at any scale. -1 = all of them
+    max_in_batch_negatives: int = 1536
     n_sampled_negatives: int = 1024  # uniform from the vocabulary, shared by the batch; -1 = all items
     logq_correction: bool = True  # PinnerFormer: Recall@10 0.229 -> 0.138 without it
     # Where uniform negatives come from: every vocabulary item, or only items that are training targets
@@ -112,6 +116,8 @@ class LossConfig(_Config):
             raise ValueError(f"negative_pool must be one of {get_args(NegativePool)}")
         if self.n_sampled_negatives < -1:
             raise ValueError("n_sampled_negatives is -1 (all items), 0 or a count")
+        if self.max_in_batch_negatives == 0 or self.max_in_batch_negatives < -1:
+            raise ValueError("max_in_batch_negatives is -1 (all) or a count (in_batch_negatives=False: none)")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Content spaces (frozen / whitened / adapter):
   distill_weight * (1 - cos(state, next item's fixed content vector))     (adapter: the frozen teacher)
 + contrastive_weight * sampled softmax over cosine / temperature: the next item's vector against in-batch
-  targets and n uniformly sampled catalogue items, with logQ correction.
+  targets (a random subset past max_in_batch_negatives) and n uniformly sampled catalogue items, with logQ
+  correction.
 Id space (dot products): full-softmax cross-entropy over all ids ("ce"); the same softmax over the
 in-batch / sampled pool ("sampled": the cheap CE of gSASRec and "Turning Dross into Gold", logQ-corrected
 like the content loss, no temperature); or the SASRec paper's BCE with one negative per position ("bce").
@@ -126,8 +127,9 @@ class SeqRecLoss(nn.Module):
     def sample_candidates(self, targets: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The indices whose vectors the loss needs besides the targets: (C,) int64.
         id/ce: all indices; id/bce: one uniform negative per non-pad target (not equal to it);
-        content and id/sampled: unique in-batch targets (if enabled), then n_sampled_negatives drawn
-        uniformly from the negative pool (or all indices if -1)."""
+        content and id/sampled: unique in-batch targets (if enabled; a random max_in_batch_negatives of
+        them when there are more), then n_sampled_negatives drawn uniformly from the negative pool (or all
+        indices if -1)."""
         dev = targets.device
         all_items = torch.arange(self.n_items + 1, device=dev)
         if self.item_space == "id" and self.cfg.id_loss != "sampled":
@@ -142,7 +144,11 @@ class SeqRecLoss(nn.Module):
             return all_items[1:]
         parts = []
         if self.cfg.in_batch_negatives:
-            parts.append(torch.unique(targets[targets > 0]))
+            distinct = torch.unique(targets[targets > 0])
+            cap = self.cfg.max_in_batch_negatives
+            if 0 < cap < len(distinct):  # draws nothing below the cap: those batches stay as uncapped
+                distinct = distinct[torch.randperm(len(distinct), device=dev, generator=generator)[:cap]]
+            parts.append(distinct)
         if self.cfg.n_sampled_negatives > 0:
             draw = torch.randint(
                 0, len(self.pool), (self.cfg.n_sampled_negatives,), device=dev, generator=generator
@@ -150,13 +156,16 @@ class SeqRecLoss(nn.Module):
             parts.append(self.pool[draw])
         return torch.cat(parts) if parts else all_items[:0]
 
-    def log_q(self, items: Tensor, n_positions: int) -> Tensor:
+    def log_q(self, items: Tensor, n_positions: int, n_distinct: int | None = None) -> Tensor:
         """log of the expected number of times `items` appear among a batch's negatives:
-        n_positions * q(item) from in-batch targets + n_sampled / |pool| from uniform sampling (items in
-        the pool: every candidate and target is)."""
+        n_positions * q(item) from in-batch targets (times the share of the n_distinct targets the cap
+        keeps) + n_sampled / |pool| from uniform sampling (items in the pool: every candidate and target
+        is)."""
         expected = torch.zeros(items.shape, device=items.device)
         if self.cfg.in_batch_negatives:
-            expected = expected + n_positions * self.popularity[items]
+            cap = self.cfg.max_in_batch_negatives
+            kept = min(1.0, cap / n_distinct) if cap > 0 and n_distinct else 1.0
+            expected = expected + n_positions * kept * self.popularity[items]
         if self.cfg.n_sampled_negatives > 0:
             expected = expected + self.cfg.n_sampled_negatives / len(self.pool)
         return expected.log()
@@ -169,6 +178,7 @@ class SeqRecLoss(nn.Module):
         users = out.states[mask]  # (P, out_dim)
         t = targets[mask]  # (P,)
         use_q = self.cfg.logq_correction and self.cfg.n_sampled_negatives >= 0
+        n_distinct = len(torch.unique(t)) if use_q and self.cfg.max_in_batch_negatives > 0 else None
         biases = {"positive_bias": out.target_bias, "negative_bias": out.candidate_bias}
         if self.item_space == "id":
             if self.cfg.id_loss == "ce":
@@ -185,8 +195,8 @@ class SeqRecLoss(nn.Module):
                     out.candidate_vectors,
                     candidates,
                     1.0,
-                    self.log_q(t, len(t)) if use_q else None,
-                    self.log_q(candidates, len(t)) if use_q else None,
+                    self.log_q(t, len(t), n_distinct) if use_q else None,
+                    self.log_q(candidates, len(t), n_distinct) if use_q else None,
                     cosine=False,
                     **biases,
                 )
@@ -205,8 +215,8 @@ class SeqRecLoss(nn.Module):
                 out.candidate_vectors,
                 candidates,
                 self.cfg.temperature,
-                self.log_q(t, len(t)) if use_q else None,
-                self.log_q(candidates, len(t)) if use_q else None,
+                self.log_q(t, len(t), n_distinct) if use_q else None,
+                self.log_q(candidates, len(t), n_distinct) if use_q else None,
                 **biases,
             )
             loss = loss + self.cfg.contrastive_weight * parts["contrastive"]
