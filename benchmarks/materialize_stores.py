@@ -68,7 +68,7 @@ def one_workspace(ws: Path, log: Path) -> dict:
             "--offline-store",
             store,
         ]
-        run = scale.stage(f"materialize ({store})", argv, log, may_stop=True)
+        run = scale.stage(f"materialize ({store})", argv, log, may_stop=True, pss=True)
         got[store] = {
             "wall_s": None if run.get("stopped") else run["wall_s"],
             "driver_peak_rss_mb": run["driver_mb"],

@@ -23,7 +23,9 @@ through the example build and the workers' start is the size's driver figure), t
 A sampler reads each stage's process tree every 0.2 s: the stage's own process is the driver, its Ray worker
 processes (`ray::...`) the workers (their RSS counts the object-store pages they map). pit_join and epoch
 come from the run's run.json (each step's task reports its own peak RSS); a stage with no Ray workers
-(ingest, materialize, index_build) reports its one process as its worker figure.
+(ingest, materialize, index_build) reports its one process as its worker figure. The sampler reads RSS
+only, and PSS (a walk of a process's page tables) only past the memory limit: at millions of events those
+walks took a share of the machine from the stage they measured.
 """
 
 from __future__ import annotations
@@ -48,32 +50,44 @@ _LIMIT_MB: float | None = None  # --memory-limit-gb: a stage whose processes hol
 
 
 def sample_tree(
-    proc: subprocess.Popen, every_s: float = 0.2, limit_mb: float | None = None, max_s: float | None = None
+    proc: subprocess.Popen,
+    every_s: float = 0.2,
+    limit_mb: float | None = None,
+    max_s: float | None = None,
+    pss: bool = False,
 ) -> dict:
     """Wait for `proc`, polling its own RSS, its Ray workers' and what its whole process tree holds -> {wall_s,
-    driver_mb, workers_mb, tree_mb}. What the tree holds is the sum of its processes' proportional set sizes
-    (PSS: a page shared by n processes counts 1/n in each, so Ray's object store, mapped by every worker, counts
-    once; a sum of RSS counts it in every process that touched it). When the tree holds more than limit_mb (the
-    machine would swap, or the kernel kill something else) or it runs past max_s, it is killed and `stopped`
-    says so."""
+    driver_mb, workers_mb}, and tree_mb with `pss`. What the tree holds is the sum of its processes'
+    proportional set sizes (PSS: a page shared by n processes counts 1/n in each, so Ray's object store, mapped
+    by every worker, counts once; a sum of RSS counts it in every process that touched it). When the tree holds
+    more than limit_mb (the machine would swap, or the kernel kill something else) or it runs past max_s, it is
+    killed and `stopped` says so.
+
+    RSS is one cheap read (/proc/pid/statm); PSS makes the kernel walk a process's page tables under its memory
+    lock (about 0.1 s for an 8 GB worker, which stalls the worker's own page faults meanwhile), so it is read
+    only when needed: every poll with `pss` (the tree's peak PSS is the figure asked for), else only when the
+    tree's RSS sum passes limit_mb (a sum of PSS never exceeds a sum of RSS, so below it the tree is within)."""
     import psutil
 
     me, driver, workers, tree, stopped = psutil.Process(proc.pid), 0, 0, 0, None
     t0 = time.perf_counter()
     while proc.poll() is None:
         try:
-            rss, total = _rss_pss(me)
-            driver = max(driver, rss)
-            for child in me.children(recursive=True):
+            procs = [me, *me.children(recursive=True)]
+            rss = {}
+            for p in procs:
                 try:
-                    child_rss, child_pss = _rss_pss(child)
-                    total += child_pss
-                    if " ".join(child.cmdline()[:1]).startswith("ray::"):
-                        workers = max(workers, child_rss)
+                    rss[p] = p.memory_info().rss
+                    if p is not me and " ".join(p.cmdline()[:1]).startswith("ray::"):
+                        workers = max(workers, rss[p])
                 except psutil.Error:
                     continue
-            tree = max(tree, total)
-            held = f"its processes held {total / 2**20:,.0f} MB (PSS)"
+            driver = max(driver, rss.get(me, 0))
+            total, kind = sum(rss.values()), "RSS"
+            if pss or (limit_mb is not None and total > limit_mb * 2**20):
+                total, kind = sum(_pss(p) for p in rss), "PSS"
+                tree = max(tree, total)
+            held = f"its processes held {total / 2**20:,.0f} MB ({kind})"
             if limit_mb is not None and total > limit_mb * 2**20:
                 stopped = f"killed after {time.perf_counter() - t0:.0f} s: {held}"
             elif max_s is not None and time.perf_counter() - t0 > max_s:
@@ -90,21 +104,21 @@ def sample_tree(
         "wall_s": round(time.perf_counter() - t0, 2),
         "driver_mb": round(driver / 2**20, 1),
         "workers_mb": round(workers / 2**20, 1),
-        "tree_mb": round(tree / 2**20, 1),
+        **({"tree_mb": round(tree / 2**20, 1)} if pss else {}),
     }
     return {**got, "stopped": stopped} if stopped else got
 
 
-def _rss_pss(process) -> tuple[int, int]:
-    """A process's resident and proportional set sizes in one read (PSS = RSS where the kernel does not say)."""
+def _pss(process) -> int:
+    """A process's proportional set size (its RSS where the kernel does not say; 0 once it has exited)."""
     import psutil
 
     try:
-        memory = process.memory_full_info()
-        return memory.rss, memory.pss
+        return process.memory_full_info().pss
     except (psutil.AccessDenied, AttributeError):
-        rss = process.memory_info().rss
-        return rss, rss
+        return process.memory_info().rss
+    except psutil.Error:
+        return 0
 
 
 def stage(
@@ -114,6 +128,7 @@ def stage(
     stdout: Path | None = None,
     may_stop: bool = False,
     max_s: float | None = None,
+    pss: bool = False,
 ) -> dict:
     """Run one stage as its own process (its output appended to `log`, or its stdout to `stdout`). A stage
     over --memory-limit-gb (or past max_s) is killed: recorded when `may_stop` (nothing after it needs its
@@ -126,7 +141,7 @@ def stage(
         out.flush()
         target = printed if stdout else out
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=target, stderr=out)
-        got = sample_tree(proc, limit_mb=_LIMIT_MB, max_s=max_s)
+        got = sample_tree(proc, limit_mb=_LIMIT_MB, max_s=max_s, pss=pss)
     if proc.returncode != 0 and may_stop and not got.get("stopped"):  # e.g. Ray's memory monitor
         got["stopped"] = f"failed (exit {proc.returncode}) after {got['wall_s']:.0f} s: see {log}"
     if got.get("stopped") and may_stop:

@@ -65,3 +65,21 @@ def test_scale_refuses_what_it_cannot_grow(base):
         scale(events.drop(columns=["user_id"]), catalogue, ScaleConfig(100, 10))
     with pytest.raises(ValueError, match="catalogue does not hold"):
         scale(events.assign(item_id=999), catalogue, ScaleConfig(100, 10))
+
+
+def test_the_stage_sampler_reads_rss_and_stops_a_tree_past_its_limit():
+    """benchmarks/scale.py's sampler: peaks from RSS; PSS (a page-table walk) only when asked for, or once the
+    tree's RSS passes the limit, where it decides the kill."""
+    import subprocess
+    import sys
+
+    from benchmarks.scale import sample_tree
+
+    hold = "import time; b = bytearray(64 * 2**20); time.sleep({})"
+    got = sample_tree(subprocess.Popen([sys.executable, "-c", hold.format(1.0)]), every_s=0.05)
+    assert got["driver_mb"] >= 64 and "tree_mb" not in got and "stopped" not in got
+    got = sample_tree(subprocess.Popen([sys.executable, "-c", hold.format(1.0)]), every_s=0.05, pss=True)
+    assert got["tree_mb"] >= 64
+    proc = subprocess.Popen([sys.executable, "-c", hold.format(60)])
+    got = sample_tree(proc, every_s=0.05, limit_mb=32)
+    assert proc.returncode is not None and "(PSS)" in got["stopped"] and got["wall_s"] < 30
