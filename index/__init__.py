@@ -1,4 +1,5 @@
-"""Build a Qdrant index of item vectors, and search it (kept apart: build.py writes, search.py reads).
+"""Build a Qdrant index of item vectors, and search it (kept apart: build.py writes, through
+writers.py's Edge and server backends; search.py reads).
 
     vlmrec index build  --workdir W [--vectors item_vectors.parquet] [--backend edge|server]
     vlmrec index upsert --workdir W --vectors new_items.parquet --items new_catalogue.parquet

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 import index.build as build_mod
+import index.writers as writers_mod
 from index.build import build_index, load_vector_table, upsert_items
 from index.cli import add_arguments, run
 from index.config import IndexConfig
@@ -177,7 +178,7 @@ def test_failed_rebuild_keeps_current(env, data, monkeypatch, fail_at):
     old = env.build(vecs, items)
     x2 = unit(np.random.default_rng(5).normal(size=(N, D)))
     if fail_at == "upsert":
-        writer = build_mod._EdgeWriter if env.backend == "edge" else build_mod._ServerWriter
+        writer = writers_mod.EdgeWriter if env.backend == "edge" else writers_mod.ServerWriter
         real, calls = writer.upsert, []
 
         def flaky(self, batch):

@@ -12,8 +12,10 @@ import pytest
 from PIL import Image
 
 from vlmrec import ingest as ing
+from vlmrec import readers
 from vlmrec.fold import fold_logged
-from vlmrec.ingest import IngestConfig, IngestError, ingest, load_movielens, load_sasrec_text
+from vlmrec.ingest import IngestConfig, IngestError, ingest
+from vlmrec.readers import load_movielens, load_sasrec_text
 from vlmrec.schema import CLICK_SEQUENCES, EVENTS, ITEMS
 from vlmrec.sequences import click_sequences, sequence_layout
 from vlmrec.workspace import Workspace
@@ -314,10 +316,10 @@ def test_read_table_errors(tmp_path):
         ("broken.parquet", "cannot read as parquet"),
     ]:
         with pytest.raises(IngestError, match=needle) as err:
-            ing.read_table(tmp_path / name)
+            readers.read_table(tmp_path / name)
         assert name in str(err.value)
     (tmp_path / "na.csv").write_text("item_id,title\n1,NA\n2,\n")
-    df = ing.read_table(tmp_path / "na.csv")
+    df = readers.read_table(tmp_path / "na.csv")
     assert df.title.iloc[0] == "NA" and pd.isna(df.title.iloc[1])
 
 
@@ -421,7 +423,7 @@ def test_sasrec_text(tmp_path):
     summary = ingest(events, catalogue, ws, IngestConfig(max_len=2, sequences="snapshots"))
     ev = _read(ws.events)
     assert list(zip(ev.user_id, ev.item_id, strict=True)) == [(1, 5), (1, 3), (1, 5), (2, 3), (2, 7)]
-    base = ing.SASREC_BASE_TIME
+    base = readers.SASREC_BASE_TIME
     assert ev.event_timestamp.tolist() == [base + pd.Timedelta(seconds=k) for k in range(5)]
     items = _read(ws.items)
     assert items.item_id.tolist() == [3, 5, 7] and items.title.tolist() == ["item 3", "item 5", "item 7"]

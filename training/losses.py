@@ -178,7 +178,8 @@ class SeqRecLoss(nn.Module):
         users = out.states[mask]  # (P, out_dim)
         t = targets[mask]  # (P,)
         use_q = self.cfg.logq_correction and self.cfg.n_sampled_negatives >= 0
-        n_distinct = len(torch.unique(t)) if use_q and self.cfg.max_in_batch_negatives > 0 else None
+        capped = use_q and self.cfg.in_batch_negatives and self.cfg.max_in_batch_negatives > 0
+        n_distinct = len(torch.unique(t)) if capped else None  # the share the cap kept enters log q only then
         biases = {"positive_bias": out.target_bias, "negative_bias": out.candidate_bias}
         if self.item_space == "id":
             if self.cfg.id_loss == "ce":

@@ -17,9 +17,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from vlmrec.ingest import events_table, order_events, parse_timestamps
+from vlmrec.ingest import events_table, order_events
 from vlmrec.schema import EVENTS, EVENTS_LOG
 from vlmrec.sequences import click_sequences, sequence_layout
+from vlmrec.validate import parse_timestamps
 from vlmrec.workspace import Workspace, atomic_write_parquet
 
 FOLDED = b"vlmrec.folded"  # events.parquet metadata: the event-log files already in it (json list)

@@ -10,6 +10,7 @@ validated before anything is written: a bad input raises `IngestError` (file, co
 previous outputs stay as they were. Rows that cannot be used but need not stop the run (null ids, null
 timestamps, events on items missing from the catalogue, unreadable images) are skipped and counted in
 `IngestSummary`; nothing is dropped silently.
+The formats are read by vlmrec/readers.py, the columns checked by vlmrec/validate.py.
 
 Inputs. Events: user_id, item_id, event_timestamp (+ event_type, default "click"). Catalogue: item_id, title
 (+ text, default the title; category, default "unknown"; image_uri, default null; created_at). Ids must be
@@ -42,26 +43,25 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vlmrec.readers import DEFAULT_CATEGORY, load_movielens, load_sasrec_text, read_table
 from vlmrec.sample import SampleConfig, generate_sample
 from vlmrec.schema import EVENTS, ITEMS, ts_array
 from vlmrec.sequences import LAYOUTS, click_sequences
+from vlmrec.validate import (
+    IngestError,
+    column_label,
+    int_ids,
+    parse_timestamps,
+    require_columns,
+    string_column,
+)
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, atomic_write_parquet
 
 EVENT_COLUMNS = ("user_id", "item_id", "event_timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 DEFAULT_EVENT_TYPE = "click"
-DEFAULT_CATEGORY = "unknown"
-MAX_TAGS = 10  # MovieLens tags kept per movie in its text, most frequent first
-SASREC_BASE_TIME = pd.Timestamp("2000-01-01", tz="UTC")  # line k of a SASRec file happens at base + k s
 IMAGE_THREADS = 4  # image decoding releases the GIL; a few threads hide file latency
 _REMOTE = ("http://", "https://", "s3://", "gs://", "hf://")
-_TZ_SUFFIX = (
-    r"\d:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:[zZ]|[+-]\d{2}(?::?\d{2})?)$"  # a time with its UTC offset
-)
-
-
-class IngestError(ValueError):
-    """A bad input: the message names the file, the column and how many rows."""
 
 
 @dataclass(frozen=True)
@@ -126,263 +126,6 @@ class IngestSummary:
         )
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_table(path: str | Path, *, allow_empty: bool = False) -> pd.DataFrame:
-    """A parquet (.parquet, .pq) or CSV (.csv, .tsv, optionally .gz) file as a DataFrame.
-
-    CSV cells are null only when empty (a title "NA" stays "NA"). Raises IngestError for a missing,
-    empty (0 bytes, or no data rows unless `allow_empty`), unreadable or unknown-suffix file.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise IngestError(f"{p}: no such file")
-    if p.stat().st_size == 0:
-        raise IngestError(f"{p}: empty file (0 bytes)")
-    name = p.name.lower()
-    if name.endswith((".parquet", ".pq")):
-        kind, reader = "parquet", pd.read_parquet
-    elif name.endswith((".csv", ".csv.gz", ".tsv", ".tsv.gz")):
-        sep = "\t" if ".tsv" in name else ","
-        kind = "CSV"
-
-        def reader(f):
-            return pd.read_csv(f, sep=sep, keep_default_na=False, na_values=[""])
-    else:
-        raise IngestError(f"{p}: unknown table format {p.suffix!r}: use .parquet, .pq, .csv or .tsv")
-    try:
-        df = reader(p)
-    except Exception as err:  # any parser error becomes a clear input error naming the file
-        raise IngestError(f"{p}: cannot read as {kind}: {err}") from err
-    if len(df) == 0 and not allow_empty:
-        raise IngestError(f"{p}: no data rows (0 rows)")
-    df.attrs["source"] = str(p)
-    df.attrs["base_dir"] = str(p.absolute().parent)
-    return df
-
-
-def load_movielens(data_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(events, catalogue) from a MovieLens folder: ratings.csv, movies.csv, tags.csv, posters/<id>.jpg.
-
-    Every rating is an event ("rating"; `ingest` orders them by time, ties in file order). Catalogue:
-    title from movies.csv, category = first genre ("unknown" for "(no genres listed)"), text =
-    "Genres: a, b. Tags: x, y" (tags lowercased, deduplicated, the MAX_TAGS most frequent), image_uri =
-    the poster's absolute path when the file exists, else null. created_at is left to `ingest`'s default:
-    the movie's first rating time, or the dataset start for a movie nobody rated.
-    """
-    d = Path(data_dir)
-    if not d.is_dir():
-        raise IngestError(f"{d}: not a MovieLens folder (no such directory)")
-    ratings = read_table(d / "ratings.csv")
-    _require(ratings, ("userId", "movieId", "timestamp"), str(d / "ratings.csv"))
-    movies = read_table(d / "movies.csv")
-    _require(movies, ("movieId", "title"), str(d / "movies.csv"))
-
-    events = pd.DataFrame(
-        {
-            "user_id": ratings["userId"],
-            "item_id": ratings["movieId"],
-            "event_timestamp": ratings["timestamp"],
-            "event_type": "rating",
-        }
-    )
-    events.attrs = {
-        "source": str(d / "ratings.csv"),
-        "columns": {"user_id": "userId", "item_id": "movieId", "event_timestamp": "timestamp"},
-    }
-
-    genres = movies["genres"] if "genres" in movies else pd.Series("", index=movies.index)
-    genre_lists = (
-        genres.fillna("")
-        .astype(str)
-        .map(lambda g: [x for x in g.split("|") if x and x != "(no genres listed)"])
-    )
-    category = genre_lists.map(lambda gs: gs[0] if gs else DEFAULT_CATEGORY)
-    movie_key = _int_keys(movies["movieId"])
-    skipped_tags = 0
-    tag_text = pd.Series("", index=movies.index)
-    if (d / "tags.csv").is_file():
-        tags = read_table(d / "tags.csv", allow_empty=True)
-        _require(tags, ("movieId", "tag"), str(d / "tags.csv"))
-        tag_key = _int_keys(tags["movieId"])
-        tag = tags["tag"].astype("string").str.strip().str.lower()
-        ok = (tag_key.notna() & tag.notna() & (tag != "")).fillna(False).astype(bool)
-        skipped_tags = int((~ok).sum())
-        t = pd.DataFrame(
-            {"movie": tag_key[ok], "tag": tag[ok], "pos": np.arange(len(tags))[ok.to_numpy(bool)]}
-        )
-        t = t.groupby(["movie", "tag"], sort=False).agg(n=("pos", "size"), first=("pos", "min")).reset_index()
-        t = t.sort_values(["movie", "n", "first"], ascending=[True, False, True], kind="stable")
-        t = t.groupby("movie", sort=False).head(MAX_TAGS)
-        joined = t.groupby("movie", sort=False)["tag"].agg(", ".join)
-        tag_text = movie_key.map(joined).fillna("")
-    text = [
-        f"Genres: {', '.join(gs) if gs else 'none'}." + (f" Tags: {tt}" if tt else "")
-        for gs, tt in zip(genre_lists, tag_text, strict=True)
-    ]
-    poster_dir = (d / "posters").absolute()
-    posters = {p.stem for p in poster_dir.glob("*.jpg")} if poster_dir.is_dir() else set()
-    image_uri = [
-        str(poster_dir / f"{k}.jpg") if pd.notna(k) and str(k) in posters else None for k in movie_key
-    ]
-    catalogue = pd.DataFrame(
-        {"item_id": movies["movieId"], "title": movies["title"], "text": text, "category": category}
-    )
-    catalogue["image_uri"] = pd.Series(image_uri, index=movies.index, dtype=object)
-    catalogue.attrs = {
-        "source": str(d / "movies.csv"),
-        "columns": {"item_id": "movieId"},
-        "skipped": {"tags_without_movie_or_text": skipped_tags},
-    }
-    return events, catalogue
-
-
-def load_sasrec_text(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(events, catalogue) from a SASRec text file: one "user item" pair per line, each user's lines in time order.
-
-    There are no timestamps: line k (0-based, blank lines skipped) happens at SASREC_BASE_TIME + k seconds,
-    so the order is the file's. The catalogue is synthesised: title "item <id>", category "unknown", no
-    image, created_at = SASREC_BASE_TIME (no availability signal: every item exists from the start).
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise IngestError(f"{p}: no such file")
-    if p.stat().st_size == 0:
-        raise IngestError(f"{p}: empty file (0 bytes)")
-    try:
-        raw = pd.read_csv(p, sep=r"\s+", header=None, dtype=str, skip_blank_lines=True)
-    except pd.errors.EmptyDataError as err:
-        raise IngestError(f"{p}: no data rows (0 rows)") from err
-    except Exception as err:
-        raise IngestError(f"{p}: not 'user item' pairs: {err}") from err
-    bad = len(raw) if raw.shape[1] < 2 else int((raw[1].isna() | raw.iloc[:, 2:].notna().any(axis=1)).sum())
-    if bad:
-        raise IngestError(
-            f"{p}: column 'item' (field 2): {bad} of {len(raw)} lines are not 'user item' pairs"
-        )
-    users, _ = _ids(raw[0], str(p), "'user' (field 1)")
-    items, _ = _ids(raw[1], str(p), "'item' (field 2)")
-    events = pd.DataFrame(
-        {
-            "user_id": users,
-            "item_id": items,
-            "event_timestamp": SASREC_BASE_TIME + pd.to_timedelta(np.arange(len(raw)), unit="s"),
-        }
-    )
-    events.attrs = {"source": str(p)}
-    ids = np.unique(items)
-    catalogue = pd.DataFrame(
-        {
-            "item_id": ids,
-            "title": [f"item {i}" for i in ids],
-            "category": DEFAULT_CATEGORY,
-            "image_uri": None,
-            "created_at": SASREC_BASE_TIME,
-        }
-    )
-    catalogue.attrs = {"source": f"{p} (synthesised catalogue)"}
-    return events, catalogue
-
-
-# ------------------------------------------------------------------------------------------- validation
-
-
-def _require(df: pd.DataFrame, columns: Sequence[str], source: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise IngestError(
-            f"{source}: missing {len(missing)} required column(s): {', '.join(missing)} "
-            f"(columns found: {', '.join(map(str, df.columns)) or 'none'})"
-        )
-
-
-def _label(df: pd.DataFrame, column: str) -> str:
-    original = df.attrs.get("columns", {}).get(column)
-    return f"'{column}'" + (f" (from '{original}')" if original else "")
-
-
-def _int_keys(s: pd.Series) -> pd.Series:
-    """Integer-valued entries as nullable Int64, anything else null (for lookups, not validation)."""
-    num = pd.to_numeric(s, errors="coerce")
-    if pd.api.types.is_bool_dtype(num):
-        return pd.Series(pd.NA, index=s.index, dtype="Int64")
-    return num.where(num.notna() & (num % 1 == 0)).astype("Int64")
-
-
-def _ids(s: pd.Series, source: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 ids with 0 where null, null mask); IngestError naming how many non-null rows are not integers."""
-    null = s.isna().to_numpy()
-    vals = s[~null]
-    out = np.zeros(len(s), dtype=np.int64)
-    kind = vals.dtype
-    if pd.api.types.is_bool_dtype(kind) or kind.kind in "mM":  # booleans and times are not ids
-        bad = np.ones(len(vals), dtype=bool)
-    elif pd.api.types.is_integer_dtype(kind):
-        out[~null] = vals.to_numpy(dtype=np.int64)
-        return out, null
-    else:
-        if not pd.api.types.is_numeric_dtype(kind):  # text: "12" is an id, "12a" is not
-            vals_text = pd.Series(np.asarray(vals.astype(str), dtype=object), index=vals.index).str.strip()
-            num = pd.to_numeric(vals_text, errors="coerce")
-        else:
-            num = vals
-        if pd.api.types.is_integer_dtype(num.dtype) and not num.isna().any():
-            out[~null] = num.to_numpy(dtype=np.int64)
-            return out, null
-        f = num.to_numpy(dtype=float, na_value=np.nan)
-        bad = ~np.isfinite(f) | (f != np.floor(f)) | (np.abs(f) >= 2.0**63)
-        if not bad.any():
-            out[~null] = f.astype(np.int64)
-            return out, null
-    example = vals.iloc[int(np.argmax(bad))]
-    raise IngestError(
-        f"{source}: column {label}: {int(bad.sum()):,} of {len(s):,} rows are not integer ids (e.g. {example!r})"
-    )
-
-
-def parse_timestamps(s: pd.Series, source: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """(UTC microseconds since epoch as int64, null mask); IngestError naming how many rows do not parse."""
-    null = s.isna().to_numpy()
-    vals = s[~null]
-    if pd.api.types.is_datetime64_any_dtype(vals):
-        ts = pd.to_datetime(vals, utc=True)
-    elif pd.api.types.is_bool_dtype(vals):
-        ts = pd.Series(pd.NaT, index=vals.index)
-    elif pd.api.types.is_numeric_dtype(vals):
-        ts = pd.to_datetime(vals, unit="s", utc=True, errors="coerce")
-    else:
-        text = vals.astype(str).str.strip()
-        num = pd.to_numeric(text, errors="coerce")  # row by row: numbers are Unix seconds, the rest ISO 8601
-        is_num = num.notna()
-        ts = pd.Series(pd.NaT, index=vals.index, dtype="datetime64[ns, UTC]")
-        ts[is_num] = pd.to_datetime(num[is_num], unit="s", utc=True, errors="coerce")
-        # naive and offset strings apart: pandas would give a naive string the offset of an earlier row
-        aware = text.str.contains(_TZ_SUFFIX, regex=True) & ~is_num
-        for part in (aware, ~aware & ~is_num):
-            ts[part] = pd.to_datetime(text[part], utc=True, format="ISO8601", errors="coerce")
-    bad = ts.isna().to_numpy()
-    if bad.any():
-        example = vals.iloc[int(np.argmax(bad))]
-        raise IngestError(
-            f"{source}: column {label}: {int(bad.sum()):,} of {len(s):,} rows are not timestamps "
-            f"(ISO 8601 or Unix seconds; e.g. {example!r})"
-        )
-    out = np.zeros(len(s), dtype=np.int64)
-    out[~null] = ts.to_numpy(dtype="datetime64[ns]").astype("datetime64[us]").astype(np.int64)
-    return out, null
-
-
-def _strings(df: pd.DataFrame, column: str) -> tuple[pd.Series, int]:
-    """The column as object strings with None for null (an absent column is all null), and the null count."""
-    if column not in df.columns:
-        return pd.Series(None, index=df.index, dtype=object), len(df)
-    s = df[column]
-    null = s.isna()
-    out = s.astype(object).where(null, s.astype(str)).where(~null, None)
-    return out, int(null.sum())
-
-
 # ---------------------------------------------------------------------------------------------- ingest
 
 
@@ -402,16 +145,16 @@ def ingest(
     for df, src in ((ev_df, ev_src), (cat_df, cat_src)):
         if len(df) == 0:
             raise IngestError(f"{src}: no data rows (0 rows)")
-    _require(ev_df, EVENT_COLUMNS, ev_src)
-    _require(cat_df, ITEM_COLUMNS, cat_src)
+    require_columns(ev_df, EVENT_COLUMNS, ev_src)
+    require_columns(cat_df, ITEM_COLUMNS, cat_src)
     skipped: dict[str, int] = dict(cat_df.attrs.get("skipped", {}))
     filled: dict[str, int] = {}
 
     # events: types, then rows skipped for a reason
-    uid, uid_null = _ids(ev_df["user_id"], ev_src, _label(ev_df, "user_id"))
-    iid, iid_null = _ids(ev_df["item_id"], ev_src, _label(ev_df, "item_id"))
-    ts, ts_null = parse_timestamps(ev_df["event_timestamp"], ev_src, _label(ev_df, "event_timestamp"))
-    etype, filled["event_type"] = _strings(ev_df, "event_type")
+    uid, uid_null = int_ids(ev_df["user_id"], ev_src, column_label(ev_df, "user_id"))
+    iid, iid_null = int_ids(ev_df["item_id"], ev_src, column_label(ev_df, "item_id"))
+    ts, ts_null = parse_timestamps(ev_df["event_timestamp"], ev_src, column_label(ev_df, "event_timestamp"))
+    etype, filled["event_type"] = string_column(ev_df, "event_type")
     etype = etype.fillna(DEFAULT_EVENT_TYPE).to_numpy(dtype=object)
 
     items, cat_counts = _prepare_items(cat_df, cat_src, filled)
@@ -498,14 +241,14 @@ def _prepare_items(
     df: pd.DataFrame, source: str, filled: dict[str, int]
 ) -> tuple[pd.DataFrame, dict[str, int]]:
     """Typed catalogue with defaults, identical duplicates collapsed; IngestError on conflicting duplicates."""
-    iid, null = _ids(df["item_id"], source, _label(df, "item_id"))
-    title, filled["title"] = _strings(df, "title")
+    iid, null = int_ids(df["item_id"], source, column_label(df, "item_id"))
+    title, filled["title"] = string_column(df, "title")
     title = title.where(title.notna(), pd.Series([f"item {i}" for i in iid], index=df.index))
-    text, filled["text"] = _strings(df, "text")
-    category, filled["category"] = _strings(df, "category")
-    image_uri, _ = _strings(df, "image_uri")  # a null image is counted as "missing" by _check_images
+    text, filled["text"] = string_column(df, "text")
+    category, filled["category"] = string_column(df, "category")
+    image_uri, _ = string_column(df, "image_uri")  # a null image is counted as "missing" by _check_images
     if "created_at" in df.columns:
-        created, created_null = parse_timestamps(df["created_at"], source, _label(df, "created_at"))
+        created, created_null = parse_timestamps(df["created_at"], source, column_label(df, "created_at"))
         created = pd.array(created, dtype="Int64")
         created[created_null] = pd.NA
         filled["created_at"] = int(created_null.sum())
