@@ -4,7 +4,10 @@ text length (the default), in one run, and where the time goes.
     nice -n 5 .venv/bin/python benchmarks/embed_speed.py --workdir .vlmrec/ml --out benchmarks/results/embed.json
 
 Each order runs `embed_catalogue` (Ray Data, one actor, the default minilm teacher, batch 64) into a scratch
-copy of the workspace, `--rounds` times, alternating the orders; items/s is the median round. Where time goes:
+copy of the workspace, `--rounds` times, alternating the orders; items/s is the median round. Three more
+runs per round, sorted: `sorted_pool` (the default: the pool grows to one actor per CPU but one), `sorted_bf16` (one
+actor, `--precision bf16`) and `sorted_pool_bf16`, each as a ratio to one fp32 actor; `bf16_agreement`: how
+close the bf16 vectors are to the fp32 ones (cosine, nearest-neighbour overlap). Where time goes:
 per order, the tokens the model computes (each batch padded to its longest text) against the real tokens;
 and, on one sorted and one catalogue-order pass without Ray, seconds in tokenisation vs the forward pass.
 """
@@ -35,6 +38,23 @@ def padding(lengths: np.ndarray, batch: int) -> dict:
     )
     real = int(lengths.sum())
     return {"real_tokens": real, "computed_tokens": computed, "padding_share": round(1 - real / computed, 3)}
+
+
+def agreement(full: np.ndarray, low: np.ndarray, queries: int = 2000, k: int = 10) -> dict:
+    """How far bf16 vectors are from fp32 ones: cosine per item, and the overlap of each of `queries`
+    items' k nearest neighbours (itself left out) over the whole catalogue."""
+    cos = (full * low).sum(axis=1)
+    pick = np.random.default_rng(0).choice(len(full), size=min(queries, len(full)), replace=False)
+    overlap = []
+    for q in pick:
+        a, b = full @ full[q], low @ low[q]
+        a[q] = b[q] = -np.inf
+        overlap.append(len(set(np.argpartition(-a, k)[:k]) & set(np.argpartition(-b, k)[:k])) / k)
+    return {
+        "cosine_min": round(float(cos.min()), 6),
+        "cosine_median": round(float(np.median(cos)), 6),
+        f"top{k}_overlap": round(float(np.mean(overlap)), 4),
+    }
 
 
 def split_time(teacher, texts: list[str], batch: int) -> dict:
@@ -79,13 +99,30 @@ def main(argv=None) -> dict:
     scratch = Workspace(Path(tempfile.mkdtemp(prefix="vlmrec-embed-")))
     scratch.data.mkdir(parents=True)
     shutil.copy(src.items, scratch.items)
-    runs: dict[str, list[float]] = {"catalogue_order": [], "sorted_by_length": []}
+    plan = (  # name, sorted by length, actors (None: the default pool), precision
+        ("catalogue_order", False, 1, "fp32"),
+        ("sorted_by_length", True, 1, "fp32"),
+        ("sorted_pool", True, None, "fp32"),
+        ("sorted_bf16", True, 1, "bf16"),
+        ("sorted_pool_bf16", True, None, "bf16"),
+    )
+    runs: dict[str, list[float]] = {name: [] for name, *_ in plan}
+    vectors: dict[str, np.ndarray] = {}
     for _ in range(args.rounds):
-        for name, sort in (("catalogue_order", False), ("sorted_by_length", True)):
-            cfg = EmbedConfig(batch_size=args.batch_size, num_actors=1, sort_by_length=sort)
+        for name, sort, actors, precision in plan:
+            cfg = EmbedConfig(
+                teacher=TeacherConfig(batch_size=args.batch_size, precision=precision),
+                batch_size=args.batch_size,
+                num_actors=actors,
+                sort_by_length=sort,
+            )
             report = embed_catalogue(scratch, cfg)
             runs[name].append(report["items_per_s"])
             print(f"{name}: {report['items_per_s']} items/s ({report['seconds']} s)", flush=True)
+            if name in ("sorted_by_length", "sorted_bf16"):
+                vectors[precision] = np.stack(
+                    pq.read_table(scratch.embeddings, columns=["vector"])[0].to_numpy()
+                )
     items = pq.read_table(src.items, columns=["title", "text"]).to_pandas()
     texts = [item_text(t, x) for t, x in zip(items["title"], items["text"], strict=True)]
     teacher = load_teacher(TeacherConfig())
@@ -101,6 +138,10 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)  # as a Ray Data actor runs
     sample = np.random.default_rng(0).choice(len(texts), size=min(2000, len(texts)), replace=False)
     by_chars = sample[np.argsort([len(texts[i]) for i in sample], kind="stable")]
+
+    def ratio(name: str) -> float:  # against one actor, sorted, fp32
+        return round(float(np.median(runs[name]) / np.median(runs["sorted_by_length"])), 2)
+
     result = {
         "command": "benchmarks/embed_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "commit": subprocess.run(
@@ -111,6 +152,10 @@ def main(argv=None) -> dict:
         "items_per_s": {k: float(np.median(v)) for k, v in runs.items()},
         "rounds": runs,
         "speedup": round(float(np.median(runs["sorted_by_length"]) / np.median(runs["catalogue_order"])), 2),
+        "pool_speedup": ratio("sorted_pool"),
+        "bf16_speedup": ratio("sorted_bf16"),
+        "pool_bf16_speedup": ratio("sorted_pool_bf16"),
+        "bf16_agreement": agreement(vectors["fp32"], vectors["bf16"]),
         "tokens": {
             "catalogue_order": padding(lengths, args.batch_size),
             "sorted_by_length": padding(lengths[order], args.batch_size),
@@ -129,7 +174,17 @@ def main(argv=None) -> dict:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(
         json.dumps(
-            {k: result[k] for k in ("items_per_s", "speedup", "tokens", "time_split_2000_items_no_ray")},
+            {
+                k: result[k]
+                for k in (
+                    "items_per_s",
+                    "speedup",
+                    "pool_speedup",
+                    "bf16_speedup",
+                    "pool_bf16_speedup",
+                    "bf16_agreement",
+                )
+            },
             indent=2,
         )
     )

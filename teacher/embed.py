@@ -42,7 +42,9 @@ from vlmrec.workspace import Workspace, atomic_parquet_writer
 @dataclass(frozen=True)
 class EmbedConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    num_actors: int = 1  # teacher replicas in the Ray Data actor pool (each holds a model copy)
+    # teacher replicas in the Ray Data actor pool, each a model copy on one CPU (one torch thread); None: the
+    # pool grows from one to one per CPU of the cluster but one, as the queue asks (a busy cluster keeps it small)
+    num_actors: int | None = None
     batch_size: int = 64  # items per map_batches call
     # Batches of texts of similar length: a batch is padded to its longest text, so the catalogue is cut
     # into batches in order of text length (the output keeps the catalogue's order).
@@ -106,10 +108,17 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
         raise ValueError(f"{ws.items}: no items to embed")
     init_ray()
     t0 = time.perf_counter()
+    # one CPU left for the tasks that feed the pool (a local cluster counts one logical CPU more than cores)
+    most = config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
+    pool = (
+        ray.data.ActorPoolStrategy(size=most)
+        if config.num_actors
+        else ray.data.ActorPoolStrategy(min_size=1, max_size=most)
+    )
     sizes, blocks = [], []
     for rows in _windows(catalogue, TEXT_COLUMNS, config.window):
         sizes.append(len(rows))
-        blocks += [ray.put(b) for b in _blocks(rows, config)]
+        blocks += [ray.put(b) for b in _blocks(rows, config, most)]
     context = ray.data.DataContext.get_current()
     ordered = context.execution_options.preserve_order
     context.execution_options.preserve_order = True  # windows come back whole and in turn
@@ -119,7 +128,7 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
             fn_constructor_kwargs={"teacher": config.teacher},
             batch_size=config.batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            compute=pool,
         )
         del blocks
         stamps = _windows(catalogue, ["item_id", "event_timestamp"], config.window)
@@ -134,6 +143,7 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
         **counts,
         "seconds": round(seconds, 2),
         "items_per_s": round(counts["items"] / seconds, 1),
+        "actors": most,  # the pool's size (at most, where it grows)
         "config": asdict(config),
     }
 
@@ -148,13 +158,13 @@ def _windows(catalogue: pq.ParquetFile, columns: list[str], window: int):
         yield rows
 
 
-def _blocks(rows: pd.DataFrame, config: EmbedConfig) -> list[pd.DataFrame]:
+def _blocks(rows: pd.DataFrame, config: EmbedConfig, actors: int) -> list[pd.DataFrame]:
     """One window cut into Ray Data blocks, its texts sorted by length first. Blocks are cut here in the
     driver: a Ray Data repartition task would wait forever for a CPU the actor pool holds on a small machine."""
     if config.sort_by_length:
         lengths = [len(item_text(t, x)) for t, x in zip(rows["title"], rows["text"], strict=True)]
         rows = rows.iloc[np.argsort(lengths, kind="stable")]
-    n_blocks = max(1, min(len(rows) // config.batch_size, 4 * config.num_actors))
+    n_blocks = max(1, min(len(rows) // config.batch_size, 4 * actors))
     return [rows.iloc[idx] for idx in np.array_split(np.arange(len(rows)), n_blocks)]
 
 
@@ -215,7 +225,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or AMX, and on GPUs; vectors stay float32)",
     )
     parser.add_argument("--batch-size", type=_positive, default=EmbedConfig.batch_size)
-    parser.add_argument("--num-actors", type=_positive, default=EmbedConfig.num_actors)
+    parser.add_argument(
+        "--num-actors",
+        type=_positive,
+        default=EmbedConfig.num_actors,
+        help="teacher replicas, one CPU each (default: grow to one per CPU of the cluster, but one)",
+    )
     parser.add_argument(
         "--window",
         type=_positive,

@@ -328,8 +328,9 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
     catalogue = pq.read_table(ws.items, columns=["item_id", "event_timestamp"]).to_pandas()
     assert sorted_table["item_id"].tolist() == plain["item_id"].tolist() == catalogue["item_id"].tolist()
     np.testing.assert_allclose(np.stack(sorted_table["vector"]), np.stack(plain["vector"]), atol=1e-5)
-    # windows of 37 rows (the last one shorter), each sorted on its own: the same file, timestamps included
-    summary = embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1, window=37))
+    # windows of 37 rows (the last one shorter), each sorted on its own, through the default pool (it grows
+    # to one actor per CPU but one): the same file, timestamps included
+    summary = embed_catalogue(ws, EmbedConfig(batch_size=16, window=37))
     windowed = pq.read_table(ws.embeddings).to_pandas()
     assert len(catalogue) % 37 and summary["items"] == len(catalogue) and summary["dim"] == 384
     assert windowed["item_id"].tolist() == catalogue["item_id"].tolist()
