@@ -7,9 +7,10 @@ Per size, in <workroot>/<events>: `python -m vlmrec.scale` grows the base worksp
 (items = events / 10, seed 0), then each stage runs as its own process, as a user runs it:
 
     ingest        vlmrec ingest
-    embed         vlmrec embed (minilm); a catalogue above --embed-max-items is not embedded here (minilm
-                  on two cores takes about a minute per 10k items): its clones get their base item's vector
-                  plus noise instead, and the stage is recorded as not run
+    embed         vlmrec embed (minilm at --embed-precision, its default actor pool); a catalogue above
+                  --embed-max-items is not embedded here (minilm on two cores takes minutes per 10k items):
+                  its clones get their base item's vector plus noise instead, and the stage is recorded
+                  as not run
     materialize   vlmrec features (feast apply + materialize into sqlite), the default sequence layout
                   (a row per user); up to --snapshots-max-events the per-event layout is ingested and
                   materialized beside it (`sequence_layouts`: rows, ids, bytes, both stages)
@@ -225,9 +226,12 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         "driver_peak_rss_mb": got["driver_mb"],
     }
     if n_items <= args.embed_max_items:
-        got = stage("embed", [*vlmrec, "embed", "--workdir", str(ws)], log)
+        got = stage(
+            "embed", [*vlmrec, "embed", "--workdir", str(ws), "--precision", args.embed_precision], log
+        )
         stages["embed"] = {"wall_s": got["wall_s"], "worker_peak_rss_mb": got["workers_mb"],
-                           "driver_peak_rss_mb": got["driver_mb"], "items": n_items}  # fmt: skip
+                           "driver_peak_rss_mb": got["driver_mb"], "items": n_items,
+                           "precision": args.embed_precision}  # fmt: skip
     else:
         items = derive_vectors(args.base, ws, seed=0)
         stages["embed"] = {"wall_s": None, "worker_peak_rss_mb": None, "items": items,
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     p.add_argument("--workroot", type=Path, default=Path(".vlmrec/scale"))
     p.add_argument("--embed-max-items", type=int, default=20_000)
+    p.add_argument(
+        "--embed-precision", choices=("fp32", "bf16"), default="fp32", help="vlmrec embed --precision"
+    )
     p.add_argument(
         "--train-max-events",
         type=int,
