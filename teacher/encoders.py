@@ -76,7 +76,7 @@ class TeacherConfig:
     device: str = "cpu"
     load_in_4bit: bool = False  # QLoRA's base: 4-bit NF4 weights through bitsandbytes (CUDA only)
     # Embedding's forward: "fp32", or "bf16" under torch's bfloat16 autocast (matmuls in bf16, norms and
-    # softmax in fp32; vectors come out float32, unit rows, the same space). Tuning always runs fp32.
+    # softmax in fp32; vectors come out float32, unit rows, the same space). Tuning does not read it.
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
