@@ -20,6 +20,8 @@ Above --train-max-events the training job runs until --memory-limit-gb or 600 s 
 through the example build and the workers' start is the size's driver figure), then the example build alone
 (`python -m training.examples`) gives pit_join, and the index is built from the teacher vectors.
     index_build   vlmrec index build --run scale
+With --embed-only each size is generated, ingested and embedded (whatever its catalogue's size), and only the
+sizes' embed entries in --out are replaced, each carrying its own command, commit and load average.
 
 A sampler reads each stage's process tree every 0.2 s: the stage's own process is the driver, its Ray worker
 processes (`ray::...`) the workers (their RSS counts the object-store pages they map). pit_join and epoch
@@ -45,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["--max-len", "50", "--d-model", "64", "--n-blocks", "2", "--batch-size", "128", "--epochs", "1"]
 TRAIN += ["--no-tune-fusion", "--name", "scale"]
+VLMREC = [sys.executable, "-m", "vlmrec.cli"]
 
 
 _LIMIT_MB: float | None = None  # --memory-limit-gb: a stage whose processes hold more is killed
@@ -205,33 +208,42 @@ def sequence_file(ws: Path) -> dict:
     }
 
 
-def one_size(n: int, args: argparse.Namespace) -> dict:
+def grow(n: int, args: argparse.Namespace) -> tuple[Path, Path, Path, Path, dict]:
+    """Generate the n-event workspace and ingest it -> (root, ws, raw, log, {"ingest": ...})."""
     root = args.workroot / str(n)
     shutil.rmtree(root, ignore_errors=True)
     ws, raw, log = root / "ws", root / "raw", root / "log.txt"
     root.mkdir(parents=True)
-    py, vlmrec = sys.executable, [sys.executable, "-m", "vlmrec.cli"]
-    n_items = max(n // 10, 1)
     t0 = time.perf_counter()
-    stage("generate", [py, "-m", "vlmrec.scale", "--events", str(args.base / "data" / "events.parquet"), "--catalogue",
-                       str(args.base / "data" / "items.parquet"), "--n-events", str(n), "--n-items",
-                       str(n_items), "--seed", "0", "--out", str(raw)], log)  # fmt: skip
+    stage("generate", [sys.executable, "-m", "vlmrec.scale", "--events", str(args.base / "data" / "events.parquet"),
+                       "--catalogue", str(args.base / "data" / "items.parquet"), "--n-events", str(n), "--n-items",
+                       str(max(n // 10, 1)), "--seed", "0", "--out", str(raw)], log)  # fmt: skip
     print(f"  generated in {time.perf_counter() - t0:.1f} s")
-    stages: dict[str, dict] = {}
-    got = stage("ingest", [*vlmrec, "ingest", "--events", str(raw / "events.parquet"), "--catalogue",
+    got = stage("ingest", [*VLMREC, "ingest", "--events", str(raw / "events.parquet"), "--catalogue",
                            str(raw / "catalogue.parquet"), "--workdir", str(ws), "--max-len", "50"], log)  # fmt: skip
-    stages["ingest"] = {
+    ingest = {
         "wall_s": got["wall_s"],
         "worker_peak_rss_mb": got["driver_mb"],
         "driver_peak_rss_mb": got["driver_mb"],
     }
+    return root, ws, raw, log, {"ingest": ingest}
+
+
+def embed(ws: Path, log: Path, args: argparse.Namespace) -> dict:
+    """The embed stage: vlmrec embed at --embed-precision, its default actor pool."""
+    import pyarrow.parquet as pq
+
+    n_items = pq.ParquetFile(ws / "data" / "items.parquet").metadata.num_rows
+    got = stage("embed", [*VLMREC, "embed", "--workdir", str(ws), "--precision", args.embed_precision], log)
+    return {"wall_s": got["wall_s"], "worker_peak_rss_mb": got["workers_mb"], "driver_peak_rss_mb": got["driver_mb"],
+            "items": n_items, "precision": args.embed_precision}  # fmt: skip
+
+
+def one_size(n: int, args: argparse.Namespace) -> dict:
+    root, ws, raw, log, stages = grow(n, args)
+    py, vlmrec, n_items = sys.executable, VLMREC, max(n // 10, 1)
     if n_items <= args.embed_max_items:
-        got = stage(
-            "embed", [*vlmrec, "embed", "--workdir", str(ws), "--precision", args.embed_precision], log
-        )
-        stages["embed"] = {"wall_s": got["wall_s"], "worker_peak_rss_mb": got["workers_mb"],
-                           "driver_peak_rss_mb": got["driver_mb"], "items": n_items,
-                           "precision": args.embed_precision}  # fmt: skip
+        stages["embed"] = embed(ws, log, args)
     else:
         items = derive_vectors(args.base, ws, seed=0)
         stages["embed"] = {"wall_s": None, "worker_peak_rss_mb": None, "items": items,
@@ -368,6 +380,12 @@ def main(argv: list[str] | None = None) -> None:
         default=1_000_000,
         help="also ingest and materialize the per-event sequence layout up to this size (it grows N x events)",
     )
+    p.add_argument(
+        "--embed-only",
+        action="store_true",
+        help="generate, ingest and embed each size (--embed-max-items ignored), replacing only the sizes' embed "
+        "entries in --out, each with its own command, commit and load average",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
     p.add_argument("--memory-limit-gb", type=float, default=18.0, help="a stage holding more is killed")
     args = p.parse_args(argv)
@@ -376,9 +394,17 @@ def main(argv: list[str] | None = None) -> None:
     out = json.loads(args.out.read_text()) if args.out.exists() else {"sizes": {}}
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     commit = git.stdout.strip()
+    command = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for n in args.sizes:
+        if args.embed_only:  # the other stages keep the figures of the run that made them
+            _, ws, _, log, _ = grow(n, args)
+            got = embed(ws, log, args)
+            got.update(command=command, commit=commit, load_average=list(os.getloadavg()))
+            out["sizes"].setdefault(str(n), {"stages": {}})["stages"]["embed"] = got
+            args.out.write_text(json.dumps(out, indent=2))
+            continue
         out["sizes"][str(n)] = {**one_size(n, args), "commit": commit}  # sizes may differ
-        out["command"] = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        out["command"] = command
         out["commit"] = commit
         out["machine"] = f"{os.cpu_count()} cores"
         args.out.write_text(json.dumps(out, indent=2))  # each size as it finishes
