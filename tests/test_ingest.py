@@ -323,7 +323,7 @@ def test_read_table_errors(tmp_path):
     assert df.title.iloc[0] == "NA" and pd.isna(df.title.iloc[1])
 
 
-def test_images_checked_nulled_and_counted(tmp_path):
+def test_images_checked_nulled_and_counted(tmp_path, monkeypatch):
     img_dir = tmp_path / "img"
     img_dir.mkdir()
     Image.new("RGB", (8, 8), (200, 0, 0)).save(img_dir / "ok.png")
@@ -331,23 +331,42 @@ def test_images_checked_nulled_and_counted(tmp_path):
     full = img_dir / "cut.png"
     Image.new("RGB", (64, 64), (0, 0, 200)).save(full)
     (img_dir / "truncated.png").write_bytes(full.read_bytes()[:60])
+    photo = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(img_dir / "whole.jpg", quality=90)
+    jpeg = (
+        img_dir / "whole.jpg"
+    ).read_bytes()  # a JPEG cut short of its end still opens: only its decode fails
+    (img_dir / "truncated.jpg").write_bytes(jpeg[: len(jpeg) - 200])
     catalogue = pd.concat(
         [
             _catalogue(image_uri=[str(img_dir / "ok.png"), "img/garbage.png", "img/none.png", None]),
-            _catalogue(item_id=[14, 15, 16, 17], image_uri=["img/cut.png", "img/truncated.png", None, None]),
+            _catalogue(
+                item_id=[14, 15, 16, 17], image_uri=["img/cut.png", "img/truncated.png", None, "img/ok.png"]
+            ),
+            _catalogue(
+                item_id=[18, 19, 20, 21], image_uri=["img/whole.jpg", "img/truncated.jpg", None, None]
+            ),
         ]
     )
     ev, cat = _write(tmp_path, _events(), catalogue)
     ws = Workspace(tmp_path / "ws")
+    opened = []
+    monkeypatch.setattr(
+        ing, "_readable", lambda path, check=ing._readable: opened.append(path) or check(path)
+    )
     summary = ingest(ev, cat, ws)
-    assert (summary.images_ok, summary.images_unreadable, summary.images_missing) == (2, 3, 3)
+    assert (summary.images_ok, summary.images_unreadable, summary.images_missing) == (4, 4, 4)
+    assert (
+        sorted(opened) == sorted(set(opened)) and len(opened) == 7
+    )  # items 10 and 17 share ok.png: one read
     uris = _read(ws.items).set_index("item_id")["image_uri"]
-    assert uris[10] == str(img_dir / "ok.png") and uris[14] == str(
+    assert uris[10] == uris[17] == str(img_dir / "ok.png") and uris[14] == str(
         img_dir / "cut.png"
-    )  # relative -> absolute
-    assert uris[[11, 12, 15, 16]].isna().all()
+    )  # absolute
+    assert uris[18] == str(img_dir / "whole.jpg")
+    assert uris[[11, 12, 15, 19]].isna().all()
     unchecked = ingest(ev, cat, ws, IngestConfig(check_images=False))
-    assert unchecked.images_unchecked == 5 and unchecked.images_ok == 0
+    assert unchecked.images_unchecked == 8 and unchecked.images_ok == 0
 
 
 def _movielens(root):

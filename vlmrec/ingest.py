@@ -333,8 +333,11 @@ def _check_images(items: pd.DataFrame, cat_df: pd.DataFrame, check: bool) -> dic
     for i, p in paths.items():
         uris[i] = p
     if check and paths:
+        # items sharing a file (a product's variants) open it once
+        files = list(dict.fromkeys(paths.values()))
         with ThreadPoolExecutor(IMAGE_THREADS) as pool:
-            readable = list(pool.map(_readable, paths.values()))
+            by_file = dict(zip(files, pool.map(_readable, files), strict=True))
+        readable = [by_file[p] for p in paths.values()]
         for i, ok in zip(paths, readable, strict=True):
             if not ok:
                 uris[i] = None
@@ -349,7 +352,8 @@ def _readable(path: str) -> bool:
 
     try:
         with Image.open(path) as im:
-            im.load()  # decode fully: catches truncated files that a header check would pass
+            im.draft(im.mode, (1, 1))  # a JPEG decodes at its smallest DCT scale (other formats ignore this)
+            im.load()  # still reads the whole file: catches truncated files that a header check would pass
         return True
     except Exception:  # missing file, not an image, truncated: all mean "no usable image"
         return False
