@@ -4,7 +4,7 @@ on MovieLens-small grown to 100k, 1M and 10M events.
     python benchmarks/scale.py --base .vlmrec/ml --sizes 100000 1000000 --out benchmarks/results/scale.json
 
 Per size, in <workroot>/<events>: `python -m vlmrec.scale` grows the base workspace's events and catalogue
-(items = events / 10, seed 0), then each stage runs as its own process, as a user runs it:
+(items = events / 10 or --n-items, seed 0), then each stage runs as its own process, as a user runs it:
 
     ingest        vlmrec ingest
     embed         vlmrec embed (minilm at --embed-precision, its default actor pool); a catalogue above
@@ -208,6 +208,11 @@ def sequence_file(ws: Path) -> dict:
     }
 
 
+def catalogue_size(n: int, args: argparse.Namespace) -> int:
+    """The n-event workspace's catalogue: --n-items, else events / 10."""
+    return args.n_items or max(n // 10, 1)
+
+
 def grow(n: int, args: argparse.Namespace) -> tuple[Path, Path, Path, Path, dict]:
     """Generate the n-event workspace and ingest it -> (root, ws, raw, log, {"ingest": ...})."""
     root = args.workroot / str(n)
@@ -217,7 +222,7 @@ def grow(n: int, args: argparse.Namespace) -> tuple[Path, Path, Path, Path, dict
     t0 = time.perf_counter()
     stage("generate", [sys.executable, "-m", "vlmrec.scale", "--events", str(args.base / "data" / "events.parquet"),
                        "--catalogue", str(args.base / "data" / "items.parquet"), "--n-events", str(n), "--n-items",
-                       str(max(n // 10, 1)), "--seed", "0", "--out", str(raw)], log)  # fmt: skip
+                       str(catalogue_size(n, args)), "--seed", "0", "--out", str(raw)], log)  # fmt: skip
     print(f"  generated in {time.perf_counter() - t0:.1f} s")
     got = stage("ingest", [*VLMREC, "ingest", "--events", str(raw / "events.parquet"), "--catalogue",
                            str(raw / "catalogue.parquet"), "--workdir", str(ws), "--max-len", "50"], log)  # fmt: skip
@@ -241,7 +246,7 @@ def embed(ws: Path, log: Path, args: argparse.Namespace) -> dict:
 
 def one_size(n: int, args: argparse.Namespace) -> dict:
     root, ws, raw, log, stages = grow(n, args)
-    py, vlmrec, n_items = sys.executable, VLMREC, max(n // 10, 1)
+    py, vlmrec, n_items = sys.executable, VLMREC, catalogue_size(n, args)
     if n_items <= args.embed_max_items:
         stages["embed"] = embed(ws, log, args)
     else:
@@ -364,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--base", type=Path, required=True, help="the MovieLens workspace (items, embeddings)")
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     p.add_argument("--workroot", type=Path, default=Path(".vlmrec/scale"))
+    p.add_argument(
+        "--n-items",
+        type=int,
+        help="one catalogue size for every size (default: events / 10), to vary events alone",
+    )
     p.add_argument("--embed-max-items", type=int, default=20_000)
     p.add_argument(
         "--embed-precision", choices=("fp32", "bf16"), default="fp32", help="vlmrec embed --precision"
