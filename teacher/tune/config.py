@@ -8,12 +8,9 @@ from typing import Literal
 
 from engine import EngineConfig
 from engine.config import _Config
-from teacher.encoders import (
-    TeacherConfig,
-    require_cuda_for_4bit,
-    resolve_teacher,
-)
+from teacher.encoders import TeacherConfig, resolve_teacher
 from teacher.pairs import PairConfig
+from teacher.weights import require_cuda_for_4bit
 
 # LoRA targets when --target-modules is empty: the attention projections of each teacher's towers.
 DEFAULT_TARGETS = {

@@ -11,15 +11,10 @@ from pathlib import Path
 
 import torch
 
-from teacher.encoders import (
-    TUNED_FILE,
-    Teacher,
-    TeacherConfig,
-    _weights_digest,
-    load_teacher,
-)
+from teacher.encoders import Teacher, TeacherConfig, load_teacher
 from teacher.tune.config import TuneConfig
 from teacher.tune.model import LitPairs, LoraPairs, PairScorer
+from teacher.weights import TUNED_FILE, weights_digest
 from vlmrec.workspace import Workspace, staged_dir
 
 
@@ -69,7 +64,7 @@ def _export_lora(folder: Path, model: LoraPairs, tcfg: TeacherConfig, base_id: s
         "base_id": base_id,
         "adapter_digest": digest,
         "teacher_id": f"{base_id}+lora@{digest}",
-        "weights_digest": _weights_digest(folder / "model"),
+        "weights_digest": weights_digest(folder / "model"),
     }
     (folder / "model" / TUNED_FILE).write_text(json.dumps(tuned, indent=2))
     return tuned
@@ -77,7 +72,7 @@ def _export_lora(folder: Path, model: LoraPairs, tcfg: TeacherConfig, base_id: s
 
 def _export_lit(folder: Path, model: LitPairs, tcfg: TeacherConfig, text_id: str) -> dict:
     model.tower.save_pretrained(folder / "model")
-    digest = _weights_digest(folder / "model")
+    digest = weights_digest(folder / "model")
     skip = ("batch_size", "device", "load_in_4bit")  # how to run it, not which weights
     text_teacher = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in skip}
     tuned = {
