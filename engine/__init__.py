@@ -90,6 +90,7 @@ def initialize(
     exclude: trainable parameters another optimizer steps (engine.rows.RowSparseAdam's tables)."""
     import deepspeed
 
+    _build_no_shm_op()
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     # DeepSpeed's initial broadcast views every parameter as bytes, which fails on 0-d tensors (CLIP's and
     # jina-clip's logit_scale): frozen ones are broadcast as (1,) and given their shape back.
@@ -104,6 +105,17 @@ def initialize(
     for p in scalars:
         p.data = p.data.reshape(())
     return engine
+
+
+def _build_no_shm_op() -> None:
+    """Keep DeepSpeed's comm backend from compiling its shared-memory all-reduce. On CPU it JIT-builds that C++
+    op (deepspeed_shm_comm) whenever it sets up communication and ~/.cache/torch_extensions lacks a build for
+    this environment: tens of seconds on two cores, on every fresh machine, container or HOME. Only DeepSpeed's
+    inference all-reduce (tensor-parallel module injection) calls it; training's collectives go through
+    torch.distributed. Marked incompatible, the op is never built (the backend then holds None for it)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
 
 
 def resume(engine, state: dict, frozen_excluded: bool = False, rows: RowSparseAdam | None = None) -> dict:
