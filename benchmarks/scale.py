@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -213,8 +214,18 @@ def catalogue_size(n: int, args: argparse.Namespace) -> int:
     return args.n_items or max(n // 10, 1)
 
 
-def grow(n: int, args: argparse.Namespace) -> tuple[Path, Path, Path, Path, dict]:
-    """Generate the n-event workspace and ingest it -> (root, ws, raw, log, {"ingest": ...})."""
+class Grown(NamedTuple):
+    """An n-event workspace: its root folder, the workspace, the generated raw files, the stages' log."""
+
+    root: Path
+    ws: Path
+    raw: Path
+    log: Path
+    ingest: dict
+
+
+def grow(n: int, args: argparse.Namespace) -> Grown:
+    """Generate the n-event workspace and ingest it."""
     root = args.workroot / str(n)
     shutil.rmtree(root, ignore_errors=True)
     ws, raw, log = root / "ws", root / "raw", root / "log.txt"
@@ -231,7 +242,7 @@ def grow(n: int, args: argparse.Namespace) -> tuple[Path, Path, Path, Path, dict
         "worker_peak_rss_mb": got["driver_mb"],
         "driver_peak_rss_mb": got["driver_mb"],
     }
-    return root, ws, raw, log, {"ingest": ingest}
+    return Grown(root, ws, raw, log, ingest)
 
 
 def embed(ws: Path, log: Path, args: argparse.Namespace) -> dict:
@@ -245,8 +256,9 @@ def embed(ws: Path, log: Path, args: argparse.Namespace) -> dict:
 
 
 def one_size(n: int, args: argparse.Namespace) -> dict:
-    root, ws, raw, log, stages = grow(n, args)
-    py, vlmrec, n_items = sys.executable, VLMREC, catalogue_size(n, args)
+    root, ws, raw, log, ingest = grow(n, args)
+    stages = {"ingest": ingest}
+    n_items = catalogue_size(n, args)
     if n_items <= args.embed_max_items:
         stages["embed"] = embed(ws, log, args)
     else:
@@ -254,7 +266,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         stages["embed"] = {"wall_s": None, "worker_peak_rss_mb": None, "items": items,
                            "not_run": f"{items} items above --embed-max-items {args.embed_max_items}: vectors "
                            "derived from the base items' minilm vectors"}  # fmt: skip
-    got = stage("materialize", [*vlmrec, "features", "--workdir", str(ws)], log, may_stop=True)
+    got = stage("materialize", [*VLMREC, "features", "--workdir", str(ws)], log, may_stop=True)
     stages["materialize"] = {
         "wall_s": None if got.get("stopped") else got["wall_s"],
         "worker_peak_rss_mb": got["driver_mb"],
@@ -266,11 +278,11 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
     }
     if n <= args.snapshots_max_events:  # the per-event layout, measured beside the default
         snap = root / "ws-snapshots"
-        got = stage("ingest snapshots", [*vlmrec, "ingest", "--events", str(raw / "events.parquet"), "--catalogue",
+        got = stage("ingest snapshots", [*VLMREC, "ingest", "--events", str(raw / "events.parquet"), "--catalogue",
                                          str(raw / "catalogue.parquet"), "--workdir", str(snap), "--max-len", "50",
                                          "--sequences", "snapshots"], log)  # fmt: skip
         shutil.copy(ws / "data" / "item_embeddings.parquet", snap / "data" / "item_embeddings.parquet")
-        mat = stage("materialize snapshots", [*vlmrec, "features", "--workdir", str(snap)], log)
+        mat = stage("materialize snapshots", [*VLMREC, "features", "--workdir", str(snap)], log)
         layouts["snapshots"] = {
             **sequence_file(snap),
             "ingest": {"wall_s": got["wall_s"], "worker_peak_rss_mb": got["driver_mb"]},
@@ -283,7 +295,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         }
     train = None
     if n <= args.train_max_events:  # the training job: the example build, one epoch, the export
-        train = stage("train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True)
+        train = stage("train", [*VLMREC, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True)
     if train is not None and not train.get("stopped"):
         run = json.loads((ws / "runs" / "scale" / "export" / "run.json").read_text())
         steps, n_train = run["data"]["stages"], run["data"]["train_examples"]
@@ -303,14 +315,14 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         # its epoch is not run, docs/BENCHMARKS.md says why), or up to where the memory limit stopped the
         # whole job; then the example build alone, in its own driver
         train = train or stage(
-            "train", [*vlmrec, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True, max_s=600
+            "train", [*VLMREC, "train", "--workdir", str(ws), *TRAIN], log, may_stop=True, max_s=600
         )
         if not train.get("stopped"):
             raise SystemExit(
                 f"the {n}-event training job ended within 600 s: run it with --train-max-events {n}"
             )
         cmd = [
-            py,
+            sys.executable,
             "-m",
             "training.examples",
             "--workdir",
@@ -346,7 +358,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         "worker_peak_rss_mb": max(s["worker_peak_rss_mb"] for s in build),
         "steps": {s: steps[s] for s in ("partition", "windows", "arrays")},
     }
-    got = stage("index_build", [*vlmrec, "index", "build", "--workdir", str(ws), *index], log)
+    got = stage("index_build", [*VLMREC, "index", "build", "--workdir", str(ws), *index], log)
     stages["index_build"] = {
         "wall_s": got["wall_s"],
         "worker_peak_rss_mb": got["driver_mb"],
@@ -407,8 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for n in args.sizes:
         if args.embed_only:  # the other stages keep the figures of the run that made them
-            _, ws, _, log, _ = grow(n, args)
-            got = embed(ws, log, args)
+            grown = grow(n, args)
+            got = embed(grown.ws, grown.log, args)
             got.update(command=command, commit=commit, load_average=list(os.getloadavg()))
             out["sizes"].setdefault(str(n), {"stages": {}})["stages"]["embed"] = got
             args.out.write_text(json.dumps(out, indent=2))

@@ -333,9 +333,8 @@ def test_images_checked_nulled_and_counted(tmp_path, monkeypatch):
     (img_dir / "truncated.png").write_bytes(full.read_bytes()[:60])
     photo = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(photo).save(img_dir / "whole.jpg", quality=90)
-    jpeg = (
-        img_dir / "whole.jpg"
-    ).read_bytes()  # a JPEG cut short of its end still opens: only its decode fails
+    # a JPEG cut short of its end still opens: only its decode fails
+    jpeg = (img_dir / "whole.jpg").read_bytes()
     (img_dir / "truncated.jpg").write_bytes(jpeg[: len(jpeg) - 200])
     catalogue = pd.concat(
         [
@@ -356,13 +355,11 @@ def test_images_checked_nulled_and_counted(tmp_path, monkeypatch):
     )
     summary = ingest(ev, cat, ws)
     assert (summary.images_ok, summary.images_unreadable, summary.images_missing) == (4, 4, 4)
-    assert (
-        sorted(opened) == sorted(set(opened)) and len(opened) == 7
-    )  # items 10 and 17 share ok.png: one read
+    # items 10 and 17 share ok.png: one read
+    assert sorted(opened) == sorted(set(opened)) and len(opened) == 7
     uris = _read(ws.items).set_index("item_id")["image_uri"]
-    assert uris[10] == uris[17] == str(img_dir / "ok.png") and uris[14] == str(
-        img_dir / "cut.png"
-    )  # absolute
+    # absolute
+    assert uris[10] == uris[17] == str(img_dir / "ok.png") and uris[14] == str(img_dir / "cut.png")
     assert uris[18] == str(img_dir / "whole.jpg")
     assert uris[[11, 12, 15, 19]].isna().all()
     unchecked = ingest(ev, cat, ws, IngestConfig(check_images=False))
