@@ -16,12 +16,15 @@ created_at is its first event never tells a model about an item before someone c
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
-import torch
-from torch import Tensor
 
 from training.data import ItemTable
+
+if TYPE_CHECKING:  # torch only where buckets are computed: the example build's tasks import this module too
+    from torch import Tensor
 
 # Log-spaced: a day, a week, a month, a quarter, a year, three years. Launch-day and launch-week items differ
 # most from the catalogue; beyond three years age says little.
@@ -29,7 +32,7 @@ AGE_EDGES_DAYS = (1.0, 7.0, 30.0, 90.0, 365.0, 1095.0)
 N_AGE_BUCKETS = len(AGE_EDGES_DAYS) + 2  # 0 = unseen, then one more than the edges
 UNSEEN = 0
 # age <= 0 (and -inf: never added) -> UNSEEN; the smallest positive double up to a day -> 1; and so on.
-_BOUNDARIES = torch.tensor((np.nextafter(0.0, 1.0), *AGE_EDGES_DAYS), dtype=torch.float64)
+_BOUNDARIES = np.array((np.nextafter(0.0, 1.0), *AGE_EDGES_DAYS), dtype=np.float64)
 EPOCH = pd.Timestamp(0, tz="UTC")
 
 
@@ -86,5 +89,8 @@ def age_bucket(request_days: Tensor, added_days: Tensor) -> Tensor:
     """Age buckets by broadcasting: request_days (..., 1) or (...,) against added_days (..., C) -> int64.
     UNSEEN where the item has no event strictly before the request (added_days >= request, or +inf). Times
     are finite or +inf anchors (a NaN time is not an age: it lands in the last bucket)."""
+    import torch
+
     age = request_days.to(torch.float64) - added_days.to(torch.float64)
-    return torch.bucketize(age, _BOUNDARIES.to(age.device), right=True)  # one pass over (P, C): no where
+    edges = torch.as_tensor(_BOUNDARIES, device=age.device)
+    return torch.bucketize(age, edges, right=True)  # one pass over (P, C): no where
