@@ -20,8 +20,9 @@ Above --train-max-events the training job runs until --memory-limit-gb or 600 s 
 through the example build and the workers' start is the size's driver figure), then the example build alone
 (`python -m training.examples`) gives pit_join, and the index is built from the teacher vectors.
     index_build   vlmrec index build --run scale
-With --embed-only each size is generated, ingested and embedded (whatever its catalogue's size), and only the
-sizes' embed entries in --out are replaced, each carrying its own command, commit and load average.
+With --only embed each size is generated, ingested and embedded (whatever its catalogue's size); with --only
+pit_join the example build runs alone on each size's workspace (grown, its vectors derived, where --workroot
+has none). Only those entries in --out are replaced, each carrying its own command, commit and load average.
 
 A sampler reads each stage's process tree every 0.2 s: the stage's own process is the driver, its Ray worker
 processes (`ray::...`) the workers (their RSS counts the object-store pages they map). pit_join and epoch
@@ -255,6 +256,40 @@ def embed(ws: Path, log: Path, args: argparse.Namespace) -> dict:
             "items": n_items, "precision": args.embed_precision}  # fmt: skip
 
 
+def example_build(root: Path, ws: Path, log: Path) -> tuple[dict, dict]:
+    """The example build alone, in its own driver (`python -m training.examples`) -> (its process figures,
+    what it printed: counts and each step's wall time and peak RSS)."""
+    cmd = [sys.executable, "-m", "training.examples", "--workdir", str(ws), "--out", str(root / "examples")]
+    alone = stage("examples", [*cmd, "--max-len", "50"], log, stdout=root / "examples.json")
+    return alone, json.loads((root / "examples.json").read_text())
+
+
+def pit_join(steps: dict) -> dict:
+    """The pit_join stage from the example build's steps: their wall times summed, their largest peak RSS."""
+    build = {s: steps[s] for s in ("partition", "windows", "arrays")}
+    return {
+        "wall_s": round(sum(s["wall_s"] for s in build.values()), 2),
+        "worker_peak_rss_mb": max(s["worker_peak_rss_mb"] for s in build.values()),
+        "steps": build,
+    }
+
+
+def pit_join_alone(n: int, args: argparse.Namespace) -> dict:
+    """--only pit_join: the example build of the n-event workspace in <workroot>, grown first (its vectors
+    derived from the base's) unless it holds events and item vectors already."""
+    root = args.workroot / str(n)
+    ws, log = root / "ws", root / "log.txt"
+    if not (ws / "data" / "item_embeddings.parquet").exists():
+        root, ws, _, log, _ = grow(n, args)
+        derive_vectors(args.base, ws, seed=0)
+    alone, built = example_build(root, ws, log)
+    return {
+        **pit_join(built["stages"]),
+        "examples": built["n_train"],
+        "driver_peak_rss_mb": alone["driver_mb"],
+    }
+
+
 def one_size(n: int, args: argparse.Namespace) -> dict:
     root, ws, raw, log, ingest = grow(n, args)
     stages = {"ingest": ingest}
@@ -321,19 +356,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
             raise SystemExit(
                 f"the {n}-event training job ended within 600 s: run it with --train-max-events {n}"
             )
-        cmd = [
-            sys.executable,
-            "-m",
-            "training.examples",
-            "--workdir",
-            str(ws),
-            "--out",
-            str(root / "examples"),
-            "--max-len",
-            "50",
-        ]
-        alone = stage("examples", cmd, log, stdout=root / "examples.json")
-        built = json.loads((root / "examples.json").read_text())
+        alone, built = example_build(root, ws, log)
         steps, n_train = built["stages"], built["n_train"]
         why = (
             f"{n} events above --train-max-events {args.train_max_events}"
@@ -352,12 +375,7 @@ def one_size(n: int, args: argparse.Namespace) -> dict:
         }
         job["valid_queries"] = built["n_valid"]
         index = ["--teacher"]
-    build = [steps[s] for s in ("partition", "windows", "arrays")]
-    stages["pit_join"] = {
-        "wall_s": round(sum(s["wall_s"] for s in build), 2),
-        "worker_peak_rss_mb": max(s["worker_peak_rss_mb"] for s in build),
-        "steps": {s: steps[s] for s in ("partition", "windows", "arrays")},
-    }
+    stages["pit_join"] = pit_join(steps)
     got = stage("index_build", [*VLMREC, "index", "build", "--workdir", str(ws), *index], log)
     stages["index_build"] = {
         "wall_s": got["wall_s"],
@@ -403,11 +421,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also ingest and materialize the per-event sequence layout up to this size (it grows N x events)",
     )
     p.add_argument(
-        "--embed-only",
-        action="store_true",
-        help="generate, ingest and embed each size (--embed-max-items ignored), replacing only the sizes' embed "
-        "entries in --out, each with its own command, commit and load average",
+        "--only",
+        choices=("embed", "pit_join"),
+        help="one stage per size, replacing only its entries in --out, each with its own command, commit and load "
+        "average. embed: generate, ingest and embed each size (--embed-max-items ignored); pit_join: the example "
+        "build alone, on the size's workspace in --workroot when it holds item vectors",
     )
+    p.add_argument("--embed-only", action="store_const", dest="only", const="embed", help="--only embed")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
     p.add_argument("--memory-limit-gb", type=float, default=18.0, help="a stage holding more is killed")
     args = p.parse_args(argv)
@@ -418,11 +438,14 @@ def main(argv: list[str] | None = None) -> None:
     commit = git.stdout.strip()
     command = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for n in args.sizes:
-        if args.embed_only:  # the other stages keep the figures of the run that made them
-            grown = grow(n, args)
-            got = embed(grown.ws, grown.log, args)
+        if args.only:  # the other stages keep the figures of the run that made them
+            if args.only == "embed":
+                grown = grow(n, args)
+                got = embed(grown.ws, grown.log, args)
+            else:
+                got = pit_join_alone(n, args)
             got.update(command=command, commit=commit, load_average=list(os.getloadavg()))
-            out["sizes"].setdefault(str(n), {"stages": {}})["stages"]["embed"] = got
+            out["sizes"].setdefault(str(n), {"stages": {}})["stages"][args.only] = got
             args.out.write_text(json.dumps(out, indent=2))
             continue
         out["sizes"][str(n)] = {**one_size(n, args), "commit": commit}  # sizes may differ
