@@ -408,9 +408,9 @@ def test_config_round_trip_keeps_secrets_out():
 def test_hnsw_settings_follow_the_collection_size_unless_set():
     from index.config import HNSW_BY_SIZE, hnsw_for
 
-    sizes = [1_000, 50_000, 50_001, 300_000, 300_001, 10_000_000]
+    sizes = [1_000, 150_000, 150_001, 300_000, 300_001, 10_000_000]
     settings = [hnsw_for(n) for n in sizes]
-    assert settings[0] == settings[1] != settings[2] and settings[-1] == HNSW_BY_SIZE[-1][1:]
+    assert settings[0] == settings[1] != settings[2] != settings[4] and settings[-1] == HNSW_BY_SIZE[-1][1:]
     for small, large in zip(settings, settings[1:], strict=False):  # never cheaper as the catalogue grows
         assert all(a <= b for a, b in zip(small, large, strict=True))
     assert all(ef >= 128 for *_, ef in settings)
