@@ -7,9 +7,9 @@
 
 Runs on Ray Data: `map_batches` over an actor pool (each actor loads the teacher once), batch size and pool
 size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). The
-catalogue streams through in windows (`EmbedConfig.window` rows): the driver puts one window's rows into the
-object store and writes one window's vectors, in the catalogue's order, to a file renamed into place at the
-end, so its memory does not grow with the catalogue. An item's vector fuses its image and text vectors; an
+catalogue goes through in windows (`EmbedConfig.window` rows): the driver reads and length-sorts one window
+at a time into the object store (every window's texts are put there before the pool starts) and writes one
+window's vectors at a time, in the catalogue's order, to a file renamed into place at the end. An item's vector fuses its image and text vectors; an
 item without a usable image falls back to text and is counted. The teacher's model id travels with every
 vector.
 """
@@ -49,8 +49,8 @@ class EmbedConfig:
     # Batches of texts of similar length: a batch is padded to its longest text, so the catalogue is cut
     # into batches in order of text length (the output keeps the catalogue's order).
     sort_by_length: bool = True
-    # Catalogue rows per window: the driver reads, sorts and writes back one window at a time, so its memory
-    # is one window's texts and vectors whatever the catalogue's size (length sorting happens within one).
+    # Catalogue rows per window: the driver reads, sorts and writes back one window at a time (length sorting
+    # happens within one); it holds one window's vectors, and the object store every window's texts.
     window: int = 65_536
 
 
