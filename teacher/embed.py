@@ -7,11 +7,11 @@
 
 Runs on Ray Data: `map_batches` over an actor pool (each actor loads the teacher once), batch size and pool
 size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). The
-catalogue goes through in windows (`EmbedConfig.window` rows): the driver reads and length-sorts one window
-at a time into the object store (every window's texts are put there before the pool starts) and writes one
-window's vectors at a time, in the catalogue's order, to a file renamed into place at the end. An item's vector fuses its image and text vectors; an
-item without a usable image falls back to text and is counted. The teacher's model id travels with every
-vector.
+catalogue goes through in windows (`EmbedConfig.window` rows): the driver length-sorts each window and puts
+its texts into the object store (all of them before the pool starts), then writes one window's vectors at a
+time, in the catalogue's order, to a file renamed into place at the end. An item's vector fuses its image
+and text vectors; an item without a usable image falls back to text and is counted. The teacher's model id
+travels with every vector.
 """
 
 from __future__ import annotations
