@@ -81,6 +81,10 @@ class ProducerConfig:
     # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
     # add synchronisation and take cores from the proxy and the other replicas.
     torch_threads: int = 1
+    # User vectors kept per model by their exact input (serving/vector_cache.py): a user who asks again
+    # without a new click skips the forward. Entries, each its vector (out_dim x 4 bytes) and about 0.4 KB
+    # of bookkeeping; 0 = off.
+    vector_cache: int = 50_000
     max_k: int = API_MAX_K  # the largest k this deployment accepts (<= API_MAX_K)
     # N, the length of the online click sequence a /v1/events push keeps; None = the model's max_len
     # (read from the export, so it is always known; the ingest snapshot length is not recorded anywhere).
@@ -136,6 +140,8 @@ class ProducerConfig:
             raise ValueError(f"event_types must be non-empty names, got {self.event_types!r}")
         if not 1 <= self.torch_threads <= 256:
             raise ValueError(f"torch_threads must be in 1..256, got {self.torch_threads}")
+        if not 0 <= self.vector_cache <= 100_000_000:
+            raise ValueError(f"vector_cache must be in 0..100000000 (0 = off), got {self.vector_cache}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.sequence_len is not None and self.sequence_len < 1:

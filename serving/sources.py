@@ -41,6 +41,7 @@ from serving.asks import Ask, Ranked
 from serving.calls import Deps, Unavailable, ms_since
 from serving.config import PRODUCERS, ProducerConfig
 from serving.experiments import Experiment, default_traffic_keys
+from serving.vector_cache import VectorCache
 from training.data import ItemTable, ModelInputs, build_inputs, trim_padding
 from training.item_age import bucket_ranges
 from training.model import WEIGHTS_FILE, SeqRec
@@ -146,6 +147,7 @@ class ModelSource:
     index: Index
     model_version: str  # <run>@<12 hex of the weights>
     fallback: list[PopularItem]  # the export's popular.json
+    cache: VectorCache = field(default_factory=lambda: VectorCache(0))  # user vectors by model input
     vocab: ItemTable = field(init=False)
     max_len: int = field(init=False)
     _live: tuple[tuple, frozenset[int], bool] | None = field(default=None, init=False)  # live_buckets' count
@@ -155,9 +157,14 @@ class ModelSource:
         self.max_len = self.model.cfg.max_len
 
     def user_vectors(self, ids: np.ndarray) -> np.ndarray:
-        """(B, max_len) model input -> (B, D) user vectors. Left padding is trimmed (the model's output does
-        not depend on it): rows go in groups of similar length (`length_groups`), each as wide as its
-        longest, so one long history does not make a batch of short ones pay its width."""
+        """(B, max_len) model input -> (B, D) user vectors: a row seen before (the same clicks, the same
+        model) from `cache`, the others by the model (`forward`)."""
+        return self.cache.vectors(ids, self.forward)
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """(B, max_len) model input -> (B, D) user vectors by the model. Left padding is trimmed (the model's
+        output does not depend on it): rows go in groups of similar length (`length_groups`), each as wide
+        as its longest, so one long history does not make a batch of short ones pay its width."""
         out = np.empty((len(ids), self.model.cfg.out_dim), np.float32)
         with torch.inference_mode():
             for rows in length_groups((ids > 0).sum(1)):
@@ -288,7 +295,7 @@ class ModelSource:
         return out
 
     def warm_up(self) -> None:
-        self.user_vectors(np.zeros((1, self.max_len), np.int64))
+        self.forward(np.zeros((1, self.max_len), np.int64))
         self.index.search_batch(np.eye(1, self.index.dim, dtype=np.float32), 1)
 
     def close(self) -> None:
@@ -479,7 +486,7 @@ def load_model_source(name: str, run: str, export: Path, index: Index, cfg: Prod
         )
     digest = hashlib.sha256((export / "model" / WEIGHTS_FILE).read_bytes()).hexdigest()
     fallback = read_popular(export, cfg.workspace.items, export / "item_vectors.parquet")
-    return ModelSource(name, model, index, f"{run}@{digest[:12]}", fallback)
+    return ModelSource(name, model, index, f"{run}@{digest[:12]}", fallback, VectorCache(cfg.vector_cache))
 
 
 def popular_ranking(events: Path, half_life_days: float, until=None) -> list[dict]:

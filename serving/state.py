@@ -128,6 +128,13 @@ async def readiness(s: State, deps: Deps) -> dict:
             "index_version": None if source.index is None else source.index.version,
             "reason": reason,
         }
+        cache = getattr(source, "cache", None)
+        if cache is not None:  # a model producer's user vectors kept by input: how often they were reused
+            producers[name]["vector_cache"] = {
+                "entries": len(cache),
+                "hits": cache.hits,
+                "misses": cache.misses,
+            }
     # the default producer, and every arm of an experiment (default traffic goes to them), must answer
     serving = default_traffic_keys(cfg.producer, s.experiment)
     reasons = [

@@ -9,6 +9,7 @@ in a real Serve deployment (batch_size in each response)."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -112,10 +113,16 @@ def world(tmp_path_factory) -> World:
     return write_world(tmp_path_factory.mktemp("coalescing"))
 
 
+def open_pipeline(config) -> tuple[Pipeline, Current]:
+    current = Current(load_state(config), State.close, "model")
+    return Pipeline(current, Deps(Pools.create(), NoMetrics()), max_batch=32, max_wait_ms=50.0), current
+
+
 @pytest.fixture(scope="module")
 def pipeline(world):
-    current = Current(load_state(world.config), State.close, "model")
-    yield Pipeline(current, Deps(Pools.create(), NoMetrics()), max_batch=32, max_wait_ms=50.0)
+    """Without the vector cache: every answer here runs its own forward, batched or not."""
+    pipe, current = open_pipeline(replace(world.config, vector_cache=0))
+    yield pipe
     current.close()
 
 
@@ -215,3 +222,31 @@ def test_a_producer_that_fails_fails_only_its_own_callers_in_a_batch(pipeline, m
             assert isinstance(r, dict) and r["producer"] == (req.producer or "student"), (req, r)
     with pytest.raises(RuntimeError):  # the :batch path (and the Mixer) still see the error
         asyncio.run(pipeline.answer(MIXED))
+
+
+def test_the_vector_cache_serves_exactly_what_the_forward_does_and_a_new_click_misses_it(world, pipeline):
+    cached, current = open_pipeline(replace(world.config, vector_cache=100))
+    try:
+        with cached.lease() as s:
+            student, sasrec = s.sources["student"], s.sources["sasrec"]
+
+        async def main():
+            first = await cached.answer(MIXED)
+            second = await asyncio.gather(*(cached.candidates(r) for r in MIXED))
+            return first, second, [(await pipeline.answer([r]))[0] for r in MIXED]
+
+        first, second, uncached = asyncio.run(main())
+        want = [strip(u) for u in uncached]
+        assert [strip(a) for a in first] == want and [strip(a) for a in second] == want
+        # the model rows of MIXED: student for users 1, 3, 2 (+ recent clicks) and sasrec for 2, 5; the
+        # unknown user has no input. The first call computed each once, the second found every one.
+        assert (student.cache.misses, student.cache.hits) == (3, 3)
+        assert (sasrec.cache.misses, sasrec.cache.hits) == (2, 2)
+
+        clicked = CandidatesRequest(user_id=1, k=7, recent_item_ids=[FIRST_ID + 11])  # a click since
+        [fresh] = asyncio.run(cached.answer([clicked]))
+        [fresh_uncached] = asyncio.run(pipeline.answer([clicked]))
+        assert student.cache.misses == 4 and strip(fresh) == strip(fresh_uncached)
+        assert strip(fresh) != strip(first[0])  # the new click moved the user: not the cached answer
+    finally:
+        current.close()

@@ -848,6 +848,12 @@ def test_probes(http):
     assert sorted(producers) == ["popular", "sasrec", "similar", "student"]
     assert all(p["ready"] and p["reason"] is None for p in producers.values())
     assert producers["popular"]["index_version"] is None and producers["similar"]["index_version"]
+    cache = producers["student"]["vector_cache"]  # user vectors reused by input, per model producer
+    assert (
+        cache["entries"] <= cache["misses"]
+        and cache["hits"] >= 0
+        and "vector_cache" not in producers["similar"]
+    )
     logs = r.json()["logs"]  # where the exposure and event logs go, and their counts
     assert logs["exposures"]["path"].endswith("exposures") and logs["events"]["path"].endswith("events_log")
     assert logs["exposures"]["dropped"] == logs["exposures"]["failed"] == 0
@@ -869,6 +875,8 @@ def test_config_is_validated():
         ProducerConfig(popular_until="last tuesday")
     with pytest.raises(ValueError, match="mix_budget_ms"):
         ProducerConfig(mix_budget_ms=0)
+    with pytest.raises(ValueError, match="vector_cache"):
+        ProducerConfig(vector_cache=-1)
     assert ProducerConfig(popular_until="2016-03-22T08:26:11").popular_until_ts.tzinfo is not None
     assert ProducerConfig(workdir="w").sasrec_index_path == Path("w").absolute() / "indexes/sasrec"
     assert ProducerConfig.from_dict(None) == ProducerConfig()
