@@ -11,8 +11,8 @@ a workspace (data/item_embeddings.parquet + data/items.parquet) or a vector parq
 genres then come from --data/movies.csv). Sizes above the real catalogue: `--synthetic real-like` (the default
 with real vectors) mixes two random real vectors and adds Gaussian noise (`real_like_set`), keeping the
 real vectors' anisotropic shape; `gaussian` (the default without) draws Gaussian clusters of the same dim.
-On the real vectors the sweep is also run with the graph forced (thresholds 1 KB), since the shipped config
-scans a 10k catalogue exactly. The shipped settings are IndexConfig()'s, HNSW chosen from each size
+On the real vectors the sweep is also run with the graph forced (thresholds 1 KB): the curve of the graph
+whatever the shipped thresholds choose at that size (scan or graph). The shipped settings are IndexConfig()'s, HNSW chosen from each size
 (index.config.hnsw_for); each size records them, the build's peak RSS, and the query p99 over exact numpy's.
 Runtime: a few minutes at 100k; at 1M the build takes most of an hour on 2 cores.
 """
@@ -211,7 +211,7 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
         res["p99_over_exact_p99"] = round(res_q["edge"]["p99"] / res_q["exact"]["p99"], 4)
         res["ef_sweep"] = ef_sweep(Path(tmp) / "edge", config, queries, exact["plain"])
         print(f"   edge build {v.seconds:.1f} s, indexed {v.indexed}; {res_q}; recall {res['recall_at_100']}")
-        if real:  # the same vectors with a graph even at this size: the curve the threshold avoids
+        if real:  # the same vectors with a graph whatever the thresholds choose at this size
             forced = replace(config, full_scan_threshold_kb=1, indexing_threshold_kb=1)
             v = build_index(vec(), items, Path(tmp) / "graph", forced)
             res["forced_graph"] = {

@@ -57,18 +57,14 @@ class IndexConfig:
     hnsw_m: int | None = None
     hnsw_ef_construct: int | None = None
     # Below this many KB of vectors in a segment (or matching a filter) Qdrant scans exactly instead of
-    # walking the graph. 20,000 KB is about 13k items at 384-d float32 (5k at 1024-d), so a catalogue the
-    # size of MovieLens (9,742 x 384 = 14,600 KB) is searched exactly: recall 1.0, no graph to build.
-    # The price is small (measured here on a busy 2-core box, top-100, int8 + rescoring): scan p50 ~1.2 ms
-    # vs graph ~0.8 ms at recall 0.9975 on the real MiniLM titles; on 10k synthetic clusters both ~0.25 ms
-    # with the graph at recall 0.974. Above it the graph wins (100k x 256: exact p50 6-7 ms vs the graph's
-    # 1-2 ms, STACK.md).
-    # Qdrant's default is 10,000 KB. benchmarks/search.py reports both ("forced_graph").
-    full_scan_threshold_kb: int = 20_000
+    # walking the graph: Qdrant's default, about 6.5k items at 384-d float32. Above it the graph costs less
+    # per query, even at MovieLens's size, for a recall a little under exact (docs/BENCHMARKS.md, search),
+    # and a search holds the replica's interpreter while it runs. benchmarks/search.py reports both
+    # ("forced_graph").
+    full_scan_threshold_kb: int = 10_000
     # Segments smaller than this are not given a graph at all. Equal to full_scan_threshold_kb so no graph
-    # is built that searches would then bypass (Qdrant's default is 10,000 KB). Tests set both tiny to
-    # exercise the graph on small data.
-    indexing_threshold_kb: int = 20_000
+    # is built that searches would then bypass. Tests set both tiny to exercise the graph on small data.
+    indexing_threshold_kb: int = 10_000
     hnsw_ef: int | None = None
 
     # int8 scalar quantisation (4x less RAM, faster scoring), always rescored with the float vectors.
