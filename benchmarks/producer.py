@@ -12,13 +12,18 @@ k=100: p50/p99 latency, requests/s, errors; the Producer's per-stage times come 
 batches its coalescer formed from each answer's `batch_size`. Access logs are off for both endpoints.
 Freshness: for a user, POST /v1/events with the current top candidate, then POST /v1/candidates until that
 item is gone (exclude_seen): the time from the event's send to the first candidates answer reflecting it,
-for --freshness-trials users (200: a p99 of 30 would be the slowest trial), with the replica's own time per POST.
+for --freshness-trials users (200: a p99 of 30 would be the slowest trial), with the replica's own time per
+POST.
+Each Producer point says how often its user-vector cache was used (`vector_cache`: rows found, rows computed,
+from /readyz): the random users repeat, and a user asking again with no new click reuses the vector. So c1 and
+c32 are run again with one new click per request (`load_new_clicks`: a random item in recent_item_ids, the
+same bodies to the no-op), where no request reuses one: every answer pays its forward.
 The c1 point is then repeated three times, Producer and no-op in turn, for its spread (`c1_alternation`).
 Coalescer wait: the Producer at c8 and c32 under each max_wait_ms of `--waits`, against the no-op.
 Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
-each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here): figures include its cost,
-and each point says where a request's CPU went (`cpu_ms_per_request`: replicas, proxy, load generator,
-other; from /proc, so the machine must be otherwise idle).
+each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here):
+figures include its cost, and each point says where a request's CPU went (`cpu_ms_per_request`: replicas,
+proxy, load generator, other; from /proc, so the machine must be otherwise idle).
 """
 
 # No `from __future__ import annotations`: FastAPI resolves the no-op endpoint's body type at runtime.
@@ -72,13 +77,23 @@ def noop_app(k: int, replicas: int = 1):
 
 
 async def load(
-    url: str, users: np.ndarray, n: int, concurrency: int, k: int, seed: int, keep_latencies: bool = False
+    url: str,
+    users: np.ndarray,
+    n: int,
+    concurrency: int,
+    k: int,
+    seed: int,
+    keep_latencies: bool = False,
+    new_clicks: np.ndarray | None = None,
 ) -> dict:
-    """Closed-loop load: `concurrency` clients, n requests in all. -> latency percentiles, rps, stage times."""
+    """Closed-loop load: `concurrency` clients, n requests in all. -> latency percentiles, rps, stage times.
+    `new_clicks`: item ids; each request then carries one of them at random in recent_item_ids, a click the
+    store does not hold yet, so no two requests have the same model input (none reuses a user vector)."""
     import httpx
 
     rng = np.random.default_rng(seed)
     picks = iter(rng.choice(users, size=n).tolist())
+    clicks = iter(rng.choice(new_clicks, size=n).tolist()) if new_clicks is not None else None
     lat, stages, errors = [], {"feature": [], "model": [], "search": [], "total": []}, 0
     batches: list[int] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -86,9 +101,12 @@ async def load(
     async def client(http: httpx.AsyncClient) -> None:
         nonlocal errors
         for user in picks:
+            body = {"user_id": int(user), "k": k}
+            if clicks is not None:
+                body["recent_item_ids"] = [int(next(clicks))]
             t0 = time.perf_counter()
             try:
-                r = await http.post(url, json={"user_id": int(user), "k": k})
+                r = await http.post(url, json=body)
                 ok = r.status_code == 200
             except httpx.HTTPError:
                 ok = False
@@ -153,6 +171,19 @@ def batch_summary(sizes: list[int]) -> dict:
         "mean_per_request": float(np.mean(sizes)),
         "max": int(np.max(sizes)),
     }
+
+
+def vector_cache(base: str) -> dict:
+    """The student's user-vector cache counts (entries, hits, misses) from the replica's /readyz."""
+    import httpx
+
+    return httpx.get(f"{base}/readyz", timeout=30.0).json()["producers"]["student"]["vector_cache"]
+
+
+def cache_use(before: dict, after: dict) -> dict:
+    """What one load point did with the user-vector cache: rows found in it, rows computed, the hit rate."""
+    hits, misses = after["hits"] - before["hits"], after["misses"] - before["misses"]
+    return {"hits": hits, "misses": misses, "hit_rate": hits / max(hits + misses, 1)}
 
 
 async def freshness(base: str, users: np.ndarray, trials: int, k: int) -> dict:
@@ -331,6 +362,32 @@ def coalescer_wait(config, args, users: np.ndarray) -> dict:
     return out
 
 
+def point(targets: dict[str, str], base: str, users: np.ndarray, c: int, args, new_clicks=None) -> dict:
+    """One load point: the Producer, then the no-op, the same requests at concurrency c; the Producer's use
+    of its user-vector cache over the point, CPU per request, and the Producer / no-op ratios."""
+    out: dict = {}
+    for name, url in targets.items():
+        cache = vector_cache(base) if name == "producer" else None
+        before = cpu_seconds()
+        r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c, new_clicks=new_clicks))
+        r["cpu_ms_per_request"] = cpu_per_request(before, cpu_seconds(), args.requests)
+        if cache is not None:
+            r["vector_cache"] = cache_use(cache, vector_cache(base))
+        out[name] = r
+        lat, what = r["latency_ms"], " (new clicks)" if new_clicks is not None else ""
+        hit = f", cache hit rate {r['vector_cache']['hit_rate']:.2f}" if cache is not None else ""
+        print(
+            f"concurrency {c:>2} {name:>8}{what}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
+            f"{r['requests_per_s']:.0f} req/s, {r['errors']} errors{hit}",
+            flush=True,
+        )
+    prod, noop = out["producer"], out["noop"]
+    out["ratio_p50"] = prod["latency_ms"]["p50"] / noop["latency_ms"]["p50"]
+    out["ratio_p99"] = prod["latency_ms"]["p99"] / noop["latency_ms"]["p99"]
+    out["ratio_rps"] = prod["requests_per_s"] / noop["requests_per_s"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=".vlmrec/ml")
@@ -382,23 +439,9 @@ def main() -> None:
         targets = {"producer": f"{base}/v1/candidates", "noop": f"{base}/noop/v1/candidates"}
         for url in targets.values():  # warm-up: connections, lazy imports, first forward
             asyncio.run(load(url, users, 50, 4, args.k, seed=99))
-        results: dict[str, dict] = {}
-        for c in args.concurrency:
-            for name, url in targets.items():
-                before = cpu_seconds()
-                r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c))
-                r["cpu_ms_per_request"] = cpu_per_request(before, cpu_seconds(), args.requests)
-                results.setdefault(f"c{c}", {})[name] = r
-                lat = r["latency_ms"]
-                print(
-                    f"concurrency {c:>2} {name:>8}: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
-                    f"{r['requests_per_s']:.0f} req/s, {r['errors']} errors",
-                    flush=True,
-                )
-            prod, noop = results[f"c{c}"]["producer"], results[f"c{c}"]["noop"]
-            results[f"c{c}"]["ratio_p50"] = prod["latency_ms"]["p50"] / noop["latency_ms"]["p50"]
-            results[f"c{c}"]["ratio_p99"] = prod["latency_ms"]["p99"] / noop["latency_ms"]["p99"]
-            results[f"c{c}"]["ratio_rps"] = prod["requests_per_s"] / noop["requests_per_s"]
+        results = {f"c{c}": point(targets, base, users, c, args) for c in args.concurrency}
+        items = pq.read_table(export / "item_vectors.parquet", columns=["item_id"]).column(0).to_numpy()
+        new_clicks = {f"c{c}": point(targets, base, users, c, args, items) for c in (1, 32)}
         c1_pairs = alternation(targets, users, args) if 1 in args.concurrency else {}
         rng = np.random.default_rng(7)
         recall = producer_recall(base, config, export, rng.choice(users, 200, replace=False), args.k)
@@ -453,6 +496,8 @@ def main() -> None:
         "k": args.k,
         "requests_per_point": args.requests,
         "load": results,
+        "load_new_clicks": new_clicks,
+        "vector_cache_size": config.vector_cache,
         "c1_alternation": c1_pairs,
         "producer_recall_vs_exact": recall,
         "freshness": fresh,
