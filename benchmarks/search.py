@@ -5,7 +5,8 @@
 
 For each size: build seconds (Edge through index.build.build_index, local mode ":memory:" through the same
 code, numpy = stacking the matrix), query p50/p99 for single user-like queries (the mean of 5 random item
-vectors, normalised), plain and filtered to one category holding ~1 in 20 items, recall@100 against
+vectors, normalised), plain, filtered to one category holding ~1 in 20 items, and leaving out a random
+"seen" set of 20-300 items per query as the Producer does (alone and in batches of 32), recall@100 against
 exact at the shipped hnsw_ef, and an ef sweep. Vectors: the real teacher embeddings when --vectors names
 a workspace (data/item_embeddings.parquet + data/items.parquet) or a vector parquet (titles and first
 genres then come from --data/movies.csv). Sizes above the real catalogue: `--synthetic real-like` (the default
@@ -164,6 +165,24 @@ def exact_search(x: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None)
     return top
 
 
+def histories(ids: np.ndarray, n: int, seed: int = 2) -> list[np.ndarray]:
+    """n random sets of 20 to 300 item ids: the seen items a Producer query excludes."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice(ids, int(rng.integers(20, 301)), replace=False) for _ in range(n)]
+
+
+def exact_excluding(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, seen: list[np.ndarray]) -> list:
+    """The exact top K of each query with its seen ids left out."""
+    row = {int(i): r for r, i in enumerate(ids)}
+    out = []
+    for q, excluded in zip(queries, seen, strict=True):
+        s = x @ q
+        s[[row[int(i)] for i in excluded]] = -np.inf
+        part = np.argpartition(-s, K)[:K]
+        out.append(ids[part[np.argsort(-s[part])]])
+    return out
+
+
 def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dict:
     n, d = x.shape
     real = source == "real"
@@ -204,9 +223,21 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
             for a in range(0, len(queries), 32):
                 idx.search_batch(queries[a : a + 32], K)
             res_q["edge_batch32_per_query_ms"] = round((time.perf_counter() - t) * 1e3 / len(queries), 3)
+            # as the Producer asks: each query leaves out a user's seen items, alone and in batches of 32
+            seen = histories(ids, len(queries))
+            got_x, res_q["edge_excluding_seen"] = timed(
+                lambda i: idx.search(queries[i], K, exclude_ids=seen[i]), range(len(queries))
+            )
+            t = time.perf_counter()
+            for a in range(0, len(queries), 32):
+                idx.search_batch(queries[a : a + 32], K, exclude_ids=seen[a : a + 32])
+            res_q["edge_excluding_seen_batch32_per_query_ms"] = round(
+                (time.perf_counter() - t) * 1e3 / len(queries), 3
+            )
         res["recall_at_100"] = {
             "edge": recall(got, exact["plain"]),
             "edge_filtered": recall(got_f, exact["filtered"]),
+            "edge_excluding_seen": recall(got_x, exact_excluding(xm, ids, queries, seen)),
         }
         res["p99_over_exact_p99"] = round(res_q["edge"]["p99"] / res_q["exact"]["p99"], 4)
         res["ef_sweep"] = ef_sweep(Path(tmp) / "edge", config, queries, exact["plain"])
@@ -267,10 +298,19 @@ def main() -> None:
         help="vectors for sizes above the real catalogue (default: real-like with --vectors, else gaussian)",
     )
     p.add_argument("--tmp", type=Path, default=None, help="where the Edge shards are built")
+    p.add_argument(
+        "--full-scan-threshold-kb",
+        type=int,
+        default=None,
+        help="build and search with this full-scan (and indexing) threshold instead of IndexConfig's",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/search.json"))
     args = p.parse_args()
     warnings.filterwarnings("ignore", message="(Payload indexes have no effect|Local mode performs exact)")
     config = IndexConfig()
+    if args.full_scan_threshold_kb is not None:
+        kb = args.full_scan_threshold_kb
+        config = replace(config, full_scan_threshold_kb=kb, indexing_threshold_kb=kb)
 
     real = real_set(args.vectors, args.data) if args.vectors else None
     results = []
