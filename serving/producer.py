@@ -26,7 +26,8 @@ popularity). All read the user's click sequence from the Feast ONLINE store (fea
 one training reads) + recent_item_ids; the models go through `training.data.build_inputs` -> SeqRec ->
 the index (seen ids excluded, filters). Concurrent single requests are coalesced into one feature read, one
 forward per model and one batched search per producer (serving/pipeline.py's Coalescer, not @serve.batch:
-in Ray 2.60 that fails in Serve's local testing mode, which the tests use); :batch takes the same path.
+in Ray 2.60 that fails in Serve's local testing mode, which the tests use); :batch takes the same path. A
+model input seen before (no new click, the same model) reuses its user vector (serving/vector_cache.py).
 
 Fallbacks and failures (the `fallback` field says which), the same for every producer:
     unknown_user               no stored clicks and no known recent ones   -> popular items
