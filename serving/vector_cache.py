@@ -52,9 +52,8 @@ class VectorCache:
                 first.setdefault(k, i)
         if first:
             computed = compute(ids[list(first.values())])
-            new = {
-                k: np.array(v) for k, v in zip(first, computed, strict=True)
-            }  # copies: rows own their memory
+            # copies: a cached row must not keep the whole batch's array alive
+            new = {k: np.array(v) for k, v in zip(first, computed, strict=True)}
             with self._lock:
                 self._rows.update(new)
                 while len(self._rows) > self.size:
