@@ -102,7 +102,7 @@ def test_serving_groups_rows_by_length_and_answers_as_one_batch():
     ids = np.zeros((6, 8), np.int64)
     for row, n in enumerate([8, 1, 0, 3, 7, 2]):
         ids[row, 8 - n :] = rng.integers(1, N + 1, n)
-    grouped = ModelSource.user_vectors(SimpleNamespace(model=model), ids)
+    grouped = ModelSource.forward(SimpleNamespace(model=model), ids)
     with torch.inference_mode():
         np.testing.assert_allclose(grouped, model.user_vector(torch.as_tensor(ids)).numpy(), atol=1e-5)
 
