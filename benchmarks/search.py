@@ -156,15 +156,15 @@ def recall(got: list[list[tuple[int, float]]], exact: list[np.ndarray]) -> float
     )
 
 
+def top_ids(s: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """The ids of the K best scores s (N,), best first."""
+    part = np.argpartition(-s, min(K, len(s) - 1))[:K]
+    return ids[part[np.argsort(-s[part])]]
+
+
 def exact_search(x: np.ndarray, ids: np.ndarray, rows: np.ndarray | None = None):
     sub, sub_ids = (x, ids) if rows is None else (x[rows], ids[rows])
-
-    def top(q: np.ndarray) -> np.ndarray:
-        s = sub @ q  # (N,)
-        part = np.argpartition(-s, min(K, len(s) - 1))[:K]
-        return sub_ids[part[np.argsort(-s[part])]]
-
-    return top
+    return lambda q: top_ids(sub @ q, sub_ids)
 
 
 def histories(ids: np.ndarray, n: int, seed: int = 2) -> list[np.ndarray]:
@@ -180,8 +180,7 @@ def exact_excluding(x: np.ndarray, ids: np.ndarray, queries: np.ndarray, seen: l
     for q, excluded in zip(queries, seen, strict=True):
         s = x @ q
         s[[row[int(i)] for i in excluded]] = -np.inf
-        part = np.argpartition(-s, K)[:K]
-        out.append(ids[part[np.argsort(-s[part])]])
+        out.append(top_ids(s, ids))
     return out
 
 

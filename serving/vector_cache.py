@@ -38,14 +38,17 @@ class VectorCache:
         """(B, T) input rows -> (B, D): cached rows looked up, the others computed in one call of `compute`
         (the rows that miss, in order) and kept. Equal rows in one call are computed once."""
         if self.size == 0 or len(ids) == 0:
-            self.misses += len(ids)
+            with self._lock:
+                self.misses += len(ids)
             return compute(ids)
         keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in ids]
         with self._lock:
             found = {k: v for k in keys if (v := self._rows.get(k)) is not None}
             for k in found:
                 self._rows.move_to_end(k)
-        n_hit = sum(k in found for k in keys)
+            n_hit = sum(k in found for k in keys)
+            self.hits += n_hit
+            self.misses += len(keys) - n_hit
         first: dict[bytes, int] = {}  # each missing key's first row
         for i, k in enumerate(keys):
             if k not in found:
@@ -59,7 +62,4 @@ class VectorCache:
                 while len(self._rows) > self.size:
                     self._rows.popitem(last=False)
             found |= new
-        with self._lock:
-            self.hits += n_hit
-            self.misses += len(keys) - n_hit
         return np.stack([found[k] for k in keys])
