@@ -1,10 +1,12 @@
-"""Click pushes: put one click into a user's ONLINE click sequence through Feast's push source, in time
-order, and confirm it was stored.
+"""Click writes: put one click into a user's ONLINE click sequence (the view Feast's push source `click_push`
+feeds), in time order, and confirm it was stored.
 
     writer = ClickWriter()                                        # one per process: it holds the locks
     seq = writer.append(store, user_id, item_id, ts, sequence_len=50)   # the new sequence, oldest first
 
-A Feast push writes whole rows, so a click is read -> merge -> push -> read back:
+The online store holds whole rows, so a click is read -> merge -> write -> read back, each through the
+online store's own calls on the view `click_push` feeds (`ClickRows`: the row Feast's push writes, without
+push's per-call registry work):
 - **Merge by time.** The row holds the last N item ids and each one's click time (`click_times`, UTC
   microseconds). A click goes after every stored click not newer than it, so late and out-of-order clicks
   land where they happened; the N newest are kept. A click older than all of a full sequence's N would
@@ -13,7 +15,7 @@ A Feast push writes whole rows, so a click is read -> merge -> push -> read back
   than the row it holds (the sqlite store overwrites). The row is written with the newest click time it
   holds, or 1 microsecond after the stored row's when that is not newer (a late click merged behind the
   newest one): every write of a sequence is newer than the one it read.
-- **Confirmed.** The row is read back; the push counts only when it holds exactly what was written. A
+- **Confirmed.** The row is read back; the write counts only when it holds exactly what was written. A
   write some other writer overtook (another replica: see below) is merged again, up to `attempts` times,
   then `NotConfirmed` (a transient error: HTTP 503 with Retry-After).
 - A user's read-modify-writes are serialised inside one replica by `ClickWriter` (striped threading locks,
@@ -29,12 +31,12 @@ import logging
 import sqlite3
 import threading
 import time
+import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
-import pandas as pd
 import pyarrow as pa
 
 from serving.calls import Deps, Unavailable, describe, ms_since
@@ -111,27 +113,79 @@ class Clicks:
     row_ts: datetime | None  # None: no row yet
 
 
-def read_clicks(store, user_id: int) -> Clicks:
-    """The user's row straight from the online store (the provider's read: the row timestamp to the
-    microsecond, which OnlineResponse rounds to seconds)."""
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
+class ClickRows:
+    """One store's click-sequence rows through its online store's own read and write, the view resolved
+    from the registry once. Feast's get_feature_view and push rebuild the registry's views from protos on
+    every call (most of a click's write time, docs/BENCHMARKS.md); the row written is the one push writes
+    for the view `click_push` feeds (a test holds them equal on sqlite and Redis).
 
-    view = store.get_feature_view(VIEW, allow_registry_cache=True)
-    key = EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=int(user_id))])
-    ((ts, values),) = store._get_provider().online_read(
-        config=store.config, table=view, entity_keys=[key], requested_features=list(FEATURES)
-    )
-    if ts is None or not values:
-        return Clicks([], [], None)
-    ids = list(values["item_ids"].int64_list_val.val) if "item_ids" in values else []
-    times = list(values["click_times"].int64_list_val.val) if "click_times" in values else []
-    if len(times) != len(ids):
-        raise Refused(
-            f"user {user_id}'s stored sequence has no click times (it was materialized before they were "
-            "recorded): re-run `vlmrec ingest` and `vlmrec features` so clicks can be merged by time"
+        rows = click_rows(store)    # one per FeatureStore
+        rows.write(user_id, rows.read(user_id))
+    """
+
+    def __init__(self, store) -> None:
+        fed = sorted(
+            v.name
+            for v in store.list_feature_views(allow_cache=True)
+            if v.stream_source is not None and v.stream_source.name == PUSH_SOURCE
         )
-    return Clicks(ids, times, utc(ts))
+        if fed != [VIEW]:
+            raise ValueError(f"push source {PUSH_SOURCE} must feed exactly the view {VIEW}, not {fed}")
+        self.view = store.get_feature_view(VIEW, allow_registry_cache=True)
+        self.join_key = self.view.entity_columns[0].name
+        self.config = store.config
+        self.online = store._get_provider().online_store  # Feast's OnlineStore interface
+
+    def _key(self, user_id: int):
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        return EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(user_id))])
+
+    def read(self, user_id: int) -> Clicks:
+        """The user's row (the row timestamp to the microsecond, which OnlineResponse rounds to seconds)."""
+        ((ts, values),) = self.online.online_read(
+            self.config, self.view, [self._key(user_id)], list(FEATURES)
+        )
+        if ts is None or not values:
+            return Clicks([], [], None)
+        ids = list(values["item_ids"].int64_list_val.val) if "item_ids" in values else []
+        times = list(values["click_times"].int64_list_val.val) if "click_times" in values else []
+        if len(times) != len(ids):
+            raise Refused(
+                f"user {user_id}'s stored sequence has no click times (it was materialized before they were "
+                "recorded): re-run `vlmrec ingest` and `vlmrec features` so clicks can be merged by time"
+            )
+        return Clicks(ids, times, utc(ts))
+
+    def write(self, user_id: int, clicks: Clicks) -> None:
+        """Write the user's whole row, stamped clicks.row_ts (UTC)."""
+        from feast.protos.feast.types.Value_pb2 import Int64List, Value
+
+        values = {
+            "item_ids": Value(int64_list_val=Int64List(val=[int(i) for i in clicks.item_ids])),
+            "click_times": Value(int64_list_val=Int64List(val=[int(t) for t in clicks.times])),
+        }
+        row = (self._key(user_id), values, utc(clicks.row_ts), None)
+        self.online.online_write_batch(self.config, self.view, [row], None)
+
+
+_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one ClickRows per FeatureStore
+_ROWS_GUARD = threading.Lock()
+
+
+def click_rows(store) -> ClickRows:
+    """The store's ClickRows (made on first use, dropped with the store)."""
+    with _ROWS_GUARD:
+        rows = _ROWS.get(store)
+        if rows is None:
+            rows = _ROWS[store] = ClickRows(store)
+        return rows
+
+
+def read_clicks(store, user_id: int) -> Clicks:
+    """The user's row straight from the online store."""
+    return click_rows(store).read(user_id)
 
 
 def merge(stored: Clicks, item_id: int, ts: datetime, sequence_len: int) -> Clicks:
@@ -154,18 +208,6 @@ def merge(stored: Clicks, item_id: int, ts: datetime, sequence_len: int) -> Clic
     return Clicks(ids, times, row_ts)
 
 
-def click_row(user_id: int, clicks: Clicks) -> pd.DataFrame:
-    """The one-row frame `click_push` takes: user_id, event_timestamp (UTC), item_ids, click_times."""
-    return pd.DataFrame(
-        {
-            "user_id": [int(user_id)],
-            "event_timestamp": [pd.Timestamp(clicks.row_ts)],
-            "item_ids": [[int(i) for i in clicks.item_ids]],
-            "click_times": [[int(t) for t in clicks.times]],
-        }
-    )
-
-
 def append_click(
     store,
     user_id: int,
@@ -175,18 +217,16 @@ def append_click(
     push_lock: AbstractContextManager = nullcontext(),
     attempts: int = 3,
 ) -> list[int]:
-    """Read the user's row, merge the click in by time, push it, read it back (all under `push_lock`, the
-    store's lock: serving/online.py). Returns
-    the stored sequence (oldest first). Refused: the click cannot be placed; NotConfirmed: overtaken
+    """Read the user's row, merge the click in by time, write it, read it back (all under `push_lock`, the
+    store's lock: serving/online.py). Returns the stored sequence (oldest first). Refused: the click cannot be placed; NotConfirmed: overtaken
     `attempts` times. The caller serialises the user's calls (see ClickWriter)."""
-    from feast.data_source import PushMode
-
+    rows = click_rows(store)
     for _ in range(attempts):
         with push_lock:
-            stored = read_clicks(store, user_id)
+            stored = rows.read(user_id)
             new = merge(stored, item_id, event_timestamp, sequence_len)
-            store.push(PUSH_SOURCE, click_row(user_id, new), to=PushMode.ONLINE)
-            back = read_clicks(store, user_id)
+            rows.write(user_id, new)
+            back = rows.read(user_id)
         if back.item_ids == new.item_ids and back.times == new.times:
             return back.item_ids
     raise NotConfirmed(
@@ -227,7 +267,7 @@ async def record_click(
     the next training reads, with its request_id and position). Refused (409) when the sequence cannot hold
     it; Unavailable (503) when the store failed transiently; any other failure propagates (a 500).
     The answer's `timings_ms`: `write` (the append in the events pool: the user's and the store's locks,
-    the read, the push, the read back), `total` (this call)."""
+    the read, the write, the read back), `total` (this call)."""
     t0 = time.perf_counter()
     cfg = s.config
     item = int(body.item_id)

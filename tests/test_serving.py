@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from feast import FeatureStore
 
 import index.search
 import serving.producer as producer_mod
@@ -1066,10 +1065,12 @@ def test_push_errors_are_503_retry_only_when_retrying_can_help(local, monkeypatc
     """Issue 16: every push error was a 503 saying "retry", also a permanent one."""
     import sqlite3
 
+    from serving.events import ClickRows
+
     def locked(self, *args, **kwargs):
         raise sqlite3.OperationalError("database is locked")
 
-    monkeypatch.setattr(FeatureStore, "push", locked)
+    monkeypatch.setattr(ClickRows, "write", locked)
     resp = local.events.remote(EventRequest(user_id=5, item_id=FIRST_ID)).result()
     body = json.loads(resp.body)
     assert resp.status_code == 503 and resp.headers["retry-after"] == "1" and "retry" in body["message"]
@@ -1077,7 +1078,7 @@ def test_push_errors_are_503_retry_only_when_retrying_can_help(local, monkeypatc
     def broken(self, *args, **kwargs):
         raise ValueError("Out of bounds nanosecond timestamp")
 
-    monkeypatch.setattr(FeatureStore, "push", broken)
+    monkeypatch.setattr(ClickRows, "write", broken)
     resp = local.events.remote(EventRequest(user_id=5, item_id=FIRST_ID)).result()
     body = json.loads(resp.body)
     assert resp.status_code == 500 and body["error"] == "internal_error" and "retry" not in body["message"]

@@ -22,6 +22,7 @@ from serving.events import (
     Refused,
     append_click,
     check_event_time,
+    click_rows,
     from_us,
     merge,
     read_clicks,
@@ -29,7 +30,14 @@ from serving.events import (
     transient,
 )
 from tests.producer_world import FIRST_ID, N_ITEMS, SNAP_LEN, T0, World, write_world
-from vlmrec.features import FeaturesConfig, apply_and_materialize, online_sequences, open_store
+from vlmrec.features import (
+    PUSH_SOURCE,
+    SEQUENCE_VIEW,
+    FeaturesConfig,
+    apply_and_materialize,
+    online_sequences,
+    open_store,
+)
 
 N = 24  # the sequence length the pushes keep
 NOW = datetime(2026, 1, 15, 12, 0, tzinfo=UTC)
@@ -183,6 +191,31 @@ def test_same_instant_clicks_are_both_kept(store):
     assert append_click(store, u, item(6), NOW, N) == [item(5), item(6)]
     if store.config.online_store.type == "redis":
         assert read_clicks(store, u).row_ts == NOW + timedelta(microseconds=1)
+
+
+def test_the_direct_write_stores_the_row_feasts_push_stores(store):
+    """ClickRows.write (the online store's own write on the view click_push feeds) against Feast's push of
+    the same clicks: the same stored values and row timestamp, through Feast's own read too."""
+    from feast.data_source import PushMode
+
+    clicks = Clicks([item(1), item(2)], [to_us(NOW), to_us(NOW) + 7], NOW + timedelta(microseconds=7))
+    pushed, written = 10_004, 10_005
+    frame = pd.DataFrame(
+        {
+            "user_id": [pushed],
+            "event_timestamp": [pd.Timestamp(clicks.row_ts)],
+            "item_ids": [clicks.item_ids],
+            "click_times": [clicks.times],
+        }
+    )
+    store.push(PUSH_SOURCE, frame, to=PushMode.ONLINE)
+    click_rows(store).write(written, clicks)
+    assert read_clicks(store, pushed) == read_clicks(store, written)
+    assert read_clicks(store, written).item_ids == clicks.item_ids
+    features = [f"{SEQUENCE_VIEW}:item_ids", f"{SEQUENCE_VIEW}:click_times"]
+    both = store.get_online_features(features, [{"user_id": pushed}, {"user_id": written}]).to_dict()
+    assert both["item_ids"][0] == both["item_ids"][1] == clicks.item_ids
+    assert both["click_times"][0] == both["click_times"][1] == clicks.times
 
 
 def test_materialized_rows_carry_click_times(world, store):
