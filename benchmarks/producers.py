@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from foundation import machine_facts  # noqa: E402
+from machine import machine_facts  # noqa: E402
 
 from serving.config import PRODUCERS, ProducerConfig  # noqa: E402
 from training.metrics import metrics_from_ranks, temporal_split  # noqa: E402
