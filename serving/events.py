@@ -31,7 +31,6 @@ import logging
 import sqlite3
 import threading
 import time
-import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -43,7 +42,7 @@ from serving.calls import Deps, Unavailable, describe, ms_since
 from serving.guard import invalid
 from serving.online import online_lock
 from serving.parquet_log import PartitionedLog
-from vlmrec.features import PUSH_SOURCE
+from vlmrec.features import PUSH_SOURCE, OnlineView, per_store
 from vlmrec.features import SEQUENCE_VIEW as VIEW  # the feature view it feeds
 from vlmrec.schema import EVENTS_LOG
 
@@ -113,11 +112,9 @@ class Clicks:
     row_ts: datetime | None  # None: no row yet
 
 
-class ClickRows:
-    """One store's click-sequence rows through its online store's own read and write, the view resolved
-    from the registry once. Feast's get_feature_view and push rebuild the registry's views from protos on
-    every call (most of a click's write time, docs/BENCHMARKS.md); the row written is the one push writes
-    for the view `click_push` feeds (a test holds them equal on sqlite and Redis).
+class ClickRows(OnlineView):
+    """One store's click-sequence rows, read and written on the view `click_push` feeds: the row Feast's push
+    writes, without push's per-call registry work (a test holds them equal on sqlite and Redis).
 
         rows = click_rows(store)    # one per FeatureStore
         rows.write(user_id, rows.read(user_id))
@@ -131,22 +128,11 @@ class ClickRows:
         )
         if fed != [VIEW]:
             raise ValueError(f"push source {PUSH_SOURCE} must feed exactly the view {VIEW}, not {fed}")
-        self.view = store.get_feature_view(VIEW, allow_registry_cache=True)
-        self.join_key = self.view.entity_columns[0].name
-        self.config = store.config
-        self.online = store._get_provider().online_store  # Feast's OnlineStore interface
-
-    def _key(self, user_id: int):
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        return EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(user_id))])
+        super().__init__(store, VIEW)
 
     def read(self, user_id: int) -> Clicks:
         """The user's row (the row timestamp to the microsecond, which OnlineResponse rounds to seconds)."""
-        ((ts, values),) = self.online.online_read(
-            self.config, self.view, [self._key(user_id)], list(FEATURES)
-        )
+        ((ts, values),) = self.read_rows([user_id], FEATURES)
         if ts is None or not values:
             return Clicks([], [], None)
         ids = list(values["item_ids"].int64_list_val.val) if "item_ids" in values else []
@@ -166,21 +152,10 @@ class ClickRows:
             "item_ids": Value(int64_list_val=Int64List(val=[int(i) for i in clicks.item_ids])),
             "click_times": Value(int64_list_val=Int64List(val=[int(t) for t in clicks.times])),
         }
-        row = (self._key(user_id), values, utc(clicks.row_ts), None)
-        self.online.online_write_batch(self.config, self.view, [row], None)
+        self.write_row(user_id, values, utc(clicks.row_ts))
 
 
-_ROWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one ClickRows per FeatureStore
-_ROWS_GUARD = threading.Lock()
-
-
-def click_rows(store) -> ClickRows:
-    """The store's ClickRows (made on first use, dropped with the store)."""
-    with _ROWS_GUARD:
-        rows = _ROWS.get(store)
-        if rows is None:
-            rows = _ROWS[store] = ClickRows(store)
-        return rows
+click_rows = per_store(ClickRows)  # the store's ClickRows, made on first use, dropped with the store
 
 
 def read_clicks(store, user_id: int) -> Clicks:
@@ -218,8 +193,9 @@ def append_click(
     attempts: int = 3,
 ) -> list[int]:
     """Read the user's row, merge the click in by time, write it, read it back (all under `push_lock`, the
-    store's lock: serving/online.py). Returns the stored sequence (oldest first). Refused: the click cannot be placed; NotConfirmed: overtaken
-    `attempts` times. The caller serialises the user's calls (see ClickWriter)."""
+    store's lock: serving/online.py). Returns the stored sequence (oldest first). Refused: the click cannot
+    be placed; NotConfirmed: overtaken `attempts` times. The caller serialises the user's calls (see
+    ClickWriter)."""
     rows = click_rows(store)
     for _ in range(attempts):
         with push_lock:

@@ -27,28 +27,19 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-import weakref
 from contextlib import AbstractContextManager, nullcontext
 
-from vlmrec.features import online_sequences, open_store
+from vlmrec.features import online_sequences, open_store, per_store
 from vlmrec.workspace import Workspace
 
 log = logging.getLogger("ray.serve")
 
-# one lock per FeatureStore object (each has its own sqlite connection); dropped with the store
-_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
+_lock_of = per_store(lambda store: threading.Lock())  # each store has its own sqlite connection
 
 
 def online_lock(store) -> AbstractContextManager:
     """The lock every online call of `store` must hold: one per store on sqlite, none otherwise."""
-    if store.config.online_store.type != "sqlite":
-        return nullcontext()
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(store)
-        if lock is None:
-            lock = _LOCKS[store] = threading.Lock()
-        return lock
+    return _lock_of(store) if store.config.online_store.type == "sqlite" else nullcontext()
 
 
 def read_sequences(store, user_ids) -> dict[int, list[int]]:

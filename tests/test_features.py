@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -15,6 +19,8 @@ from vlmrec.features import (
     on_ray,
     online_sequences,
     open_store,
+    per_store,
+    sequence_reader,
     write_store_config,
 )
 from vlmrec.sequences import click_sequences, sequence_layout
@@ -80,6 +86,7 @@ def check_store(ws: Workspace, events: pd.DataFrame, max_len: int = 4) -> None:
         entity_rows=[{"user_id": int(u)} for u in [*users, 999]],
     ).to_dict()
     assert online == {int(u): list(v or []) for u, v in zip(resp["user_id"], resp["item_ids"], strict=True)}
+    assert sequence_reader(store) is sequence_reader(store), "one reader per store, its view resolved once"
     for u in users:  # each user's last max_len clicks
         assert (
             online[u]
@@ -102,6 +109,35 @@ def check_store(ws: Workspace, events: pd.DataFrame, max_len: int = 4) -> None:
     for row in got.itertuples():
         earlier = events[(events.user_id == row.user_id) & (events.event_timestamp < row.event_timestamp)]
         assert row.item_ids == earlier.sort_values("event_timestamp")["item_id"].tolist()[-max_len:]
+
+
+def test_per_store_makes_one_object_per_store_and_drops_it_with_the_store():
+    class Store:  # a FeatureStore stands for any weak-referenceable object here
+        pass
+
+    made = []
+    of = per_store(lambda store: made.append(object()) or made[-1])
+    a, b = Store(), Store()
+    assert of(a) is of(a) and of(b) is not of(a) and len(made) == 2
+    with ThreadPoolExecutor(8) as pool:  # concurrent first uses make it once
+        c = Store()
+        assert len({id(x) for x in pool.map(lambda _: of(c), range(64))}) == 1 and len(made) == 3
+    gone = weakref.ref(a)
+    del a
+    gc.collect()
+    assert gone() is None, "the cache does not keep a store alive"
+
+
+def test_a_stores_sequence_reader_does_not_keep_it_alive(tmp_path):
+    ws = Workspace(tmp_path / "ws").ensure()
+    write_tables(ws)
+    apply_and_materialize(ws)
+    store = open_store(ws)
+    assert online_sequences(store, [1])[1]
+    gone = weakref.ref(store)
+    del store
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.parametrize("layout", ["latest", "snapshots"])

@@ -27,11 +27,12 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -39,6 +40,8 @@ import pyarrow.parquet as pq
 
 from vlmrec.sequences import sequence_layout, utc_micros
 from vlmrec.workspace import Workspace
+
+T = TypeVar("T")
 
 REPO_DIR = Path(__file__).resolve().parent.parent / "feature_repo"
 REPO_FILE = "feature_definitions.py"  # the workspace's Feast definitions: the installed package's
@@ -299,50 +302,84 @@ def same_second_clicks(ws: Workspace) -> None:
         )
 
 
-def online_sequences(store, user_ids: Sequence[int]) -> dict[int, list[int]]:
-    """Each user's current click sequence (oldest first) from the online store; [] for an unknown user.
+def per_store(make: Callable[[Any], T]) -> Callable[[Any], T]:
+    """`make(store)` once per FeatureStore object: made on first use, dropped with the store (so what it
+    makes must not hold the store itself, or its entry would keep the store alive).
 
-    Read through the online store's own `online_read` on the student service's feature view, resolved
-    from the registry once per store (`SequenceReader`): Feast's get_online_features rebuilds the service's
-    views from registry protos on every call, most of a small read's time (benchmarks/foundation.py). A
-    test holds the two reads equal."""
-    if not user_ids:
-        return {}
-    with _READERS_GUARD:
-        reader = _READERS.get(store)
-        if reader is None:
-            reader = _READERS[store] = SequenceReader(store)
-    return reader(user_ids)
+        lock_of = per_store(lambda store: threading.Lock())
+        assert lock_of(store) is lock_of(store)
+    """
+    made: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    guard = threading.Lock()
+
+    def of(store) -> T:
+        with guard:
+            got = made.get(store)
+            if got is None:
+                got = made[store] = make(store)
+            return got
+
+    return of
 
 
-class SequenceReader:
-    """The student service's click sequences straight from the online store, its view resolved once."""
+class OnlineView:
+    """One feature view's rows through the store's online store's own `online_read` / `online_write_batch`,
+    the view resolved from the registry once. Feast's get_online_features, get_feature_view and push rebuild
+    the registry's views from protos on every call: most of a small read's or one click's write time
+    (benchmarks/foundation.py, benchmarks/click_write.py). Holds the store's config, not the store."""
+
+    def __init__(self, store, view_name: str) -> None:
+        self.view = store.get_feature_view(view_name, allow_registry_cache=True)
+        self.join_key = self.view.entity_columns[0].name
+        self.config = store.config
+        self.online = store._get_provider().online_store  # Feast's OnlineStore interface
+
+    def key(self, entity_id: int):
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        return EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=int(entity_id))])
+
+    def read_rows(self, entity_ids: Sequence[int], features: Sequence[str]) -> list[tuple]:
+        """(row timestamp or None, {feature: Value proto} or None) per entity, in order."""
+        keys = [self.key(e) for e in entity_ids]
+        return self.online.online_read(self.config, self.view, keys, list(features))
+
+    def write_row(self, entity_id: int, values: dict, ts: datetime) -> None:
+        """Write one entity's row (Value protos by feature name), stamped ts."""
+        row = (self.key(entity_id), values, ts, None)
+        self.online.online_write_batch(self.config, self.view, [row], None)
+
+
+class SequenceReader(OnlineView):
+    """The student service's click sequences straight from the online store (the view it reads item_ids
+    from, resolved once)."""
 
     def __init__(self, store) -> None:
         projections = store.get_feature_service(STUDENT_SERVICE, allow_cache=True).feature_view_projections
         views = [p for p in projections if "item_ids" in {f.name for f in p.features}]
         if len(views) != 1:
             raise ValueError(f"feature service {STUDENT_SERVICE} must read item_ids from one view")
-        self.view = store.get_feature_view(views[0].name)
-        self.join_key = self.view.entity_columns[0].name
-        self.store = store
-        self.online = store._get_provider().online_store  # Feast's OnlineStore interface
+        super().__init__(store, views[0].name)
 
     def __call__(self, user_ids: Sequence[int]) -> dict[int, list[int]]:
-        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-        from feast.protos.feast.types.Value_pb2 import Value
-
         users = [int(u) for u in user_ids]
-        keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(int64_val=u)]) for u in users]
-        rows = self.online.online_read(self.store.config, self.view, keys, ["item_ids"])
         return {
             u: list(values["item_ids"].int64_list_val.val) if values and "item_ids" in values else []
-            for u, (_, values) in zip(users, rows, strict=True)
+            for u, (_, values) in zip(users, self.read_rows(users, ["item_ids"]), strict=True)
         }
 
 
-_READERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FeatureStore -> its SequenceReader
-_READERS_GUARD = threading.Lock()
+sequence_reader = per_store(SequenceReader)
+
+
+def online_sequences(store, user_ids: Sequence[int]) -> dict[int, list[int]]:
+    """Each user's current click sequence (oldest first) from the online store; [] for an unknown user.
+
+    Read through the online store's own `online_read` on the student service's feature view (`SequenceReader`,
+    one per store), not Feast's get_online_features, which rebuilds the service's views from registry protos on
+    every call. A test holds the two reads equal."""
+    return sequence_reader(store)(user_ids) if user_ids else {}
 
 
 @contextmanager
