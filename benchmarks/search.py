@@ -16,8 +16,11 @@ vectors and adds Gaussian noise (`real_like_set`), keeping the real vectors' ani
 (the default without) draws Gaussian clusters of the same dim. On the real vectors the sweep is also run with
 the graph forced (thresholds 1 KB): the curve of the graph whatever the shipped thresholds choose at that size
 (scan or graph). The shipped settings are IndexConfig()'s, HNSW chosen from each size (index.config.hnsw_for);
-each size records them, the build's peak RSS, and the query p99 over exact numpy's. Runtime: a few minutes at
-100k; at 1M the build takes most of an hour on 2 cores.
+each size records them, the build's peak RSS, and the query p99 over exact numpy's. Up to
+IndexConfig.scan_max_points the shipped search is the replica's numpy scan (index/scan.py: `searched_by`
+"scan"); there the shard's own search of the same copy is measured too (`shard`, `shard_*`), and the ef
+sweeps always search the shard. Runtime: a few minutes at 100k; at 1M the build takes most of an hour on 2
+cores.
 """
 
 from __future__ import annotations
@@ -218,6 +221,7 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
         res["edge_indexed"] = v.indexed
         filt = {"category": str(category)}
         with open_index(Path(tmp) / "edge", config) as idx:
+            res["searched_by"] = "graph" if idx._replica.peek().scan is None else "scan"
             got, res_q["edge"] = timed(lambda q: idx.search(q, K), queries)
             _, res_q["edge_again"] = timed(lambda q: idx.search(q, K), queries)  # the same copy again
             got_f, res_q["edge_filtered"] = timed(lambda q: idx.search(q, K, filters=filt), queries)
@@ -241,6 +245,16 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
             "edge_filtered": recall(got_f, exact["filtered"]),
             "edge_excluding_seen": recall(got_x, exact_excluding(xm, ids, queries, seen)),
         }
+        if res["searched_by"] == "scan":  # the same copy searched by the shard itself, in the same run
+            with open_index(Path(tmp) / "edge", replace(config, scan_max_points=0)) as idx:
+                got_s, res_q["shard"] = timed(lambda q: idx.search(q, K), queries)
+                t = time.perf_counter()
+                for a in range(0, len(queries), 32):
+                    idx.search_batch(queries[a : a + 32], K, exclude_ids=seen[a : a + 32])
+                res_q["shard_excluding_seen_batch32_per_query_ms"] = round(
+                    (time.perf_counter() - t) * 1e3 / len(queries), 3
+                )
+            res["recall_at_100"]["shard"] = recall(got_s, exact["plain"])
         res["p99_over_exact_p99"] = round(res_q["edge"]["p99"] / res_q["exact"]["p99"], 4)
         res["ef_sweep"] = ef_sweep(Path(tmp) / "edge", config, queries, exact["plain"])
         print(f"   edge build {v.seconds:.1f} s, indexed {v.indexed}; {res_q}; recall {res['recall_at_100']}")
@@ -275,7 +289,7 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
 def ef_sweep(folder: Path, config: IndexConfig, queries: np.ndarray, exact: list) -> list[dict]:
     out = []
     for ef in EFS:
-        with open_index(folder, replace(config, hnsw_ef=ef)) as idx:
+        with open_index(folder, replace(config, hnsw_ef=ef, scan_max_points=0)) as idx:  # the shard's graph
             got, lat = timed(lambda q, idx=idx: idx.search(q, K), queries)
         out.append({"ef": ef, "recall": recall(got, exact), **lat})
         print(f"   ef {ef}: recall {out[-1]['recall']} p50 {lat['p50']} p99 {lat['p99']} ms", flush=True)

@@ -66,6 +66,11 @@ class IndexConfig:
     # is built that searches would then bypass. Tests set both tiny to exercise the graph on small data.
     indexing_threshold_kb: int = 10_000
     hnsw_ef: int | None = None
+    # Edge: a version of at most this many points (upserts included) is searched exactly in numpy
+    # (index/scan.py: one matrix product, the interpreter released) instead of through the shard's graph;
+    # below about this size that is also faster (docs/BENCHMARKS.md, search). 0: always the shard. The
+    # server backend always searches on the server.
+    scan_max_points: int = 50_000
 
     # int8 scalar quantisation (4x less RAM, faster scoring), always rescored with the float vectors.
     # Qdrant Edge does NOT rescore unless asked: oversampling 2 made an int8 full scan exact (recall 1.0)
@@ -84,6 +89,8 @@ class IndexConfig:
             raise ValueError(f"distance must be one of {DISTANCES}, got {self.distance!r}")
         if self.keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1 (the current version), got {self.keep_versions}")
+        if self.scan_max_points < 0:
+            raise ValueError(f"scan_max_points must be >= 0 (0: never scan), got {self.scan_max_points}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         for name, low in (("hnsw_m", 2), ("hnsw_ef_construct", 4), ("hnsw_ef", 1)):

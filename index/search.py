@@ -14,7 +14,9 @@ back whenever k items qualify.
 Edge: Qdrant Edge lets one process open a shard folder, so each Index (each Producer replica) copies the
 current version into `<index_dir>/replicas/<host>-<pid>-<uuid>/` and loads the copy; it replays the
 version's upsert log on open and on refresh(). refresh() swaps to a fresh copy when CURRENT moved: it
-builds the new copy, swaps the reference, then closes the old one once in-flight searches finish.
+builds the new copy, swaps the reference, then closes the old one once in-flight searches finish. A copy of
+at most `scan_max_points` points is searched exactly in numpy (index/scan.py), read from the shard again
+after every replay; a larger one through the shard's graph.
 Server: searches go to the collection the alias named when opened (or last refreshed), so version,
 teacher_id and dim always describe the vectors searched.
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from index.config import IndexConfig
+from index.scan import Scan
 from index.store import (
     VECTOR,
     Layout,
@@ -106,9 +109,12 @@ def _queries(
     return [_parse(f, e) for f, e in zip(per_query, exclude_ids, strict=True)]
 
 
-def _unsigmoid(y: float) -> float:
-    """The inverse of Qdrant's scaled_fast_sigmoid, 0.5 * (x / (1 + |x|) + 1)."""
-    s = 2.0 * y - 1.0
+def _score(score: float, recommend: bool) -> float:
+    """A Qdrant hit's score as a similarity: Qdrant scores a best-score recommendation as
+    scaled_fast_sigmoid(best similarity), 0.5 * (x / (1 + |x|) + 1), undone here (the ranking is the same)."""
+    if not recommend:
+        return float(score)
+    s = 2.0 * float(score) - 1.0
     return s / max(1.0 - abs(s), 1e-12)
 
 
@@ -175,14 +181,11 @@ class Index(ABC):
         queries = _queries(len(groups), exclude_ids, filters)
         if not queries:
             return []
-        found = self._search(groups, int(k), queries, recommend=True)
-        # Qdrant scores a best-score recommendation as scaled_fast_sigmoid(best similarity): undone here, so
-        # the score is the similarity itself (the ranking is the same)
-        return [[(item, _unsigmoid(score)) for item, score in hits] for hits in found]
+        return self._search(groups, int(k), queries, recommend=True)
 
     @abstractmethod
     def _search(self, x, k: int, queries: list[_Query], recommend: bool = False) -> list[list[Hit]]:
-        """x: (B, D) query vectors, or (recommend) B arrays of example vectors."""
+        """x: (B, D) query vectors, or (recommend) B arrays of example vectors; scores are similarities."""
 
     @abstractmethod
     def count(self, filters: dict | None = None) -> int:
@@ -253,11 +256,13 @@ def _edge_filter(q: _Query):
 
 
 class _Replica:
-    """A private copy of one version: its shard, folder, and the upsert log files already applied."""
+    """A private copy of one version: its shard, folder, and the upsert log files already applied; `scan`
+    (index/scan.py) when it is small enough to search exactly in numpy, read again after each replay."""
 
     def __init__(self, shard, folder: Path, info: VersionInfo, applied: tuple[str, ...], params):
         self.shard, self.folder, self.info, self.applied = shard, folder, info, applied
         self.params = params  # search params for this version's size
+        self.scan: Scan | None = None
 
     def close(self) -> None:
         try:
@@ -304,7 +309,13 @@ class EdgeIndex(Index):
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             params = edge_search_params(self.config.for_size(info.count))
-            return _Replica(shard, folder, info, tuple(p.name for p in logs), params)
+            replica = _Replica(shard, folder, info, tuple(p.name for p in logs), params)
+            try:
+                self._rescan(replica)
+            except BaseException:
+                replica.close()
+                raise
+            return replica
         raise RuntimeError(f"could not copy the current version of {self.layout.root}: it kept moving")
 
     def _search(self, x, k: int, queries: list[_Query], recommend: bool = False) -> list[list[Hit]]:
@@ -316,6 +327,9 @@ class EdgeIndex(Index):
             return Query.Nearest(v.tolist(), using=VECTOR)
 
         with self._replica.use() as r:
+            scan = r.scan
+            if scan is not None:
+                return scan.search(x, k, queries, recommend)
             requests = [
                 QueryRequest(
                     limit=k,
@@ -330,7 +344,15 @@ class EdgeIndex(Index):
                 results = [r.shard.query(requests[0])]
             else:
                 results = r.shard.query_batch(QueryBatchRequest(requests))
-        return [[(int(p.id), float(p.score)) for p in res] for res in results]
+        return [[(int(p.id), _score(p.score, recommend)) for p in res] for res in results]
+
+    def _rescan(self, r: _Replica) -> None:
+        """Read the replica's points into a new Scan while it holds at most config.scan_max_points (else
+        none), then swap it in: a search sees the old scan or the new one, whole."""
+        from qdrant_edge import CountRequest
+
+        small = 0 < r.shard.count(CountRequest(exact=True)) <= self.config.scan_max_points
+        r.scan = Scan.of(r.shard, r.info.distance) if small else None
 
     def count(self, filters: dict | None = None) -> int:
         from qdrant_edge import CountRequest
@@ -346,6 +368,9 @@ class EdgeIndex(Index):
 
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
         with self._replica.use() as r:
+            scan = r.scan
+            if scan is not None:
+                return scan.get_vectors(item_ids)
             records = r.shard.retrieve([int(i) for i in item_ids], False, [VECTOR])
         return {int(rec.id): np.asarray(rec.vector[VECTOR], dtype=np.float32) for rec in records}
 
@@ -361,6 +386,8 @@ class EdgeIndex(Index):
             for p in new:  # the replica owns its copy: replay onto it in place
                 edge_upsert(r.shard, read_log(p), self.config.batch_size)
                 r.applied = (*r.applied, p.name)
+            if new:
+                self._rescan(r)
             return bool(new)
 
     def close(self) -> None:
@@ -440,7 +467,7 @@ class ServerIndex(Index):
                 for v, q in zip(x, queries, strict=True)
             ]
             responses = self.client.query_batch_points(collection, requests=requests)
-        return [[(int(p.id), float(p.score)) for p in r.points] for r in responses]
+        return [[(int(p.id), _score(p.score, recommend)) for p in r.points] for r in responses]
 
     def count(self, filters: dict | None = None) -> int:
         where = None if filters is None else _server_filter(_parse(filters, ()))

@@ -67,18 +67,23 @@ def data():
 
 
 class Env:
-    """One backend: Edge in a tmp folder, or the server code path on an in-memory qdrant-client."""
+    """One backend: Edge in a tmp folder, searched through the shard ("edge") or, as a version this small is
+    by default, exactly in numpy ("scan", index/scan.py); or the server code path on an in-memory
+    qdrant-client."""
 
-    def __init__(self, backend: str, tmp_path):
-        self.backend = backend
+    def __init__(self, kind: str, tmp_path):
+        self.kind = kind
+        self.backend = "server" if kind == "server" else "edge"
         self.dir = tmp_path / "index"
         self.client = None
-        if backend == "server":
+        if kind == "server":
             from qdrant_client import QdrantClient
 
             self.client = QdrantClient(":memory:")
 
     def config(self, **kw) -> IndexConfig:
+        if self.kind == "edge":
+            kw.setdefault("scan_max_points", 0)
         return IndexConfig(backend=self.backend, **kw)
 
     def build(self, vectors, items, **kw):
@@ -103,7 +108,7 @@ class Env:
         return sorted(c.name.removeprefix("items_") for c in self.client.get_collections().collections)
 
 
-@pytest.fixture(params=["edge", "server"])
+@pytest.fixture(params=["edge", "scan", "server"])
 def env(request, tmp_path):
     return Env(request.param, tmp_path)
 
@@ -126,6 +131,8 @@ def test_build_and_search_exact(env, data):
     v = env.build(vecs, items)
     assert (v.count, v.dim, v.teacher_id) == (N, D, TEACHER) and "probes" in v.verify
     with env.open() as idx:
+        if env.backend == "edge":  # the search path this kind names
+            assert (idx._replica.peek().scan is not None) == (env.kind == "scan")
         assert (idx.version, idx.teacher_id, idx.dim, idx.count()) == (v.name, TEACHER, D, N)
         qs = user_queries(x, 8)
         batch = idx.search_batch(qs, 20)
@@ -463,6 +470,49 @@ def test_recommend_scores_each_item_by_its_best_cosine_to_any_example(env, data)
         np.testing.assert_allclose([s for _, s in hits], best[want], atol=2e-3)  # int8, rescored
 
 
+@pytest.mark.parametrize("distance", ["cosine", "dot"])
+def test_the_scan_answers_as_the_shard_does(tmp_path, data, distance):
+    """One version searched both ways: the numpy scan (index/scan.py) against the shard's own exact search
+    (a full scan at this size): filters on a field some points lack (a category never matches them),
+    created_at ranges, exclusions, recommend; best first, ties by id, the same scores."""
+    x, _, items, _ = data
+    if distance == "dot":
+        x = (x * np.random.default_rng(8).uniform(0.2, 3.0, (N, 1))).astype(np.float32)
+    items = items.assign(category=[None if i % 11 == 0 else f"c{i % 5}" for i in items["item_id"]])
+    kw = {"distance": distance, "quantization": distance == "cosine"}
+    build_index(vector_table(x), items, tmp_path, IndexConfig(**kw))
+    t0 = 1_700_000_000  # the catalogue's created_at: t0 + item_id minutes
+    filters = [
+        None,
+        {"category": "c1"},
+        {"category": ["c2", "c3"], "available": True},
+        {"created_at": {"gte": t0 + 300 * 60, "lt": t0 + 900 * 60}},
+        {"created_at": {"gt": t0 + 1990 * 60}, "category": "c0"},
+        {"available": False},  # nothing: every point is available
+    ]
+    excludes = [[], [1, 2, 3], [], list(range(0, 2000, 3)), [], []]
+    qs = np.random.default_rng(2).normal(size=(len(filters), D)).astype(np.float32)
+    groups = [x[[3, 7, 11]], x[[5]], x[[20, 21]]]
+    with (
+        open_index(tmp_path, IndexConfig(**kw, scan_max_points=0)) as shard,
+        open_index(tmp_path, IndexConfig(**kw)) as scan,
+    ):
+        assert scan._replica.peek().scan is not None and shard._replica.peek().scan is None
+        answers = [
+            (
+                i.search_batch(qs, 25, excludes, filters),
+                i.recommend_batch(groups, 25, [[3, 7, 11], [5], [20, 21]], filters[:3]),
+            )
+            for i in (shard, scan)
+        ]
+        assert shard.get_vectors([3, 10**9]).keys() == scan.get_vectors([3, 10**9]).keys() == {3}
+        np.testing.assert_allclose(scan.get_vectors([3])[3], shard.get_vectors([3])[3], atol=1e-6)
+    for want, got in zip(*(a + b for a, b in answers), strict=True):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-4, atol=2e-3)
+    assert answers[1][0][5] == [] and all(len(h) == 25 for h in answers[1][0][:4])
+
+
 def test_graph_and_quantisation_path(env, data):
     """Thresholds set tiny so even 2,000 points get an HNSW graph and int8 vectors: recall stays high and
     scores stay exact cosines (rescored)."""
@@ -480,11 +530,12 @@ def test_graph_and_quantisation_path(env, data):
         assert np.mean(recall) >= 0.9
 
 
-def test_searches_keep_answering_while_refresh_swaps_versions(tmp_path, data):
+@pytest.mark.parametrize("kind", ["edge", "scan"])
+def test_searches_keep_answering_while_refresh_swaps_versions(tmp_path, data, kind):
     import threading
 
     x, vecs, items, _ = data
-    env = Env("edge", tmp_path)
+    env = Env(kind, tmp_path)
     env.build(vecs, items)
     errors, stop = [], threading.Event()
     q = user_queries(x, 4)
