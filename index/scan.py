@@ -86,8 +86,8 @@ class Scan:
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
         return {int(self.ids[r]): self.vectors[r].copy() for r in self.rows_of(item_ids)}
 
-    def allowed(self, query) -> np.ndarray | None:
-        """(N,) bool: the points a query's filters and exclusions let through; None: every point."""
+    def filtered(self, query) -> np.ndarray | None:
+        """(N,) bool: the points a query's filters let through (exclusions aside); None: no filter."""
         keep = None
 
         def both(mask: np.ndarray) -> np.ndarray:
@@ -100,9 +100,6 @@ class Scan:
             keep = both(self.available == int(query.available))
         for op, value in query.created_at:
             keep = both(_OPS[op](self.created_at, value))  # NaN (no field) compares False
-        if query.exclude:
-            keep = np.ones(len(self), bool) if keep is None else keep.copy()
-            keep[self.rows_of(query.exclude)] = False
         return keep
 
     def search(self, x, k: int, queries: Sequence, recommend: bool = False) -> list[list[Hit]]:
@@ -111,22 +108,27 @@ class Scan:
         if recommend:
             scores = np.stack([self._scores(np.asarray(g, np.float32)).max(0) for g in x])
         else:
-            scores = self._scores(np.asarray(x, np.float32))
-        return [self._top(row, k, self.allowed(q)) for row, q in zip(scores, queries, strict=True)]
+            scores = self._scores(np.asarray(x, np.float32))  # (B, N)
+        for row, q in zip(scores, queries, strict=True):  # what a query may not return scores -inf
+            keep = self.filtered(q)
+            if keep is not None:
+                row[~keep] = -np.inf
+            if q.exclude:
+                row[self.rows_of(q.exclude)] = -np.inf
+        n = min(k, len(self))
+        if n <= 0:
+            return [[] for _ in queries]
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < len(self) else None
+        out = []
+        for r, row in enumerate(scores):
+            best = np.arange(len(self)) if top is None else top[r]
+            best = best[np.lexsort((self.ids[best], -row[best]))]  # best first, ties by id
+            best = best[np.isfinite(row[best])]
+            out.append(list(zip(self.ids[best].tolist(), row[best].astype(float).tolist(), strict=True)))
+        return out
 
     def _scores(self, q: np.ndarray) -> np.ndarray:
         """(m, D) -> (m, N) similarities."""
         if self.cosine:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         return q @ self.vectors.T
-
-    def _top(self, scores: np.ndarray, k: int, keep: np.ndarray | None) -> list[Hit]:
-        if keep is not None:
-            scores = np.where(keep, scores, -np.inf)
-        n = min(k, len(scores))
-        if n <= 0:
-            return []
-        top = np.argpartition(-scores, n - 1)[:n] if n < len(scores) else np.arange(len(scores))
-        top = top[np.lexsort((self.ids[top], -scores[top]))]  # best first, ties by id
-        top = top[np.isfinite(scores[top])]
-        return [(int(i), float(s)) for i, s in zip(self.ids[top], scores[top], strict=True)]
