@@ -81,6 +81,10 @@ class ProducerConfig:
     # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
     # add synchronisation and take cores from the proxy and the other replicas.
     torch_threads: int = 1
+    # numpy's BLAS threads in a replica (the index scan's matrix product, index/scan.py): OpenBLAS's threads
+    # spin while they wait for a busy core, so a second one slows a search down when the proxy or another
+    # request holds the other core.
+    blas_threads: int = 1
     # User vectors kept per model by their exact input (serving/vector_cache.py): a user who asks again
     # without a new click skips the forward. Entries, each its vector (out_dim x 4 bytes) and about 0.4 KB
     # of bookkeeping; 0 = off.
@@ -138,8 +142,9 @@ class ProducerConfig:
             raise ValueError(f"log_flush_s must be in (0, 3600], got {self.log_flush_s}")
         if not self.event_types or not all(isinstance(t, str) and t for t in self.event_types):
             raise ValueError(f"event_types must be non-empty names, got {self.event_types!r}")
-        if not 1 <= self.torch_threads <= 256:
-            raise ValueError(f"torch_threads must be in 1..256, got {self.torch_threads}")
+        for name in ("torch_threads", "blas_threads"):
+            if not 1 <= getattr(self, name) <= 256:
+                raise ValueError(f"{name} must be in 1..256, got {getattr(self, name)}")
         if not 0 <= self.vector_cache <= 100_000_000:
             raise ValueError(f"vector_cache must be in 0..100000000 (0 = off), got {self.vector_cache}")
         if self.max_wait_ms < 0:

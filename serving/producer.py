@@ -57,6 +57,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
+from threadpoolctl import threadpool_limits
 
 from serving import guard
 from serving.api import (
@@ -232,6 +233,7 @@ class Producer:
         producer cannot load) raises: Serve keeps the old replicas' state / marks the update failed."""
         config = ProducerConfig.from_dict(user_config)
         torch.set_num_threads(config.torch_threads)
+        threadpool_limits(config.blas_threads, user_api="blas")
         fresh = await asyncio.to_thread(load_state, config)
         self._state.swap(fresh)
         await asyncio.to_thread(self._open_logs, config)

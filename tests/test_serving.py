@@ -1088,10 +1088,19 @@ def test_push_errors_are_503_retry_only_when_retrying_can_help(local, monkeypatc
 def test_reconfigure_hot_swaps_in_place_and_refuses_a_bad_config(world, local, tmp_path):
     """reconfigure() on the running replica (what a user_config-only update of a declarative config or a
     RayService does): a new state is built, then swapped in; a bad config leaves the old one serving."""
-    new = replace(local_config(world), producer="popular", default_k=3)
+    from threadpoolctl import threadpool_info
+
+    def blas() -> set[int]:  # the local replica runs in this process
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    assert blas() == {1}  # the default: one BLAS thread (process-wide, unlike torch's per-thread count)
+    new = replace(local_config(world), producer="popular", default_k=3, blas_threads=2)
     local.reconfigure.remote(new.to_dict()).result()
     status, body = call(local, "candidates", CandidatesRequest(user_id=1))
     assert status == 200 and body["producer"] == "popular" and len(body["candidates"]) == 3
+    assert blas() == {2}
+    with pytest.raises(ValueError, match="blas_threads must be in 1..256"):
+        replace(new, blas_threads=0)
 
     export = tmp_path / "export"
     shutil.copytree(world.export, export)
