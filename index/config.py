@@ -68,8 +68,9 @@ class IndexConfig:
     hnsw_ef: int | None = None
     # Edge: a version of at most this many points (upserts included) is searched exactly in numpy
     # (index/scan.py: one matrix product, the interpreter released) instead of through the shard's graph;
-    # below about this size that is also faster (docs/BENCHMARKS.md, search). 0: always the shard. The
-    # server backend always searches on the server.
+    # up to about this size a batch costs less that way (docs/BENCHMARKS.md, search). It holds the vectors
+    # in memory beside the shard (points x dim x 4 bytes). 0: always the shard. The server backend always
+    # searches on the server.
     scan_max_points: int = 50_000
 
     # int8 scalar quantisation (4x less RAM, faster scoring), always rescored with the float vectors.

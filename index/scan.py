@@ -22,7 +22,7 @@ import numpy as np
 
 from index.store import VECTOR
 
-Hit = tuple[int, float]
+Hit = tuple[int, float]  # (item_id, score: cosine, or dot product for a dot-product version)
 _OPS = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less, "lte": np.less_equal}
 
 

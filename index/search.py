@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from index.config import IndexConfig
-from index.scan import Scan
+from index.scan import Hit, Scan
 from index.store import (
     VECTOR,
     Layout,
@@ -55,8 +55,6 @@ from index.store import (
 )
 from vlmrec.lease import Current
 from vlmrec.workspace import Workspace
-
-Hit = tuple[int, float]  # (item_id, score: cosine, or dot product for a dot-product version)
 
 
 @dataclass(frozen=True)
