@@ -17,9 +17,10 @@ vectors and adds Gaussian noise (`real_like_set`), keeping the real vectors' ani
 the graph forced (thresholds 1 KB): the curve of the graph whatever the shipped thresholds choose at that size
 (scan or graph). The shipped settings are IndexConfig()'s, HNSW chosen from each size (index.config.hnsw_for);
 each size records them, the build's peak RSS, and the query p99 over exact numpy's. Up to
-IndexConfig.scan_max_points the shipped search is the replica's numpy scan (index/scan.py: `searched_by`
-"scan"); there the shard's own search of the same copy is measured too (`shard`, `shard_*`), and the ef
-sweeps always search the shard. Runtime: a few minutes at 100k; at 1M the build takes most of an hour on 2
+IndexConfig.scan_max_points the shipped search is the replica's exact scan (index/scan.py: `searched_by`
+"scan"); there the shard's own search of the same copy is measured too (`shard`, `shard_*`), and the scan's
+matrix product (torch's) against numpy's for 1, 4 and 32 query rows (`scan_product_ms`); the ef sweeps
+always search the shard. Runtime: a few minutes at 100k; at 1M the build takes most of an hour on 2
 cores.
 """
 
@@ -255,6 +256,7 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
                     (time.perf_counter() - t) * 1e3 / len(queries), 3
                 )
             res["recall_at_100"]["shard"] = recall(got_s, exact["plain"])
+            res_q["scan_product_ms"] = product_times(xm, queries)
         res["p99_over_exact_p99"] = round(res_q["edge"]["p99"] / res_q["exact"]["p99"], 4)
         res["ef_sweep"] = ef_sweep(Path(tmp) / "edge", config, queries, exact["plain"])
         print(f"   edge build {v.seconds:.1f} s, indexed {v.indexed}; {res_q}; recall {res['recall_at_100']}")
@@ -284,6 +286,30 @@ def bench_size(x, items, teacher, args, config: IndexConfig, source: str) -> dic
     res["query_ms"] = res_q
     print(f"   build_s {res['build_s']}", flush=True)
     return res
+
+
+def product_times(x: np.ndarray, queries: np.ndarray, reps: int = 50) -> dict:
+    """The scan's matrix product (torch's BLAS: index/scan.py) against numpy's `q @ x.T` on the same
+    vectors, for 1, 4 and 32 query rows: median ms of `reps`."""
+    import torch
+
+    xt = torch.from_numpy(x)
+    out = {}
+    for m in (1, 4, 32):
+        q = np.ascontiguousarray(queries[:m])
+        qt = torch.from_numpy(q)
+        ms = {}
+        products = {"numpy": lambda q=q: q @ x.T, "torch": lambda qt=qt: torch.nn.functional.linear(qt, xt)}
+        for name, fn in products.items():
+            fn()
+            times = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+            ms[name] = round(float(np.median(times)), 3)
+        out[str(m)] = ms
+    return out
 
 
 def ef_sweep(folder: Path, config: IndexConfig, queries: np.ndarray, exact: list) -> list[dict]:

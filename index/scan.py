@@ -1,5 +1,5 @@
-"""Exact search of a small index version in numpy: what an Edge replica searches while its version holds at
-most IndexConfig.scan_max_points points.
+"""Exact search of a small index version by one matrix product: what an Edge replica searches while its
+version holds at most IndexConfig.scan_max_points points.
 
     scan = Scan.of(shard, "cosine")           # every point of an open EdgeShard, read once
     scan.search(x, 100, queries)              # (B, D) -> B hit lists: the exact top k under each query's filters
@@ -80,8 +80,8 @@ class Scan:
     def rows_of(self, item_ids: Sequence[int]) -> np.ndarray:
         """Row positions of the ids held (unknown ids left out)."""
         ids = np.asarray(item_ids, np.int64).reshape(-1)
-        pos = np.searchsorted(self.ids, ids).clip(0, max(len(self.ids) - 1, 0))
-        return pos[self.ids[pos] == ids] if len(self.ids) else pos[:0]
+        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # a Scan is never empty
+        return pos[self.ids[pos] == ids]
 
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
         return {int(self.ids[r]): self.vectors[r].copy() for r in self.rows_of(item_ids)}
@@ -109,26 +109,57 @@ class Scan:
             scores = np.stack([self._scores(np.asarray(g, np.float32)).max(0) for g in x])
         else:
             scores = self._scores(np.asarray(x, np.float32))  # (B, N)
-        for row, q in zip(scores, queries, strict=True):  # what a query may not return scores -inf
-            keep = self.filtered(q)
-            if keep is not None:
-                row[~keep] = -np.inf
-            if q.exclude:
-                row[self.rows_of(q.exclude)] = -np.inf
-        n = min(k, len(self))
-        if n <= 0:
-            return [[] for _ in queries]
-        top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < len(self) else None
-        out = []
-        for r, row in enumerate(scores):
-            best = np.arange(len(self)) if top is None else top[r]
-            best = best[np.lexsort((self.ids[best], -row[best]))]  # best first, ties by id
-            best = best[np.isfinite(row[best])]
-            out.append(list(zip(self.ids[best].tolist(), row[best].astype(float).tolist(), strict=True)))
+        by_filter: dict[tuple, list[int]] = {}  # the rows asking under the same filters: one mask for all
+        for r, q in enumerate(queries):
+            by_filter.setdefault((q.categories, q.available, q.created_at), []).append(r)
+        out: list[list[Hit]] = [[] for _ in queries]
+        for rows in by_filter.values():
+            keep = self.filtered(queries[rows[0]])
+            cols = np.arange(len(self)) if keep is None else np.flatnonzero(keep)  # the points let through
+            if not len(cols):
+                continue
+            held = scores[np.ix_(rows, cols)]  # a copy: only what these rows may return
+            for j, r in enumerate(rows):
+                if queries[r].exclude:
+                    held[j, _within(cols, self.rows_of(queries[r].exclude))] = -np.inf
+            for r, hits in zip(rows, self._best(held, cols, k), strict=True):
+                out[r] = hits
         return out
 
+    def _best(self, held: np.ndarray, cols: np.ndarray, k: int) -> list[list[Hit]]:
+        """(R, C) scores of the points `cols` -> R lists of the best k finite ones, ties by id."""
+        n = min(k, held.shape[1])
+        cut = held.shape[1] - n
+        top = np.argpartition(held, cut, axis=1)[:, cut:] if cut else np.tile(np.arange(n), (len(held), 1))
+        best = np.take_along_axis(held, top, 1)
+        ids = self.ids[cols[top]]
+        order = np.lexsort((ids, -best), axis=-1)  # best first, ties by id
+        ids, best = np.take_along_axis(ids, order, 1), np.take_along_axis(best, order, 1).astype(float)
+        found = np.isfinite(best)  # an excluded point scores -inf
+        return [
+            list(zip(i[f].tolist(), b[f].tolist(), strict=True))
+            for i, b, f in zip(ids, best, found, strict=True)
+        ]
+
     def _scores(self, q: np.ndarray) -> np.ndarray:
-        """(m, D) -> (m, N) similarities."""
+        """(m, D) -> (m, N) similarities: one product per distinct row (an item-age model asks with each
+        user's vector once per age bucket), through torch's BLAS, which multiplies a few rows at about the
+        cost of one where numpy's takes several times longer (docs/BENCHMARKS.md, search)."""
+        import torch
+
         if self.cosine:
             q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        return q @ self.vectors.T
+        q = np.require(q, np.float32, ["C", "W"])
+        first: dict[bytes, int] = {}  # a row's bytes -> its first row
+        inverse = np.fromiter((first.setdefault(r.tobytes(), i) for i, r in enumerate(q)), np.intp, len(q))
+        rows = q if len(first) == len(q) else q[list(first.values())]
+        scores = torch.nn.functional.linear(torch.from_numpy(rows), torch.from_numpy(self.vectors)).numpy()
+        if len(first) == len(q):
+            return scores
+        return scores[np.searchsorted(list(first.values()), inverse)]
+
+
+def _within(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Positions in `cols` (sorted row numbers) of those `rows` it holds."""
+    at = np.minimum(np.searchsorted(cols, rows), len(cols) - 1)
+    return at[cols[at] == rows]

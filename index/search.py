@@ -8,14 +8,15 @@
     open_index(None, IndexConfig(backend="server", url="http://qdrant:6333"))
 
 Results are [(item_id, score)], best first: the cosine, or the dot product for a `distance="dot"` version.
-Exclusion and filters run inside Qdrant (must_not HasId; must category / available), so k results come
-back whenever k items qualify.
+Exclusion and filters run inside the search (Qdrant's must_not HasId and must category / available /
+created_at; the same conditions in a scanned copy's numpy, index/scan.py), so k results come back whenever
+k items qualify.
 
 Edge: Qdrant Edge lets one process open a shard folder, so each Index (each Producer replica) copies the
 current version into `<index_dir>/replicas/<host>-<pid>-<uuid>/` and loads the copy; it replays the
 version's upsert log on open and on refresh(). refresh() swaps to a fresh copy when CURRENT moved: it
 builds the new copy, swaps the reference, then closes the old one once in-flight searches finish. A copy of
-at most `scan_max_points` points is searched exactly in numpy (index/scan.py), read from the shard again
+at most `scan_max_points` points is searched exactly by a matrix product (index/scan.py), read from the shard again
 after every replay; a larger one through the shard's graph.
 Server: searches go to the collection the alias named when opened (or last refreshed), so version,
 teacher_id and dim always describe the vectors searched.

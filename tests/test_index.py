@@ -474,7 +474,8 @@ def test_recommend_scores_each_item_by_its_best_cosine_to_any_example(env, data)
 def test_the_scan_answers_as_the_shard_does(tmp_path, data, distance):
     """One version searched both ways: the numpy scan (index/scan.py) against the shard's own exact search
     (a full scan at this size): filters on a field some points lack (a category never matches them),
-    created_at ranges, exclusions, recommend; best first, ties by id, the same scores."""
+    created_at ranges, exclusions, one vector asked under several filters, recommend; best first, ties by
+    id, the same scores."""
     x, _, items, _ = data
     if distance == "dot":
         x = (x * np.random.default_rng(8).uniform(0.2, 3.0, (N, 1))).astype(np.float32)
@@ -492,6 +493,10 @@ def test_the_scan_answers_as_the_shard_does(tmp_path, data, distance):
     ]
     excludes = [[], [1, 2, 3], [], list(range(0, 2000, 3)), [], []]
     qs = np.random.default_rng(2).normal(size=(len(filters), D)).astype(np.float32)
+    # the first query again under three more filters, as an item-age model asks once per age bucket
+    filters += [{"created_at": {"lt": t0 + 600 * 60}}, {"created_at": {"gte": t0 + 600 * 60}}, None]
+    excludes += [[0, 1], [], list(range(50))]
+    qs = np.concatenate([qs, np.repeat(qs[:1], 3, axis=0)])
     groups = [x[[3, 7, 11]], x[[5]], x[[20, 21]]]
     with (
         open_index(tmp_path, IndexConfig(**kw, scan_max_points=0)) as shard,
