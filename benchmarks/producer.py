@@ -18,7 +18,9 @@ Each Producer point says how often its user-vector cache was used (`vector_cache
 from /readyz): the random users repeat, and a user asking again with no new click reuses the vector. So c1 and
 c32 are run again with one new click per request (`load_new_clicks`: a random item in recent_item_ids, the
 same bodies to the no-op), where no request reuses one: every answer pays its forward.
-The c1 point is then repeated three times, Producer and no-op in turn, for its spread (`c1_alternation`).
+The c1 point is then repeated three times, Producer and no-op in turn, for its spread (`c1_alternation`),
+and the c32 point likewise with repeating users and with new clicks (`c32_alternation`: the requests/s
+ratio of each pair and of the pooled runs).
 Coalescer wait: the Producer at c8 and c32 under each max_wait_ms of `--waits`, against the no-op.
 Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
 each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here):
@@ -295,25 +297,41 @@ def exposure_log_cost(config, args, users: np.ndarray) -> dict:
     return out
 
 
-def alternation(targets: dict[str, str], users: np.ndarray, args, pairs: int = 3) -> dict:
-    """The c1 point again, Producer then no-op, `pairs` times in turn: each pair's p99 ratio (its spread is
-    the figure's run-to-run noise) and the ratio of the pooled p99s (pairs x requests each)."""
+def alternation(
+    targets: dict[str, str], users: np.ndarray, args, c: int = 1, pairs: int = 3, new_clicks=None
+) -> dict:
+    """The point at concurrency c again, Producer then no-op, `pairs` times in turn: each pair's p99 and
+    requests/s ratios (their spread is the figure's run-to-run noise) and the ratios of the pooled figures
+    (pairs x requests each; requests/s = all requests over all their seconds)."""
     lat: dict[str, list[float]] = {"producer": [], "noop": []}
-    ratios = []
+    seconds = {"producer": 0.0, "noop": 0.0}
+    ratios, rps_ratios = [], []
     for pair in range(pairs):
-        p99 = {}
+        p99, rps = {}, {}
         for name, url in targets.items():
-            r = asyncio.run(load(url, users, args.requests, 1, args.k, seed=100 + pair, keep_latencies=True))
+            r = asyncio.run(
+                load(url, users, args.requests, c, args.k, seed=100 + pair, keep_latencies=True,
+                     new_clicks=new_clicks)
+            )  # fmt: skip
             lat[name] += r["latencies_ms"]
-            p99[name] = r["latency_ms"]["p99"]
+            seconds[name] += args.requests / r["requests_per_s"]
+            p99[name], rps[name] = r["latency_ms"]["p99"], r["requests_per_s"]
         ratios.append(p99["producer"] / p99["noop"])
-        print(f"c1 pair {pair}: p99 {p99['producer']:.1f} against {p99['noop']:.1f} ms", flush=True)
+        rps_ratios.append(rps["producer"] / rps["noop"])
+        print(
+            f"c{c} pair {pair}: p99 {p99['producer']:.1f} against {p99['noop']:.1f} ms, "
+            f"{rps['producer']:.0f} against {rps['noop']:.0f} req/s",
+            flush=True,
+        )
     pooled = {name: percentiles(ms) for name, ms in lat.items()}
     return {
         "pairs": pairs,
+        "new_clicks": new_clicks is not None,
         "ratio_p99_per_pair": ratios,
         "ratio_p99_pooled": pooled["producer"]["p99"] / pooled["noop"]["p99"],
         "ratio_p50_pooled": pooled["producer"]["p50"] / pooled["noop"]["p50"],
+        "ratio_rps_per_pair": rps_ratios,
+        "ratio_rps_pooled": seconds["noop"] / seconds["producer"],
         **pooled,
     }
 
@@ -443,6 +461,10 @@ def main() -> None:
         items = pq.read_table(export / "item_vectors.parquet", columns=["item_id"]).column(0).to_numpy()
         new_clicks = {f"c{c}": point(targets, base, users, c, args, items) for c in (1, 32)}
         c1_pairs = alternation(targets, users, args) if 1 in args.concurrency else {}
+        c32_pairs = {  # the throughput goal's point, in turn: with repeating users, and with new clicks
+            "reuse": alternation(targets, users, args, c=32),
+            "new_clicks": alternation(targets, users, args, c=32, new_clicks=items),
+        }
         rng = np.random.default_rng(7)
         recall = producer_recall(base, config, export, rng.choice(users, 200, replace=False), args.k)
         print(f"Producer recall@{args.k} vs exact: {recall['mean_recall_at_k']:.4f}", flush=True)
@@ -499,6 +521,7 @@ def main() -> None:
         "load_new_clicks": new_clicks,
         "vector_cache_size": config.vector_cache,
         "c1_alternation": c1_pairs,
+        "c32_alternation": c32_pairs,
         "producer_recall_vs_exact": recall,
         "freshness": fresh,
         "scale_out_c32": scale_out,
