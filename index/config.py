@@ -66,7 +66,7 @@ class IndexConfig:
     # is built that searches would then bypass. Tests set both tiny to exercise the graph on small data.
     indexing_threshold_kb: int = 10_000
     hnsw_ef: int | None = None
-    # Edge: a version of at most this many points (upserts included) is searched exactly in numpy
+    # Edge: a version of at most this many points (upserts included) is searched exactly
     # (index/scan.py: one matrix product, the interpreter released) instead of through the shard's graph;
     # up to about this size a batch costs less that way (docs/BENCHMARKS.md, search). It holds the vectors
     # in memory beside the shard (points x dim x 4 bytes). 0: always the shard. The server backend always

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
-from index.config import BACKENDS
+from index.config import BACKENDS, IndexConfig
 from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 
 API_MAX_K = 1000  # the hard bound of the API's `k` (request validation); max_k may only lower it
@@ -78,13 +78,18 @@ class ProducerConfig:
     # An A/B experiment over this deployment's default traffic (serving/experiments.py): {name, arms: [{name,
     # producer, share, run?}], salt?, force?}. None = no experiment.
     experiment: dict | None = None
-    # torch's intra-op threads in a replica: batching, not threads, spreads the model's work; more threads
-    # add synchronisation and take cores from the proxy and the other replicas.
+    # torch's intra-op threads in a replica (the model, and the index scan's matrix product, index/scan.py):
+    # batching, not threads, spreads the work; more threads add synchronisation and take cores from the
+    # proxy and the other replicas.
     torch_threads: int = 1
-    # numpy's BLAS threads in a replica (the index scan's matrix product, index/scan.py): OpenBLAS's threads
-    # spin while they wait for a busy core, so a second one slows a search down when the proxy or another
-    # request holds the other core.
+    # numpy's BLAS threads in a replica: OpenBLAS's threads spin while they wait for a busy core, so a second
+    # one slows a product down when the proxy or another request holds the other core.
     blas_threads: int = 1
+    # Search settings of the replica's Edge copies (index/config.py): the HNSW beam (None = chosen from the
+    # version's size) and the size up to which a copy is searched exactly by a matrix product instead of
+    # its graph (0 = always the graph). The server backend takes hnsw_ef; a reconfigure reopens the copies.
+    hnsw_ef: int | None = None
+    scan_max_points: int = IndexConfig.scan_max_points
     # User vectors kept per model by their exact input (serving/vector_cache.py): a user who asks again
     # without a new click skips the forward. Entries, each its vector (out_dim x 4 bytes) and about 0.4 KB
     # of bookkeeping; 0 = off.
@@ -142,6 +147,7 @@ class ProducerConfig:
             raise ValueError(f"log_flush_s must be in (0, 3600], got {self.log_flush_s}")
         if not self.event_types or not all(isinstance(t, str) and t for t in self.event_types):
             raise ValueError(f"event_types must be non-empty names, got {self.event_types!r}")
+        IndexConfig(hnsw_ef=self.hnsw_ef, scan_max_points=self.scan_max_points)  # refuses bad values, named
         for name in ("torch_threads", "blas_threads"):
             if not 1 <= getattr(self, name) <= 256:
                 raise ValueError(f"{name} must be in 1..256, got {getattr(self, name)}")

@@ -118,16 +118,20 @@ def _str_or_none(v) -> str | None:
 
 
 def index_config(cfg: ProducerConfig, name: str | None = None) -> IndexConfig:
-    """Search settings: IndexConfig's defaults. On a server the student searches cfg.index_alias and a
-    named index (sasrec, teacher) the alias `items_<name>` (what `vlmrec index build --run NAME` /
-    `--teacher` make). The api key comes from this replica's environment (QDRANT_API_KEY), never from
-    user_config."""
+    """Search settings: IndexConfig's defaults but the config's hnsw_ef and scan_max_points. On a server the
+    student searches cfg.index_alias and a named index (sasrec, teacher) the alias `items_<name>` (what
+    `vlmrec index build --run NAME` / `--teacher` make). The api key comes from this replica's environment
+    (QDRANT_API_KEY), never from user_config."""
     if cfg.index_backend == "server":
         alias = cfg.index_alias if name is None else named_alias(name)
         return IndexConfig(
-            backend="server", url=cfg.index_url, api_key=os.environ.get("QDRANT_API_KEY"), alias=alias
+            backend="server",
+            url=cfg.index_url,
+            api_key=os.environ.get("QDRANT_API_KEY"),
+            alias=alias,
+            hnsw_ef=cfg.hnsw_ef,
         )
-    return IndexConfig()
+    return IndexConfig(hnsw_ef=cfg.hnsw_ef, scan_max_points=cfg.scan_max_points)
 
 
 def _open(cfg: ProducerConfig, folder: Path, name: str | None) -> Index:

@@ -910,6 +910,27 @@ def test_server_backend_searches_the_configured_alias(monkeypatch):
     assert "k" not in cfg.to_dict().values()
     with pytest.raises(ValueError, match="index_alias"):
         ProducerConfig(index_alias="")
+    tuned = replace(cfg, hnsw_ef=64, scan_max_points=0)  # the server has no scan: ef only
+    assert index_config(tuned) == replace(index_config(cfg), hnsw_ef=64)
+
+
+def test_search_settings_reach_the_replicas_index_copies(world):
+    """user_config's hnsw_ef and scan_max_points open the Edge copies: a small version scanned by default,
+    through its graph with scan_max_points 0; a bad value is refused, named."""
+    for config, scanned in (
+        (world.config, True),
+        (replace(world.config, scan_max_points=0, hnsw_ef=64), False),
+    ):
+        state = load_state(config)
+        try:
+            index = state.sources["student"].index
+            assert (index._replica.peek().scan is not None) is scanned
+            assert index.config.hnsw_ef == config.hnsw_ef
+        finally:
+            state.close()
+    for bad in ({"scan_max_points": -1}, {"hnsw_ef": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            replace(world.config, **bad)
 
 
 # ---------------------------------------------------------- local testing mode (after every bind: see the top)
