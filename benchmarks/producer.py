@@ -22,6 +22,8 @@ The c1 point is then repeated three times, Producer and no-op in turn, for its s
 and the c32 point likewise with repeating users and with new clicks (`c32_alternation`: the requests/s
 ratio of each pair and of the pooled runs).
 Coalescer wait: the Producer at c8 and c32 under each max_wait_ms of `--waits`, against the no-op.
+Search path: the index searched by the replica's exact scan against its HNSW graph (`scan_max_points` 0), in
+turn, at c1 and c32 with new clicks (`search_path`).
 Scale-out: the same c32 load against the Producer and the no-op with 1 and 2 replicas each (`--replicas`),
 each Producer replica with its own Edge copy. The load generator runs on the same machine (2 cores here):
 figures include its cost, and each point says where a request's CPU went (`cpu_ms_per_request`: replicas,
@@ -380,6 +382,52 @@ def coalescer_wait(config, args, users: np.ndarray) -> dict:
     return out
 
 
+def search_paths(config, args, users: np.ndarray, items: np.ndarray) -> dict:
+    """The replica's search of this index: the exact scan (index/scan.py, the default up to scan_max_points)
+    against the shard's HNSW graph (scan_max_points 0), the Producer reconfigured to each in turn, three
+    times, at c1 and c32 with a new click in every request (each answer pays its forward and its search):
+    latency over all runs' requests, mean requests/s, the search stage's mean p50, the graph / scan ratios."""
+    from dataclasses import replace
+
+    from serving.cli import start
+
+    runs: dict[str, dict[str, dict[str, list]]] = {}
+    for _ in range(3):
+        for path, cap in (("scan", config.scan_max_points), ("graph", 0)):
+            base = start(replace(config, scan_max_points=cap), port=args.port, access_log=False)
+            url = f"{base}/v1/candidates"
+            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
+            for c in (1, 32):
+                r = asyncio.run(
+                    load(url, users, args.requests, c, args.k, seed=c, keep_latencies=True, new_clicks=items)
+                )
+                got = runs.setdefault(f"c{c}", {}).setdefault(path, {"lat": [], "rps": [], "search": []})
+                got["lat"] += r["latencies_ms"]
+                got["rps"].append(r["requests_per_s"])
+                got["search"].append(r["stages_ms"]["search"]["p50"])
+                print(f"search by {path:>5}, c{c}: p99 {r['latency_ms']['p99']:.1f} ms, "
+                      f"{r['requests_per_s']:.0f} req/s, search stage p50 {got['search'][-1]:.2f} ms",
+                      flush=True)  # fmt: skip
+    out: dict[str, dict] = {}
+    for c, paths in runs.items():
+        out[c] = {
+            path: {
+                "latency_ms": percentiles(got["lat"]),
+                "requests_per_s": float(np.mean(got["rps"])),
+                "search_stage_p50_ms": float(np.mean(got["search"])),
+            }
+            for path, got in paths.items()
+        }
+        scan, graph = out[c]["scan"], out[c]["graph"]
+        out[c]["graph_over_scan"] = {
+            "p50": graph["latency_ms"]["p50"] / scan["latency_ms"]["p50"],
+            "p99": graph["latency_ms"]["p99"] / scan["latency_ms"]["p99"],
+            "requests_per_s": graph["requests_per_s"] / scan["requests_per_s"],
+        }
+    start(config, port=args.port, access_log=False)  # back to the config under test
+    return out
+
+
 def point(targets: dict[str, str], base: str, users: np.ndarray, c: int, args, new_clicks=None) -> dict:
     """One load point: the Producer, then the no-op, the same requests at concurrency c; the Producer's use
     of its user-vector cache over the point, CPU per request, and the Producer / no-op ratios."""
@@ -473,6 +521,7 @@ def main() -> None:
             f"freshness: event -> candidates p50 {fresh['event_to_candidates_ms']['p50']:.1f} ms", flush=True
         )
         waits = coalescer_wait(config, args, users) if args.waits else {}
+        paths = search_paths(config, args, users, items)
         exposure_log = exposure_log_cost(config, args, users)
         scale_out: dict[str, dict] = {}
         scale_noop: dict[str, dict] = {}
@@ -528,6 +577,7 @@ def main() -> None:
         "scale_out_c32_noop": scale_noop,
         "exposure_log": exposure_log,
         "coalescer_wait": waits,
+        "search_path": paths,
         "load_average": loadavg,
         "access_log": False,
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
