@@ -256,7 +256,7 @@ def _edge_filter(q: _Query):
 
 class _Replica:
     """A private copy of one version: its shard, folder, and the upsert log files already applied; `scan`
-    (index/scan.py) when it is small enough to search exactly in numpy, read again after each replay."""
+    (index/scan.py) when it is small enough to search exactly, read again after each replay."""
 
     def __init__(self, shard, folder: Path, info: VersionInfo, applied: tuple[str, ...], params):
         self.shard, self.folder, self.info, self.applied = shard, folder, info, applied

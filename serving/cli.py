@@ -151,6 +151,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--scoring-time", default=None, help="item-age models score age at this ISO time, not now (replays)"
     )
+    parser.add_argument(
+        "--hnsw-ef", type=int, default=None, help="the search beam (default: chosen from the index's size)"
+    )
+    parser.add_argument(
+        "--scan-max-points",
+        type=int,
+        default=d.scan_max_points,
+        help="an index of at most this many items is searched exactly by one matrix product; 0: its graph",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ProducerConfig:
@@ -171,6 +180,8 @@ def config_from_args(args: argparse.Namespace) -> ProducerConfig:
         popular_until=args.popular_until,
         mix_budget_ms=args.mix_budget_ms,
         scoring_time=args.scoring_time,
+        hnsw_ef=args.hnsw_ef,
+        scan_max_points=args.scan_max_points,
     )
 
 

@@ -894,7 +894,11 @@ def test_cli_defaults_and_the_edge_environment(monkeypatch):
     assert config_from_args(args) == ProducerConfig(
         workdir=".vlmrec/sample", run="r2", index_backend="server", index_url="http://qdrant:6333"
     )
+    args = build_parser("serve").parse_args(["serve", "--scan-max-points", "0", "--hnsw-ef", "64"])
+    assert config_from_args(args) == ProducerConfig(workdir=".vlmrec/sample", scan_max_points=0, hnsw_ef=64)
     assert isinstance(build_app({"workdir": "w", "default_k": "7", "search_timeout_s": "0.3"}), Application)
+    # `serve run`'s key=value strings are cast to the field's type before the config checks them
+    assert isinstance(build_app({"scan_max_points": "0", "hnsw_ef": "64"}), Application)
 
 
 def test_server_backend_searches_the_configured_alias(monkeypatch):
