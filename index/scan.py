@@ -79,9 +79,7 @@ class Scan:
 
     def rows_of(self, item_ids: Sequence[int]) -> np.ndarray:
         """Row positions of the ids held (unknown ids left out)."""
-        ids = np.asarray(item_ids, np.int64).reshape(-1)
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)  # a Scan is never empty
-        return pos[self.ids[pos] == ids]
+        return _positions(self.ids, np.asarray(item_ids, np.int64).reshape(-1))
 
     def get_vectors(self, item_ids: Sequence[int]) -> dict[int, np.ndarray]:
         return {int(self.ids[r]): self.vectors[r].copy() for r in self.rows_of(item_ids)}
@@ -121,7 +119,7 @@ class Scan:
             held = scores[np.ix_(rows, cols)]  # a copy: only what these rows may return
             for j, r in enumerate(rows):
                 if queries[r].exclude:
-                    held[j, _within(cols, self.rows_of(queries[r].exclude))] = -np.inf
+                    held[j, _positions(cols, self.rows_of(queries[r].exclude))] = -np.inf
             for r, hits in zip(rows, self._best(held, cols, k), strict=True):
                 out[r] = hits
         return out
@@ -152,14 +150,13 @@ class Scan:
         q = np.require(q, np.float32, ["C", "W"])
         first: dict[bytes, int] = {}  # a row's bytes -> its first row
         inverse = np.fromiter((first.setdefault(r.tobytes(), i) for i, r in enumerate(q)), np.intp, len(q))
-        rows = q if len(first) == len(q) else q[list(first.values())]
+        distinct = np.fromiter(first.values(), np.intp, len(first))  # sorted: first rows come in order
+        rows = q if len(distinct) == len(q) else q[distinct]
         scores = torch.nn.functional.linear(torch.from_numpy(rows), torch.from_numpy(self.vectors)).numpy()
-        if len(first) == len(q):
-            return scores
-        return scores[np.searchsorted(list(first.values()), inverse)]
+        return scores if rows is q else scores[np.searchsorted(distinct, inverse)]
 
 
-def _within(cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Positions in `cols` (sorted row numbers) of those `rows` it holds."""
-    at = np.minimum(np.searchsorted(cols, rows), len(cols) - 1)
-    return at[cols[at] == rows]
+def _positions(held: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Positions in `held` (sorted, not empty) of those `values` it holds."""
+    at = np.minimum(np.searchsorted(held, values), len(held) - 1)
+    return at[held[at] == values]
