@@ -27,7 +27,9 @@ from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
 EXPORT_NAME = (
     "item_vectors.parquet"  # what training exports under runs/<name>/; the newest one is the default
 )
-_NOT_FLAGS = {"api_key"}  # secrets come from the environment only
+# secrets come from the environment only; whether a copy is scanned is the searcher's setting (the Producer's
+# scan_max_points, `vlmrec serve --scan-max-points`), not the version's
+_NOT_FLAGS = {"api_key", "scan_max_points"}
 
 
 def latest_export(ws: Workspace) -> Path:

@@ -46,3 +46,17 @@ def test_embed_sizes_must_be_positive(flag, capsys):
     with pytest.raises(SystemExit) as done:
         main(["embed", "--workdir", "nowhere", flag, "0"])
     assert done.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_index_build_takes_the_versions_settings_but_not_the_searchers(capsys):
+    """Whether a copy is scanned exactly is the Producer's setting (`vlmrec serve --scan-max-points`), not a
+    version's: `vlmrec index build` does not offer it, and its config keeps IndexConfig's default."""
+    from index.cli import config_from_args
+    from index.config import IndexConfig
+    from vlmrec.cli import build_parser
+
+    args = build_parser("index").parse_args(["index", "build", "--hnsw-m", "16", "--workdir", "w"])
+    assert config_from_args(args) == IndexConfig(hnsw_m=16)
+    with pytest.raises(SystemExit):
+        build_parser("index").parse_args(["index", "build", "--scan-max-points", "0"])
+    assert "--scan-max-points" in capsys.readouterr().err
