@@ -216,18 +216,26 @@ def read_log(path: Path) -> pa.Table:
 
 def edge_search_params(config):
     """hnsw_ef (set: `config.for_size(n)`), and int8 scores always rescored with the float vectors (Edge does
-    not by default)."""
+    not by default). quantization off: the float vectors alone, also over a version built with int8 ones
+    (a search naming no quantization params would score with the int8 vectors, unrescored)."""
     from qdrant_edge import QuantizationSearchParams, SearchParams
 
-    quant = QuantizationSearchParams(rescore=True, oversampling=config.oversampling)
-    return SearchParams(hnsw_ef=config.hnsw_ef, quantization=quant if config.quantization else None)
+    if config.quantization:
+        quant = QuantizationSearchParams(rescore=True, oversampling=config.oversampling)
+    else:
+        quant = QuantizationSearchParams(ignore=True)
+    return SearchParams(hnsw_ef=config.hnsw_ef, quantization=quant)
 
 
 def server_search_params(config):
+    """The same for a Qdrant server."""
     from qdrant_client import models
 
-    quant = models.QuantizationSearchParams(rescore=True, oversampling=config.oversampling)
-    return models.SearchParams(hnsw_ef=config.hnsw_ef, quantization=quant if config.quantization else None)
+    if config.quantization:
+        quant = models.QuantizationSearchParams(rescore=True, oversampling=config.oversampling)
+    else:
+        quant = models.QuantizationSearchParams(ignore=True)
+    return models.SearchParams(hnsw_ef=config.hnsw_ef, quantization=quant)
 
 
 # -- process-owned folders -----------------------------------------------------------------------------

@@ -533,6 +533,11 @@ def test_graph_and_quantisation_path(env, data):
             recall.append(len({i for i, _ in hits} & set(ids)) / 20)
             np.testing.assert_allclose([s for _, s in hits], x[[i for i, _ in hits]] @ q, atol=1e-5)
         assert np.mean(recall) >= 0.9
+    # quantization off at search time: the float vectors, not the int8 ones unrescored (Edge's default when a
+    # search names no quantization params)
+    with open_index(env.dir, env.config(quantization=False), client=env.client) as idx:
+        for q, hits in zip(qs, idx.search_batch(qs, 20), strict=True):
+            np.testing.assert_allclose([s for _, s in hits], x[[i for i, _ in hits]] @ q, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["edge", "scan"])
