@@ -28,17 +28,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from machine import machine_facts  # benchmarks/ is on sys.path when run as a script
-from search import K, exact_search, real_like_set, real_set, recall, timed, user_queries
+from search import K, exact_search, real_set, recall, sized_set, timed, user_queries
 
 from index.build import build_index
-from index.config import IndexConfig, hnsw_for
+from index.config import IndexConfig
 from index.search import open_index
 
 
-def grid(x, items, teacher, args) -> list[dict]:
+def grid(x, items, teacher, queries: np.ndarray, exact: list, args) -> list[dict]:
+    """One build per (m, ef_construct), every (oversampling, ef) searched on it; `exact`: the exact top K of
+    each query."""
     ids = items["item_id"].to_numpy()
-    queries = user_queries(x, args.queries)
-    exact = [exact_search(x, ids)(q) for q in queries]
     vectors = pd.DataFrame({"item_id": ids, "vector": list(x), "teacher_id": teacher})
     out = []
     for m in args.m:
@@ -87,19 +87,14 @@ def main() -> None:
     if min(args.oversampling) < 1.0:
         p.error("--oversampling must be >= 1")
 
-    real = real_set(args.vectors, args.data)
-    if args.n <= len(real[0]):
-        x, items, teacher, source = real[0][: args.n], real[1].iloc[: args.n], real[2], "real"
-    else:
-        (x, items, teacher), source = real_like_set(real, args.n), "real-like"
+    x, items, teacher, source = sized_set(real_set(args.vectors, args.data), args.n)
     x = np.ascontiguousarray(x)
     exact_fn = exact_search(x, items["item_id"].to_numpy())
     queries = user_queries(x, args.queries)
     t0 = time.perf_counter()
-    before = timed(exact_fn, queries)[1]
-    rows = grid(x, items, teacher, args)
+    exact, before = timed(exact_fn, queries)
+    rows = grid(x, items, teacher, queries, exact, args)
     after = timed(exact_fn, queries)[1]
-    m, ef_construct, ef = hnsw_for(args.n)
     report = {
         "command": "python benchmarks/hnsw_grid.py " + " ".join(sys.argv[1:]),
         "machine": machine_facts(),
@@ -109,7 +104,7 @@ def main() -> None:
         "source": source,
         "k": K,
         "queries": args.queries,
-        "shipped": {**IndexConfig().to_dict(), "hnsw_m": m, "hnsw_ef_construct": ef_construct, "hnsw_ef": ef},
+        "shipped": IndexConfig().for_size(args.n).to_dict(),
         "exact_ms": {"before": before, "after": after},
         "grid": rows,
         "seconds": round(time.perf_counter() - t0, 1),

@@ -123,6 +123,14 @@ def real_like_set(real: tuple[np.ndarray, pd.DataFrame, str], n: int, noise: flo
     return x, items, f"{teacher} (real-like)"
 
 
+def sized_set(real: tuple[np.ndarray, pd.DataFrame, str], n: int):
+    """-> vectors, catalogue, teacher id, source: the real vectors where n is about the catalogue's size
+    ("10000" on MovieLens means its 9,742 titles), else n real-like ones."""
+    if n <= 1.1 * len(real[0]):
+        return real[0][:n], real[1].iloc[:n], real[2], "real"
+    return (*real_like_set(real, n), "real-like")
+
+
 def peak_rss_mb() -> float:
     import resource
 
@@ -361,11 +369,9 @@ def main() -> None:
     if synthetic == "real-like" and real is None:
         raise SystemExit("--synthetic real-like needs --vectors")
     for n in args.sizes:
-        if real is not None and n <= 1.1 * len(real[0]):  # "10000" on MovieLens means its 9,742 titles
-            x, items, teacher = real[0][:n], real[1].iloc[:n], real[2]
-            results.append(bench_size(x, items, teacher, args, config, "real"))
-        elif synthetic == "real-like":
-            results.append(bench_size(*real_like_set(real, n), args, config, "real-like"))
+        if real is not None and (synthetic == "real-like" or n <= 1.1 * len(real[0])):
+            x, items, teacher, source = sized_set(real, n)
+            results.append(bench_size(x, items, teacher, args, config, source))
         else:
             d = real[0].shape[1] if real is not None else args.dim
             results.append(bench_size(*synthetic_set(n, d), args, config, "gaussian"))
