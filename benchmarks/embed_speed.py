@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
                 batch_size=args.batch_size,
                 num_actors=actors,
                 sort_by_length=sort,
+                in_process_max_items=0,  # on Ray Data whatever the catalogue's size
             )
             report = embed_catalogue(scratch, cfg)
             runs[name].append(report["items_per_s"])

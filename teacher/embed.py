@@ -6,7 +6,9 @@
     vlmrec embed --workdir .vlmrec/big --precision bf16                    # the forward in bfloat16
 
 Runs on Ray Data: `map_batches` over an actor pool (each actor loads the teacher once), batch size and pool
-size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). The
+size configurable, with Ray Data's progress bars; batches hold texts of similar length (less padding). A
+catalogue of at most `EmbedConfig.in_process_max_items` rows (the sample's) is embedded in this process, by the
+same batches, without Ray: a pool takes longer to start than such a catalogue takes to embed. The
 catalogue goes through in windows (`EmbedConfig.window` rows): the driver length-sorts each window and puts
 its texts into the object store (all of them before the pool starts), then writes one window's vectors at a
 time, in the catalogue's order, to a file renamed into place at the end. An item's vector fuses its image
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +55,9 @@ class EmbedConfig:
     # Catalogue rows per window: the driver reads, sorts and writes back one window at a time (length sorting
     # happens within one); it holds one window's vectors, and the object store every window's texts.
     window: int = 65_536
+    # Catalogues of at most this many rows are embedded in this process (one teacher load, no Ray Data pool,
+    # the same length-sorted batches); 0: always on Ray Data.
+    in_process_max_items: int = 2_000
 
 
 def _load_image(uri):
@@ -99,15 +105,34 @@ TEXT_COLUMNS = ["item_id", "title", "text", "image_uri"]
 def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
     """Embed every item of ws.items; write ws.embeddings atomically, in the catalogue's order. Returns a
     summary."""
+    catalogue = pq.ParquetFile(ws.items)
+    n = catalogue.metadata.num_rows
+    if n == 0:
+        raise ValueError(f"{ws.items}: no items to embed")
+    t0 = time.perf_counter()
+    embedded = _in_process if n <= config.in_process_max_items else _on_ray
+    with embedded(catalogue, config) as (sizes, batches, actors):
+        stamps = _windows(catalogue, ["item_id", "event_timestamp"], config.window)
+        with atomic_parquet_writer(ws.embeddings, schema.ITEM_EMBEDDINGS) as writer:
+            counts = _write_windows(batches, sizes, stamps, writer)
+    seconds = time.perf_counter() - t0
+    return {
+        **counts,
+        "seconds": round(seconds, 2),
+        "items_per_s": round(counts["items"] / seconds, 1),
+        "actors": actors,  # the pool's size (at most, where it grows); 0: embedded in this process
+        "config": asdict(config),
+    }
+
+
+@contextmanager
+def _on_ray(catalogue: pq.ParquetFile, config: EmbedConfig):
+    """-> (window sizes, the embedded batches in order, the pool's size) through a Ray Data actor pool."""
     import ray
 
     from vlmrec.raycluster import init_ray
 
-    catalogue = pq.ParquetFile(ws.items)
-    if catalogue.metadata.num_rows == 0:
-        raise ValueError(f"{ws.items}: no items to embed")
     init_ray()
-    t0 = time.perf_counter()
     # one CPU left for the tasks that feed the pool (a local cluster counts one logical CPU more than cores)
     most = config.num_actors or max(1, int(ray.cluster_resources().get("CPU", 1)) - 1)
     pool = (
@@ -131,21 +156,19 @@ def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
             compute=pool,
         )
         del blocks
-        stamps = _windows(catalogue, ["item_id", "event_timestamp"], config.window)
-        with atomic_parquet_writer(ws.embeddings, schema.ITEM_EMBEDDINGS) as writer:
-            counts = _write_windows(
-                out.iter_batches(batch_size=None, batch_format="pandas"), sizes, stamps, writer
-            )
+        yield sizes, out.iter_batches(batch_size=None, batch_format="pandas"), most
     finally:
         context.execution_options.preserve_order = ordered
-    seconds = time.perf_counter() - t0
-    return {
-        **counts,
-        "seconds": round(seconds, 2),
-        "items_per_s": round(counts["items"] / seconds, 1),
-        "actors": most,  # the pool's size (at most, where it grows)
-        "config": asdict(config),
-    }
+
+
+@contextmanager
+def _in_process(catalogue: pq.ParquetFile, config: EmbedConfig):
+    """-> (window sizes, the embedded batches in order, 0): one teacher here, the same sorted batches."""
+    embedder = ItemEmbedder(config.teacher)
+    windows = [_by_length(rows, config) for rows in _windows(catalogue, TEXT_COLUMNS, config.window)]
+    size = config.batch_size
+    batches = (embedder(rows.iloc[a : a + size]) for rows in windows for a in range(0, len(rows), size))
+    yield [len(rows) for rows in windows], batches, 0
 
 
 def _windows(catalogue: pq.ParquetFile, columns: list[str], window: int):
@@ -161,11 +184,17 @@ def _windows(catalogue: pq.ParquetFile, columns: list[str], window: int):
 def _blocks(rows: pd.DataFrame, config: EmbedConfig, actors: int) -> list[pd.DataFrame]:
     """One window cut into Ray Data blocks, its texts sorted by length first. Blocks are cut here in the
     driver: a Ray Data repartition task would wait forever for a CPU the actor pool holds on a small machine."""
-    if config.sort_by_length:
-        lengths = [len(item_text(t, x)) for t, x in zip(rows["title"], rows["text"], strict=True)]
-        rows = rows.iloc[np.argsort(lengths, kind="stable")]
+    rows = _by_length(rows, config)
     n_blocks = max(1, min(len(rows) // config.batch_size, 4 * actors))
     return [rows.iloc[idx] for idx in np.array_split(np.arange(len(rows)), n_blocks)]
+
+
+def _by_length(rows: pd.DataFrame, config: EmbedConfig) -> pd.DataFrame:
+    """One window's rows in order of text length (stable), or as they are without `sort_by_length`."""
+    if not config.sort_by_length:
+        return rows
+    lengths = [len(item_text(t, x)) for t, x in zip(rows["title"], rows["text"], strict=True)]
+    return rows.iloc[np.argsort(lengths, kind="stable")]
 
 
 def _write_windows(batches, sizes: list[int], stamps, writer: pq.ParquetWriter) -> dict:
@@ -238,6 +267,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="catalogue rows the driver reads, length-sorts and writes at a time (its memory: one window)",
     )
     parser.add_argument(
+        "--in-process-max-items",
+        type=_non_negative,
+        default=EmbedConfig.in_process_max_items,
+        help="a catalogue of at most this many items is embedded in this process, without a Ray Data pool "
+        "(0: always on Ray Data)",
+    )
+    parser.add_argument(
         "--no-sort-by-length",
         dest="sort_by_length",
         action="store_false",
@@ -262,6 +298,7 @@ def config_from_args(args: argparse.Namespace) -> EmbedConfig:
         batch_size=args.batch_size,
         sort_by_length=getattr(args, "sort_by_length", True),
         window=getattr(args, "window", EmbedConfig.window),
+        in_process_max_items=getattr(args, "in_process_max_items", EmbedConfig.in_process_max_items),
     )
 
 
@@ -269,6 +306,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text}")
     return value
 
 

@@ -155,7 +155,7 @@ def sample_workspace(tmp_path_factory, ray_local):
     paths = generate_sample(root / "raw", SampleConfig(seed=3, n_users=40, n_items=60, mean_events=12))
     ws = Workspace(root / "ws")
     ingest(paths.events, paths.catalogue, ws, IngestConfig(max_len=8))
-    embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1))
+    embed_catalogue(ws, EmbedConfig(batch_size=16))  # in this process: a small catalogue
     apply_and_materialize(ws)
     return ws
 

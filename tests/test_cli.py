@@ -48,6 +48,17 @@ def test_embed_sizes_must_be_positive(flag, capsys):
     assert done.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_embed_in_process_max_items_takes_zero_but_not_less(capsys):
+    from teacher.embed import config_from_args
+    from vlmrec.cli import build_parser
+
+    args = build_parser("embed").parse_args(["embed", "--in-process-max-items", "0"])
+    assert config_from_args(args).in_process_max_items == 0
+    with pytest.raises(SystemExit) as done:
+        main(["embed", "--workdir", "nowhere", "--in-process-max-items", "-1"])
+    assert done.value.code == 2 and "--in-process-max-items" in capsys.readouterr().err
+
+
 def test_index_build_takes_the_versions_settings_but_not_the_searchers(capsys):
     """Whether a copy is scanned exactly is the Producer's setting (`vlmrec serve --scan-max-points`), not a
     version's: `vlmrec index build` does not offer it, and its config keeps IndexConfig's default."""

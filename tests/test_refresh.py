@@ -45,7 +45,7 @@ def world(tmp_path_factory, ray_local) -> tuple[Workspace, Path]:
     d = str(ws.root)
     assert vlmrec(["ingest", "--events", str(root / "before.csv"), "--catalogue", str(paths.catalogue),
                    "--workdir", d, "--max-len", "8"]) == 0  # fmt: skip
-    embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1))
+    embed_catalogue(ws, EmbedConfig(batch_size=16))  # in this process: a small catalogue
     assert vlmrec(["features", "--workdir", d]) == 0
     assert vlmrec(["train", "--workdir", d, "--name", "student", *TRAIN]) == 0
     assert vlmrec(["index", "build", "--workdir", d, "--run", "student"]) == 0

@@ -311,7 +311,8 @@ def test_item_text():
 
 def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(sample_workspace, tmp_path):
     """`vlmrec embed` batches texts of similar length (less padding); the file keeps the catalogue's order
-    and each item's vector is the one batching in catalogue order gives."""
+    and each item's vector is the one batching in catalogue order gives, in this process (the fixture's: a
+    small catalogue) or on a Ray Data pool."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -319,20 +320,24 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
     from teacher.embed import EmbedConfig, embed_catalogue
     from vlmrec.workspace import Workspace
 
-    sorted_table = pq.read_table(sample_workspace.embeddings).to_pandas()  # the fixture's: sorted (default)
+    sorted_table = pq.read_table(sample_workspace.embeddings).to_pandas()  # the fixture's: sorted, in process
     ws = Workspace(tmp_path / "ws")
     (ws.root / "data").mkdir(parents=True)
     shutil.copy(sample_workspace.items, ws.items)
-    embed_catalogue(ws, EmbedConfig(batch_size=16, num_actors=1, sort_by_length=False))
+    summary = embed_catalogue(
+        ws, EmbedConfig(batch_size=16, num_actors=1, sort_by_length=False, in_process_max_items=0)
+    )
+    assert summary["actors"] == 1  # on Ray Data
     plain = pq.read_table(ws.embeddings).to_pandas()
     catalogue = pq.read_table(ws.items, columns=["item_id", "event_timestamp"]).to_pandas()
     assert sorted_table["item_id"].tolist() == plain["item_id"].tolist() == catalogue["item_id"].tolist()
     np.testing.assert_allclose(np.stack(sorted_table["vector"]), np.stack(plain["vector"]), atol=1e-5)
     # windows of 37 rows (the last one shorter), each sorted on its own, through the default pool (it grows
     # to one actor per CPU but one): the same file, timestamps included
-    summary = embed_catalogue(ws, EmbedConfig(batch_size=16, window=37))
+    summary = embed_catalogue(ws, EmbedConfig(batch_size=16, window=37, in_process_max_items=0))
     windowed = pq.read_table(ws.embeddings).to_pandas()
     assert len(catalogue) % 37 and summary["items"] == len(catalogue) and summary["dim"] == 384
+    assert summary["actors"] >= 1
     assert windowed["item_id"].tolist() == catalogue["item_id"].tolist()
     assert (windowed["event_timestamp"] == catalogue["event_timestamp"]).all()
     np.testing.assert_allclose(np.stack(windowed["vector"]), np.stack(plain["vector"]), atol=1e-5)
@@ -340,6 +345,12 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
         pq.read_schema(ws.embeddings).field("vector").type
         == pq.read_schema(sample_workspace.embeddings).field("vector").type
     )
+    # the same windows in this process: the same file
+    summary = embed_catalogue(ws, EmbedConfig(batch_size=16, window=37))
+    here = pq.read_table(ws.embeddings).to_pandas()
+    assert summary["actors"] == 0 and here["item_id"].tolist() == catalogue["item_id"].tolist()
+    assert (here["event_timestamp"] == catalogue["event_timestamp"]).all()
+    np.testing.assert_allclose(np.stack(here["vector"]), np.stack(plain["vector"]), atol=1e-5)
 
 
 def test_embed_precision_flag(capsys):
