@@ -306,17 +306,10 @@ def product_times(x: np.ndarray, queries: np.ndarray, reps: int = 50) -> dict:
     for m in (1, 4, 32):
         q = np.ascontiguousarray(queries[:m])
         qt = torch.from_numpy(q)
-        ms = {}
         products = {"numpy": lambda q=q: q @ x.T, "torch": lambda qt=qt: torch.nn.functional.linear(qt, xt)}
-        for name, fn in products.items():
-            fn()
-            times = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t) * 1e3)
-            ms[name] = round(float(np.median(times)), 3)
-        out[str(m)] = ms
+        out[str(m)] = {
+            name: timed(lambda _, fn=fn: fn(), range(reps))[1]["p50"] for name, fn in products.items()
+        }
     return out
 
 
