@@ -269,33 +269,69 @@ def producer_recall(base: str, config, export: Path, users: np.ndarray, k: int) 
     return {"users": len(recalls), "mean_recall_at_k": float(np.mean(recalls)), "min": float(np.min(recalls))}
 
 
-def exposure_log_cost(config, args, users: np.ndarray) -> dict:
-    """The Producer with its exposure log off, then on (one record per answer, serving/exposures.py), the
-    same loads back to back, three times each in alternation, the log switched by a config update of the
-    same replica (reconfigure): p50/p99 per setting over all its requests and the on/off ratios."""
+def in_turn(config, args, users, settings: dict[str, dict], concurrency, rounds: int, new_clicks=None,
+            noop: bool = False) -> dict[str, dict[str, dict]]:  # fmt: skip
+    """The Producer reconfigured to each of `settings` (name -> ProducerConfig fields) in turn, `rounds`
+    times; at each, the load at every `concurrency` (then the no-op's, with `noop`). -> {"c<n>": {setting:
+    latency over all its requests, mean requests/s, mean batch per request, the search stage's mean p50,
+    the no-op's mean requests/s}}; the Producer goes back to `config` at the end."""
     from dataclasses import replace
 
-    from serving.cli import start, stop
+    from serving.cli import start
 
+    runs: dict[str, dict[str, dict[str, list]]] = {}
+    for _ in range(rounds):
+        for name, fields in settings.items():
+            base = start(replace(config, **fields), port=args.port, access_log=False)
+            asyncio.run(load(f"{base}/v1/candidates", users, 50, 4, args.k, seed=99))
+            for c in concurrency:
+                got = runs.setdefault(f"c{c}", {}).setdefault(name, {k: [] for k in ALL_TURNS})
+                r = asyncio.run(load(f"{base}/v1/candidates", users, args.requests, c, args.k, seed=c,
+                                     keep_latencies=True, new_clicks=new_clicks))  # fmt: skip
+                got["lat"] += r["latencies_ms"]
+                got["rps"].append(r["requests_per_s"])
+                got["batch"].append(r["batch_sizes"]["mean_per_request"])
+                got["search"].append(r["stages_ms"]["search"]["p50"])
+                against = ""
+                if noop:
+                    n = asyncio.run(load(f"{base}/noop/v1/candidates", users, args.requests, c, args.k, seed=c,
+                                         new_clicks=new_clicks))  # fmt: skip
+                    got["noop_rps"].append(n["requests_per_s"])
+                    against = f" against the no-op's {n['requests_per_s']:.0f}"
+                print(f"{name}, c{c}: p99 {r['latency_ms']['p99']:.1f} ms, {r['requests_per_s']:.0f} req/s"
+                      f"{against}, mean batch {got['batch'][-1]:.1f}, search stage p50 {got['search'][-1]:.2f} ms",
+                      flush=True)  # fmt: skip
+    start(config, port=args.port, access_log=False)  # back to the config under test
+    return {
+        c: {
+            name: {
+                "latency_ms": percentiles(got["lat"]),
+                "requests_per_s": float(np.mean(got["rps"])),
+                "mean_batch": float(np.mean(got["batch"])),
+                "search_stage_p50_ms": float(np.mean(got["search"])),
+                **({"noop_requests_per_s": float(np.mean(got["noop_rps"]))} if noop else {}),
+            }
+            for name, got in by_setting.items()
+        }
+        for c, by_setting in runs.items()
+    }
+
+
+ALL_TURNS = ("lat", "rps", "batch", "search", "noop_rps")
+
+
+def exposure_log_cost(config, args, users: np.ndarray) -> dict:
+    """The Producer with its exposure log off, then on (one record per answer, serving/exposures.py), three
+    times each in alternation at c1 and c32 (`in_turn`: a config update of the same replica): p50/p99 per
+    setting over all its requests and the on/off ratios."""
+    turns = in_turn(config, args, users, {"off": {"exposure_path": ""}, "on": {"exposure_path": None}},
+                    (1, 32), rounds=3)  # fmt: skip
     out: dict[str, dict] = {}
-    stop()
-    for c in (1, 32):
-        runs: dict[str, list[float]] = {"off": [], "on": []}
-        for setting in ("off", "on") * 3:
-            cfg = replace(config, exposure_path="" if setting == "off" else None)
-            base = start(cfg, port=args.port, access_log=False)
-            url = f"{base}/v1/candidates"
-            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
-            t0 = time.perf_counter()
-            r = asyncio.run(load(url, users, args.requests, c, args.k, seed=c, keep_latencies=True))
-            runs[setting] += r.pop("latencies_ms")
-            print(f"exposure log {setting:>3}, c{c}: p99 {r['latency_ms']['p99']:.1f} ms "
-                  f"({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
-        point = {setting: percentiles(ms) for setting, ms in runs.items()}
+    for c, got in turns.items():
+        point = {setting: got[setting]["latency_ms"] for setting in ("off", "on")}
         point["p99_ratio"] = point["on"]["p99"] / point["off"]["p99"]
         point["p50_ratio"] = point["on"]["p50"] / point["off"]["p50"]
-        out[f"c{c}"] = point
-    stop()
+        out[c] = point
     return out
 
 
@@ -340,82 +376,37 @@ def alternation(
 
 def coalescer_wait(config, args, users: np.ndarray) -> dict:
     """The coalescer's max_wait_ms (serving/pipeline.py): the Producer reconfigured to each wait in
-    `--waits`, in turn, twice, each point followed by the no-op at the same concurrency (8 and 32): requests/s
-    of each (mean of the two), latency over both runs' requests, the batches formed, the ratio to the no-op."""
-    from dataclasses import replace
-
-    from serving.cli import start
-
-    out: dict[str, dict] = {}
-    for c in (8, 32):
-        runs: dict[str, dict[str, list]] = {}
-        for _ in range(2):
-            for wait in args.waits:
-                base = start(replace(config, max_wait_ms=wait), port=args.port, access_log=False)
-                asyncio.run(load(f"{base}/v1/candidates", users, 50, 4, args.k, seed=99))
-                got = runs.setdefault(str(wait), {"lat": [], "rps": [], "noop_rps": [], "batches": []})
-                prod = asyncio.run(
-                    load(
-                        f"{base}/v1/candidates", users, args.requests, c, args.k, seed=c, keep_latencies=True
-                    )
-                )
-                noop = asyncio.run(
-                    load(f"{base}/noop/v1/candidates", users, args.requests, c, args.k, seed=c)
-                )
-                got["lat"] += prod["latencies_ms"]
-                got["rps"].append(prod["requests_per_s"])
-                got["batches"].append(prod["batch_sizes"]["mean_per_request"])
-                got["noop_rps"].append(noop["requests_per_s"])
-                print(f"max_wait_ms {wait:>5}, c{c}: {got['rps'][-1]:.0f} req/s against the no-op's "
-                      f"{got['noop_rps'][-1]:.0f}, mean batch {got['batches'][-1]:.1f}", flush=True)  # fmt: skip
-        out[f"c{c}"] = {
+    `--waits`, in turn, twice (`in_turn`), each point followed by the no-op at the same concurrency (8 and
+    32): requests/s of each (mean of the two), latency over both runs' requests, the batches formed, the
+    ratio to the no-op."""
+    settings = {str(wait): {"max_wait_ms": wait} for wait in args.waits}
+    turns = in_turn(config, args, users, settings, (8, 32), rounds=2, noop=True)
+    return {
+        c: {
             wait: {
-                "latency_ms": percentiles(got["lat"]),
-                "requests_per_s": float(np.mean(got["rps"])),
-                "noop_requests_per_s": float(np.mean(got["noop_rps"])),
-                "ratio_rps": float(np.mean(got["rps"]) / np.mean(got["noop_rps"])),
-                "mean_batch": float(np.mean(got["batches"])),
+                "latency_ms": got["latency_ms"],
+                "requests_per_s": got["requests_per_s"],
+                "noop_requests_per_s": got["noop_requests_per_s"],
+                "ratio_rps": got["requests_per_s"] / got["noop_requests_per_s"],
+                "mean_batch": got["mean_batch"],
             }
-            for wait, got in runs.items()
+            for wait, got in waits.items()
         }
-    start(config, port=args.port, access_log=False)  # back to the config under test
-    return out
+        for c, waits in turns.items()
+    }
 
 
 def search_paths(config, args, users: np.ndarray, items: np.ndarray) -> dict:
     """The replica's search of this index: the exact scan (index/scan.py, the default up to scan_max_points)
     against the shard's HNSW graph (scan_max_points 0), the Producer reconfigured to each in turn, three
-    times, at c1 and c32 with a new click in every request (each answer pays its forward and its search):
-    latency over all runs' requests, mean requests/s, the search stage's mean p50, the graph / scan ratios."""
-    from dataclasses import replace
-
-    from serving.cli import start
-
-    runs: dict[str, dict[str, dict[str, list]]] = {}
-    for _ in range(3):
-        for path, cap in (("scan", config.scan_max_points), ("graph", 0)):
-            base = start(replace(config, scan_max_points=cap), port=args.port, access_log=False)
-            url = f"{base}/v1/candidates"
-            asyncio.run(load(url, users, 50, 4, args.k, seed=99))
-            for c in (1, 32):
-                r = asyncio.run(
-                    load(url, users, args.requests, c, args.k, seed=c, keep_latencies=True, new_clicks=items)
-                )
-                got = runs.setdefault(f"c{c}", {}).setdefault(path, {"lat": [], "rps": [], "search": []})
-                got["lat"] += r["latencies_ms"]
-                got["rps"].append(r["requests_per_s"])
-                got["search"].append(r["stages_ms"]["search"]["p50"])
-                print(f"search by {path:>5}, c{c}: p99 {r['latency_ms']['p99']:.1f} ms, "
-                      f"{r['requests_per_s']:.0f} req/s, search stage p50 {got['search'][-1]:.2f} ms",
-                      flush=True)  # fmt: skip
+    times (`in_turn`), at c1 and c32 with a new click in every request (each answer pays its forward and its
+    search): latency over all runs' requests, mean requests/s, the search stage's mean p50, graph / scan."""
+    settings = {"scan": {"scan_max_points": config.scan_max_points}, "graph": {"scan_max_points": 0}}
+    turns = in_turn(config, args, users, settings, (1, 32), rounds=3, new_clicks=items)
     out: dict[str, dict] = {}
-    for c, paths in runs.items():
+    for c, paths in turns.items():
         out[c] = {
-            path: {
-                "latency_ms": percentiles(got["lat"]),
-                "requests_per_s": float(np.mean(got["rps"])),
-                "search_stage_p50_ms": float(np.mean(got["search"])),
-            }
+            path: {k: got[k] for k in ("latency_ms", "requests_per_s", "search_stage_p50_ms")}
             for path, got in paths.items()
         }
         scan, graph = out[c]["scan"], out[c]["graph"]
@@ -424,7 +415,6 @@ def search_paths(config, args, users: np.ndarray, items: np.ndarray) -> dict:
             "p99": graph["latency_ms"]["p99"] / scan["latency_ms"]["p99"],
             "requests_per_s": graph["requests_per_s"] / scan["requests_per_s"],
         }
-    start(config, port=args.port, access_log=False)  # back to the config under test
     return out
 
 
@@ -525,9 +515,8 @@ def main() -> None:
         exposure_log = exposure_log_cost(config, args, users)
         scale_out: dict[str, dict] = {}
         scale_noop: dict[str, dict] = {}
-        for (
-            n
-        ) in args.replicas:  # the same c32 load, Producer and no-op with n replicas each (own Edge copies)
+        # scale-out: the same c32 load, Producer and no-op with n replicas each (each its own Edge copy)
+        for n in args.replicas:
             stop()
             base = start(config, port=args.port, replicas=n, access_log=False)
             serve.run(
