@@ -73,12 +73,19 @@ def _load_image(uri):
 
 
 class ItemEmbedder:
-    """A Ray Data actor: loads the teacher once, embeds batches of catalogue rows."""
+    """A Ray Data actor: loads the teacher once, embeds batches of catalogue rows. A teacher that does not load
+    (a bad path, an unpinned hub id) gives one-row frames of its `error` instead, which the driver raises as
+    the command's error: an actor's constructor that raised would end the run in Ray's traceback."""
 
     def __init__(self, teacher: TeacherConfig):
-        self.teacher = load_teacher(teacher)
+        try:
+            self.teacher, self.error = load_teacher(teacher), None
+        except (ValueError, OSError) as err:  # OSError: files transformers cannot find or read
+            self.teacher, self.error = None, f"--teacher: {teacher.name} did not load: {err}"
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if self.error is not None:
+            return pd.DataFrame({"error": [self.error]})
         texts = [item_text(t, x) for t, x in zip(batch["title"], batch["text"], strict=True)]
         if self.teacher.supports_images:
             images = [_load_image(u) for u in batch["image_uri"]]
@@ -208,6 +215,8 @@ def _write_windows(batches, sizes: list[int], stamps, writer: pq.ParquetWriter) 
     for size, catalogue in zip(sizes, stamps, strict=True):
         while held < size:
             batch = next(batches)
+            if "error" in batch.columns:
+                raise ValueError(batch["error"].iloc[0])
             pending.append(batch)
             held += len(batch)
         both = pd.concat(pending, ignore_index=True)

@@ -353,6 +353,28 @@ def test_batches_sorted_by_text_length_give_the_same_vectors_in_catalogue_order(
     np.testing.assert_allclose(np.stack(here["vector"]), np.stack(plain["vector"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("in_process_max_items", [2_000, 0], ids=["in-process", "ray-data"])
+def test_a_teacher_that_does_not_load_ends_embed_in_one_error_naming_it(
+    sample_workspace, tmp_path, in_process_max_items
+):
+    """A teacher that does not load (an unpinned hub id) ends `vlmrec embed` in one ValueError naming --teacher
+    (the CLI's error line), in this process or in the Ray Data pool's actors, whose failing constructor would
+    end the run in Ray's traceback; no file is written."""
+    import shutil
+
+    from teacher.embed import EmbedConfig, embed_catalogue
+    from vlmrec.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "data").mkdir(parents=True)
+    shutil.copy(sample_workspace.items, ws.items)
+    teacher = TeacherConfig(name="siglip", path="someone/siglip-not-pinned")
+    config = EmbedConfig(teacher=teacher, num_actors=1, in_process_max_items=in_process_max_items)
+    with pytest.raises(ValueError, match=r"^--teacher: siglip did not load: .*needs a pinned revision"):
+        embed_catalogue(ws, config)
+    assert not ws.embeddings.exists()
+
+
 def test_embed_precision_flag(capsys):
     import argparse
 
