@@ -269,8 +269,16 @@ def producer_recall(base: str, config, export: Path, users: np.ndarray, k: int) 
     return {"users": len(recalls), "mean_recall_at_k": float(np.mean(recalls)), "min": float(np.min(recalls))}
 
 
-def in_turn(config, args, users, settings: dict[str, dict], concurrency, rounds: int, new_clicks=None,
-            noop: bool = False) -> dict[str, dict[str, dict]]:  # fmt: skip
+def in_turn(
+    config,
+    args,
+    users,
+    settings: dict[str, dict],
+    concurrency,
+    rounds: int,
+    new_clicks=None,
+    noop: bool = False,
+) -> dict[str, dict[str, dict]]:
     """The Producer reconfigured to each of `settings` (name -> ProducerConfig fields) in turn, `rounds`
     times; at each, the load at every `concurrency` (then the no-op's, with `noop`). -> {"c<n>": {setting:
     latency over all its requests, mean requests/s, mean batch per request, the search stage's mean p50,
@@ -285,7 +293,9 @@ def in_turn(config, args, users, settings: dict[str, dict], concurrency, rounds:
             base = start(replace(config, **fields), port=args.port, access_log=False)
             asyncio.run(load(f"{base}/v1/candidates", users, 50, 4, args.k, seed=99))
             for c in concurrency:
-                got = runs.setdefault(f"c{c}", {}).setdefault(name, {k: [] for k in ALL_TURNS})
+                got = runs.setdefault(f"c{c}", {}).setdefault(
+                    name, {k: [] for k in ("lat", "rps", "batch", "search", "noop_rps")}
+                )
                 r = asyncio.run(load(f"{base}/v1/candidates", users, args.requests, c, args.k, seed=c,
                                      keep_latencies=True, new_clicks=new_clicks))  # fmt: skip
                 got["lat"] += r["latencies_ms"]
@@ -315,9 +325,6 @@ def in_turn(config, args, users, settings: dict[str, dict], concurrency, rounds:
         }
         for c, by_setting in runs.items()
     }
-
-
-ALL_TURNS = ("lat", "rps", "batch", "search", "noop_rps")
 
 
 def exposure_log_cost(config, args, users: np.ndarray) -> dict:
