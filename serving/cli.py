@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -41,8 +42,12 @@ def start(
     running. Returns the base url. Relative paths in `config` are made absolute here (replicas may run
     elsewhere). access_log=False: no log line per request (benchmarks). The applied config is written to
     <workdir>/serve.json: `vlmrec refresh` changes its user_config and deploys it again (in place)."""
+    from serving.sources import check_files
     from vlmrec.raycluster import init_ray
 
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    check_port(host, port, free=False)
     absolute = {
         name: str(Path(getattr(config, name)).absolute())
         for name in ("workdir", "model_path", "index_dir", "sasrec_index_dir", "similar_index_dir")
@@ -51,11 +56,29 @@ def start(
     if config.exposure_path and "://" not in config.exposure_path:  # "" = off; a URI stays as it is
         absolute["exposure_path"] = str(Path(config.exposure_path).absolute())
     config = replace(config, **absolute)
+    check_files(config)  # a wrong workdir or run: this error, not a replica's failure in Serve's logs
     init_ray(num_cpus=num_cpus)
     applied = serve_config(config, host, port, replicas, access_log)
     deploy(applied)
     write_serve_config(applied, config.workspace.serve_config)
     return f"http://{host}:{port}"
+
+
+def check_port(host: str, port: int, free: bool) -> None:
+    """ValueError naming --port when it is out of range or (`free`) host:port cannot be bound because
+    another server holds it: Serve's proxy would fail inside Ray, with its traceback."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    if not free:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ValueError(
+                f"--port: {host}:{port} cannot be bound ({err.strerror}): is another server on it?"
+            ) from None
 
 
 def serve_config(
@@ -187,6 +210,8 @@ def config_from_args(args: argparse.Namespace) -> ProducerConfig:
 
 def run(args: argparse.Namespace) -> None:
     config = config_from_args(args)
+    # a Ray of this command's own holds no port yet; a running cluster's Serve may hold this one (a redeploy)
+    check_port(args.host, args.port, free=not os.environ.get("RAY_ADDRESS"))
     url = start(config, args.host, args.port, args.replicas)
     print(
         f"serve: Producer at {url} (default producer {config.producer!r}; POST /v1/candidates, /v1/mix, "

@@ -508,8 +508,6 @@ def popular_ranking(events: Path, half_life_days: float, until=None) -> list[dic
 
 def load_popular(cfg: ProducerConfig) -> PopularSource:
     ws = cfg.workspace
-    if not ws.events.exists():
-        raise FileNotFoundError(f"no events table at {ws.events}: run `vlmrec ingest --workdir {ws.root}`")
     rows = popular_ranking(ws.events, cfg.popular_half_life_days, cfg.popular_until_ts)
     h = hashlib.sha256(ws.events.read_bytes())
     h.update(f"{cfg.popular_half_life_days}|{cfg.popular_until}".encode())
@@ -521,26 +519,86 @@ def _require(path: Path, what: str, command: str) -> None:
         raise FileNotFoundError(f"no {what} at {path}: run `{command}`")
 
 
+@dataclass(frozen=True)
+class _ModelRun:
+    """Where a model producer's export and index are: student, sasrec, or an experiment arm's run."""
+
+    producer: str  # student / sasrec
+    run: str
+    export: Path
+    folder: Path  # the Edge index folder
+    index_name: str | None  # the server index's name (None: the run's default alias)
+
+    def files(self, cfg: ProducerConfig) -> list[tuple[Path, str, str]]:
+        """(path, what, the command that builds it) of each file loading needs."""
+        ws = cfg.workspace
+        train = f"vlmrec train --workdir {ws.root} --name {self.run}"
+        build = f"vlmrec index build --workdir {ws.root}" + (f" --run {self.run}" if self.index_name else "")
+        out = [
+            (self.export / "run.json", f"{self.producer} export", train),
+            (self.export / "model", f"{self.producer} model", train),
+        ]
+        if cfg.index_backend == "edge":
+            out.append((self.folder / "CURRENT", f"{self.producer} index", build))
+        return out
+
+
+def _model_runs(cfg: ProducerConfig, experiment: Experiment | None) -> dict[str, _ModelRun]:
+    """Every model producer's run, by its State.sources key."""
+    ws = cfg.workspace
+    runs = {
+        "student": _ModelRun("student", cfg.run, cfg.export_dir, cfg.index_path, None),
+        "sasrec": _ModelRun(
+            "sasrec", cfg.sasrec_run, cfg.sasrec_export_dir, cfg.sasrec_index_path, cfg.sasrec_run
+        ),
+    }
+    for arm in experiment.arms if experiment else ():  # another run of student / sasrec, its own index
+        if arm.run is not None:
+            runs[arm.key] = _ModelRun(
+                arm.producer, arm.run, ws.runs / arm.run / "export", ws.named_index(arm.run), arm.run
+            )
+    return runs
+
+
+def _files(cfg: ProducerConfig, key: str, runs: dict[str, _ModelRun]) -> list[tuple[Path, str, str]]:
+    """(path, what, the command that builds it) of each file the producer `key` needs."""
+    ws = cfg.workspace
+    if key in runs:
+        return runs[key].files(cfg)
+    if key == "similar" and cfg.index_backend == "edge":
+        build = f"vlmrec index build --workdir {ws.root} --teacher"
+        return [(cfg.similar_index_path / "CURRENT", "teacher index", build)]
+    if key == "popular":
+        return [(ws.events, "events table", f"vlmrec ingest --workdir {ws.root}")]
+    return []
+
+
+def check_files(cfg: ProducerConfig) -> None:
+    """Every file the producers that must load (the default one, a producer experiment's arms) need is
+    there, else FileNotFoundError naming it and the command that builds it: what `vlmrec serve` checks
+    before it deploys, so a wrong workdir or run is its error line, not a replica's failure."""
+    experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
+    runs = _model_runs(cfg, experiment)
+    for key in default_traffic_keys(cfg.producer, experiment):
+        for path, what, command in _files(cfg, key, runs):
+            _require(path, what, command)
+
+
 def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]]:
     """Load every producer. -> ({name: source}, {name: why it is missing}). The default producer
     (cfg.producer) must load: its error is raised (a bad config); a sibling's is recorded."""
-    ws, sources, missing = cfg.workspace, {}, {}
+    sources, missing = {}, {}
     opened: list[Index] = []
+    experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
+    runs = _model_runs(cfg, experiment)
 
-    def model(name: str, run: str, export: Path, folder: Path, index_name: str | None) -> ModelSource:
-        _require(export / "run.json", f"{name} export", f"vlmrec train --workdir {ws.root} --name {run}")
-        _require(export / "model", f"{name} model", f"vlmrec train --workdir {ws.root} --name {run}")
-        build = f"vlmrec index build --workdir {ws.root}" + (f" --run {run}" if index_name else "")
-        if cfg.index_backend == "edge":
-            _require(folder / "CURRENT", f"{name} index", build)
-        index = _open(cfg, folder, index_name)
+    def model(key: str) -> ModelSource:
+        r = runs[key]
+        index = _open(cfg, r.folder, r.index_name)
         opened.append(index)
-        return load_model_source(name, run, export, index, cfg)
+        return load_model_source(r.producer, r.run, r.export, index, cfg)
 
     def similar() -> SimilarSource:
-        build = f"vlmrec index build --workdir {ws.root} --teacher"
-        if cfg.index_backend == "edge":
-            _require(cfg.similar_index_path / "CURRENT", "teacher index", build)
         index = _open(cfg, cfg.similar_index_path, "teacher")
         opened.append(index)
         popular = sources.get("popular")
@@ -548,24 +606,19 @@ def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]
 
     loaders = {
         "popular": lambda: load_popular(cfg),  # first: similar falls back to its ranking
-        "student": lambda: model("student", cfg.run, cfg.export_dir, cfg.index_path, None),
-        "sasrec": lambda: model(
-            "sasrec", cfg.sasrec_run, cfg.sasrec_export_dir, cfg.sasrec_index_path, cfg.sasrec_run
-        ),
+        "student": lambda: model("student"),
+        "sasrec": lambda: model("sasrec"),
         "similar": similar,
     }
     assert set(loaders) == set(PRODUCERS)
-    experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
-    for arm in experiment.arms if experiment else ():  # another run of student / sasrec, its own index
-        if arm.run is not None:
-            loaders[arm.key] = lambda arm=arm: model(
-                arm.producer, arm.run, ws.runs / arm.run / "export", ws.named_index(arm.run), arm.run
-            )
+    loaders |= {key: lambda key=key: model(key) for key in runs if key not in loaders}  # experiment arms
     required = set(default_traffic_keys(cfg.producer, experiment))  # these must load
     try:
         for name, load in loaders.items():
             n_open = len(opened)
             try:
+                for path, what, command in _files(cfg, name, runs):
+                    _require(path, what, command)
                 source = load()
                 source.warm_up()
                 sources[name] = source

@@ -71,3 +71,60 @@ def test_index_build_takes_the_versions_settings_but_not_the_searchers(capsys):
     with pytest.raises(SystemExit):
         build_parser("index").parse_args(["index", "build", "--scan-max-points", "0"])
     assert "--scan-max-points" in capsys.readouterr().err
+
+
+def test_serve_names_what_is_missing_before_it_starts_anything(tmp_path, capsys, monkeypatch):
+    """`vlmrec serve` on a workspace without the default producer's export or index, with a held or
+    impossible port, or no replica: the CLI's error line naming the file (and the command that builds it) or
+    the flag, before Ray or Serve starts, never a replica's failure in Serve's logs. A sibling producer's
+    files may be missing (it is reported by /readyz, not refused)."""
+    import socket
+
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    started = ray.is_initialized()
+
+    def error(*flags: str) -> str:
+        assert main(["serve", "--workdir", str(tmp_path), *flags]) == 2
+        return capsys.readouterr().err
+
+    export = tmp_path / "runs" / "student" / "export"
+    assert f"no student export at {export / 'run.json'}" in error()
+    assert f"run `vlmrec train --workdir {tmp_path} --name student`" in error()
+    assert "no sasrec export" in error("--producer", "sasrec")
+    assert f"no events table at {tmp_path / 'data' / 'events.parquet'}" in error("--producer", "popular")
+    export.mkdir(parents=True)
+    (export / "run.json").write_text("{}")
+    assert "no student model" in error()
+    (export / "model").mkdir()
+    assert f"no student index at {tmp_path / 'index' / 'CURRENT'}: run `vlmrec index build" in error()
+    assert "--replicas must be >= 1, got 0" in error("--replicas", "0")
+    assert "--port must be in 1..65535, got 70000" in error("--port", "70000")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert f"--port: 127.0.0.1:{port} cannot be bound" in error("--port", str(port))
+    assert ray.is_initialized() == started  # nothing was started
+
+
+def test_serve_checks_the_files_of_the_producers_that_must_load(tmp_path):
+    """check_files: the default producer's files and an experiment's arms', not a sibling's."""
+    from serving.config import ProducerConfig
+    from serving.sources import check_files
+
+    export, index = tmp_path / "runs" / "student" / "export", tmp_path / "index"
+    (export / "model").mkdir(parents=True)
+    (export / "run.json").write_text("{}")
+    index.mkdir()
+    (index / "CURRENT").write_text("v1")
+    check_files(ProducerConfig(workdir=str(tmp_path)))  # student's files there; sasrec's, similar's not
+    with pytest.raises(FileNotFoundError, match="no sasrec export"):
+        check_files(ProducerConfig(workdir=str(tmp_path), producer="sasrec"))
+    arms = [
+        {"name": "control", "producer": "student", "share": 0.5},
+        {"name": "b", "producer": "student", "run": "student-b", "share": 0.5},
+    ]
+    with pytest.raises(FileNotFoundError, match="no student export at .*student-b"):
+        check_files(ProducerConfig(workdir=str(tmp_path), experiment={"name": "ab", "arms": arms}))
