@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from engine.config import _Config
+from engine.config import _Config, at_least
 
 if TYPE_CHECKING:  # annotations only: importing the engine (peak_rss_mb in a data task) costs no torch
     import torch
@@ -50,6 +50,12 @@ class EngineConfig(_Config):
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_config: str = str(ZERO_CONFIG)  # the DeepSpeed JSON; batch size, lr and precision come from configs
     max_failures: int = 2  # worker failures Ray Train recovers from (resuming from the latest checkpoint)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "num_workers")
+        at_least(self, -1, "max_failures")  # -1: Ray Train retries without end
+        if not Path(self.zero_config).is_file():
+            raise FileNotFoundError(f"zero_config: no DeepSpeed JSON at {self.zero_config}")
 
 
 def ds_config(

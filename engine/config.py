@@ -55,3 +55,11 @@ class _Config:
     def from_args(cls, args: argparse.Namespace, prefix: str = "", **override: Any) -> Self:
         values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)}
         return cls(**{**values, **override})
+
+
+def at_least(cfg: _Config, low: float, *names: str, strictly: bool = False) -> None:
+    """ValueError naming the first field of `names` below `low` (strictly: not above it)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < low or (strictly and value == low):
+            raise ValueError(f"{name} must be {'>' if strictly else '>='} {low}, got {value}")

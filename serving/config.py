@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from index.config import BACKENDS, IndexConfig
-from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace
+from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace, check_name
 
 API_MAX_K = 1000  # the hard bound of the API's `k` (request validation); max_k may only lower it
 # Serve's proxy gives up on a request after this long (http_options.request_timeout_s: HTTP 408), so a lost
@@ -114,6 +114,8 @@ class ProducerConfig:
     event_max_future_s: float = 300.0
 
     def __post_init__(self) -> None:
+        check_name(self.run, "run")
+        check_name(self.sasrec_run, "sasrec_run")
         if self.index_backend not in BACKENDS:
             raise ValueError(f"index_backend must be one of {BACKENDS}, got {self.index_backend!r}")
         if self.index_backend == "server" and not self.index_url:

@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 from serving.config import PRODUCERS
+from vlmrec.workspace import check_name
 
 MODEL_PRODUCERS = ("student", "sasrec")  # the producers an arm may give another run
 
@@ -85,6 +86,8 @@ class Experiment:
                 )
             if a.run is not None and a.producer not in MODEL_PRODUCERS:
                 raise ValueError(f"experiment.arms.{a.name}.run: only {list(MODEL_PRODUCERS)} take a run")
+            if a.run is not None:
+                check_name(a.run, f"experiment.arms.{a.name}.run")
             if not (isinstance(a.share, (int, float)) and math.isfinite(a.share) and 0 <= a.share <= 1):
                 raise ValueError(f"experiment.arms.{a.name}.share: a number in [0, 1], got {a.share!r}")
         if abs(sum(a.share for a in self.arms) - 1.0) > 1e-9:

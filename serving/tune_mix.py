@@ -50,7 +50,7 @@ from training.examples import load_items
 from training.item_age import added_days, to_days
 from training.popular import popular_items
 from vlmrec.split import SplitConfig, held_out_items, learnable_events
-from vlmrec.workspace import Workspace
+from vlmrec.workspace import Workspace, check_name
 
 MIX_FILE = "mix.json"
 WEIGHT_GRID = (0.0, 1.0, 2.0, 4.0)  # per producer; every combination but all-zero is tried
@@ -77,6 +77,9 @@ class MixTuneConfig(SplitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for field in ("student_run", "sasrec_run", "backtest_student_run", "backtest_sasrec_run"):
+            if getattr(self, field) is not None:
+                check_name(getattr(self, field), field)
         if (self.backtest_student_run is None) != (self.backtest_sasrec_run is None):
             raise ValueError("backtest_student_run and backtest_sasrec_run go together (window validation)")
         if self.backtest_student_run is not None and (self.split != "temporal" or self.cold != "natural"):

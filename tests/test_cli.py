@@ -128,3 +128,48 @@ def test_serve_checks_the_files_of_the_producers_that_must_load(tmp_path):
     ]
     with pytest.raises(FileNotFoundError, match="no student export at .*student-b"):
         check_files(ProducerConfig(workdir=str(tmp_path), experiment={"name": "ab", "arms": arms}))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--name", "../../etc"], "name must be a folder name"),
+        (["--name", ""], "name must be a folder name"),
+        (["--epochs", "0"], "epochs must be >= 1, got 0"),
+        (["--batch-size", "-1"], "batch_size must be >= 1, got -1"),
+        (["--patience", "0"], "patience must be >= 1, got 0"),
+        (["--lr", "0"], "lr must be > 0, got 0.0"),
+        (["--grad-clip", "-1"], "grad_clip must be >= 0, got -1.0"),
+        (["--d-model", "0"], "d_model must be >= 1, got 0"),
+        (["--n-heads", "0"], "n_heads must be >= 1, got 0"),
+        (["--n-blocks", "0"], "n_blocks must be >= 1, got 0"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
+        (["--temperature", "0"], "temperature must be > 0, got 0.0"),
+        (["--contrastive-weight", "-1"], "contrastive_weight must be >= 0, got -1.0"),
+        (["--num-workers", "0"], "num_workers must be >= 1, got 0"),
+        (["--popular-k", "0"], "popular_k must be >= 1, got 0"),
+        (["--zero-config", "/nonexistent.json"], "zero_config: no DeepSpeed JSON at /nonexistent.json"),
+    ],
+)
+def test_train_refuses_a_bad_setting_by_name_before_it_starts(flags, message, tmp_path, capsys):
+    """A run name that is not one folder (it would write outside runs/) or a setting no training can take is
+    the CLI's error line naming it, raised by the config in the driver: not a worker's traceback in Ray
+    Train, not a hang."""
+    assert main(["train", "--workdir", str(tmp_path), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["tune", "--name", "a/b"],
+        ["evaluate", "--runs", "student", "../x"],
+        ["tune-mix", "--student-run", "../x"],
+        ["index", "build", "--run", "../x", "--vectors", "v.parquet"],
+        ["serve", "--run", ".hidden"],
+    ],
+)
+def test_a_run_or_index_name_is_one_folder_of_the_workspace(argv, tmp_path, capsys):
+    assert main([*argv, "--workdir", str(tmp_path)]) == 2
+    assert "must be a folder name" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from engine.config import _Config
+from engine.config import _Config, at_least
 
 ItemSpace = Literal["frozen", "whitened", "adapter", "id"]
 IdLoss = Literal["ce", "sampled", "bce"]
@@ -66,6 +66,10 @@ class ModelConfig(_Config):
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
         if self.fusion_weight < 0 or self.fusion_last < 1:
             raise ValueError("fusion_weight must be >= 0 and fusion_last >= 1")
+        at_least(self, 1, "d_model", "n_blocks", "n_heads", "adapter_hidden")
+        at_least(self, 0, "whiten_eps", strictly=True)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_items < 1 or self.max_len < 1:
@@ -108,8 +112,8 @@ class LossConfig(_Config):
     # "sampled" = the same softmax over the negatives above (cheap for big catalogues)
 
     def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0")
+        at_least(self, 0, "temperature", strictly=True)
+        at_least(self, 0, "distill_weight", "contrastive_weight")
         if self.id_loss not in get_args(IdLoss):
             raise ValueError(f"id_loss must be one of {get_args(IdLoss)}")
         if self.negative_pool not in get_args(NegativePool):
@@ -139,3 +143,8 @@ class TrainConfig(_Config):
     tune_fusion: bool = (
         False  # after training, pick ModelConfig.fusion_weight on validation (validation.FUSION_GRID)
     )
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "epochs", "batch_size", "patience", "shuffle_window")
+        at_least(self, 0, "lr", strictly=True)
+        at_least(self, 0, "weight_decay", "grad_clip")

@@ -40,7 +40,7 @@ from training.metrics import (
 )
 from training.model import SeqRec
 from vlmrec.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
-from vlmrec.workspace import Workspace
+from vlmrec.workspace import Workspace, check_name
 
 # (histories (model indices), request times in days (Q,)) -> scores (Q, n + 1)
 Scorer = Callable[[list[np.ndarray], np.ndarray], torch.Tensor]
@@ -216,6 +216,8 @@ def evaluate(
     name: str | None = None,
     n_negatives: int = 100,
 ) -> tuple[Path, dict]:
+    for run in runs:
+        check_name(run, "runs")
     ws = Workspace(workdir)
     data = load_eval_data(ws, split)
     known = data.targets > 0

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 import torch
 
 import engine
+from engine.config import at_least
 from engine.rows import RowSparseAdam
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, trim_padding
@@ -53,7 +54,7 @@ from training.item_age import added_days
 from training.model import SeqRec, warm_start
 from training.validation import choose_fusion, validation_ndcg
 from vlmrec.split import SplitConfig, held_out_items, learnable_events, split_validation
-from vlmrec.workspace import Workspace, atomic_write_parquet, staged_dir
+from vlmrec.workspace import Workspace, atomic_write_parquet, check_name, staged_dir
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,12 @@ class JobConfig(SplitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_name(self.name, "name")
         if self.max_valid_queries < 0:
             raise ValueError(f"max_valid_queries must be >= 0 (0: all), got {self.max_valid_queries}")
+        at_least(self, 1, "popular_k")
+        at_least(self, 0, "popular_half_life_days", strictly=True)
+        self.engine()  # its own checks
 
     def engine(self) -> engine.EngineConfig:
         """The fields that say where and how the job runs, for the shared engine."""

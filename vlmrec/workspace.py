@@ -20,6 +20,7 @@ of the FeatureStore that `vlmrec features` builds.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +30,16 @@ from pathlib import Path
 
 DEFAULT_WORKDIR = Path(".vlmrec/sample")
 TEACHER_INDEX = "teacher"  # indexes/teacher: the raw teacher vectors (the `similar` producer searches it)
+
+
+def check_name(name: str, what: str) -> str:
+    """A run's or an index's name: one folder under the workspace, never a path out of it. -> name."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name or ""):
+        raise ValueError(
+            f"{what} must be a folder name (letters, digits, '.', '_', '-', starting with a letter or digit), "
+            f"got {name!r}"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ class Workspace:
 
     def named_index(self, name: str) -> Path:
         """indexes/<name>: a run's own index (`vlmrec index build --run NAME`) or the teacher's."""
-        return self.root / "indexes" / name
+        return self.root / "indexes" / check_name(name, "an index name")
 
     def ensure(self) -> Workspace:
         self.data.mkdir(parents=True, exist_ok=True)

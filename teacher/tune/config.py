@@ -11,6 +11,7 @@ from engine.config import _Config
 from teacher.encoders import TeacherConfig, resolve_teacher
 from teacher.pairs import PairConfig
 from teacher.weights import require_cuda_for_4bit
+from vlmrec.workspace import check_name
 
 # LoRA targets when --target-modules is empty: the attention projections of each teacher's towers.
 DEFAULT_TARGETS = {
@@ -54,6 +55,7 @@ class TuneConfig(_Config):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_name(self.name, "name")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.max_length < 1:
             raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives), lr > 0, max_length >= 1")
         if self.infonce_temperature <= 0 or self.logit_lr < 0 or self.random_negatives < 0:
