@@ -134,18 +134,15 @@ def vector_distance(vectors: Path) -> str:
 
 def default_vectors(args: argparse.Namespace, ws: Workspace) -> Path:
     if args.vectors:
+        if not Path(args.vectors).is_file():
+            raise FileNotFoundError(f"--vectors: no such file {args.vectors}")
         return args.vectors
     if args.teacher:
         if not ws.embeddings.exists():
             raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
         return ws.embeddings
     if args.run:
-        path = ws.runs / args.run / "export" / EXPORT_NAME
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no export of run {args.run!r} ({path}): run `vlmrec train --workdir {ws.root} --name {args.run}`"
-            )
-        return path
+        return ws.export(args.run) / EXPORT_NAME
     return latest_export(ws)
 
 

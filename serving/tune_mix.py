@@ -163,10 +163,7 @@ def window_queries(ws: Workspace, cfg: MixTuneConfig) -> tuple[MixQueries, EvalD
 
 def run_split(ws: Workspace, run: str) -> SplitConfig:
     """The split a run was trained on (its export's run.json); a missing run is named."""
-    path = ws.runs / run / "export" / "run.json"
-    if not path.exists():
-        raise ValueError(f"run {run!r}: no export at {path}; train it first")
-    return SplitConfig.of_run(json.loads(path.read_text()))
+    return SplitConfig.of_run(json.loads((ws.export(run) / "run.json").read_text()))
 
 
 def model_lists(export: Path, items: ItemTable, q: MixQueries, added_days: np.ndarray, k: int) -> list[list]:
@@ -245,8 +242,8 @@ def producer_lists(
     items, _ = load_items(ws)
     student, sasrec = runs or (cfg.student_run, cfg.sasrec_run)
     return {
-        "student": model_lists(ws.runs / student / "export", items, q, first, cfg.k),
-        "sasrec": model_lists(ws.runs / sasrec / "export", items, q, first, cfg.k),
+        "student": model_lists(ws.export(student), items, q, first, cfg.k),
+        "sasrec": model_lists(ws.export(sasrec), items, q, first, cfg.k),
         "similar": similar_lists(items, q, cfg.similar_last_n, cfg.k),
         "popular": popular_lists(train, items, q, cfg.popular_half_life_days, cfg.k),
     }
@@ -326,9 +323,7 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
 def held_out_figures(ws: Workspace, cfg: MixTuneConfig, quotas: dict[str, int]) -> dict:
     """The producers alone and the chosen mix on the split's test queries (ML-time-split style), Recall@k."""
     for run in (cfg.student_run, cfg.sasrec_run):
-        check_split(
-            json.loads((ws.runs / run / "export" / "run.json").read_text()), cfg.split_config(), ws.runs / run
-        )
+        check_split(json.loads((ws.export(run) / "run.json").read_text()), cfg.split_config(), ws.runs / run)
     data = load_eval_data(ws, cfg.split_config())
     q = MixQueries(data.queries.user_ids, data.histories, data.targets, data.days, data.queries.cold)
     lists = producer_lists(ws, cfg, q, data.train, data.added_days)

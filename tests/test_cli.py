@@ -164,7 +164,7 @@ def test_train_refuses_a_bad_setting_by_name_before_it_starts(flags, message, tm
     "argv",
     [
         ["tune", "--name", "a/b"],
-        ["evaluate", "--runs", "student", "../x"],
+        ["evaluate", "--runs", "../x"],
         ["tune-mix", "--student-run", "../x"],
         ["index", "build", "--run", "../x", "--vectors", "v.parquet"],
         ["serve", "--run", ".hidden"],

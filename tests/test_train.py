@@ -276,7 +276,7 @@ def test_tune_mix_validates_on_the_window_before_the_cut_with_backtest_runs(trai
     with pytest.raises(ValueError, match="must come before"):
         tune(MixTuneConfig(workdir=str(ws.root), **runs, backtest_student_run="student",
                            backtest_sasrec_run="student", k=10))  # fmt: skip
-    with pytest.raises(ValueError, match="no export"):
+    with pytest.raises(FileNotFoundError, match="no export of run 'missing'"):
         tune(MixTuneConfig(workdir=str(ws.root), **runs, backtest_student_run="student",
                            backtest_sasrec_run="missing", train_fraction=0.9))  # fmt: skip
     with pytest.raises(ValueError, match="go together"):

@@ -40,7 +40,7 @@ from training.metrics import (
 )
 from training.model import SeqRec
 from vlmrec.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
-from vlmrec.workspace import Workspace, check_name
+from vlmrec.workspace import Workspace
 
 # (histories (model indices), request times in days (Q,)) -> scores (Q, n + 1)
 Scorer = Callable[[list[np.ndarray], np.ndarray], torch.Tensor]
@@ -216,9 +216,8 @@ def evaluate(
     name: str | None = None,
     n_negatives: int = 100,
 ) -> tuple[Path, dict]:
-    for run in runs:
-        check_name(run, "runs")
     ws = Workspace(workdir)
+    exports = {run: ws.export(run) for run in runs}  # a missing run is named before the data loads
     data = load_eval_data(ws, split)
     known = data.targets > 0
     if not known.all():  # a target outside the catalogue cannot be ranked: say so instead of guessing
@@ -228,7 +227,7 @@ def evaluate(
     if data.items.teacher is not None:
         scorers["knn"], meta["knn"] = knn_scorer(data), {"teacher_id": data.teacher_id}
     for run in runs:
-        scorers[run], info = model_scorer(ws.runs / run / "export", data)
+        scorers[run], info = model_scorer(exports[run], data)
         meta[run] = {"item_space": info["configs"]["model"]["item_space"], "best": info["best"]}
     results: dict = {}
     for model, score in scorers.items():

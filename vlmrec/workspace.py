@@ -94,6 +94,16 @@ class Workspace:
         """The `serve deploy` config `vlmrec serve` applied last (serving/cli.py); `vlmrec refresh` edits it."""
         return self.root / "serve.json"
 
+    def export(self, run: str) -> Path:
+        """runs/<run>/export, the folder `vlmrec train` exports a run to; FileNotFoundError naming the command
+        that trains it when it holds no export."""
+        folder = self.runs / check_name(run, "a run name") / "export"
+        if not (folder / "run.json").is_file():
+            raise FileNotFoundError(
+                f"no export of run {run!r} at {folder}: run `vlmrec train --workdir {self.root} --name {run}`"
+            )
+        return folder
+
     def named_index(self, name: str) -> Path:
         """indexes/<name>: a run's own index (`vlmrec index build --run NAME`) or the teacher's."""
         return self.root / "indexes" / check_name(name, "an index name")
