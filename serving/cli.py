@@ -18,13 +18,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 from index.config import BACKENDS
 from serving.config import PRODUCERS, REQUEST_TIMEOUT_S, ProducerConfig
+from vlmrec.ports import check_port
 from vlmrec.workspace import DEFAULT_WORKDIR
 
 APP_NAME = "vlmrec-producer"
@@ -62,23 +62,6 @@ def start(
     deploy(applied)
     write_serve_config(applied, config.workspace.serve_config)
     return f"http://{host}:{port}"
-
-
-def check_port(host: str, port: int, free: bool) -> None:
-    """ValueError naming --port when it is out of range or (`free`) host:port cannot be bound because
-    another server holds it: Serve's proxy would fail inside Ray, with its traceback."""
-    if not 0 < port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {port}")
-    if not free:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise ValueError(
-                f"--port: {host}:{port} cannot be bound ({err.strerror}): is another server on it?"
-            ) from None
 
 
 def serve_config(

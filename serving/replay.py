@@ -11,8 +11,9 @@ event to /v1/events with the answer's request_id and the item's position in it (
 shown). The event is posted at the replay's time, not the dataset's (the Producer bounds event times to
 now), so exposures and events keep the dataset's order. Bounded (`--max-events`), paced (`--rate` events/s,
 0 = as fast as answers come), stoppable (Ctrl-C or SIGTERM: the event in flight finishes, then a summary).
-A refused or failed call is counted, not retried. The online store must hold the users' clicks as of the
-cut (`vlmrec features --until`): else a held-out event is already a stored click, excluded from answers.
+A refused or failed call is counted, not retried; a --url where no ready Producer answers /readyz ends the
+command before the first event. The online store must hold the users' clicks as of the cut
+(`vlmrec features --until`): else a held-out event is already a stored click, excluded from answers.
 """
 
 from __future__ import annotations
@@ -61,13 +62,25 @@ def replay(cfg: ReplayConfig, stop=lambda: False) -> dict:
     """Stream the held-out events through the Producer at cfg.url; stop() True ends it after an event."""
     import httpx
 
-    ws = Workspace(cfg.workdir)
-    events = held_out_events(ws, cfg.split_config(), cfg.max_events, cfg.events)
-    outcomes: Counter[str] = Counter()
-    arms: Counter[str] = Counter()
-    shown = 0
-    t0 = time.perf_counter()
-    with httpx.Client(base_url=cfg.url, timeout=cfg.timeout_s) as http:
+    try:
+        http = httpx.Client(base_url=cfg.url, timeout=cfg.timeout_s)
+    except httpx.InvalidURL as err:
+        raise ValueError(f"--url: {err}") from None
+    with http:
+        try:  # a wrong --url is an error, not a summary of failed calls
+            ready = http.get("/readyz")
+        except (httpx.HTTPError, httpx.InvalidURL) as err:
+            raise ValueError(
+                f"--url: no Producer answers at {cfg.url} ({type(err).__name__}: {err})"
+            ) from None
+        if ready.status_code != 200:
+            raise ValueError(f"--url: {cfg.url}/readyz answers {ready.status_code}: {ready.text[:300]}")
+        ws = Workspace(cfg.workdir)
+        events = held_out_events(ws, cfg.split_config(), cfg.max_events, cfg.events)
+        outcomes: Counter[str] = Counter()
+        arms: Counter[str] = Counter()
+        shown = 0
+        t0 = time.perf_counter()
         for n, (user, item, etype) in enumerate(
             zip(events["user_id"], events["item_id"], events["event_type"], strict=True)
         ):

@@ -173,3 +173,40 @@ def test_train_refuses_a_bad_setting_by_name_before_it_starts(flags, message, tm
 def test_a_run_or_index_name_is_one_folder_of_the_workspace(argv, tmp_path, capsys):
     assert main([*argv, "--workdir", str(tmp_path)]) == 2
     assert "must be a folder name" in capsys.readouterr().err
+
+
+def test_replay_refuses_a_url_where_no_ready_producer_answers(tmp_path, capsys):
+    """Before its first event: a port nobody listens on, a server that is not a ready Producer, a URL that
+    is not one. Each is the CLI's error naming --url, not a summary of N failed calls with exit 0."""
+    import http.server
+    import threading
+
+    from tests.conftest import free_port
+
+    def error(url: str) -> str:
+        assert main(["replay", "--workdir", str(tmp_path), "--url", url, "--max-events", "3"]) == 2
+        return capsys.readouterr().err
+
+    assert "--url: no Producer answers at http://127.0.0.1:" in error(f"http://127.0.0.1:{free_port()}")
+    assert "--url: no Producer answers at not-a-url" in error("not-a-url")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert "/readyz answers 501" in error(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+
+
+def test_ui_refuses_an_impossible_or_held_port_before_it_starts_the_page(tmp_path, capsys):
+    import socket
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "items.parquet").write_bytes(b"")  # only its presence is checked first
+    assert main(["ui", "--workdir", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be in 1..65535, got 70000" in capsys.readouterr().err
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["ui", "--workdir", str(tmp_path), "--port", str(port)]) == 2
+        assert f"--port: 127.0.0.1:{port} cannot be bound" in capsys.readouterr().err

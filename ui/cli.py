@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ui.config import ENV, UIConfig
+from vlmrec.ports import check_port
 from vlmrec.workspace import DEFAULT_WORKDIR
 
 PAGE = Path(__file__).with_name("page.py")
@@ -139,6 +140,7 @@ def run(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
     if not Path(cfg.workdir, "data", "items.parquet").exists():
         raise FileNotFoundError(f"no catalogue in {cfg.workdir}: run `vlmrec demo` or `vlmrec ingest` first")
+    check_port(cfg.host, cfg.port, free=True)
     proc = start(cfg)
     print(f"ui: the demo page at {cfg.page_url} (Producer {cfg.api_url}); Ctrl-C stops", flush=True)
     try:

@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from engine.config import _Config
-from vlmrec.workspace import DEFAULT_WORKDIR, Workspace
+from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, check_name
 
 log = logging.getLogger("vlmrec.refresh")
 
@@ -64,8 +64,8 @@ class RefreshConfig(_Config):
             raise ValueError(f"min_queries must be >= 1, got {self.min_queries}")
         if self.epochs is not None and self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name):
-            raise ValueError(f"name must be a run folder name (letters, digits, _ . -), got {self.name!r}")
+        if self.name is not None:
+            check_name(self.name, "name")
 
 
 def refresh(cfg: RefreshConfig) -> dict:
