@@ -76,7 +76,7 @@ class IndexConfig:
     # int8 scalar quantisation (4x less RAM, faster scoring), always rescored with the float vectors.
     # Qdrant Edge does NOT rescore unless asked: oversampling 2 made an int8 full scan exact (recall 1.0)
     # where plain int8 scoring gave 0.976 and scores off by ~7e-3. Off at search time: the float vectors
-    # alone, whatever the version was built with (index/store.py edge_search_params).
+    # alone, whatever the version was built with (index/store.py search_params).
     quantization: bool = True
     quantization_quantile: float = 0.99
     oversampling: float = 2.0

@@ -44,14 +44,13 @@ from index.store import (
     collection_info,
     copy_shard,
     current_collection,
-    edge_search_params,
     edge_upsert,
     locked,
     make_client,
     owner_tag,
     read_current,
     read_log,
-    server_search_params,
+    search_params,
     upsert_logs,
 )
 from vlmrec.lease import Current
@@ -307,7 +306,7 @@ class EdgeIndex(Index):
                 shard.close()
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            params = edge_search_params(self.config.for_size(info.count))
+            params = search_params(self.config.for_size(info.count), "edge")
             replica = _Replica(shard, folder, info, tuple(p.name for p in logs), params)
             try:
                 self._rescan(replica)
@@ -434,7 +433,7 @@ class ServerIndex(Index):
         if name is None:
             raise FileNotFoundError(f"no alias {self.config.alias!r} on the server: run `vlmrec index build`")
         info = collection_info(self.client, name)
-        return name, info, server_search_params(self.config.for_size(info.count))
+        return name, info, search_params(self.config.for_size(info.count), "server")
 
     def _search(self, x, k: int, queries: list[_Query], recommend: bool = False) -> list[list[Hit]]:
         from qdrant_client import models

@@ -214,22 +214,15 @@ def read_log(path: Path) -> pa.Table:
     return pq.read_table(path, schema=POINTS)
 
 
-def edge_search_params(config):
+def search_params(config, engine: str):
     """hnsw_ef (set: `config.for_size(n)`), and int8 scores always rescored with the float vectors (Edge does
     not by default). quantization off: the float vectors alone, also over a version built with int8 ones
-    (a search naming no quantization params would score with the int8 vectors, unrescored)."""
-    from qdrant_edge import QuantizationSearchParams, SearchParams
-
-    if config.quantization:
-        quant = QuantizationSearchParams(rescore=True, oversampling=config.oversampling)
+    (a search naming no quantization params would score with the int8 vectors, unrescored). engine: "edge"
+    (qdrant_edge) or "server" (qdrant_client): the two name the same classes and fields."""
+    if engine == "edge":
+        import qdrant_edge as models
     else:
-        quant = QuantizationSearchParams(ignore=True)
-    return SearchParams(hnsw_ef=config.hnsw_ef, quantization=quant)
-
-
-def server_search_params(config):
-    """The same for a Qdrant server."""
-    from qdrant_client import models
+        from qdrant_client import models
 
     if config.quantization:
         quant = models.QuantizationSearchParams(rescore=True, oversampling=config.oversampling)

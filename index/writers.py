@@ -25,13 +25,12 @@ from index.store import (
     VersionInfo,
     clean_stale,
     current_collection,
-    edge_search_params,
     edge_upsert,
     locked,
     make_client,
     owner_tag,
     read_current,
-    server_search_params,
+    search_params,
     vectors_of,
     write_json_atomic,
 )
@@ -107,7 +106,7 @@ class EdgeWriter:
     def top(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
         from qdrant_edge import Query, QueryRequest
 
-        params = edge_search_params(self.config)
+        params = search_params(self.config, "edge")
         request = QueryRequest(limit=k, query=Query.Nearest(vector.tolist(), using=VECTOR), params=params)
         return [(int(p.id), float(p.score)) for p in self.shard.query(request)]
 
@@ -243,7 +242,7 @@ class ServerWriter:
             query=vector.tolist(),
             using=VECTOR,
             limit=k,
-            search_params=server_search_params(self.config),
+            search_params=search_params(self.config, "server"),
         )
         return [(int(p.id), float(p.score)) for p in res.points]
 
