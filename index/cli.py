@@ -134,8 +134,6 @@ def vector_distance(vectors: Path) -> str:
 
 def default_vectors(args: argparse.Namespace, ws: Workspace) -> Path:
     if args.vectors:
-        if not Path(args.vectors).is_file():
-            raise FileNotFoundError(f"--vectors: no such file {args.vectors}")
         return args.vectors
     if args.teacher:
         if not ws.embeddings.exists():
@@ -176,6 +174,11 @@ def run(args: argparse.Namespace) -> None:
     name = index_name(args)
     index_dir = args.index_dir or (ws.named_index(name) if name else ws.index)
     items = args.items or ws.items
+    for flag, path in (("--vectors", args.vectors), ("--items", args.items)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag}: no such file {path}")
+    if not Path(items).is_file():
+        raise FileNotFoundError(f"no catalogue at {items}: run `vlmrec ingest --workdir {ws.root}`")
     if args.index_command == "build":
         vectors = default_vectors(args, ws)
         config = config_from_args(args, vectors)

@@ -210,3 +210,22 @@ def test_ui_refuses_an_impossible_or_held_port_before_it_starts_the_page(tmp_pat
         port = held.getsockname()[1]
         assert main(["ui", "--workdir", str(tmp_path), "--port", str(port)]) == 2
         assert f"--port: 127.0.0.1:{port} cannot be bound" in capsys.readouterr().err
+
+
+def test_index_names_a_missing_vectors_file_catalogue_or_run(tmp_path, capsys):
+    def error(*argv: str) -> str:
+        assert main(["index", *argv, "--workdir", str(tmp_path)]) == 2
+        return capsys.readouterr().err
+
+    assert "--vectors: no such file /nowhere.parquet" in error("upsert", "--vectors", "/nowhere.parquet")
+    vectors = tmp_path / "v.parquet"
+    vectors.write_bytes(b"")
+    catalogue = tmp_path / "data" / "items.parquet"
+    assert f"no catalogue at {catalogue}: run `vlmrec ingest" in error("build", "--vectors", str(vectors))
+    catalogue.parent.mkdir()
+    catalogue.write_bytes(b"")
+    export = tmp_path / "runs" / "nosuch" / "export"
+    assert f"no export of run 'nosuch' at {export}" in error("build", "--run", "nosuch")
+    assert "--items: no such file /x.parquet" in error(
+        "upsert", "--vectors", str(vectors), "--items", "/x.parquet"
+    )
