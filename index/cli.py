@@ -136,9 +136,7 @@ def default_vectors(args: argparse.Namespace, ws: Workspace) -> Path:
     if args.vectors:
         return args.vectors
     if args.teacher:
-        if not ws.embeddings.exists():
-            raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
-        return ws.embeddings
+        return ws.need(ws.embeddings, "embed")
     if args.run:
         return ws.export(args.run) / EXPORT_NAME
     return latest_export(ws)
@@ -177,8 +175,7 @@ def run(args: argparse.Namespace) -> None:
     for flag, path in (("--vectors", args.vectors), ("--items", args.items)):
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag}: no such file {path}")
-    if not Path(items).is_file():
-        raise FileNotFoundError(f"no catalogue at {items}: run `vlmrec ingest --workdir {ws.root}`")
+    ws.need(Path(items), "ingest")
     if args.index_command == "build":
         vectors = default_vectors(args, ws)
         config = config_from_args(args, vectors)

@@ -112,7 +112,7 @@ TEXT_COLUMNS = ["item_id", "title", "text", "image_uri"]
 def embed_catalogue(ws: Workspace, config: EmbedConfig = EmbedConfig()) -> dict:
     """Embed every item of ws.items; write ws.embeddings atomically, in the catalogue's order. Returns a
     summary."""
-    catalogue = pq.ParquetFile(ws.items)
+    catalogue = pq.ParquetFile(ws.need(ws.items, "ingest"))
     n = catalogue.metadata.num_rows
     if n == 0:
         raise ValueError(f"{ws.items}: no items to embed")

@@ -221,7 +221,7 @@ def test_index_names_a_missing_vectors_file_catalogue_or_run(tmp_path, capsys):
     vectors = tmp_path / "v.parquet"
     vectors.write_bytes(b"")
     catalogue = tmp_path / "data" / "items.parquet"
-    assert f"no catalogue at {catalogue}: run `vlmrec ingest" in error("build", "--vectors", str(vectors))
+    assert f"{catalogue} is missing: run `vlmrec ingest" in error("build", "--vectors", str(vectors))
     catalogue.parent.mkdir()
     catalogue.write_bytes(b"")
     export = tmp_path / "runs" / "nosuch" / "export"
@@ -229,3 +229,23 @@ def test_index_names_a_missing_vectors_file_catalogue_or_run(tmp_path, capsys):
     assert "--items: no such file /x.parquet" in error(
         "upsert", "--vectors", str(vectors), "--items", "/x.parquet"
     )
+
+
+def test_a_stage_names_the_missing_input_and_the_stage_that_writes_it_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    started = ray.is_initialized()
+
+    def error(*argv: str) -> str:
+        assert main([*argv, "--workdir", str(tmp_path)]) == 2
+        return capsys.readouterr().err
+
+    data = tmp_path / "data"
+    assert f"{data / 'items.parquet'} is missing: run `vlmrec ingest --workdir {tmp_path}`" in error("embed")
+    assert f"{data / 'events.parquet'} is missing: run `vlmrec ingest" in error("train", "--name", "a")
+    data.mkdir()
+    (data / "events.parquet").write_bytes(b"")
+    assert f"{data / 'item_embeddings.parquet'} is missing: run `vlmrec embed" in error(
+        "train", "--name", "a"
+    )
+    assert ray.is_initialized() == started

@@ -56,7 +56,7 @@ def load_items(
         if not need_teacher and ws.items.exists():
             ids = pq.read_table(ws.items, columns=["item_id"]).column("item_id").to_numpy()
             return ItemTable(np.sort(ids)), None
-        raise FileNotFoundError(f"{ws.embeddings} is missing: run `vlmrec embed --workdir {ws.root}`")
+        ws.need(ws.embeddings, "embed")
     if not vectors:
         return ItemTable.from_parquet(ws.embeddings, vectors=False), None
     return ItemTable.from_parquet(ws.embeddings), teacher_of(ws.embeddings)

@@ -310,6 +310,9 @@ def train(
     import ray
 
     ws = Workspace(job.workdir)
+    ws.need(ws.events, "ingest")  # before Ray starts
+    if model_cfg.is_content:
+        ws.need(ws.embeddings, "embed")
     t0 = time.perf_counter()
     shards = build_examples(
         ws,

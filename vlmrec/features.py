@@ -159,10 +159,7 @@ def open_store(ws: Workspace):
     feast_unchecked()
     from feast import FeatureStore
 
-    if not ws.feature_store_yaml.exists():
-        raise FileNotFoundError(
-            f"{ws.feature_store_yaml} is missing: run `vlmrec features --workdir {ws.root}`"
-        )
+    ws.need(ws.feature_store_yaml, "features")
     return FeatureStore(repo_path=str(ws.root))
 
 

@@ -94,6 +94,12 @@ class Workspace:
         """The `serve deploy` config `vlmrec serve` applied last (serving/cli.py); `vlmrec refresh` edits it."""
         return self.root / "serve.json"
 
+    def need(self, path: Path, stage: str) -> Path:
+        """path, or FileNotFoundError naming it and the `vlmrec` stage that writes it."""
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `vlmrec {stage} --workdir {self.root}`")
+        return path
+
     def export(self, run: str) -> Path:
         """runs/<run>/export, the folder `vlmrec train` exports a run to; FileNotFoundError naming the command
         that trains it when it holds no export."""

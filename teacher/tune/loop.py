@@ -143,8 +143,7 @@ def tune(
     tcfg = check_configs(cfg, pairs_cfg, adapter, eng)
     ws = Workspace(cfg.workdir)
     for path in (ws.events, ws.items):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `vlmrec ingest --workdir {ws.root}`")
+        ws.need(path, "ingest")
     events = pq.read_table(ws.events).to_pandas()
     items = pq.read_table(ws.items).to_pandas()
     train_pairs, valid_pairs, counts = mine_pairs(events, items, pairs_cfg, cfg.seed)
