@@ -42,7 +42,7 @@ def start(
     running. Returns the base url. Relative paths in `config` are made absolute here (replicas may run
     elsewhere). access_log=False: no log line per request (benchmarks). The applied config is written to
     <workdir>/serve.json: `vlmrec refresh` changes its user_config and deploys it again (in place)."""
-    from serving.sources import check_files
+    from serving.sources import check_sources
     from vlmrec.raycluster import init_ray
 
     if replicas < 1:
@@ -56,7 +56,7 @@ def start(
     if config.exposure_path and "://" not in config.exposure_path:  # "" = off; a URI stays as it is
         absolute["exposure_path"] = str(Path(config.exposure_path).absolute())
     config = replace(config, **absolute)
-    check_files(config)  # a wrong workdir or run: this error, not a replica's failure in Serve's logs
+    check_sources(config)  # a wrong workdir or run: this error, not a replica's failure in Serve's logs
     init_ray(num_cpus=num_cpus)
     applied = serve_config(config, host, port, replicas, access_log)
     deploy(applied)

@@ -37,14 +37,16 @@ import torch
 
 from index.config import IndexConfig, named_alias
 from index.search import Hit, Index, open_index
+from index.store import read_current
 from serving.asks import Ask, Ranked
 from serving.calls import Deps, Unavailable, ms_since
 from serving.config import PRODUCERS, ProducerConfig
 from serving.experiments import Experiment, default_traffic_keys
 from serving.vector_cache import VectorCache
+from training.config import ModelConfig
 from training.data import ItemTable, ModelInputs, build_inputs, trim_padding
 from training.item_age import bucket_ranges
-from training.model import WEIGHTS_FILE, SeqRec
+from training.model import CONFIG_FILE, WEIGHTS_FILE, SeqRec
 from vlmrec.schema import teacher_of
 
 log = logging.getLogger("ray.serve")
@@ -469,25 +471,31 @@ def check_export_teacher(export: Path, run_info: dict) -> None:
         )
 
 
+def check_pair(export: Path, run: str, run_info: dict, model_cfg: ModelConfig, version) -> None:
+    """An export and the index version it is served with (an open Index, or the VersionInfo an Edge folder's
+    CURRENT holds: the same fields) agree: the same teacher, dimension and distance."""
+    if version.teacher_id != run_info.get("teacher_id"):
+        raise ValueError(
+            f"teacher mismatch: the export {export} was trained on {run_info.get('teacher_id')!r} but "
+            f"the index version {version.version} holds {version.teacher_id!r} vectors; build the index "
+            f"from this export (vlmrec index build --vectors {export / 'item_vectors.parquet'})"
+        )
+    if version.dim != model_cfg.out_dim:
+        raise ValueError(f"dimension mismatch: model out_dim {model_cfg.out_dim}, index dim {version.dim}")
+    want = "dot" if model_cfg.item_space == "id" else "cosine"
+    if version.distance != want:
+        raise ValueError(
+            f"distance mismatch: the {model_cfg.item_space}-space export {export} needs a {want} index, "
+            f"version {version.version} is {version.distance}; rebuild it (vlmrec index build --run {run})"
+        )
+
+
 def load_model_source(name: str, run: str, export: Path, index: Index, cfg: ProducerConfig) -> ModelSource:
     """A SeqRec export + an open index, checked against each other. Closes nothing: the caller owns index."""
     run_info = json.loads((export / "run.json").read_text())
     check_export_teacher(export, run_info)
     model = SeqRec.from_pretrained(export / "model").serving()
-    if index.teacher_id != run_info.get("teacher_id"):
-        raise ValueError(
-            f"teacher mismatch: the export {export} was trained on {run_info.get('teacher_id')!r} but "
-            f"the index version {index.version} holds {index.teacher_id!r} vectors; build the index "
-            f"from this export (vlmrec index build --vectors {export / 'item_vectors.parquet'})"
-        )
-    if index.dim != model.cfg.out_dim:
-        raise ValueError(f"dimension mismatch: model out_dim {model.cfg.out_dim}, index dim {index.dim}")
-    want = "dot" if model.cfg.item_space == "id" else "cosine"
-    if index.distance != want:
-        raise ValueError(
-            f"distance mismatch: the {model.cfg.item_space}-space export {export} needs a {want} index, "
-            f"version {index.version} is {index.distance}; rebuild it (vlmrec index build --run {run})"
-        )
+    check_pair(export, run, run_info, model.cfg, index)
     digest = hashlib.sha256((export / "model" / WEIGHTS_FILE).read_bytes()).hexdigest()
     fallback = read_popular(export, cfg.workspace.items, export / "item_vectors.parquet")
     return ModelSource(name, model, index, f"{run}@{digest[:12]}", fallback, VectorCache(cfg.vector_cache))
@@ -536,11 +544,22 @@ class _ModelRun:
         build = f"vlmrec index build --workdir {ws.root}" + (f" --run {self.run}" if self.index_name else "")
         out = [
             (self.export / "run.json", f"{self.producer} export", train),
-            (self.export / "model", f"{self.producer} model", train),
+            (self.export / "model" / CONFIG_FILE, f"{self.producer} model", train),
         ]
         if cfg.index_backend == "edge":
             out.append((self.folder / "CURRENT", f"{self.producer} index", build))
         return out
+
+    def check(self, cfg: ProducerConfig) -> None:
+        """Its files found: the export and (Edge) the index's current version agree, read from their JSON
+        (what load_model_source checks on the loaded model and the open index)."""
+        run_info = json.loads((self.export / "run.json").read_text())
+        check_export_teacher(self.export, run_info)
+        if cfg.index_backend == "edge":
+            model_cfg = ModelConfig.from_dict(
+                json.loads((self.export / "model" / CONFIG_FILE).read_text())["model"]
+            )
+            check_pair(self.export, self.run, run_info, model_cfg, read_current(self.folder))
 
 
 def _model_runs(cfg: ProducerConfig, experiment: Experiment | None) -> dict[str, _ModelRun]:
@@ -573,15 +592,18 @@ def _files(cfg: ProducerConfig, key: str, runs: dict[str, _ModelRun]) -> list[tu
     return []
 
 
-def check_files(cfg: ProducerConfig) -> None:
+def check_sources(cfg: ProducerConfig) -> None:
     """Every file the producers that must load (the default one, a producer experiment's arms) need is
-    there, else FileNotFoundError naming it and the command that builds it: what `vlmrec serve` checks
-    before it deploys, so a wrong workdir or run is its error line, not a replica's failure."""
+    there (else FileNotFoundError naming it and the command that builds it), and each model's export and
+    index agree (else ValueError): what `vlmrec serve` checks before it deploys, so a wrong workdir, run or
+    index is its error line, not a replica's failure in Serve's logs."""
     experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
     runs = _model_runs(cfg, experiment)
     for key in default_traffic_keys(cfg.producer, experiment):
         for path, what, command in _files(cfg, key, runs):
             _require(path, what, command)
+        if key in runs:
+            runs[key].check(cfg)
 
 
 def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]]:

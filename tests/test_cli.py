@@ -98,6 +98,7 @@ def test_serve_names_what_is_missing_before_it_starts_anything(tmp_path, capsys,
     (export / "run.json").write_text("{}")
     assert "no student model" in error()
     (export / "model").mkdir()
+    (export / "model" / "config.json").write_text("{}")
     assert f"no student index at {tmp_path / 'index' / 'CURRENT'}: run `vlmrec index build" in error()
     assert "--replicas must be >= 1, got 0" in error("--replicas", "0")
     assert "--port must be in 1..65535, got 70000" in error("--port", "70000")
@@ -109,25 +110,45 @@ def test_serve_names_what_is_missing_before_it_starts_anything(tmp_path, capsys,
     assert ray.is_initialized() == started  # nothing was started
 
 
-def test_serve_checks_the_files_of_the_producers_that_must_load(tmp_path):
-    """check_files: the default producer's files and an experiment's arms', not a sibling's."""
+def test_serve_checks_the_files_of_the_producers_that_must_load_and_that_export_and_index_agree(tmp_path):
+    """check_sources: the default producer's files and an experiment's arms', not a sibling's; the export's
+    run.json and model config against the index's CURRENT (teacher, dimension, distance), from their JSON."""
+    import json
+
     from serving.config import ProducerConfig
-    from serving.sources import check_files
+    from serving.sources import check_sources
+    from training.config import ModelConfig
 
     export, index = tmp_path / "runs" / "student" / "export", tmp_path / "index"
     (export / "model").mkdir(parents=True)
-    (export / "run.json").write_text("{}")
+    (export / "run.json").write_text(json.dumps({"teacher_id": "minilm:x"}))
+    model = ModelConfig(n_items=5, teacher_dim=8)
+    (export / "model" / "config.json").write_text(json.dumps({"model": model.to_dict()}))
     index.mkdir()
-    (index / "CURRENT").write_text("v1")
-    check_files(ProducerConfig(workdir=str(tmp_path)))  # student's files there; sasrec's, similar's not
+    version = {"version": "v1", "teacher_id": "minilm:x", "dim": 8, "count": 5, "created": "2026-12-04"}
+
+    def check(**changes):
+        (index / "CURRENT").write_text(json.dumps({**version, **changes}))
+        check_sources(ProducerConfig(workdir=str(tmp_path)))
+
+    check()  # student's files there and agreeing; sasrec's, similar's missing
+    with pytest.raises(ValueError, match="teacher mismatch: the export .* holds 'siglip:y' vectors"):
+        check(teacher_id="siglip:y")
+    with pytest.raises(ValueError, match="dimension mismatch: model out_dim 8, index dim 16"):
+        check(dim=16)
+    with pytest.raises(
+        ValueError, match="distance mismatch: the adapter-space export .* needs a cosine index"
+    ):
+        check(distance="dot")
     with pytest.raises(FileNotFoundError, match="no sasrec export"):
-        check_files(ProducerConfig(workdir=str(tmp_path), producer="sasrec"))
+        check_sources(ProducerConfig(workdir=str(tmp_path), producer="sasrec"))
+    check()  # agreeing again
     arms = [
         {"name": "control", "producer": "student", "share": 0.5},
         {"name": "b", "producer": "student", "run": "student-b", "share": 0.5},
     ]
     with pytest.raises(FileNotFoundError, match="no student export at .*student-b"):
-        check_files(ProducerConfig(workdir=str(tmp_path), experiment={"name": "ab", "arms": arms}))
+        check_sources(ProducerConfig(workdir=str(tmp_path), experiment={"name": "ab", "arms": arms}))
 
 
 @pytest.mark.parametrize(
