@@ -5,7 +5,8 @@ producers and a reference Mixer (serving/producer.py).
 
 config.py   ProducerConfig (also the Serve user_config)
 api.py      the HTTP contract: request and response models (docs/API.md)
-sources.py  the producers: student, sasrec, similar, popular (what each loads and how it ranks)
+sources.py  the producers: student, sasrec, similar, popular (how each ranks)
+loading.py  how a replica finds, checks and loads them (and `vlmrec serve`'s preflight)
 mixer.py    the reference Mixer's quotas and de-duplicating interleave
 producer.py the deployment, its FastAPI routes (candidates, mix, events, clicks, probes), the model input
 guard.py    the HTTP edge: body limits (413), the optional write token (401), one error shape for all

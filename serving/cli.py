@@ -42,7 +42,7 @@ def start(
     running. Returns the base url. Relative paths in `config` are made absolute here (replicas may run
     elsewhere). access_log=False: no log line per request (benchmarks). The applied config is written to
     <workdir>/serve.json: `vlmrec refresh` changes its user_config and deploys it again (in place)."""
-    from serving.sources import check_sources
+    from serving.loading import check_sources
     from vlmrec.raycluster import init_ray
 
     if replicas < 1:

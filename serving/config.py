@@ -2,7 +2,7 @@
 
     cfg = ProducerConfig(workdir=".vlmrec/sample")         # paths default inside the workspace
     # student: runs/student/export + index/; sasrec: runs/sasrec/export + indexes/sasrec;
-    # similar: indexes/teacher; popular: data/events.parquet (serving/sources.py)
+    # similar: indexes/teacher; popular: data/events.parquet (serving/loading.py)
     Producer.options(user_config=cfg.to_dict()).bind()     # reconfigure() loads (or hot-swaps) from it
 
 Paths are resolved by the properties below; the environment (QDRANT_URL) is read once in serving/cli.py,
@@ -38,7 +38,7 @@ class ProducerConfig:
     index_url: str | None = None  # server backend: http://qdrant:6333
     # server backend: the Qdrant alias the student searches. One alias per served model
     # (`vlmrec index build --alias`), so a reconfigure swaps model and index together (docs/DEPLOY.md,
-    # rolling out a new model). The siblings search items_<name> (serving/sources.py).
+    # rolling out a new model). The siblings search items_<name> (serving/loading.py).
     index_alias: str = "items"
     producer: str = "student"  # the producer a request that names none gets (one of PRODUCERS)
     # Sibling producers, same request and response. Each may be absent (no export or index): the replica

@@ -87,7 +87,6 @@ from serving.guard import invalid
 from serving.mixer import MixError, blend, resolve_quotas
 from serving.parquet_log import PartitionedLog
 from serving.pipeline import Pipeline
-from serving.sources import index_config  # noqa: F401  (re-exported: the search settings a replica uses)
 from serving.state import State, load_state, readiness
 from vlmrec.lease import Current
 

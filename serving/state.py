@@ -17,9 +17,10 @@ from index.search import Index
 from serving.calls import Deps, describe
 from serving.config import ProducerConfig
 from serving.experiments import Arm, Experiment, default_traffic_keys
+from serving.loading import load_sources
 from serving.mixer import read_mix_weights
 from serving.online import open_online, read_sequences
-from serving.sources import ModelSource, Source, load_sources
+from serving.sources import ModelSource, Source
 
 log = logging.getLogger("ray.serve")
 
@@ -95,7 +96,7 @@ class State:
 
 
 def load_state(config: ProducerConfig) -> State:
-    """Load every producer (serving/sources.py: the default one must load, siblings may be missing), open
+    """Load every producer (serving/loading.py: the default one must load, siblings may be missing), open
     the feature store. Refuses a model index built from another teacher's vectors, of another dimension,
     or with the wrong distance."""
     sources, missing = load_sources(config)

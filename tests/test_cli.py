@@ -116,7 +116,7 @@ def test_serve_checks_the_files_of_the_producers_that_must_load_and_that_export_
     import json
 
     from serving.config import ProducerConfig
-    from serving.sources import check_sources
+    from serving.loading import check_sources
     from training.config import ModelConfig
 
     export, index = tmp_path / "runs" / "student" / "export", tmp_path / "index"

@@ -427,11 +427,11 @@ def test_run_name_and_alias_agree_across_training_index_serving_and_cron(overlay
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_producer_searches_an_index_some_job_builds_from_a_run_the_rayjob_trains(overlay):
     """Issue 19: in Kubernetes each producer with an index (student, sasrec, similar) finds its alias: the
-    Producer's search settings (serving/sources.py) against what the index Job's builds write (index/cli.py),
+    Producer's search settings (serving/loading.py) against what the index Job's builds write (index/cli.py),
     and each model index's vectors come from a run the training RayJob exports."""
     from index.cli import EXPORT_NAME, config_from_args
     from serving.config import PRODUCERS, ProducerConfig
-    from serving.sources import index_config
+    from serving.loading import index_config
     from vlmrec.workspace import Workspace
 
     docs = render(overlay)

@@ -904,7 +904,7 @@ def test_cli_defaults_and_the_edge_environment(monkeypatch):
 def test_server_backend_searches_the_configured_alias(monkeypatch):
     """One alias per served model (k8s: user_config index_alias), the api key from the environment only."""
     from index.config import IndexConfig
-    from serving.producer import index_config
+    from serving.loading import index_config
 
     monkeypatch.setenv("QDRANT_API_KEY", "k")
     cfg = ProducerConfig(index_backend="server", index_url="http://q:6333", index_alias="items-student-2")

@@ -616,7 +616,7 @@ def test_index_build_refuses_vectors_of_another_teacher(tmp_path, capsys):
 
 
 def test_producer_refuses_an_export_whose_files_disagree(tmp_path):
-    from serving.sources import check_export_teacher
+    from serving.loading import check_export_teacher
 
     (tmp_path / "run.json").write_text(json.dumps({"teacher_id": "minilm:a@1"}))
     vectors = pd.DataFrame({"item_id": [1, 2], "vector": [[1.0, 0.0]] * 2, "teacher_id": "minilm:a@1"})
