@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from index.config import IndexConfig, named_alias
 from index.search import Index, open_index
-from index.store import read_current
+from index.store import VersionInfo, read_current
 from serving.config import PRODUCERS, ProducerConfig
 from serving.experiments import Experiment, default_traffic_keys
 from serving.sources import ModelSource, PopularItem, PopularSource, SimilarSource, Source
@@ -125,11 +125,48 @@ def check_pair(export: Path, run: str, run_info: dict, model_cfg: ModelConfig, v
         )
 
 
+def train_command(cfg: ProducerConfig, run: str) -> str:
+    return f"vlmrec train --workdir {cfg.workspace.root} --name {run}"
+
+
+def load_model(export: Path, command: str) -> SeqRec:
+    """The export's model. ValueError naming its folder (and `command`, which makes it) when it does not
+    load: a truncated or corrupt weights file, tensors that do not fit its config, a config not JSON."""
+    from safetensors import SafetensorError
+
+    folder = export / "model"
+    try:
+        return SeqRec.from_pretrained(folder)
+    except (SafetensorError, RuntimeError, ValueError, KeyError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"the model at {folder} does not load ({type(exc).__name__}: {first}): run `{command}`"
+        ) from exc
+
+
+def server_version(cfg: ProducerConfig, name: str | None) -> VersionInfo:
+    """The version a server alias names now (the student's cfg.index_alias, else items_<name>), read and
+    the client closed. ValueError naming the url when no Qdrant server answers there."""
+    from qdrant_client.http.exceptions import ApiException
+    from urllib3.exceptions import LocationValueError
+
+    try:
+        index = _open(cfg, Path(), name)
+    except (ApiException, LocationValueError) as exc:
+        raise ValueError(
+            f"no Qdrant server answers at {cfg.index_url} (--index-url, or QDRANT_URL): {exc}"
+        ) from exc
+    try:
+        return index.info
+    finally:
+        index.close()
+
+
 def load_model_source(name: str, run: str, export: Path, index: Index, cfg: ProducerConfig) -> ModelSource:
     """A SeqRec export + an open index, checked against each other. Closes nothing: the caller owns index."""
     run_info = json.loads((export / "run.json").read_text())
     check_export_teacher(export, run_info)
-    model = SeqRec.from_pretrained(export / "model").serving()
+    model = load_model(export, train_command(cfg, run)).serving()
     check_pair(export, run, run_info, model.cfg, index)
     digest = hashlib.sha256((export / "model" / WEIGHTS_FILE).read_bytes()).hexdigest()
     fallback = read_popular(export, cfg.workspace.items, export / "item_vectors.parquet")
@@ -175,26 +212,28 @@ class _ModelRun:
     def files(self, cfg: ProducerConfig) -> list[tuple[Path, str, str]]:
         """(path, what, the command that builds it) of each file loading needs."""
         ws = cfg.workspace
-        train = f"vlmrec train --workdir {ws.root} --name {self.run}"
+        train = train_command(cfg, self.run)
         build = f"vlmrec index build --workdir {ws.root}" + (f" --run {self.run}" if self.index_name else "")
         out = [
             (self.export / "run.json", f"{self.producer} export", train),
             (self.export / "model" / CONFIG_FILE, f"{self.producer} model", train),
+            (self.export / "model" / WEIGHTS_FILE, f"{self.producer} model weights", train),
         ]
         if cfg.index_backend == "edge":
             out.append((self.folder / "CURRENT", f"{self.producer} index", build))
         return out
 
     def check(self, cfg: ProducerConfig) -> None:
-        """Its files found: the export and (Edge) the index's current version agree, read from their JSON
-        (what load_model_source checks on the loaded model and the open index)."""
+        """Its files found: the model loads, and it and the index's current version (Edge: the folder's
+        CURRENT; a server: what its alias names) agree, as load_model_source checks them in the replica."""
         run_info = json.loads((self.export / "run.json").read_text())
         check_export_teacher(self.export, run_info)
+        model = load_model(self.export, train_command(cfg, self.run))
         if cfg.index_backend == "edge":
-            model_cfg = ModelConfig.from_dict(
-                json.loads((self.export / "model" / CONFIG_FILE).read_text())["model"]
-            )
-            check_pair(self.export, self.run, run_info, model_cfg, read_current(self.folder))
+            version = read_current(self.folder)
+        else:
+            version = server_version(cfg, self.index_name)
+        check_pair(self.export, self.run, run_info, model.cfg, version)
 
 
 def _model_runs(cfg: ProducerConfig, experiment: Experiment | None) -> dict[str, _ModelRun]:
@@ -229,9 +268,9 @@ def _files(cfg: ProducerConfig, key: str, runs: dict[str, _ModelRun]) -> list[tu
 
 def check_sources(cfg: ProducerConfig) -> None:
     """Every file the producers that must load (the default one, a producer experiment's arms) need is
-    there (else FileNotFoundError naming it and the command that builds it), and each model's export and
-    index agree (else ValueError): what `vlmrec serve` checks before it deploys, so a wrong workdir, run or
-    index is its error line, not a replica's failure in Serve's logs."""
+    there (else FileNotFoundError naming it and the command that builds it), each model loads and agrees
+    with its index, and a server answers (else ValueError): what `vlmrec serve` checks before it deploys, so
+    a wrong workdir, run, file or index is its error line, not a replica's failure in Serve's logs."""
     experiment = Experiment.from_dict(cfg.experiment) if cfg.experiment else None
     runs = _model_runs(cfg, experiment)
     for key in default_traffic_keys(cfg.producer, experiment):
@@ -239,6 +278,8 @@ def check_sources(cfg: ProducerConfig) -> None:
             _require(path, what, command)
         if key in runs:
             runs[key].check(cfg)
+        elif key == "similar" and cfg.index_backend == "server":
+            server_version(cfg, "teacher")
 
 
 def load_sources(cfg: ProducerConfig) -> tuple[dict[str, Source], dict[str, str]]:

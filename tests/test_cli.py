@@ -99,6 +99,8 @@ def test_serve_names_what_is_missing_before_it_starts_anything(tmp_path, capsys,
     assert "no student model" in error()
     (export / "model").mkdir()
     (export / "model" / "config.json").write_text("{}")
+    assert "no student model weights" in error()
+    (export / "model" / "model.safetensors").write_bytes(b"")
     assert f"no student index at {tmp_path / 'index' / 'CURRENT'}: run `vlmrec index build" in error()
     assert "--replicas must be >= 1, got 0" in error("--replicas", "0")
     assert "--port must be in 1..65535, got 70000" in error("--port", "70000")
@@ -111,19 +113,22 @@ def test_serve_names_what_is_missing_before_it_starts_anything(tmp_path, capsys,
 
 
 def test_serve_checks_the_files_of_the_producers_that_must_load_and_that_export_and_index_agree(tmp_path):
-    """check_sources: the default producer's files and an experiment's arms', not a sibling's; the export's
-    run.json and model config against the index's CURRENT (teacher, dimension, distance), from their JSON."""
+    """check_sources: the default producer's files and an experiment's arms', not a sibling's; the model
+    loads (a truncated weights file is named); the export's run.json and model against the index's CURRENT
+    (teacher, dimension, distance)."""
     import json
+
+    import torch
 
     from serving.config import ProducerConfig
     from serving.loading import check_sources
     from training.config import ModelConfig
+    from training.model import WEIGHTS_FILE, SeqRec
 
     export, index = tmp_path / "runs" / "student" / "export", tmp_path / "index"
-    (export / "model").mkdir(parents=True)
+    export.mkdir(parents=True)
     (export / "run.json").write_text(json.dumps({"teacher_id": "minilm:x"}))
-    model = ModelConfig(n_items=5, teacher_dim=8)
-    (export / "model" / "config.json").write_text(json.dumps({"model": model.to_dict()}))
+    SeqRec(ModelConfig(n_items=5, teacher_dim=8), teacher=torch.randn(6, 8)).save_pretrained(export / "model")
     index.mkdir()
     version = {"version": "v1", "teacher_id": "minilm:x", "dim": 8, "count": 5, "created": "2026-12-04"}
 
@@ -143,6 +148,19 @@ def test_serve_checks_the_files_of_the_producers_that_must_load_and_that_export_
     with pytest.raises(FileNotFoundError, match="no sasrec export"):
         check_sources(ProducerConfig(workdir=str(tmp_path), producer="sasrec"))
     check()  # agreeing again
+    weights = export / "model" / WEIGHTS_FILE
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(
+        ValueError,
+        match=r"the model at .*model does not load \(SafetensorError: .*: run `vlmrec train --workdir",
+    ):
+        check()
+    weights.write_bytes(whole)
+    with pytest.raises(ValueError, match="no Qdrant server answers at http://127.0.0.1:9 "):
+        check_sources(
+            ProducerConfig(workdir=str(tmp_path), index_backend="server", index_url="http://127.0.0.1:9")
+        )
     arms = [
         {"name": "control", "producer": "student", "share": 0.5},
         {"name": "b", "producer": "student", "run": "student-b", "share": 0.5},
