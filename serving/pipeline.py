@@ -7,16 +7,18 @@ forward, search, fallbacks) for its rows, all producers at once, then one respon
     answer = await pipeline.candidates(request)   # the same, coalesced with concurrent single requests
 
 Concurrent single requests are coalesced (`Coalescer`) into one answer() call: one feature read, one forward
-and one batched search per producer. A request waits only while an earlier batch is running, and at most
-`max_wait_ms` (a bound for a batch held up by a slow dependency); a batch leaves at once when it holds
-`max_batch` requests. Under load, batches grow with it: what arrives while one batch runs goes next, together.
+and one batched search per producer. A request waits only while an earlier batch of its own producer is
+running, and at most `max_wait_ms` (a bound for a batch held up by a slow dependency); a batch leaves at once
+when it holds `max_batch` requests, and takes every waiting request, of any producer. Under load, batches
+grow with it: what arrives while one batch runs goes next, together. A batch held up by one producer's slow
+index holds no other producer's request (a stuck dependency costs only its own requests).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Generic, TypeVar
 
@@ -35,7 +37,8 @@ R = TypeVar("R")
 class Coalescer(Generic[T, R]):
     """Single calls made concurrently -> one call of `run` on their list. Each caller gets exactly its own
     answer (or the batch's exception); a caller that gives up (cancelled, timed out) leaves the batch running
-    for the others and is skipped if it had not started yet."""
+    for the others and is skipped if it had not started yet. A call waits only behind a running batch that
+    holds a call of its own `key` (default: every call one key), at most max_wait_s."""
 
     def __init__(
         self,
@@ -43,18 +46,24 @@ class Coalescer(Generic[T, R]):
         max_batch: int,
         max_wait_s: float,
         on_batch: Callable[[int], None] | None = None,
+        key: Callable[[T], Hashable] = lambda item: None,
     ) -> None:
-        self._run, self.max_batch, self.max_wait_s = run, max_batch, max_wait_s
+        self._run, self.max_batch, self.max_wait_s, self._key = run, max_batch, max_wait_s, key
         self._on_batch = on_batch or (lambda n: None)
         self._pending: list[tuple[T, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, frozenset] = {}  # each running batch: the keys of its calls
+
+    def _waits(self, item: T) -> bool:
+        """Whether a running batch holds a call of item's key."""
+        k = self._key(item)
+        return any(k in keys for keys in self._running.values())
 
     async def submit(self, item: T) -> R:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut))
-        if not self._running or len(self._pending) >= self.max_batch:
-            self._flush()  # nothing to wait for (no batch running), or a full batch
+        if not self._waits(item) or len(self._pending) >= self.max_batch:
+            self._flush()  # nothing of its own to wait for, or a full batch
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._flush)
         return await fut
@@ -68,12 +77,12 @@ class Coalescer(Generic[T, R]):
             del self._pending[: self.max_batch]
             if batch:
                 task = asyncio.get_running_loop().create_task(self._answer(batch))
-                self._running.add(task)
+                self._running[task] = frozenset(self._key(i) for i, _ in batch)
                 task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        if self._pending and not self._running:
+        self._running.pop(task, None)
+        if self._pending and not all(self._waits(i) for i, _ in self._pending):
             self._flush()  # what waited for this batch goes now
 
     async def _answer(self, batch: list[tuple[T, asyncio.Future]]) -> None:
@@ -102,7 +111,7 @@ class Pipeline:
     ):
         self.current, self.deps = current, deps
         self.coalescer: Coalescer[CandidatesRequest, dict | Exception] = Coalescer(
-            self._rows, max_batch, max_wait_ms / 1e3, deps.metrics.batch
+            self._rows, max_batch, max_wait_ms / 1e3, deps.metrics.batch, key=lambda r: r.producer
         )
 
     async def candidates(self, request: CandidatesRequest) -> dict | Unavailable:

@@ -77,6 +77,27 @@ def test_a_full_batch_leaves_at_once_and_the_wait_is_bounded():
     asyncio.run(main())
 
 
+def test_a_call_waits_only_behind_a_running_batch_of_its_own_key():
+    """One producer's batch held up (its index slow) holds no other producer's call: a call of another key
+    leaves at once and takes the waiting calls of every key along; a call of the held key waits."""
+
+    async def main():
+        run = Recorder()
+        run.gate = asyncio.Event()
+        co = Coalescer(run, max_batch=8, max_wait_s=10.0, key=lambda i: "odd" if i % 2 else "even")
+        held = asyncio.ensure_future(co.submit(1))  # an "odd" batch that does not finish by itself
+        await asyncio.sleep(0)
+        same = asyncio.ensure_future(co.submit(3))
+        await asyncio.sleep(0.01)
+        assert run.batches == [[1]]  # 3 waits behind the running odd batch
+        run.gate = None  # the batches from here on finish at once
+        other = await asyncio.wait_for(co.submit(2), 1.0)  # even: nothing of its own runs
+        assert other == 20 and run.batches == [[1], [3, 2]]  # it left at once, 3 along with it
+        assert await same == 30 and not held.done()
+
+    asyncio.run(main())
+
+
 def test_a_caller_that_gives_up_or_fails_does_not_poison_the_batch():
     async def main():
         run = Recorder()
