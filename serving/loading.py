@@ -6,8 +6,9 @@
 Each producer's files come from one table (`_files`): a model export (runs/<run>/export), its index (Edge:
 the folder's CURRENT), the teacher index, the events table. A missing one is named with the command that
 builds it; an export and an index that do not agree (teacher, dimension, distance) are refused by one
-check (`check_pair`), on their JSON before Ray starts and on the loaded model and the open index in the
-replica. The default producer must load; a sibling that does not is named in `missing`.
+check (`check_pair`), on the model and the index's version before Ray starts and on the loaded model and the
+open index in the replica. The default producer must load; a sibling that does not is named in `missing`.
+The Mixer's default weights (`read_mix_weights`: <workdir>/mix.json, what `vlmrec tune-mix` chose) load here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -192,6 +194,24 @@ def load_popular(cfg: ProducerConfig) -> PopularSource:
     h = hashlib.sha256(ws.events.read_bytes())
     h.update(f"{cfg.popular_half_life_days}|{cfg.popular_until}".encode())
     return PopularSource(with_metadata(rows, ws.items, None), f"popular@{h.hexdigest()[:12]}")
+
+
+def read_mix_weights(path: Path) -> dict[str, float] | None:
+    """The default weights `vlmrec tune-mix` chose on validation (<workdir>/mix.json), None when absent.
+    A file that is not such weights is an error naming it (a replica must not serve a guessed blend)."""
+    if not path.exists():
+        return None
+    try:
+        weights = json.loads(path.read_text())["weights"]
+        clean = {str(p): float(w) for p, w in weights.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(
+            f"{path}: not a mix file with 'weights' ({exc!r}); re-run `vlmrec tune-mix`"
+        ) from None
+    unknown = sorted(set(clean) - set(PRODUCERS))
+    if unknown or not all(math.isfinite(w) and w >= 0 for w in clean.values()) or sum(clean.values()) <= 0:
+        raise ValueError(f"{path}: weights must be >= 0 over {PRODUCERS}, not all 0; got {weights}")
+    return clean
 
 
 def _require(path: Path, what: str, command: str) -> None:

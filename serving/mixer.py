@@ -14,11 +14,9 @@ states the contract; the arithmetic is deterministic, so the same answers always
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serving.api import CandidatesRequest, MixRequest
@@ -154,24 +152,6 @@ def placements(
             taken[best] += 1
             out.append((h[j][0], order[best]))
     return out, dict(zip(order, taken, strict=True))
-
-
-def read_mix_weights(path: Path) -> dict[str, float] | None:
-    """The default weights `vlmrec tune-mix` chose on validation (<workdir>/mix.json), None when absent.
-    A file that is not such weights is an error naming it (a replica must not serve a guessed blend)."""
-    if not path.exists():
-        return None
-    try:
-        weights = json.loads(path.read_text())["weights"]
-        clean = {str(p): float(w) for p, w in weights.items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(
-            f"{path}: not a mix file with 'weights' ({exc!r}); re-run `vlmrec tune-mix`"
-        ) from None
-    unknown = sorted(set(clean) - set(PRODUCERS))
-    if unknown or not all(math.isfinite(w) and w >= 0 for w in clean.values()) or sum(clean.values()) <= 0:
-        raise ValueError(f"{path}: weights must be >= 0 over {PRODUCERS}, not all 0; got {weights}")
-    return clean
 
 
 async def blend(

@@ -17,8 +17,7 @@ from index.search import Index
 from serving.calls import Deps, describe
 from serving.config import ProducerConfig
 from serving.experiments import Arm, Experiment, default_traffic_keys
-from serving.loading import load_sources
-from serving.mixer import read_mix_weights
+from serving.loading import load_sources, read_mix_weights
 from serving.online import open_online, read_sequences
 from serving.sources import ModelSource, Source
 

@@ -222,7 +222,7 @@ def test_evaluate_writes_reports(trained):
 
 
 def test_tune_mix_writes_the_weights_the_producer_reads(trained):
-    from serving.mixer import read_mix_weights
+    from serving.loading import read_mix_weights
     from serving.tune_mix import MixTuneConfig, tune
 
     ws, _ = trained

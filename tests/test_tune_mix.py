@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from serving.config import ProducerConfig
-from serving.mixer import read_mix_weights, resolve_quotas
+from serving.loading import read_mix_weights
+from serving.mixer import resolve_quotas
 from serving.tune_mix import (
     MixTuneConfig,
     binomial_cdf,
