@@ -59,7 +59,8 @@ class ProducerConfig:
     mix_file: str | None = None
     default_k: int = 100  # candidates when a request gives no k
     # Coalescing (serving/pipeline.py): concurrent single /v1/candidates requests answered together, one
-    # feature read, forward and search; a request waits only while an earlier batch runs, at most max_wait_ms.
+    # feature read, forward and search; a request waits only while an earlier batch of its own producer runs,
+    # at most max_wait_ms.
     # The bound is for a batch held up by a slow dependency, not the usual wait: under load the requests that
     # wait for the running batch leave together when it ends (batches grow with the load); a few ms split
     # them into small batches that ran at once and queued for the same model thread and cores instead
@@ -248,10 +249,18 @@ class ProducerConfig:
         return cls(**d)
 
 
+def utc(ts: datetime) -> datetime:
+    """The time in UTC (a naive time is taken as UTC); ValueError for one UTC cannot hold (an offset at
+    either end of the calendar: 0001-01-01T00:00+01:00 falls off it)."""
+    try:
+        return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{ts.isoformat()} is out of the range of times in UTC") from None
+
+
 def _utc(value: str, name: str = "popular_until") -> datetime:
     """An ISO 8601 time (naive = UTC)."""
     try:
-        ts = datetime.fromisoformat(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an ISO 8601 time, got {value!r}") from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        return utc(datetime.fromisoformat(value))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be an ISO 8601 time in UTC's range, got {value!r} ({exc})") from None

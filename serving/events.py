@@ -39,6 +39,7 @@ from typing import NamedTuple
 import pyarrow as pa
 
 from serving.calls import Deps, Unavailable, describe, ms_since
+from serving.config import utc
 from serving.guard import invalid
 from serving.online import online_lock
 from serving.parquet_log import PartitionedLog
@@ -75,11 +76,6 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError)
 
 
-def utc(ts: datetime) -> datetime:
-    """A naive time is taken as UTC."""
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
 def to_us(ts: datetime) -> int:
     """UTC microseconds since the epoch (what click_times holds)."""
     return (utc(ts) - datetime(1970, 1, 1, tzinfo=UTC)) // ONE_US
@@ -91,7 +87,7 @@ def from_us(us: int) -> datetime:
 
 def check_event_time(ts: datetime, earliest: datetime, max_future_s: float, now: datetime) -> datetime:
     """The click's time in UTC, or ValueError saying which bound it breaks: not before `earliest` (the
-    deployment's epoch), not more than `max_future_s` ahead of `now` (clock skew)."""
+    deployment's epoch), not more than `max_future_s` ahead of `now` (clock skew), one UTC can hold."""
     ts = utc(ts)
     if ts < earliest:
         raise ValueError(f"{ts.isoformat()} is before the earliest accepted time {earliest.isoformat()}")

@@ -869,6 +869,8 @@ def test_config_is_validated():
         ProducerConfig(producer="student-b")
     with pytest.raises(ValueError, match="popular_until"):
         ProducerConfig(popular_until="last tuesday")
+    with pytest.raises(ValueError, match="scoring_time .* out of the range of times in UTC"):
+        ProducerConfig(scoring_time="0001-01-01T00:00:00+01:00")  # a valid ISO time UTC cannot hold
     with pytest.raises(ValueError, match="mix_budget_ms"):
         ProducerConfig(mix_budget_ms=0)
     with pytest.raises(ValueError, match="vector_cache"):

@@ -11,7 +11,7 @@ import random
 import shutil
 import threading
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pandas as pd
 import pytest
@@ -95,6 +95,8 @@ def test_event_time_bounds():
         (datetime(1, 1, 1, tzinfo=UTC), "before the earliest"),
         (datetime(9999, 12, 31, tzinfo=UTC), "in the future"),
         (NOW + timedelta(seconds=301), "in the future"),
+        (datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1))), "out of the range of times in UTC"),
+        (datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5))), "out of the range of times"),
     ):
         with pytest.raises(ValueError, match=why):
             check_event_time(bad, earliest, 300, NOW)
