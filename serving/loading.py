@@ -109,8 +109,9 @@ def check_export_teacher(export: Path, run_info: dict) -> None:
 
 
 def check_pair(export: Path, run: str, run_info: dict, model_cfg: ModelConfig, version) -> None:
-    """An export and the index version it is served with (an open Index, or the VersionInfo an Edge folder's
-    CURRENT holds: the same fields) agree: the same teacher, dimension and distance."""
+    """An export and the index version it is served with (an open Index, or a VersionInfo with the same
+    fields: an Edge folder's CURRENT, what a server alias names) agree: the same teacher, dimension and
+    distance."""
     if version.teacher_id != run_info.get("teacher_id"):
         raise ValueError(
             f"teacher mismatch: the export {export} was trained on {run_info.get('teacher_id')!r} but "
