@@ -298,7 +298,15 @@ class EdgeIndex(Index):
             except FileNotFoundError:  # the version was pruned after we read CURRENT: read it again
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
-            shard = EdgeShard.load(str(folder / "shard"))
+            try:
+                shard = EdgeShard.load(str(folder / "shard"))
+            except Exception as exc:  # a truncated or corrupt version: Edge raises a bare Exception
+                shutil.rmtree(folder, ignore_errors=True)
+                first = (str(exc).strip().splitlines() or [""])[0]
+                raise ValueError(
+                    f"the index version {info.version} at {self.layout.shard(info.version)} does not open "
+                    f"({type(exc).__name__}: {first}): run `vlmrec index build` again"
+                ) from exc
             try:
                 for t in tables:
                     edge_upsert(shard, t, self.config.batch_size)

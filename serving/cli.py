@@ -98,7 +98,8 @@ def deploy(applied: dict, timeout_s: float = 600.0) -> None:
     and KubeRay send to the dashboard) and wait until the application runs. Declarative, so a config that
     changes only user_config (or num_replicas) is applied in place: Serve calls Producer.reconfigure() on
     each live replica, which loads the new state beside the old one and swaps it; no replica restarts and
-    no request fails. Raises RuntimeError when the deployment fails (the message is Serve's)."""
+    no request fails. NotDeployed (a ValueError: the CLI's error line) when the application fails, with what
+    failed in the replica (a corrupt index, a store that does not open); Serve's log holds the traceback."""
     from ray import serve
     from ray.serve.context import _get_global_client  # the client `serve deploy`'s REST handler uses
     from ray.serve.schema import ServeDeploySchema
@@ -107,7 +108,28 @@ def deploy(applied: dict, timeout_s: float = 600.0) -> None:
     serve.start(http_options=applied["http_options"])
     client = _get_global_client()
     client.deploy_apps(schema)
-    client._wait_for_application_running(APP_NAME, timeout_s=int(timeout_s))
+    try:
+        client._wait_for_application_running(APP_NAME, timeout_s=int(timeout_s))
+    except RuntimeError as exc:
+        raise NotDeployed(f"the Producer did not start: {replica_error(str(exc))}") from None
+
+
+class NotDeployed(ValueError):
+    """The application did not reach RUNNING."""
+
+
+def replica_error(fallback: str) -> str:
+    """The last line of each failed deployment's message (Serve's: the replica's traceback, whose last line
+    is the exception), else `fallback`."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    lines = [
+        (d.message.strip().splitlines() or [""])[-1]
+        for d in (app.deployments.values() if app else ())
+        if d.message and d.status.value in ("DEPLOY_FAILED", "UNHEALTHY")
+    ]
+    return "; ".join(lines) or fallback
 
 
 def write_serve_config(applied: dict, path: Path) -> None:

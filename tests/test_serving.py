@@ -361,6 +361,32 @@ def test_mixer_arms_choose_the_default_blend_of_each_users_mix(world, http):
         start(world.config, port=port)
 
 
+def test_a_replica_that_cannot_load_its_index_is_an_error_naming_the_version(world, http, tmp_path):
+    """A replica that fails where `vlmrec serve`'s preflight does not look (here the student's Edge version
+    is corrupt: its files are there, they do not open) ends `start` (vlmrec serve; vlmrec refresh's local
+    swap) in NotDeployed, a ValueError with the replica's own error (the CLI's error line), not Serve's
+    "Failed to update the deployments"; the replica leaves no copy of the version behind. Then the good
+    config deploys again and serves."""
+    from serving.cli import NotDeployed, start
+
+    bad = tmp_path / "index"
+    shutil.copytree(world.ws.index, bad, ignore=shutil.ignore_patterns("replicas"))
+    broken = list((bad / "versions").glob("*/shard/segments/*/version.info"))
+    assert broken
+    for f in broken:
+        f.write_text("")
+    version = json.loads((bad / "CURRENT").read_text())["version"]
+    port = http.base_url.port
+    try:
+        with pytest.raises(NotDeployed, match=f"the Producer did not start: ValueError: the index version "
+                           f"{version} at {bad}/versions/{version}/shard does not open"):  # fmt: skip
+            start(replace(world.config, index_dir=str(bad)), port=port)
+        assert not any((bad / "replicas").iterdir())
+    finally:
+        start(world.config, port=port)
+    assert ids_of(http.post("/v1/candidates", json={"user_id": USERS[0], "k": 5}).json())
+
+
 def test_an_experiment_arm_that_cannot_load_is_a_bad_config(world):
     bad = {"name": "x", "arms": [{"name": "a", "producer": "student", "run": "no-such-run", "share": 1.0}]}
     with pytest.raises(FileNotFoundError, match="no-such-run"):
