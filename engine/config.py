@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from typing import Any, Literal, Self, get_args
@@ -57,9 +59,13 @@ class _Config:
         return cls(**{**values, **override})
 
 
-def at_least(cfg: _Config, low: float, *names: str, strictly: bool = False) -> None:
-    """ValueError naming the first field of `names` below `low` (strictly: not above it)."""
+def at_least(cfg: object, low: float, *names: str, strictly: bool = False) -> None:
+    """ValueError naming the first field of `names` below `low` (strictly: not above it), or not a finite
+    number (NaN passes every comparison, and no setting here means anything at infinity)."""
     for name in names:
         value = getattr(cfg, name)
+        op = ">" if strictly else ">="
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number {op} {low}, got {value!r}")
         if value < low or (strictly and value == low):
-            raise ValueError(f"{name} must be {'>' if strictly else '>='} {low}, got {value}")
+            raise ValueError(f"{name} must be {op} {low}, got {value}")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine.config import at_least
 from index.config import BACKENDS, IndexConfig
 from vlmrec.workspace import DEFAULT_WORKDIR, TEACHER_INDEX, Workspace, check_name
 
@@ -132,8 +133,6 @@ class ProducerConfig:
         if self.scoring_time is not None:
             _utc(self.scoring_time, "scoring_time")
         _utc(self.event_min_time, "event_min_time")
-        if self.event_max_future_s < 0:
-            raise ValueError(f"event_max_future_s must be >= 0, got {self.event_max_future_s}")
         if not 1 <= self.max_k <= API_MAX_K:
             raise ValueError(f"max_k must be in 1..{API_MAX_K}, got {self.max_k}")
         if not 1 <= self.default_k <= self.max_k:
@@ -156,20 +155,13 @@ class ProducerConfig:
                 raise ValueError(f"{name} must be in 1..256, got {getattr(self, name)}")
         if not 0 <= self.vector_cache <= 100_000_000:
             raise ValueError(f"vector_cache must be in 0..100000000 (0 = off), got {self.vector_cache}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.sequence_len is not None and self.sequence_len < 1:
             raise ValueError(f"sequence_len must be >= 1 or None, got {self.sequence_len}")
-        for name in (
-            "feature_timeout_s",
-            "search_timeout_s",
-            "event_timeout_s",
-            "refresh_interval_s",
-            "popular_half_life_days",
-            "mix_budget_ms",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        at_least(self, 0, "max_wait_ms", "event_max_future_s")
+        at_least(
+            self, 0, "feature_timeout_s", "search_timeout_s", "event_timeout_s", "refresh_interval_s",
+            "popular_half_life_days", "mix_budget_ms", strictly=True,
+        )  # fmt: skip
 
     @property
     def workspace(self) -> Workspace:

@@ -41,6 +41,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
+from engine.config import at_least
 from serving.config import PRODUCERS
 from serving.mixer import apportion, placements
 from serving.sources import last_distinct
@@ -77,6 +78,13 @@ class MixTuneConfig(SplitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        at_least(self, 1, "k", "similar_last_n")
+        at_least(self, 0, "popular_half_life_days", strictly=True)
+        if not 0 <= self.cold_floor <= 1:
+            raise ValueError(f"cold_floor must be in [0, 1], got {self.cold_floor}")
+        for name in ("cold_alpha", "blend_alpha"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for field in ("student_run", "sasrec_run", "backtest_student_run", "backtest_sasrec_run"):
             if getattr(self, field) is not None:
                 check_name(getattr(self, field), field)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import at_least
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -45,6 +47,10 @@ class ImageTowerConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
+        at_least(self, 1, "out_dim", "image_height", "image_width", "patch_size", "hidden_size", "num_layers",
+                 "num_heads")  # fmt: skip
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.image_height % self.patch_size or self.image_width % self.patch_size:
             raise ValueError(
                 f"image size {self.image_height}x{self.image_width} is not a multiple of patch {self.patch_size}"

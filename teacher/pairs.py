@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from engine.config import at_least
 from vlmrec.split import SplitConfig, held_out_items, learnable_events
 
 CO, IMAGE_TITLE = 0, 1
@@ -36,8 +37,9 @@ class PairConfig(SplitConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.window_s <= 0 or self.max_gap < 1 or self.max_pairs < 0:
-            raise ValueError("window_s and max_gap must be positive, max_pairs >= 0")
+        at_least(self, 0, "window_s", strictly=True)
+        at_least(self, 1, "max_gap")
+        at_least(self, 0, "max_pairs")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in (0, 1), got {self.valid_fraction}")
 

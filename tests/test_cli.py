@@ -178,6 +178,9 @@ def test_serve_checks_the_files_of_the_producers_that_must_load_and_that_export_
         (["--batch-size", "-1"], "batch_size must be >= 1, got -1"),
         (["--patience", "0"], "patience must be >= 1, got 0"),
         (["--lr", "0"], "lr must be > 0, got 0.0"),
+        (["--lr", "nan"], "lr must be a finite number > 0, got nan"),  # NaN passes every comparison
+        (["--weight-decay", "inf"], "weight_decay must be a finite number >= 0, got inf"),
+        (["--fusion-weight", "nan"], "fusion_weight must be a finite number >= 0, got nan"),
         (["--grad-clip", "-1"], "grad_clip must be >= 0, got -1.0"),
         (["--d-model", "0"], "d_model must be >= 1, got 0"),
         (["--n-heads", "0"], "n_heads must be >= 1, got 0"),
@@ -200,10 +203,41 @@ def test_train_refuses_a_bad_setting_by_name_before_it_starts(flags, message, tm
 
 
 @pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["tune", "--lr", "nan"], "lr must be a finite number > 0, got nan"),
+        (["tune", "--logit-lr", "nan"], "logit_lr must be a finite number >= 0, got nan"),
+        (["tune", "--lora-rank", "0"], "lora_rank must be >= 1, got 0"),
+        (["tune", "--lora-dropout", "1"], "lora_dropout must be in [0, 1), got 1.0"),
+        (["tune", "--window-s", "nan"], "window_s must be a finite number > 0, got nan"),
+        (["tune", "--method", "lit", "--pairs", "image-title", "--lit-dropout", "1"],
+         "dropout must be in [0, 1), got 1.0"),
+        (["tune-mix", "--k", "0"], "k must be >= 1, got 0"),
+        (["tune-mix", "--cold-floor", "2"], "cold_floor must be in [0, 1], got 2.0"),
+        (["tune-mix", "--blend-alpha", "nan"], "blend_alpha must be in (0, 1], got nan"),
+        (["tune-mix", "--popular-half-life-days", "inf"],
+         "popular_half_life_days must be a finite number > 0, got inf"),
+        (["evaluate", "--sampled-negatives", "0"], "sampled_negatives must be >= 1, got 0"),
+        (["refresh", "--window-days", "nan"], "window_days must be a finite number > 0, got nan"),
+        (["refresh", "--timeout-s", "-1"], "timeout_s must be > 0, got -1.0"),
+        (["serve", "--mix-budget-ms", "nan"], "mix_budget_ms must be a finite number > 0, got nan"),
+    ],
+)  # fmt: skip
+def test_a_setting_no_run_can_take_is_refused_by_name_before_anything_starts(argv, message, tmp_path, capsys):
+    """What the configs hold of a stage's settings (a NaN or an infinity included: each passes `<` and
+    `<=` checks) is the CLI's error line, before data loads or Ray starts: not a worker's traceback, a hang,
+    or a silent result (tune-mix with --k 0 wrote a mix.json)."""
+    assert main([*argv, "--workdir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["tune", "--name", "a/b"],
         ["evaluate", "--runs", "../x"],
+        ["evaluate", "--name", "../x"],  # the report's folder under eval/
         ["tune-mix", "--student-run", "../x"],
         ["index", "build", "--run", "../x", "--vectors", "v.parquet"],
         ["serve", "--run", ".hidden"],

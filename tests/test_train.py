@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import engine
-from training import evaluate, train, validation
+from training import train, validation
 from training.data import ItemTable
 from training.model import SeqRec
 from training.popular import popular_items
@@ -207,11 +207,17 @@ def test_workers_get_the_arrays_from_the_object_store_not_the_loop_config(
     assert config["n_train"] == len(data.inputs)
 
 
-def test_evaluate_writes_reports(trained):
+def test_evaluate_writes_reports(trained, capsys):
+    """Through the CLI: its flags reach the report (--sampled-negatives was once read and dropped)."""
+    from vlmrec.cli import main
+
     ws, _ = trained
-    out, report = evaluate.evaluate(
-        str(ws.root), ["student"], SplitConfig(), ("full", "sampled"), n_negatives=20
-    )
+    argv = ["evaluate", "--workdir", str(ws.root), "--runs", "student", "--sampled-negatives", "20"]
+    assert main([*argv, "--name", "cli"]) == 0
+    out = ws.root / "eval" / "cli"
+    assert f"evaluate: wrote {out}" in capsys.readouterr().out
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["sampled_negatives"] == 20 and "20 sampled negatives" in (out / "metrics.md").read_text()
     assert {"popular", "knn", "student"} <= set(report["results"])
     for model in ("popular", "knn", "student"):
         micro = report["results"][model]["full"]["all"]["micro"]

@@ -64,9 +64,8 @@ class ModelConfig(_Config):
             raise ValueError("id_dropout drops the hybrid's id part: it needs use_id_embedding")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"id_dropout must be in [0, 1), got {self.id_dropout}")
-        if self.fusion_weight < 0 or self.fusion_last < 1:
-            raise ValueError("fusion_weight must be >= 0 and fusion_last >= 1")
-        at_least(self, 1, "d_model", "n_blocks", "n_heads", "adapter_hidden")
+        at_least(self, 0, "fusion_weight")
+        at_least(self, 1, "fusion_last", "d_model", "n_blocks", "n_heads", "adapter_hidden")
         at_least(self, 0, "whiten_eps", strictly=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")

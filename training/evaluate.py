@@ -40,7 +40,7 @@ from training.metrics import (
 )
 from training.model import SeqRec
 from vlmrec.split import SplitConfig, after_cut, held_out_items, launched_items, learnable_events
-from vlmrec.workspace import Workspace
+from vlmrec.workspace import Workspace, check_name
 
 # (histories (model indices), request times in days (Q,)) -> scores (Q, n + 1)
 Scorer = Callable[[list[np.ndarray], np.ndarray], torch.Tensor]
@@ -217,6 +217,10 @@ def evaluate(
     n_negatives: int = 100,
 ) -> tuple[Path, dict]:
     ws = Workspace(workdir)
+    if name is not None:
+        check_name(name, "name")
+    if "sampled" in protocols and n_negatives < 1:
+        raise ValueError(f"sampled_negatives must be >= 1, got {n_negatives}")
     exports = {run: ws.export(run) for run in runs}  # a missing run is named before the data loads
     data = load_eval_data(ws, split)
     known = data.targets > 0
@@ -332,7 +336,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[Path, dict]:
-    out, report = evaluate(args.workdir, args.runs, SplitConfig.from_args(args), args.protocols, args.name)
+    out, report = evaluate(
+        args.workdir,
+        args.runs,
+        SplitConfig.from_args(args),
+        args.protocols,
+        args.name,
+        args.sampled_negatives,
+    )
     print(markdown_table(report))
     print(f"evaluate: wrote {out}")
     return out, report

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from engine.config import _Config
+from engine.config import _Config, at_least
 from vlmrec.workspace import DEFAULT_WORKDIR, Workspace, check_name
 
 log = logging.getLogger("vlmrec.refresh")
@@ -56,8 +56,7 @@ class RefreshConfig(_Config):
     timeout_s: float = 600.0  # the swap: how long the new version may take to answer everywhere
 
     def __post_init__(self) -> None:
-        if self.window_days <= 0:
-            raise ValueError(f"window_days must be > 0, got {self.window_days}")
+        at_least(self, 0, "window_days", "timeout_s", strictly=True)
         if not 0 <= self.margin <= 1:
             raise ValueError(f"margin must be in [0, 1], got {self.margin}")
         if self.min_queries < 1:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from engine import EngineConfig
-from engine.config import _Config
+from engine.config import _Config, at_least
 from teacher.encoders import TeacherConfig, resolve_teacher
 from teacher.pairs import PairConfig
 from teacher.weights import require_cuda_for_4bit
@@ -56,10 +56,10 @@ class TuneConfig(_Config):
 
     def __post_init__(self) -> None:
         check_name(self.name, "name")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.max_length < 1:
-            raise ValueError("epochs >= 1, batch_size >= 2 (in-batch negatives), lr > 0, max_length >= 1")
-        if self.infonce_temperature <= 0 or self.logit_lr < 0 or self.random_negatives < 0:
-            raise ValueError("infonce_temperature must be > 0, logit_lr and random_negatives >= 0")
+        at_least(self, 1, "epochs", "max_length")
+        at_least(self, 2, "batch_size")  # in-batch negatives
+        at_least(self, 0, "lr", "infonce_temperature", strictly=True)
+        at_least(self, 0, "logit_lr", "random_negatives")
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,11 @@ class AdapterConfig(_Config):
     lora_dropout: float = 0.1
     target_modules: str = ""  # comma-separated module names; "" = DEFAULT_TARGETS[teacher]
     qlora: bool = False  # 4-bit NF4 base through bitsandbytes: CUDA only
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "lora_rank", "lora_alpha")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def targets(self, teacher: str) -> list[str]:
         return [t.strip() for t in (self.target_modules or DEFAULT_TARGETS[teacher]).split(",") if t.strip()]
