@@ -168,6 +168,7 @@ def run(args: argparse.Namespace) -> None:
                 f"index snapshot: {r.alias} -> {r.collection}: {r.created}; deleted {list(r.deleted) or 'none'}"
             )
         return
+    config = config_from_args(args)  # the settings are refused before any file is read
     ws = Workspace(args.workdir)
     name = index_name(args)
     index_dir = args.index_dir or (ws.named_index(name) if name else ws.index)
@@ -189,7 +190,6 @@ def run(args: argparse.Namespace) -> None:
             f"{v.seconds:.1f} s -> {v.location}\n  verify: {v.verify}\n  dropped: {list(v.dropped) or 'none'}"
         )
     else:
-        config = config_from_args(args)
         n = upsert_items(args.vectors, items, index_dir, config)
         where = index_dir if config.backend == "edge" else f"alias {config.alias}"
         print(f"index upsert: {n} items into the current version ({where})")

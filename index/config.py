@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
+from engine.config import at_least
+
 BACKENDS = ("edge", "server")
 DISTANCES = ("cosine", "dot")
 
@@ -95,6 +97,12 @@ class IndexConfig:
             raise ValueError(f"scan_max_points must be >= 0 (0: never scan), got {self.scan_max_points}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.alias:
+            raise ValueError("alias must be a non-empty Qdrant alias name")
+        at_least(self, 0, "full_scan_threshold_kb", "indexing_threshold_kb")
+        at_least(self, 1, "oversampling")  # rescoring reads k x oversampling candidates
+        if not 0.5 <= self.quantization_quantile <= 1:  # Qdrant's own range
+            raise ValueError(f"quantization_quantile must be in [0.5, 1], got {self.quantization_quantile}")
         for name, low in (("hnsw_m", 2), ("hnsw_ef_construct", 4), ("hnsw_ef", 1)):
             value = getattr(self, name)
             if value is not None and value < low:

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from tests.conftest import free_port
 from vlmrec.cli import configure_logging, main, version
 
 
@@ -221,6 +222,16 @@ def test_train_refuses_a_bad_setting_by_name_before_it_starts(flags, message, tm
         (["refresh", "--window-days", "nan"], "window_days must be a finite number > 0, got nan"),
         (["refresh", "--timeout-s", "-1"], "timeout_s must be > 0, got -1.0"),
         (["serve", "--mix-budget-ms", "nan"], "mix_budget_ms must be a finite number > 0, got nan"),
+        (["index", "build", "--quantization-quantile", "1.5"], "quantization_quantile must be in [0.5, 1], got 1.5"),
+        (["index", "build", "--oversampling", "nan"], "oversampling must be a finite number >= 1, got nan"),
+        (["index", "build", "--full-scan-threshold-kb", "-1"], "full_scan_threshold_kb must be >= 0, got -1"),
+        (["index", "build", "--alias", ""], "alias must be a non-empty Qdrant alias name"),
+        # the demo: what its last stages would refuse minutes in, refused before its first
+        (["demo", "--epochs", "0"], "--epochs: epochs must be >= 1, got 0"),
+        (["demo", "--sasrec-epochs", "-1"], "--sasrec-epochs: epochs must be >= 1, got -1"),
+        (["demo", "--users", "0"], "--users must be >= 1, got 0"),
+        (["demo", "--port", "70000"], "--port must be in 1..65535, got 70000"),
+        (["demo", "--port", str(free_port()), "--ui", "--ui-port", "0"], "--ui-port must be in 1..65535, got 0"),
     ],
 )  # fmt: skip
 def test_a_setting_no_run_can_take_is_refused_by_name_before_anything_starts(argv, message, tmp_path, capsys):
@@ -253,8 +264,6 @@ def test_replay_refuses_a_url_where_no_ready_producer_answers(tmp_path, capsys):
     is not one. Each is the CLI's error naming --url, not a summary of N failed calls with exit 0."""
     import http.server
     import threading
-
-    from tests.conftest import free_port
 
     def error(url: str) -> str:
         assert main(["replay", "--workdir", str(tmp_path), "--url", url, "--max-events", "3"]) == 2

@@ -14,6 +14,7 @@ same module function its own subcommand runs; the demo only chains them.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -201,7 +202,27 @@ def _serve_and_query(
     return report
 
 
+def check(args: argparse.Namespace) -> None:
+    """What would fail minutes in (a training's epochs, the Producer's or the page's port, the users to
+    query), refused before the first stage, by the same checks the stages apply."""
+    from training.config import TrainConfig
+    from vlmrec.ports import check_port
+
+    for flag, epochs in (("--epochs", args.epochs), ("--sasrec-epochs", args.sasrec_epochs)):
+        try:
+            TrainConfig(epochs=epochs)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+    if args.users < 1:
+        raise ValueError(f"--users must be >= 1, got {args.users}")
+    # a running cluster's Serve may hold the port already (the demo then redeploys there, as `vlmrec serve`)
+    check_port("127.0.0.1", args.port, free=not os.environ.get("RAY_ADDRESS"))
+    if args.ui:
+        check_port("127.0.0.1", args.ui_port, free=True, flag="--ui-port")
+
+
 def run(args: argparse.Namespace) -> dict:
+    check(args)
     workdir = Path(args.workdir)
     embed_args = argparse.Namespace(
         workdir=workdir,

@@ -8,12 +8,12 @@ from __future__ import annotations
 import socket
 
 
-def check_port(host: str, port: int, free: bool) -> None:
-    """ValueError naming --port when it is out of range or (`free`) host:port cannot be bound because
-    another server holds it: the server this command starts (Serve's proxy, the demo page) would fail
-    in its own process, with its traceback."""
+def check_port(host: str, port: int, free: bool, flag: str = "--port") -> None:
+    """ValueError naming the flag (--port) when it is out of range or (`free`) host:port cannot be bound
+    because another server holds it: the server this command starts (Serve's proxy, the demo page) would
+    fail in its own process, with its traceback."""
     if not 0 < port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {port}")
+        raise ValueError(f"{flag} must be in 1..65535, got {port}")
     if not free:
         return
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -22,5 +22,5 @@ def check_port(host: str, port: int, free: bool) -> None:
             sock.bind((host, port))
         except OSError as err:
             raise ValueError(
-                f"--port: {host}:{port} cannot be bound ({err.strerror}): is another server on it?"
+                f"{flag}: {host}:{port} cannot be bound ({err.strerror}): is another server on it?"
             ) from None
