@@ -15,6 +15,7 @@ import math
 import numbers
 import types
 import typing
+from collections.abc import Sequence
 from typing import Any, Literal, Self, get_args
 
 
@@ -33,10 +34,16 @@ class _Config:
         return cls(**d)
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "", **defaults: Any) -> None:
-        """Add one `--{prefix}{field}` flag per field; `defaults` override the dataclass defaults."""
+    def add_arguments(
+        cls, parser: argparse.ArgumentParser, prefix: str = "", skip: Sequence[str] = (), **defaults: Any
+    ) -> None:
+        """Add one `--{prefix}{field}` flag per field but `skip` (fields the data sets: `from_args` takes
+        them as overrides, so no flag is offered and then ignored); `defaults` override the dataclass
+        defaults."""
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
+            if f.name in skip:
+                continue
             flag = "--" + (prefix + f.name).replace("_", "-")
             default = defaults.get(f.name, f.default)
             required = default is dataclasses.MISSING
@@ -55,8 +62,8 @@ class _Config:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, prefix: str = "", **override: Any) -> Self:
-        values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)}
-        return cls(**{**values, **override})
+        fields = [f.name for f in dataclasses.fields(cls) if f.name not in override]
+        return cls(**{name: getattr(args, prefix + name) for name in fields}, **override)
 
 
 def at_least(cfg: object, low: float, *names: str, strictly: bool = False) -> None:

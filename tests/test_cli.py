@@ -203,6 +203,14 @@ def test_train_refuses_a_bad_setting_by_name_before_it_starts(flags, message, tm
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("flag", ["--n-items", "--teacher-dim"])
+def test_train_offers_no_flag_for_what_the_data_sets(flag, tmp_path, capsys):
+    """The vocabulary and the teacher's width come from the item table: a flag for them would be ignored."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--workdir", str(tmp_path), flag, "5"])
+    assert exit_.value.code == 2 and f"unrecognized arguments: {flag} 5" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

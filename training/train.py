@@ -512,7 +512,8 @@ STUDENT_DEFAULTS = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     unset = dict.fromkeys(STUDENT_DEFAULTS)  # None: resolved by resolve_defaults()
     JobConfig.add_arguments(parser)
-    for cls, extra in ((ModelConfig, {"n_items": 0}), (LossConfig, {}), (TrainConfig, {"epochs": 30})):
+    skip = ("n_items", "teacher_dim")  # from the data: the item table and the teacher's vectors
+    for cls, extra in ((ModelConfig, {"skip": skip}), (LossConfig, {}), (TrainConfig, {"epochs": 30})):
         cls.add_arguments(parser, **extra, **{k: v for k, v in unset.items() if k in _defaults(cls)})
     parser.add_argument(
         "--fusion-only",
