@@ -98,24 +98,46 @@ def deploy(applied: dict, timeout_s: float = 600.0) -> None:
     and KubeRay send to the dashboard) and wait until the application runs. Declarative, so a config that
     changes only user_config (or num_replicas) is applied in place: Serve calls Producer.reconfigure() on
     each live replica, which loads the new state beside the old one and swaps it; no replica restarts and
-    no request fails. NotDeployed (a ValueError: the CLI's error line) when the application fails, with what
-    failed in the replica (a corrupt index, a store that does not open); Serve's log holds the traceback."""
+    no request fails. NotDeployed (a ValueError: the CLI's error line) with what failed in the replicas (a
+    corrupt index, a store that does not open; Serve's log holds the traceback) when the application does not
+    start, or when live replicas could not load the new user_config: they serve on with the one before
+    (Producer.reconfigure), and that config is deployed again, so a replica Serve restarts later gets it."""
     from ray import serve
     from ray.serve.context import _get_global_client  # the client `serve deploy`'s REST handler uses
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.schema import ServeDeploySchema, ServeInstanceDetails
 
     schema = ServeDeploySchema.model_validate(applied)
     serve.start(http_options=applied["http_options"])
     client = _get_global_client()
+    running = ServeInstanceDetails(**client.get_serve_details()).applications.get(APP_NAME)
+    before = running.deployed_app_config if running and running.status == "RUNNING" else None
     client.deploy_apps(schema)
     try:
         client._wait_for_application_running(APP_NAME, timeout_s=int(timeout_s))
     except RuntimeError as exc:
         raise NotDeployed(f"the Producer did not start: {replica_error(str(exc))}") from None
+    refused = update_errors(applied)
+    if refused:
+        if before is not None:
+            client.deploy_apps(schema.model_copy(update={"applications": [before]}))
+            client._wait_for_application_running(APP_NAME, timeout_s=int(timeout_s))
+        raise NotDeployed(f"the Producer kept its previous config: {'; '.join(sorted(refused))}")
 
 
 class NotDeployed(ValueError):
     """The application did not reach RUNNING."""
+
+
+def update_errors(applied: dict) -> set[str]:
+    """What the Producer's replicas say of the config update they could not apply (Producer.update_error),
+    asked of a few replicas per replica (Serve's handle picks one per call; a bad update fails them all)."""
+    from ray import serve
+
+    (app,) = (a for a in applied["applications"] if a["name"] == APP_NAME)
+    (producer,) = (d for d in app["deployments"] if d["name"] == "Producer")
+    handle = serve.get_app_handle(APP_NAME)
+    calls = [handle.update_error.remote() for _ in range(4 * producer.get("num_replicas", 1))]
+    return {error for call in calls if (error := call.result(timeout_s=30))}
 
 
 def replica_error(fallback: str) -> str:

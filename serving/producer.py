@@ -208,6 +208,7 @@ class Producer:
         self._refresher: asyncio.Task | None = None
         # the exposure and event logs ("exposures", "events"): reconfigure() opens them where the config says
         self._logs: dict[str, PartitionedLog | None] = dict.fromkeys(LOGS)
+        self._update_error: str | None = None  # the last config update this replica could not apply
 
     def __del__(self) -> None:
         """Serve's graceful shutdown: the exposure and event logs write what they still hold."""
@@ -228,12 +229,24 @@ class Producer:
 
     async def reconfigure(self, user_config: dict | None) -> None:
         """Load the config's producers and feature store in a thread, then swap the reference: requests
-        keep using the old state meanwhile and it closes when they finish. A bad config (the default
-        producer cannot load) raises: Serve keeps the old replicas' state / marks the update failed."""
-        config = ProducerConfig.from_dict(user_config)
-        torch.set_num_threads(config.torch_threads)
-        threadpool_limits(config.blas_threads, user_api="blas")
-        fresh = await asyncio.to_thread(load_state, config)
+        keep using the old state meanwhile and it closes when they finish. A config whose default producer
+        cannot load: a starting replica raises (Serve retries it, then the deployment fails); a serving one
+        keeps its state and says why in `update_error()` and /readyz (Serve would replace a replica whose
+        reconfigure raised by a new one with the bad config: no replica would serve). serving/cli.py's
+        deploy() reads it and puts the previous config back."""
+        try:
+            config = ProducerConfig.from_dict(user_config)
+            torch.set_num_threads(config.torch_threads)
+            threadpool_limits(config.blas_threads, user_api="blas")
+            fresh = await asyncio.to_thread(load_state, config)
+        except Exception as exc:
+            if not self._state.loaded:
+                raise
+            self._update_error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            log.error("config update not applied, the previous one serves on: %s", self._update_error)
+            self._deps.metrics.error("reconfigure", "internal")
+            return
+        self._update_error = None
         self._state.swap(fresh)
         await asyncio.to_thread(self._open_logs, config)
         self._pipeline.coalescer.max_batch = config.max_batch
@@ -242,6 +255,10 @@ class Producer:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
         versions = {n: s.model_version for n, s in fresh.sources.items()}
         log.info("producers %s (default %s); missing %s", versions, config.producer, sorted(fresh.missing))
+
+    def update_error(self) -> str | None:
+        """Why the last config update was not applied (this replica serves the one before), else None."""
+        return self._update_error
 
     def _open_logs(self, config: ProducerConfig) -> None:
         """The exposure and event logs the config asks for: each kept when unchanged, else a new one opened
@@ -434,6 +451,7 @@ class Producer:
             }
             for name, open_log in self._logs.items()
         }
+        body["update_error"] = self._update_error  # a config update not applied: the previous one serves
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     def _internal(self, where: str) -> JSONResponse:

@@ -361,13 +361,18 @@ def test_mixer_arms_choose_the_default_blend_of_each_users_mix(world, http):
         start(world.config, port=port)
 
 
-def test_a_replica_that_cannot_load_its_index_is_an_error_naming_the_version(world, http, tmp_path):
-    """A replica that fails where `vlmrec serve`'s preflight does not look (here the student's Edge version
-    is corrupt: its files are there, they do not open) ends `start` (vlmrec serve; vlmrec refresh's local
-    swap) in NotDeployed, a ValueError with the replica's own error (the CLI's error line), not Serve's
-    "Failed to update the deployments"; the replica leaves no copy of the version behind. Then the good
-    config deploys again and serves."""
-    from serving.cli import NotDeployed, start
+def test_an_update_the_replicas_cannot_load_is_refused_and_the_previous_config_serves_on(
+    world, http, tmp_path
+):
+    """A config update whose files the live replicas cannot load, where `vlmrec serve`'s preflight does not
+    look (here the student's Edge version is corrupt: its files are there, they do not open): each replica
+    keeps serving its state (Serve would otherwise replace it by a replica with the bad config, and none
+    would serve: every route a 503), `start` (vlmrec serve; vlmrec refresh's local swap) raises NotDeployed
+    with the replicas' own error (the CLI's error line), and the previous config is deployed again. No copy
+    of the bad version is left behind."""
+    from ray import serve
+
+    from serving.cli import APP_NAME, NotDeployed, start
 
     bad = tmp_path / "index"
     shutil.copytree(world.ws.index, bad, ignore=shutil.ignore_patterns("replicas"))
@@ -376,15 +381,32 @@ def test_a_replica_that_cannot_load_its_index_is_an_error_naming_the_version(wor
     for f in broken:
         f.write_text("")
     version = json.loads((bad / "CURRENT").read_text())["version"]
+    before = http.post("/v1/candidates", json={"user_id": USERS[0], "k": 5}).json()
+    answers: list[int] = []
+    stop = threading.Event()
+
+    def ask() -> None:  # the callers' view during the update
+        while not stop.is_set():
+            answers.append(http.post("/v1/candidates", json={"user_id": USERS[0], "k": 5}).status_code)
+            time.sleep(0.05)
+
+    caller = threading.Thread(target=ask)
+    caller.start()
     port = http.base_url.port
     try:
-        with pytest.raises(NotDeployed, match=f"the Producer did not start: ValueError: the index version "
-                           f"{version} at {bad}/versions/{version}/shard does not open"):  # fmt: skip
+        with pytest.raises(NotDeployed, match=f"the Producer kept its previous config: ValueError: the index "
+                           f"version {version} at {bad}/versions/{version}/shard does not open"):  # fmt: skip
             start(replace(world.config, index_dir=str(bad)), port=port)
-        assert not any((bad / "replicas").iterdir())
     finally:
-        start(world.config, port=port)
-    assert ids_of(http.post("/v1/candidates", json={"user_id": USERS[0], "k": 5}).json())
+        stop.set()
+        caller.join()
+    assert answers and set(answers) == {200}, answers
+    after = http.post("/v1/candidates", json={"user_id": USERS[0], "k": 5}).json()
+    assert ids_of(after) == ids_of(before) and after["index_version"] == before["index_version"]
+    ready = http.get("/readyz").json()
+    assert ready["ready"] and ready["update_error"] is None  # the previous config, applied again
+    assert serve.status().applications[APP_NAME].status == "RUNNING"
+    assert not any((bad / "replicas").iterdir())
 
 
 def test_an_experiment_arm_that_cannot_load_is_a_bad_config(world):
@@ -1158,9 +1180,12 @@ def test_reconfigure_hot_swaps_in_place_and_refuses_a_bad_config(world, local, t
     export = tmp_path / "export"
     shutil.copytree(world.export, export)
     (export / "run.json").write_text(json.dumps({"teacher_id": "another:teacher"}))
-    with pytest.raises(Exception, match="teacher mismatch"):  # the default producer must load
-        local.reconfigure.remote(replace(local_config(world), model_path=str(export)).to_dict()).result()
+    # the default producer must load: not applied, and said; the replica does not raise (Serve would replace
+    # it by one with the bad config) and serves on with the config before
+    local.reconfigure.remote(replace(local_config(world), model_path=str(export)).to_dict()).result()
+    assert "teacher mismatch" in local.update_error.remote().result()
     assert call(local, "candidates", CandidatesRequest(user_id=1))[1]["producer"] == "popular"
+    assert "teacher mismatch" in json.loads(local.readyz.remote().result().body)["update_error"]
 
     # the same bad export beside a default that loads: the replica serves, the student is named missing
     local.reconfigure.remote(replace(new, model_path=str(export)).to_dict()).result()
@@ -1169,6 +1194,7 @@ def test_reconfigure_hot_swaps_in_place_and_refuses_a_bad_config(world, local, t
     ready = local.readyz.remote().result()
     assert ready.status_code == 200
     assert json.loads(ready.body)["producers"]["student"]["ready"] is False
+    assert json.loads(ready.body)["update_error"] is None  # applied
     local.reconfigure.remote(local_config(world).to_dict()).result()
 
 
