@@ -88,9 +88,14 @@ def serve_config(
 
 def producer_user_config(applied: dict) -> dict:
     """The Producer's user_config in a `serve deploy` config."""
+    return _producer(applied)["user_config"]
+
+
+def _producer(applied: dict) -> dict:
+    """The Producer's deployment in a `serve deploy` config."""
     (app,) = (a for a in applied["applications"] if a["name"] == APP_NAME)
     (producer,) = (d for d in app["deployments"] if d["name"] == "Producer")
-    return producer["user_config"]
+    return producer
 
 
 def deploy(applied: dict, timeout_s: float = 600.0) -> None:
@@ -116,7 +121,7 @@ def deploy(applied: dict, timeout_s: float = 600.0) -> None:
         client._wait_for_application_running(APP_NAME, timeout_s=int(timeout_s))
     except RuntimeError as exc:
         raise NotDeployed(f"the Producer did not start: {replica_error(str(exc))}") from None
-    refused = update_errors(applied)
+    refused = update_errors(applied) if running is not None else set()  # new replicas raise instead
     if refused:
         if before is not None:
             client.deploy_apps(schema.model_copy(update={"applications": [before]}))
@@ -133,10 +138,8 @@ def update_errors(applied: dict) -> set[str]:
     asked of a few replicas per replica (Serve's handle picks one per call; a bad update fails them all)."""
     from ray import serve
 
-    (app,) = (a for a in applied["applications"] if a["name"] == APP_NAME)
-    (producer,) = (d for d in app["deployments"] if d["name"] == "Producer")
     handle = serve.get_app_handle(APP_NAME)
-    calls = [handle.update_error.remote() for _ in range(4 * producer.get("num_replicas", 1))]
+    calls = [handle.update_error.remote() for _ in range(4 * _producer(applied).get("num_replicas", 1))]
     return {error for call in calls if (error := call.result(timeout_s=30))}
 
 
