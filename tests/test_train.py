@@ -4,6 +4,7 @@ Ray Train + DeepSpeed fit, export -> reload gives identical scores, resume, eval
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,8 @@ from training.data import ItemTable
 from training.model import SeqRec
 from training.popular import popular_items
 from vlmrec.split import SplitConfig, learnable_events
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +437,78 @@ def test_workers_stream_equal_shares_of_the_example_files_exactly_once(tmp_path)
     assert sorted(seen) == list(range(total))  # every row in exactly one worker's share
     ordered = [int(x["targets"][0]) for x in stream_batches(worker_rows(tmp_path, 0, 1), 1, 8, seed=0)]
     assert ordered != sorted(ordered)  # shuffled
+
+
+# Run before a script: any import of Ray fails, so what runs after it needs none (a lent GPU machine has no Ray).
+NO_RAY = """
+import sys
+class NoRay:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "ray":
+            raise ImportError(f"{name}: Ray is not installed here")
+sys.meta_path.insert(0, NoRay())
+"""
+
+
+def test_example_files_are_read_without_ray(tmp_path):
+    """A process with no Ray reads the example files the job wrote (the (N, L) columns arrive as their list
+    storage): the same rows as a process with Ray's tensor type registered."""
+    import subprocess
+    import sys
+
+    from training.example_files import read_examples, write_examples
+
+    inputs = np.arange(30, dtype=np.int32).reshape(10, 3)
+    write_examples(tmp_path / "part-00000.parquet", {"inputs": inputs, "targets": inputs[:, -1]})
+    script = (
+        NO_RAY
+        + f"""
+import numpy as np
+from training.example_files import read_examples, stream_batches, worker_rows
+got = read_examples({str(tmp_path)!r})
+assert got["inputs"].shape == (10, 3) and got["inputs"].dtype == np.int32, got["inputs"]
+(batch,) = stream_batches(worker_rows({str(tmp_path)!r}, 0, 1), 10, window=16, seed=0)
+order = np.argsort(batch["targets"])
+np.testing.assert_array_equal(batch["inputs"][order], got["inputs"])
+print(got["inputs"].tolist())
+"""
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == inputs.tolist() == read_examples(tmp_path)["inputs"].tolist()
+
+
+def test_the_workers_epoch_runs_on_one_device_without_ray(sample_workspace, tmp_path):
+    """benchmarks/gpu_epoch.py: the job's example build prepared here, then the worker's own state and epoch
+    (train.worker_state, train.train_epoch) through DeepSpeed in a process with no Ray (how --use-gpu's path
+    runs on a GPU machine Ray cannot reach); the results file gets the device's entry, learning happens."""
+    import subprocess
+    import sys
+
+    from benchmarks.gpu_epoch import prepare
+
+    flags = ["--max-len", "8", "--batch-size", "16", "--d-model", "16", "--n-sampled-negatives", "32"]
+    prepare(str(sample_workspace.root), tmp_path / "job", flags)
+    saved = json.loads((tmp_path / "job" / "config.json").read_text())
+    assert saved["train_flags"] == flags and saved["n_train"] > 16
+    out = tmp_path / "epoch.json"
+    run = "import runpy\nrunpy.run_path('benchmarks/gpu_epoch.py', run_name='__main__')"
+    for precision, epochs in (("fp32", "2"), ("bf16", "1")):  # bf16: the loop's autocast, fp32 weights
+        argv = ["gpu_epoch.py", "run", "--data", str(tmp_path / "job"), "--device", "cpu",
+                "--precision", precision, "--epochs", epochs, "--out", str(out)]  # fmt: skip
+        script = f"{NO_RAY}\nsys.argv = {argv!r}\n{run}"
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"cpu-fp32", "cpu-bf16"} and np.isfinite(runs["cpu-bf16"]["epochs"][-1]["loss"])
+    entry = runs["cpu-fp32"]
+    assert entry["backend"] == "gloo" and entry["micro_batch"] == 16 and entry["seq_per_s_median"] > 0
+    assert [e["warmup"] for e in entry["epochs"]] == [True, False, False]
+    assert entry["sequences_per_epoch"] == saved["n_train"] // 16 * 16
+    losses = [e["loss"] for e in entry["epochs"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(0 <= e["val_ndcg10"] <= 1 for e in entry["epochs"])
+    assert entry["seq_per_s_ratio_to_cpu"] is None  # the CPU entry is its own baseline
 
 
 def test_the_id_baseline_trains_through_the_job_without_teacher_vectors(sample_workspace):

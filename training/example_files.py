@@ -1,5 +1,5 @@
 """The training examples as files: one parquet file per user bucket, written by the example build
-(training/examples.py) and read back by each training worker without Ray Data.
+(training/examples.py) and read back by each training worker without Ray Data (reading needs no Ray).
 
     write_examples(path, {"inputs": (N, L) int32, "targets": (N,) int32, "target_days": (N,)})
     pieces = worker_rows(folder, rank, world)          # a worker's equal share of the rows (footers only)
@@ -48,8 +48,6 @@ def stream_batches(
     """Shuffled full batches of a worker's pieces, read one row group at a time: the pieces in a random
     order, then rows mixed within a buffer of about `window` rows (never more than window + one row
     group in memory). The same seed gives the same batches (an epoch replayed after a failure)."""
-    import ray.data.extensions  # noqa: F401  (registers the tensor column type the files carry)
-
     rng = np.random.default_rng(seed)
     buffer: dict[str, np.ndarray] | None = None
 
@@ -75,14 +73,8 @@ def stream_batches(
 
 def read_examples(folder: str | Path) -> dict[str, np.ndarray]:
     """Every row of a folder of example files, as (N, ...) arrays (tests and small data only)."""
-    table = _read(folder)
+    table = pq.read_table(folder)
     return {name: _column(table, name) for name in table.column_names}
-
-
-def _read(folder: str | Path) -> pa.Table:
-    import ray.data.extensions  # noqa: F401  (registers the tensor column type the files carry)
-
-    return pq.read_table(folder)
 
 
 def write_examples(path: Path, columns: dict[str, np.ndarray]) -> None:
@@ -102,4 +94,12 @@ def _column(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name)
     if col.num_chunks == 0:
         return np.zeros((0,), np.int64)
-    return np.concatenate([c.to_numpy(zero_copy_only=False) for c in col.chunks])
+    return np.concatenate([_numpy(c) for c in col.chunks])
+
+
+def _numpy(chunk: pa.Array) -> np.ndarray:
+    """A column chunk as numpy; an (N, L) one read without Ray's tensor type registered (a process that has
+    not imported ray.data: a reader needs no Ray) arrives as its storage, a list per row."""
+    if pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+        return chunk.flatten().to_numpy().reshape(len(chunk), -1)
+    return chunk.to_numpy(zero_copy_only=False)

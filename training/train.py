@@ -65,6 +65,9 @@ class JobConfig(SplitConfig):
     name: str = "student"  # the run folder <workdir>/runs/<name>; the same name resumes
     num_workers: int = 2  # Ray Train workers (data parallel)
     use_gpu: bool = False  # NCCL + one GPU per worker when True
+    # bf16: the forward and the loss under bfloat16 autocast (train_epoch); weights, id tables, teacher vectors
+    # and the optimizer stay fp32 (DeepSpeed's bf16 casts the weights, which the student's fp32 buffers and
+    # row-sparse tables do not take)
     precision: Literal["fp32", "bf16"] = "fp32"
     zero_config: str = str(
         engine.ZERO_CONFIG
@@ -90,7 +93,7 @@ class JobConfig(SplitConfig):
         return engine.EngineConfig(
             num_workers=self.num_workers,
             use_gpu=self.use_gpu,
-            precision=self.precision,
+            precision="fp32",  # DeepSpeed's: the job's precision is autocast in its loop
             zero_config=self.zero_config,
             max_failures=self.max_failures,
         )
@@ -202,32 +205,16 @@ def epoch_seed_of(seed: int, epoch: int, rank: int) -> int:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """One Ray Train worker: DeepSpeed engine, epochs over its Ray Data shard, validation, checkpoints."""
+    """One Ray Train worker: DeepSpeed engine, epochs over its share of the example files, validation,
+    checkpoints."""
     import ray.train
     from ray.experimental import tqdm_ray
 
-    from training.losses import SeqRecLoss
-
-    model_cfg = ModelConfig.from_dict(config["model"])
-    loss_cfg = LossConfig.from_dict(config["loss"])
     train_cfg = TrainConfig.from_dict(config["train"])
     job = JobConfig.from_dict(config["job"])
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(
-        train_cfg.seed + rank
-    )  # the model's initial weights (the same on every rank after sync)
-
     arrays = ray.get(config["arrays"])  # the vocabulary, loss and validation arrays, from the object store
-    model = SeqRec(model_cfg, teacher=arrays["teacher"], item_ids=arrays["item_ids"])
-    if config["init_from"]:  # a checkpoint of this run (resume, below) still wins
-        warm_start(model, SeqRec.from_pretrained(Path(config["init_from"]) / "model"))
-    criterion = SeqRecLoss(loss_cfg, model_cfg, arrays["target_counts"], arrays["held_out"])
-    tables = model.id_tables() if train_cfg.sparse_ids else []
-    rows = RowSparseAdam(tables, config["ds"]) if tables else None  # stepped beside DeepSpeed
-    ds_engine = engine.initialize(model, config["ds"], job.use_gpu, exclude=rows.params if rows else ())
-    device = ds_engine.device
-    criterion = criterion.to(device)
-    added_days = torch.as_tensor(arrays["added_days"], device=device) if model_cfg.item_age else None
+    ds_engine, criterion, rows, added_days = worker_state(config, arrays, rank)
     # resume: a re-run of the same name, or Ray restarting a failed worker group
     state = engine.resume(ds_engine, {"epoch": 0, "best": -1.0, "bad_epochs": 0, "history": []}, rows=rows)
     resumed_from = state["epoch"]  # 0 for a fresh run
@@ -241,28 +228,14 @@ def train_loop_per_worker(config: dict) -> None:
         # epoch that a failure interrupted is replayed exactly from the checkpoint before it.
         epoch_seed = epoch_seed_of(train_cfg.seed, state["epoch"], rank)
         torch.manual_seed(epoch_seed)
-        t0, n_seq, losses = time.perf_counter(), 0, []
-        ds_engine.train()
+        t0 = time.perf_counter()
         # rank 0's progress through its share, drawn by the driver (Ray's distributed tqdm)
         bar = tqdm_ray.tqdm(desc=f"epoch {state['epoch'] + 1}", total=steps) if rank == 0 else None
         batches = stream_batches(pieces, micro, train_cfg.shuffle_window, epoch_seed)
-        for batch in itertools.islice(batches, steps):
-            x, y, days = trim_padding(
-                torch.from_numpy(batch["inputs"]).to(device).long(),
-                torch.from_numpy(batch["targets"]).to(device).long(),
-                torch.from_numpy(batch["target_days"]).to(device),
-            )  # (B, width) each
-            days = days if added_days is not None else None
-            candidates = criterion.sample_candidates(y)
-            loss, _ = criterion(ds_engine(x, y, candidates, days, added_days), y, candidates)
-            ds_engine.backward(loss)
-            if rows is not None:
-                rows.step()
-            ds_engine.step()
-            losses.append(loss.item())
-            n_seq += len(x)
-            if bar is not None:
-                bar.update(1)
+        n_seq, losses = train_epoch(
+            ds_engine, criterion, rows, batches, steps, added_days, job.precision == "bf16",
+            None if bar is None else bar.update,
+        )  # fmt: skip
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
@@ -292,6 +265,63 @@ def train_loop_per_worker(config: dict) -> None:
         }
         state["history"].append(metrics)
         engine.report(ds_engine, metrics, state, rows=rows)
+
+
+def worker_state(config: dict, arrays: dict, rank: int) -> tuple:
+    """A worker's model, loss and optimizers from the job's loop config and arrays: the model seeded by
+    rank (the same weights on every rank after DeepSpeed's sync), warm-started where `init_from` says, wrapped
+    in the DeepSpeed engine (the id tables stepped row-sparse beside it). Ray Train's worker and
+    benchmarks/gpu_epoch.py (one device, no Ray) call it. -> (ds_engine, criterion, rows, added_days)."""
+    from training.losses import SeqRecLoss
+
+    model_cfg = ModelConfig.from_dict(config["model"])
+    train_cfg = TrainConfig.from_dict(config["train"])
+    job = JobConfig.from_dict(config["job"])
+    torch.manual_seed(train_cfg.seed + rank)
+    model = SeqRec(model_cfg, teacher=arrays["teacher"], item_ids=arrays["item_ids"])
+    if config["init_from"]:  # a checkpoint of this run (engine.resume) still wins
+        warm_start(model, SeqRec.from_pretrained(Path(config["init_from"]) / "model"))
+    criterion = SeqRecLoss(
+        LossConfig.from_dict(config["loss"]), model_cfg, arrays["target_counts"], arrays["held_out"]
+    )
+    tables = model.id_tables() if train_cfg.sparse_ids else []
+    rows = RowSparseAdam(tables, config["ds"]) if tables else None  # stepped beside DeepSpeed
+    ds_engine = engine.initialize(model, config["ds"], job.use_gpu, exclude=rows.params if rows else ())
+    device = ds_engine.device
+    added_days = torch.as_tensor(arrays["added_days"], device=device) if model_cfg.item_age else None
+    return ds_engine, criterion.to(device), rows, added_days
+
+
+def train_epoch(
+    ds_engine, criterion, rows, batches, steps: int, added_days, bf16: bool = False, on_step=None
+) -> tuple[int, list]:
+    """`steps` training steps over `batches` (stream_batches' dicts) on the engine's device: inputs trimmed of
+    left padding, sampled candidates, the loss, DeepSpeed's backward and step (and the row-sparse tables').
+    bf16: the forward and the loss under bfloat16 autocast (weights and gradients stay fp32).
+    on_step(1) after each step (a progress bar). -> (sequences seen, per-step losses)."""
+    device = ds_engine.device
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    n_seq, losses = 0, []
+    ds_engine.train()
+    for batch in itertools.islice(batches, steps):
+        x, y, days = trim_padding(
+            torch.from_numpy(batch["inputs"]).to(device).long(),
+            torch.from_numpy(batch["targets"]).to(device).long(),
+            torch.from_numpy(batch["target_days"]).to(device),
+        )  # (B, width) each
+        days = days if added_days is not None else None
+        candidates = criterion.sample_candidates(y)
+        with autocast:
+            loss, _ = criterion(ds_engine(x, y, candidates, days, added_days), y, candidates)
+        ds_engine.backward(loss)
+        if rows is not None:
+            rows.step()
+        ds_engine.step()
+        losses.append(loss.item())
+        n_seq += len(x)
+        if on_step is not None:
+            on_step(1)
+    return n_seq, losses
 
 
 # -------------------------------------------------------------------------------------------- driver
