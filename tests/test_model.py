@@ -325,3 +325,22 @@ def test_in_batch_negatives_are_capped_with_their_log_q_scaled():
     torch.testing.assert_close(part.log_q(items, 40, n_distinct=8), full.log_q(items, 40))
     with pytest.raises(ValueError, match="max_in_batch_negatives"):
         LossConfig(max_in_batch_negatives=0)
+
+
+def test_age_scores_equal_indexing_the_bias_forward_and_backward():
+    """age_bias_of has a histogram for its backward (CUDA serialises the backward of indexing over the positions
+    of one bucket): the same scores and the same gradient as self.age_bias[buckets]."""
+    from training.item_age import N_AGE_BUCKETS
+
+    model = make_model("adapter", item_age=True)
+    with torch.no_grad():
+        model.age_bias.copy_(torch.randn(N_AGE_BUCKETS))
+    buckets = torch.randint(0, N_AGE_BUCKETS, (6, 40))
+    weights = torch.randn(6, 40)
+    got = model.age_bias_of(buckets)
+    (grad,) = torch.autograd.grad((got * weights).sum(), model.age_bias)
+    want = model.age_bias[buckets]
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), model.age_bias)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad, want_grad)
+    assert model.age_bias_of(buckets[0, 0]).shape == ()

@@ -95,6 +95,25 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.ffn(x))
 
 
+class _FewRowLookup(torch.autograd.Function):
+    """weights[index] for a short (R,) weights vector and a large index, whose backward is one weighted
+    bincount. The backward of advanced indexing, when millions of positions share a few rows, adds up one
+    row's positions one after another on CUDA (the whole of a training step's GPU time) and is several times
+    slower on CPU too."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows, ctx.dtype = weights.shape[0], weights.dtype
+        return weights[index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        sums = torch.bincount(index.reshape(-1), grad.reshape(-1).float(), minlength=ctx.rows)
+        return sums.to(ctx.dtype), None
+
+
 class SeqRec(nn.Module):
     """SASRec student. `teacher` (n_items + 1, D) aligned with indices (row 0 padding) is required for content
     spaces; `item_ids` (n_items + 1,) raw ids of the indices travel with the checkpoint (row 0 = -1)."""
@@ -303,7 +322,12 @@ class SeqRec(nn.Module):
         item_age. Days are training.item_age's units; added_days +inf = no event yet."""
         if not self.cfg.item_age:
             return torch.zeros((*request_days.shape, added_days.shape[-1]), device=added_days.device)
-        return self.age_bias[age_bucket(request_days.unsqueeze(-1), added_days)]
+        return self.age_bias_of(age_bucket(request_days.unsqueeze(-1), added_days))
+
+    def age_bias_of(self, buckets: Tensor) -> Tensor:
+        """The age score of each bucket id, (...) -> (...): self.age_bias[buckets] with a histogram for its
+        backward (_FewRowLookup)."""
+        return _FewRowLookup.apply(self.age_bias, buckets)
 
     def scores(
         self,
@@ -348,7 +372,7 @@ class SeqRec(nn.Module):
                 if target_days is None or added_days is None:
                     raise ValueError("item_age trains on target times: pass target_days and added_days")
                 days = target_days[mask]  # (P,)
-                t_bias = self.age_bias[age_bucket(days, added_days[t])]  # (P,)
+                t_bias = self.age_bias_of(age_bucket(days, added_days[t]))  # (P,)
                 if candidates is not None:
                     c_bias = self.age_scores(days, added_days[candidates])  # (P, C)
         if candidates is not None:
