@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,6 @@ def prepare(workdir: str, out: Path, train_flags: list[str]) -> None:
 
     from training import train
     from training.config import LossConfig, ModelConfig, TrainConfig
-    from training.examples import build_examples
     from vlmrec.workspace import Workspace
 
     parser = argparse.ArgumentParser(prog="gpu_epoch.py prepare --")
@@ -52,15 +50,7 @@ def prepare(workdir: str, out: Path, train_flags: list[str]) -> None:
     args = train.resolve_defaults(parser.parse_args(["--workdir", workdir, *train_flags]))
     job = train.JobConfig.from_args(args)
     model_cfg = ModelConfig.from_args(args, n_items=1, teacher_dim=0 if args.item_space == "id" else 1)
-    ws = Workspace(workdir)
-    shards = build_examples(
-        ws, job.split_config(), model_cfg.max_len, model_cfg.is_content, out / "examples",
-        popular_k=job.popular_k, half_life_days=job.popular_half_life_days, seed=args.seed,
-        max_valid=job.max_valid_queries,
-    )  # fmt: skip
-    model_cfg = dataclasses.replace(
-        model_cfg, n_items=shards.n_items, teacher_dim=shards.teacher_dim if model_cfg.is_content else 0
-    )
+    shards, model_cfg = train.job_examples(Workspace(workdir), job, model_cfg, out / "examples", args.seed)
     arrays = ray.get(shards.arrays)
     # what the worker reads (the popular list is the export's, not the loop's)
     np.savez(
@@ -85,9 +75,11 @@ def prepare(workdir: str, out: Path, train_flags: list[str]) -> None:
 
 def run(data: Path, device: str, precision: str, epochs: int, warmup: int) -> dict:
     """Warm-up + timed epochs of the prepared job on `device`; -> the entry for the results file."""
+    from benchmarks.machine import free_port
+
     os.environ.update(
         RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()), DS_ACCELERATOR=device,
+        MASTER_PORT=str(free_port()), DS_ACCELERATOR=device,
     )  # fmt: skip
     import torch
 
@@ -174,12 +166,6 @@ def run(data: Path, device: str, precision: str, epochs: int, warmup: int) -> di
         "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "epochs": history,
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_name() -> str:

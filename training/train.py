@@ -49,7 +49,7 @@ from engine.rows import RowSparseAdam
 from training.config import LossConfig, ModelConfig, TrainConfig
 from training.data import ItemTable, trim_padding
 from training.example_files import stream_batches, worker_rows
-from training.examples import build_examples, example_queries, load_items, windows
+from training.examples import Shards, build_examples, example_queries, load_items, windows
 from training.item_age import added_days
 from training.model import SeqRec, warm_start
 from training.validation import choose_fusion, validation_ndcg
@@ -192,12 +192,25 @@ def validation_arrays(ws: Workspace, job: JobConfig, model_cfg: ModelConfig) -> 
 
     ws.runs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ws.runs, prefix=".validation-") as tmp:
-        shards = build_examples(
-            ws, job.split_config(), model_cfg.max_len, model_cfg.is_content, Path(tmp) / "examples",
-            popular_k=job.popular_k, half_life_days=job.popular_half_life_days,
-            max_valid=job.max_valid_queries,
-        )  # fmt: skip
+        shards, _ = job_examples(ws, job, model_cfg, Path(tmp) / "examples")
         return ray.get(shards.arrays)
+
+
+def job_examples(
+    ws: Workspace, job: JobConfig, model_cfg: ModelConfig, out: Path, seed: int = 0
+) -> tuple[Shards, ModelConfig]:
+    """The job's example build (training/examples.py) for its split, the model's input length and the popular
+    list, under `out`: the training job's, its validation rows' and benchmarks/gpu_epoch.py's.
+    -> (the shards, model_cfg with the data's n_items and teacher_dim)."""
+    shards = build_examples(
+        ws, job.split_config(), model_cfg.max_len, model_cfg.is_content, out,
+        popular_k=job.popular_k, half_life_days=job.popular_half_life_days, seed=seed,
+        max_valid=job.max_valid_queries,
+    )  # fmt: skip
+    sized = dataclasses.replace(
+        model_cfg, n_items=shards.n_items, teacher_dim=shards.teacher_dim if model_cfg.is_content else 0
+    )
+    return shards, sized
 
 
 def epoch_seed_of(seed: int, epoch: int, rank: int) -> int:
@@ -344,22 +357,9 @@ def train(
     if model_cfg.is_content:
         ws.need(ws.embeddings, "embed")
     t0 = time.perf_counter()
-    shards = build_examples(
-        ws,
-        job.split_config(),
-        model_cfg.max_len,
-        model_cfg.is_content,
-        ws.runs / job.name / "examples",
-        popular_k=job.popular_k,
-        half_life_days=job.popular_half_life_days,
-        seed=train_cfg.seed,
-        max_valid=job.max_valid_queries,
-    )
+    shards, model_cfg = job_examples(ws, job, model_cfg, ws.runs / job.name / "examples", train_cfg.seed)
     if shards.n_train == 0 or shards.n_valid == 0:
         raise ValueError(f"{ws.events}: too few events for training and validation (split {job.split})")
-    model_cfg = dataclasses.replace(
-        model_cfg, n_items=shards.n_items, teacher_dim=shards.teacher_dim if model_cfg.is_content else 0
-    )
     record_teacher(ws.runs / job.name, shards.teacher_id)
     prepare_s = time.perf_counter() - t0
     loop_config = {
